@@ -1,0 +1,116 @@
+"""What every command shares: repository and password options, output mode, progress."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import click
+
+from ..errors import UserError
+from ..progress import NULL_PROGRESS, Progress
+
+
+def _read_password_file(path: str) -> str:
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            pw = f.read().rstrip("\r\n")
+    except OSError as e:
+        raise UserError(f"cannot read password file {path}: {e.strerror}") from e
+    if not pw:
+        raise UserError(f"password file {path} is empty")
+    return pw
+
+
+@dataclass
+class App:
+    repo_url: str | None
+    password_file: str | None
+    password_command: str | None
+    json: bool
+    quiet: bool
+
+    def require_repo(self) -> str:
+        if not self.repo_url:
+            raise UserError("no repository given: pass --repo URL or set IBSYNC_REPO")
+        return self.repo_url
+
+    def password(self, *, confirm: bool = False) -> str:
+        """The repository password from the options, the environment, or a prompt."""
+        if self.password_file:
+            return _read_password_file(self.password_file)
+        if self.password_command:
+            return self._run_password_command(self.password_command)
+        if os.environ.get("IBSYNC_PASSWORD"):
+            return os.environ["IBSYNC_PASSWORD"]
+        if os.environ.get("IBSYNC_PASSWORD_FILE"):
+            return _read_password_file(os.environ["IBSYNC_PASSWORD_FILE"])
+        if os.environ.get("IBSYNC_PASSWORD_COMMAND"):
+            return self._run_password_command(os.environ["IBSYNC_PASSWORD_COMMAND"])
+        if not sys.stdin.isatty():
+            raise UserError(
+                "no password given: use --password-file, IBSYNC_PASSWORD, IBSYNC_PASSWORD_FILE or run interactively"
+            )
+        import getpass
+
+        pw = getpass.getpass("repository password: ")
+        if confirm and getpass.getpass("repeat the password: ") != pw:
+            raise UserError("the passwords do not match")
+        if not pw:
+            raise UserError("an empty password is not allowed; use 'init --no-encryption' for no encryption")
+        return pw
+
+    @staticmethod
+    def _run_password_command(command: str) -> str:
+        try:
+            out = subprocess.run(command, shell=True, check=True, capture_output=True, text=True).stdout
+        except subprocess.CalledProcessError as e:
+            raise UserError(f"password command failed with exit code {e.returncode}") from None
+        pw = out.rstrip("\r\n")
+        if not pw:
+            raise UserError("password command printed nothing")
+        return pw
+
+    def open_repo(self):
+        from ..repo.repository import Repository
+        from ..storage import open_storage
+
+        repo = Repository.open(open_storage(self.require_repo()), self.password)
+        repo.load_index()
+        return repo
+
+    def progress(self, description: str) -> Progress:
+        if self.quiet or self.json or not sys.stderr.isatty():
+            return NULL_PROGRESS
+        from ..ui.progress import TerminalProgress
+
+        return TerminalProgress(description)
+
+    def say(self, text: str) -> None:
+        if not self.quiet and not self.json:
+            click.echo(text)
+
+    def emit_json(self, value: Any) -> None:
+        click.echo(json.dumps(value, indent=2, default=str))
+
+
+def common_options(func: Callable) -> Callable:
+    """--repo, password options, --json and --quiet on every command."""
+
+    @click.option("--repo", "-r", "repo_url", envvar="IBSYNC_REPO", metavar="URL",
+                  help="Repository: a path or any fsspec URL (s3://, sftp://, ...). Default: $IBSYNC_REPO.")
+    @click.option("--password-file", "-p", metavar="FILE", help="Read the repository password from FILE (also $IBSYNC_PASSWORD_FILE).")
+    @click.option("--password-command", metavar="CMD", help="Run CMD and use what it prints as the password (also $IBSYNC_PASSWORD_COMMAND).")
+    @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of text.")
+    @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors; no progress bars.")
+    @functools.wraps(func)
+    def wrapper(repo_url, password_file, password_command, as_json, quiet, **kwargs):
+        app = App(repo_url, password_file, password_command, as_json, quiet)
+        return func(app, **kwargs)
+
+    return wrapper

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import click
+
+from ..errors import IbsyncError
+from ..ui.text import size
+from .app import App, common_options
+
+
+class CheckFailed(IbsyncError):
+    pass
+
+
+@click.command("check")
+@click.option("--read-data", is_flag=True, help="Also read every pack and verify every blob (reads the whole repository).")
+@common_options
+def check_cmd(app: App, read_data: bool) -> None:
+    """Verify the repository: structure, and with --read-data all data."""
+    from ..maint.check import check
+
+    repo = app.open_repo()
+    result = check(repo, read_data=read_data, progress=app.progress("check"))
+    if app.json:
+        app.emit_json(
+            {
+                "ok": result.ok,
+                "snapshots": result.snapshots,
+                "packs": result.packs,
+                "blobs": result.blobs,
+                "packs_read": result.packs_read,
+                "bytes_read": result.bytes_read,
+                "errors": result.errors,
+                "warnings": result.warnings,
+            }
+        )
+    else:
+        for w in result.warnings:
+            click.echo(f"warning: {w}", err=True)
+        for e in result.errors:
+            click.echo(f"error: {e}", err=True)
+        app.say(
+            f"checked {result.snapshots} snapshot(s), {result.packs} pack(s), {result.blobs} blob(s)"
+            + (f"; read {size(result.bytes_read)} of data" if read_data else "")
+        )
+        if result.ok:
+            app.say("no errors were found")
+    if not result.ok:
+        raise CheckFailed(f"the repository has {len(result.errors)} error(s)")

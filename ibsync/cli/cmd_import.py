@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..ui.text import size
+from .app import App, common_options
+
+
+@click.command("import")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--allow-unfinished", is_flag=True, help="Store a backup whose Status.plist is not 'finished'.")
+@click.option("--force", is_flag=True, help="Re-read every file, even those unchanged since the last snapshot.")
+@common_options
+def import_cmd(app: App, path: Path, allow_unfinished: bool, force: bool) -> None:
+    """Import an existing backup folder (Finder, iTunes, idevicebackup2, pymobiledevice3).
+
+    PATH is one device folder (holding Info.plist, Manifest.plist, Status.plist, Manifest.db)
+    or a folder of several, such as ~/Library/Application Support/MobileSync/Backup.
+    Each device folder becomes one snapshot.
+    """
+    from ..ingest.folder_import import import_folder
+    from ..source.backup_folder import find_device_folders
+
+    folders = find_device_folders(path.expanduser())
+    repo = app.open_repo()
+    results = []
+    for folder in folders:
+        outcome = import_folder(
+            repo, folder, allow_unfinished=allow_unfinished, force=force, progress=app.progress(f"import {folder.name[:12]}")
+        )
+        results.append(outcome)
+        snap, s = outcome.snapshot, outcome.snapshot.summary
+        if outcome.created:
+            app.say(
+                f"snapshot {snap.short_id} of {snap.device.name or snap.device.udid} ({snap.device.udid}): "
+                f"{s.files} files, {size(s.total_bytes)}; {s.files_new} new, {s.files_changed} changed, "
+                f"{s.files_unmodified} unchanged; added {size(s.added_bytes)} in {s.duration_s:.1f} s"
+            )
+        else:
+            app.say(f"{folder}: unchanged since snapshot {snap.short_id}; nothing to do")
+    if app.json:
+        app.emit_json({"snapshots": [r.to_dict() for r in results]})

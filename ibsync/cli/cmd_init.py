@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import click
+
+from .app import App, common_options
+
+
+@click.command("init")
+@click.option("--no-encryption", is_flag=True, help="Store data unencrypted (only for a drive you trust).")
+@common_options
+def init_cmd(app: App, no_encryption: bool) -> None:
+    """Create a new, empty repository."""
+    from ..repo.repository import Repository
+    from ..storage import open_storage
+
+    storage = open_storage(app.require_repo())
+    password = None if no_encryption else app.password(confirm=True)
+    repo = Repository.init(storage, password)
+    if app.json:
+        app.emit_json({"id": repo.id, "repository": storage.url, "encryption": repo.config["encryption"]})
+    else:
+        mode = "encrypted (AES-256-GCM)" if repo.encrypted else "UNENCRYPTED"
+        app.say(f"created {mode} ibsync repository {repo.id[:8]} at {storage.url}")
+        if repo.encrypted:
+            app.say("Keep the password safe: without it the data in this repository cannot be read back.")

@@ -1,0 +1,1 @@
+"""Pure codecs for the repository format (docs/design.md). Nothing here does I/O."""

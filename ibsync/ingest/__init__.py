@@ -1,0 +1,1 @@
+"""Ingest: a backup source becomes blobs, trees and finally a snapshot."""

@@ -1,0 +1,1 @@
+"""Keeping a repository healthy: check, stats (and later forget and prune)."""

@@ -1,0 +1,150 @@
+"""check: is every snapshot fully readable?
+
+Structure: every index object and snapshot opens, every tree is readable, every blob a snapshot
+references is in the index, and every pack the index names exists and is large enough.
+With ``read_data``, every pack is read whole: its name must be the BLAKE3 of its bytes, its
+header must agree with the index, and every blob must decrypt, decompress and match its id.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ..errors import IbsyncError
+from ..format.crypto import storage_name
+from ..format.index import decode_index
+from ..format.pack import BlobType
+from ..progress import NULL_PROGRESS, Progress
+from ..repo.repository import Repository
+from ..storage import Kind
+
+
+@dataclass
+class CheckResult:
+    snapshots: int = 0
+    packs: int = 0
+    blobs: int = 0
+    packs_read: int = 0
+    bytes_read: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def check(repo: Repository, *, read_data: bool = False, progress: Progress = NULL_PROGRESS, workers: int = 2) -> CheckResult:
+    result = CheckResult()
+    # Index objects, one by one, so a damaged one is reported rather than fatal.
+    for info in repo.storage.list(Kind.INDEX):
+        if info.name in repo.loaded_index:
+            continue
+        try:
+            for pack in decode_index(repo.load_object(Kind.INDEX, info.name)):
+                repo.index.add_pack(pack.pack_id, pack.blobs)
+            repo.loaded_index.add(info.name)
+        except IbsyncError as e:
+            result.errors.append(f"index {info.name[:12]}: {e}")
+
+    stored_packs = {info.name: info.size for info in repo.storage.list(Kind.PACKS)}
+    pack_ends: dict[bytes, int] = {}
+    indexed_blobs: dict[bytes, list[tuple[bytes, object]]] = {}
+    for blob_id, loc in repo.index.entries():
+        end = loc.offset + loc.length
+        if end > pack_ends.get(loc.pack_id, 0):
+            pack_ends[loc.pack_id] = end
+        indexed_blobs.setdefault(loc.pack_id, []).append((blob_id, loc))
+    result.blobs = len(repo.index)
+    result.packs = len(stored_packs)
+    for pack_id, end in pack_ends.items():
+        size = stored_packs.get(pack_id.hex())
+        if size is None:
+            result.errors.append(f"pack {pack_id.hex()[:12]} is in the index but missing from the repository")
+        elif size < end:
+            result.errors.append(f"pack {pack_id.hex()[:12]} is {size} bytes, shorter than its index says ({end})")
+    unindexed = [name for name in stored_packs if not repo.index.has_pack(bytes.fromhex(name))]
+    if unindexed:
+        result.warnings.append(
+            f"{len(unindexed)} pack(s) not in any index (left by an interrupted run; harmless, prune removes them)"
+        )
+
+    # Snapshots and every tree they reach; a tree shared by several snapshots is read once.
+    seen_trees: set[bytes] = set()
+    for info in repo.storage.list(Kind.SNAPSHOTS):
+        try:
+            snap = repo.load_snapshot(info.name)
+        except IbsyncError as e:
+            result.errors.append(f"snapshot {info.name[:8]}: {e}")
+            continue
+        result.snapshots += 1
+        _check_tree(repo, snap.tree, f"snapshot {snap.short_id}", seen_trees, result)
+
+    if read_data:
+        _read_packs(repo, stored_packs, indexed_blobs, result, progress, workers)
+    return result
+
+
+def _check_tree(repo: Repository, tree_id: bytes, where: str, seen: set[bytes], result: CheckResult) -> None:
+    stack = [(tree_id, "")]
+    while stack:
+        tid, path = stack.pop()
+        if tid in seen:
+            continue
+        seen.add(tid)
+        try:
+            nodes = repo.load_tree(tid)
+        except IbsyncError as e:
+            result.errors.append(f"{where}: tree of '{path or '/'}' unreadable: {e}")
+            continue
+        for node in nodes:
+            child = f"{path}/{node.name}" if path else node.name
+            if node.type == "dir":
+                if node.subtree is None:
+                    result.errors.append(f"{where}: folder '{child}' has no tree")
+                else:
+                    stack.append((node.subtree, child))
+            elif node.type == "file":
+                missing = [c for c in node.content if not repo.index.has(c)]
+                if missing:
+                    result.errors.append(f"{where}: '{child}': {len(missing)} blob(s) not in the index")
+
+
+def _read_packs(repo, stored_packs, indexed_blobs, result: CheckResult, progress: Progress, workers: int) -> None:
+    progress.start(sum(stored_packs.values()), len(stored_packs))
+
+    def read_one(name: str) -> list[str]:
+        errors: list[str] = []
+        short = name[:12]
+        try:
+            data = repo.storage.get(Kind.PACKS, name)
+        except IbsyncError as e:
+            return [f"pack {short}: cannot read: {e}"]
+        progress.advance(len(data), files=1)
+        if storage_name(data) != name:
+            errors.append(f"pack {short}: content does not match its name (damaged)")
+        try:
+            header = repo.pack_header(data)
+        except IbsyncError as e:
+            return errors + [f"pack {short}: header unreadable: {e}"]
+        by_id = {b.id: b for b in header}
+        for blob_id, loc in indexed_blobs.get(bytes.fromhex(name), []):
+            b = by_id.get(blob_id)
+            if b is None or (b.offset, b.length) != (loc.offset, loc.length):
+                errors.append(f"pack {short}: index entry for blob {blob_id.hex()[:12]} does not match the pack header")
+        view = memoryview(data)
+        for b in header:
+            try:
+                repo.decode_blob(b, view[b.offset : b.offset + b.length])
+            except IbsyncError as e:
+                kind = "tree" if b.type == BlobType.TREE else "data"
+                errors.append(f"pack {short}: {kind} blob {b.id.hex()[:12]}: {e}")
+        return errors
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ibsync-check") as pool:
+        for errors in pool.map(read_one, sorted(stored_packs)):
+            result.packs_read += 1
+            result.errors.extend(errors)
+    result.bytes_read = sum(stored_packs.values())
+    progress.finish()

@@ -1,0 +1,156 @@
+"""The vocabulary shared by every layer: snapshots, trees and the devices they came from."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+
+def utc_iso(dt: datetime) -> str:
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a backup says about the device it came from (Info.plist, Manifest.plist)."""
+
+    udid: str
+    name: str = ""
+    product_type: str = ""
+    ios_version: str = ""
+    build_version: str = ""
+    serial_number: str = ""
+
+
+@dataclass
+class Node:
+    """One entry of a directory in a snapshot. ``content`` lists a file's data blob ids in order."""
+
+    name: str
+    type: str  # "file" | "dir" | "symlink"
+    mode: int
+    mtime_ns: int
+    size: int = 0
+    inode: int = 0
+    ctime_ns: int = 0
+    content: list[bytes] = field(default_factory=list)
+    subtree: bytes | None = None
+    target: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "type": self.type, "mode": self.mode, "mtime_ns": self.mtime_ns}
+        if self.type == "file":
+            d.update(size=self.size, inode=self.inode, ctime_ns=self.ctime_ns, content=[c.hex() for c in self.content])
+        elif self.type == "dir":
+            d["subtree"] = self.subtree.hex() if self.subtree else None
+        elif self.type == "symlink":
+            d["target"] = self.target
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Node":
+        return cls(
+            name=d["name"],
+            type=d["type"],
+            mode=d["mode"],
+            mtime_ns=d["mtime_ns"],
+            size=d.get("size", 0),
+            inode=d.get("inode", 0),
+            ctime_ns=d.get("ctime_ns", 0),
+            content=[bytes.fromhex(c) for c in d.get("content", ())],
+            subtree=bytes.fromhex(d["subtree"]) if d.get("subtree") else None,
+            target=d.get("target"),
+        )
+
+
+def encode_tree(nodes: list[Node]) -> bytes:
+    nodes = sorted(nodes, key=lambda n: n.name)
+    return json.dumps({"nodes": [n.to_dict() for n in nodes]}, separators=(",", ":")).encode()
+
+
+def decode_tree(data: bytes) -> list[Node]:
+    return [Node.from_dict(d) for d in json.loads(data)["nodes"]]
+
+
+@dataclass
+class Summary:
+    files: int = 0
+    dirs: int = 0
+    total_bytes: int = 0  # logical bytes of all files in the snapshot
+    files_new: int = 0
+    files_changed: int = 0
+    files_unmodified: int = 0
+    bytes_read: int = 0  # bytes ibsync had to read and chunk
+    blobs_added: int = 0
+    raw_bytes_added: int = 0  # plaintext bytes of new blobs
+    added_bytes: int = 0  # bytes the repository grew by (packs, after compression and encryption)
+    duration_s: float = 0.0
+
+
+@dataclass
+class Snapshot:
+    time: datetime  # when ibsync stored it
+    tree: bytes
+    device: DeviceInfo
+    backup_date: datetime | None  # when the device made the backup (Status.plist Date)
+    ios_encrypted: bool
+    source: dict[str, Any]  # {"kind": "folder", "path": ...} or {"kind": "device", ...}
+    hostname: str = ""
+    username: str = ""
+    parent: str | None = None
+    snapshot_state: str = "finished"
+    summary: Summary = field(default_factory=Summary)
+    program: str = ""
+    id: str = ""  # storage name, filled in when loaded or saved; not part of the stored JSON
+
+    def to_json(self) -> bytes:
+        d = {
+            "version": 1,
+            "time": utc_iso(self.time),
+            "tree": self.tree.hex(),
+            "device": asdict(self.device),
+            "backup_date": utc_iso(self.backup_date) if self.backup_date else None,
+            "ios_encrypted": self.ios_encrypted,
+            "source": self.source,
+            "hostname": self.hostname,
+            "username": self.username,
+            "parent": self.parent,
+            "snapshot_state": self.snapshot_state,
+            "summary": asdict(self.summary),
+            "program": self.program,
+        }
+        return json.dumps(d, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, id: str = "") -> "Snapshot":
+        d = json.loads(data)
+        return cls(
+            time=parse_iso(d["time"]),
+            tree=bytes.fromhex(d["tree"]),
+            device=DeviceInfo(**d["device"]),
+            backup_date=parse_iso(d["backup_date"]) if d.get("backup_date") else None,
+            ios_encrypted=bool(d.get("ios_encrypted")),
+            source=d.get("source", {}),
+            hostname=d.get("hostname", ""),
+            username=d.get("username", ""),
+            parent=d.get("parent"),
+            snapshot_state=d.get("snapshot_state", "finished"),
+            summary=Summary(**d.get("summary", {})),
+            program=d.get("program", ""),
+            id=id,
+        )
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+    def sort_key(self) -> tuple:
+        return (self.backup_date or self.time, self.time)

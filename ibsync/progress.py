@@ -1,0 +1,37 @@
+"""Progress reporting as a protocol the core calls; the CLI supplies text or nothing."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Progress(Protocol):
+    def start(self, total_bytes: int | None, total_files: int | None) -> None: ...
+
+    def advance(self, nbytes: int = 0, files: int = 0) -> None: ...
+
+    def add_total(self, nbytes: int = 0, files: int = 0) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class NullProgress:
+    def start(self, total_bytes: int | None, total_files: int | None) -> None:
+        pass
+
+    def advance(self, nbytes: int = 0, files: int = 0) -> None:
+        pass
+
+    def add_total(self, nbytes: int = 0, files: int = 0) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+NULL_PROGRESS = NullProgress()

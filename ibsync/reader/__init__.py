@@ -1,0 +1,1 @@
+"""Reading snapshots back: walking trees and rehydrating files."""

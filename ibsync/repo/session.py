@@ -1,0 +1,190 @@
+"""A write session: dedup -> compress -> encrypt -> pack -> upload -> index.
+
+Threads call ``save_blob`` concurrently. Each thread fills its own pack, so one file's chunks
+stay together and no lock is held while compressing or encrypting; full packs go to a small
+uploader pool bounded in flight (memory stays at a few packs per thread). After every few
+uploaded packs an index object is written, so a run killed at any instant keeps all but the
+last few packs it uploaded. Leaving the session flushes the open packs, then the index: the
+order restic's design calls for (packs, then index, then - by the caller - the snapshot).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..errors import StorageError
+from ..format.index import PackIndex
+from ..format.pack import BlobType, PackWriter
+from ..storage import Kind
+from .repository import Repository
+
+INDEX_EVERY_PACKS = 8
+INDEX_EVERY_SECONDS = 60.0
+
+
+@dataclass
+class SessionStats:
+    blobs_added: int = 0
+    raw_bytes_added: int = 0
+    stored_bytes_added: int = 0  # packs and index objects written
+    packs_written: int = 0
+    index_objects_written: int = 0
+
+
+class WriteSession:
+    def __init__(self, repo: Repository, progress=None) -> None:
+        self.repo = repo
+        self.stats = SessionStats()
+        self._lock = threading.Lock()
+        self._pending: set[bytes] = set()  # claimed by a thread, not yet in an uploaded pack
+        self._local = threading.local()
+        self._packers: list[PackWriter] = []  # every thread's open pack, for the final flush
+        self._uploader = ThreadPoolExecutor(
+            max_workers=max(1, repo.storage.properties.connections), thread_name_prefix="ibsync-upload"
+        )
+        self._inflight = threading.BoundedSemaphore(repo.storage.properties.connections + 1)
+        self._futures: list[Future] = []
+        self._unindexed: list[PackIndex] = []
+        self._last_index = time.monotonic()
+        self._error: BaseException | None = None
+        self._generation = 0  # bumped by flush, so threads drop packers that were shipped
+
+    def __enter__(self) -> "WriteSession":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+            else:
+                # Interrupted: keep what is already uploaded by indexing it; open packs are dropped.
+                self._abort()
+        finally:
+            self._uploader.shutdown(wait=True, cancel_futures=True)
+
+    # ---- the hot path ----------------------------------------------------------------------
+
+    def _claim(self, blob_id: bytes) -> bool:
+        with self._lock:
+            if blob_id in self._pending or self.repo.index.has(blob_id):
+                return False
+            self._pending.add(blob_id)
+            return True
+
+    def _packer(self, type: BlobType) -> PackWriter:
+        packers = getattr(self._local, "packers", None)
+        if packers is None or self._local.generation != self._generation:
+            packers = self._local.packers = {}
+            self._local.generation = self._generation
+        p = packers.get(type)
+        if p is None:
+            p = packers[type] = PackWriter()
+            with self._lock:
+                self._packers.append(p)
+        return p
+
+    def save_blob(self, type: BlobType, data: bytes | memoryview, *, compress: bool = True) -> tuple[bytes, bool]:
+        """Store a blob unless the repository has it; returns its id and whether it was new."""
+        blob_id, new, _ = self.save_blob_ex(type, data, compress=compress)
+        return blob_id, new
+
+    def save_blob_ex(
+        self, type: BlobType, data: bytes | memoryview, *, compress: bool = True
+    ) -> tuple[bytes, bool, bool]:
+        """As save_blob, and also whether zstd was used for it."""
+        if self._error is not None:
+            raise self._error
+        blob_id = self.repo.blob_id(data)
+        if not self._claim(blob_id):
+            return blob_id, False, False
+        sealed, compressed = self.repo.encode_blob(blob_id, data, compress)
+        packer = self._packer(type)
+        packer.add(type, blob_id, sealed, len(data), compressed)
+        with self._lock:
+            self.stats.blobs_added += 1
+            self.stats.raw_bytes_added += len(data)
+        if packer.size >= self.repo.pack_size:
+            self._local.packers[type] = None
+            self._ship(packer)
+        return blob_id, True, compressed
+
+    # ---- packs and index -------------------------------------------------------------------
+
+    def _ship(self, packer: PackWriter) -> None:
+        with self._lock:
+            self._packers.remove(packer)
+        if not len(packer):
+            return
+        self._inflight.acquire()
+        try:
+            fut = self._uploader.submit(self._upload, packer)
+        except BaseException:
+            self._inflight.release()
+            raise
+        with self._lock:
+            self._futures.append(fut)
+
+    def _upload(self, packer: PackWriter) -> None:
+        try:
+            name, pieces = packer.finish(self.repo.cipher)
+            self.repo.storage.put(Kind.PACKS, name, pieces)
+            pack_id = bytes.fromhex(name)
+            self.repo.index.add_pack(pack_id, packer.blobs)
+            with self._lock:
+                for b in packer.blobs:
+                    self._pending.discard(b.id)
+                self._unindexed.append(PackIndex(pack_id, packer.blobs))
+                self.stats.packs_written += 1
+                self.stats.stored_bytes_added += packer.size
+                due = len(self._unindexed) >= INDEX_EVERY_PACKS or (
+                    time.monotonic() - self._last_index >= INDEX_EVERY_SECONDS
+                )
+            if due:
+                self._write_index()
+        except BaseException as e:
+            self._error = e if isinstance(e, StorageError) else StorageError(f"writing a pack failed: {e}")
+            raise
+        finally:
+            self._inflight.release()
+
+    def _write_index(self) -> None:
+        with self._lock:
+            packs, self._unindexed = self._unindexed, []
+            self._last_index = time.monotonic()
+        if not packs:
+            return
+        _, size = self.repo.save_index(packs)
+        with self._lock:
+            self.stats.index_objects_written += 1
+            self.stats.stored_bytes_added += size
+
+    def _wait_uploads(self) -> None:
+        with self._lock:
+            futures, self._futures = self._futures, []
+        for fut in futures:
+            fut.result()
+
+    def flush(self) -> None:
+        """Upload every open pack and write the index for everything uploaded."""
+        with self._lock:
+            open_packs = list(self._packers)
+        self._generation += 1
+        for p in open_packs:
+            self._ship(p)
+        try:
+            self._wait_uploads()
+        finally:
+            self._write_index()
+        if self._error is not None:
+            raise self._error
+
+    def _abort(self) -> None:
+        for fut in list(self._futures):
+            try:
+                fut.result()
+            except BaseException:
+                pass
+        self._write_index()

@@ -1,0 +1,1 @@
+"""Where backups come from: existing backup folders (and, later, live devices)."""

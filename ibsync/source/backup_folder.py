@@ -1,0 +1,157 @@
+"""Knowledge of the MobileSync backup folder (iOS 10+) that Finder, iTunes, idevicebackup2 and
+pymobiledevice3 write:
+
+    <UDID>/Info.plist  Manifest.plist  Status.plist  Manifest.db  00/ ... ff/<fileID>
+"""
+
+from __future__ import annotations
+
+import os
+import plistlib
+import sqlite3
+import struct
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import quote
+
+from ..errors import SourceError
+from ..model import DeviceInfo
+
+REQUIRED = ("Info.plist", "Manifest.plist", "Status.plist", "Manifest.db")
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+@dataclass(frozen=True)
+class BackupFolderInfo:
+    path: Path
+    device: DeviceInfo
+    backup_date: datetime | None
+    ios_encrypted: bool
+    snapshot_state: str | None
+    manifest_rows: dict[str, int] | None  # Files rows by kind; None when Manifest.db is encrypted
+
+
+def is_device_folder(path: Path) -> bool:
+    return (path / "Manifest.plist").is_file() or ((path / "Info.plist").is_file() and (path / "Status.plist").is_file())
+
+
+def find_device_folders(path: Path) -> list[Path]:
+    """A device folder, or the device folders directly inside ``path`` (MobileSync/Backup)."""
+    if not path.exists():
+        raise SourceError(f"{path}: no such folder")
+    if not path.is_dir():
+        raise SourceError(f"{path}: not a folder")
+    if is_device_folder(path):
+        return [path]
+    try:
+        found = sorted(p for p in path.iterdir() if p.is_dir() and is_device_folder(p))
+    except PermissionError as e:
+        raise SourceError(f"{path}: cannot list the folder ({e.strerror})") from e
+    if not found:
+        raise SourceError(
+            f"{path}: not an iOS backup folder (no Manifest.plist, Info.plist or Status.plist here or one level below)"
+        )
+    return found
+
+
+def _load_plist(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            value = plistlib.load(f)
+    except FileNotFoundError:
+        raise SourceError(f"{path}: missing") from None
+    except (plistlib.InvalidFileException, ValueError, OverflowError, struct.error, IndexError, KeyError) as e:
+        raise SourceError(f"{path}: malformed plist ({e.__class__.__name__})") from e
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e.strerror})") from e
+    if not isinstance(value, dict):
+        raise SourceError(f"{path}: malformed plist (not a dictionary)")
+    return value
+
+
+def _date(value: object) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return None
+
+
+def check_sqlite_file(path: Path) -> dict[str, int]:
+    """Validate an unencrypted Manifest.db without writing next to it; count its Files rows."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e.strerror})") from e
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        raise SourceError(f"{path}: not an SQLite database (damaged, or from an encrypted backup without IsEncrypted)")
+    (page_size,) = struct.unpack_from(">H", header, 16)
+    page_size = 65536 if page_size == 1 else page_size
+    change_counter, page_count = struct.unpack_from(">II", header, 24)
+    (valid_for,) = struct.unpack_from(">I", header, 92)
+    if valid_for == change_counter and page_count and size < page_size * page_count:
+        raise SourceError(f"{path}: truncated ({size} bytes, its header promises {page_size * page_count})")
+    # immutable=1: never create -wal/-shm files or take locks in a folder we were asked only to read
+    uri = f"file:{quote(str(path.absolute()))}?mode=ro&immutable=1"
+    try:
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            rows = db.execute("SELECT flags, count(*) FROM Files GROUP BY flags").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise SourceError(f"{path}: damaged Manifest.db ({e})") from e
+    names = {1: "files", 2: "directories", 4: "symlinks"}
+    counts: dict[str, int] = {}
+    for flags, n in rows:
+        key = names.get(flags, "other")
+        counts[key] = counts.get(key, 0) + n
+    return counts
+
+
+def read_backup_folder(path: Path, *, allow_unfinished: bool = False) -> BackupFolderInfo:
+    """Read what a device folder says about itself; SourceError for anything not restorable."""
+    if (path / "Manifest.mbdb").is_file() and not (path / "Manifest.db").is_file():
+        raise SourceError(f"{path}: backup from iOS 9 or older (Manifest.mbdb); only iOS 10 and later are supported")
+    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    if missing:
+        raise SourceError(f"{path}: incomplete backup folder, missing {', '.join(missing)}")
+    info = _load_plist(path / "Info.plist")
+    manifest = _load_plist(path / "Manifest.plist")
+    status = _load_plist(path / "Status.plist")
+
+    state = status.get("SnapshotState")
+    if state != "finished" and not allow_unfinished:
+        shown = f"SnapshotState = {state}" if state is not None else "no SnapshotState"
+        raise SourceError(
+            f"{path}: the backup is not finished (Status.plist says {shown}); "
+            "a backup cut short cannot be restored. Use --allow-unfinished to store it anyway"
+        )
+
+    lockdown = manifest.get("Lockdown") if isinstance(manifest.get("Lockdown"), dict) else {}
+    udid = str(
+        info.get("Unique Identifier") or info.get("Target Identifier") or lockdown.get("UniqueDeviceID") or path.name
+    )
+    device = DeviceInfo(
+        udid=udid,
+        name=str(info.get("Device Name") or info.get("Display Name") or lockdown.get("DeviceName") or ""),
+        product_type=str(info.get("Product Type") or lockdown.get("ProductType") or ""),
+        ios_version=str(info.get("Product Version") or lockdown.get("ProductVersion") or ""),
+        build_version=str(info.get("Build Version") or lockdown.get("BuildVersion") or ""),
+        serial_number=str(info.get("Serial Number") or lockdown.get("SerialNumber") or ""),
+    )
+    backup_date = _date(status.get("Date")) or _date(manifest.get("Date")) or _date(info.get("Last Backup Date"))
+    if backup_date is None:
+        backup_date = datetime.fromtimestamp(os.stat(path / "Status.plist").st_mtime, timezone.utc)
+    encrypted = bool(manifest.get("IsEncrypted", False))
+
+    db = path / "Manifest.db"
+    if encrypted:
+        size = db.stat().st_size
+        if size == 0 or size % 16:
+            raise SourceError(f"{db}: damaged (an encrypted Manifest.db is a non-empty multiple of 16 bytes, this one is {size})")
+        rows = None
+    else:
+        rows = check_sqlite_file(db)
+    return BackupFolderInfo(path, device, backup_date, encrypted, state, rows)

@@ -1,0 +1,1 @@
+"""Terminal output: progress bars, tables and sizes. Only the CLI uses it."""
