@@ -61,10 +61,10 @@ def _load_plist(path: Path) -> dict:
             value = plistlib.load(f)
     except FileNotFoundError:
         raise SourceError(f"{path}: missing") from None
-    except (plistlib.InvalidFileException, ValueError, OverflowError, struct.error, IndexError, KeyError) as e:
-        raise SourceError(f"{path}: malformed plist ({e.__class__.__name__})") from e
     except OSError as e:
         raise SourceError(f"{path}: cannot read ({e.strerror})") from e
+    except Exception as e:  # plistlib raises whatever its XML or binary parser hits
+        raise SourceError(f"{path}: malformed plist ({e.__class__.__name__}: {e})") from e
     if not isinstance(value, dict):
         raise SourceError(f"{path}: malformed plist (not a dictionary)")
     return value

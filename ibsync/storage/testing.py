@@ -1,0 +1,71 @@
+"""A conformance suite every storage backend must pass (restic's backend/test, kopia's
+VerifyStorage). Backends' tests call ``run_conformance(storage)`` on an empty root."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import AlreadyExists, NotFound, StorageError
+from .base import Kind, Storage
+
+
+def _expect(exc: type[BaseException], fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except exc:
+        return
+    raise AssertionError(f"{fn.__name__}{args} did not raise {exc.__name__}")
+
+
+def check_empty(s: Storage) -> None:
+    assert s.is_empty(), "a fresh root is empty"
+    assert not s.exists(), "a fresh root has no config"
+    for kind in Kind:
+        if kind is not Kind.CONFIG:
+            assert list(s.list(kind)) == [], f"nothing listed under {kind.value}"
+    _expect(NotFound, s.get, Kind.SNAPSHOTS, "00" * 32)
+    _expect(NotFound, s.stat, Kind.SNAPSHOTS, "00" * 32)
+    _expect(NotFound, s.delete, Kind.SNAPSHOTS, "00" * 32)
+
+
+def check_put_get(s: Storage) -> None:
+    data = os.urandom(100_000)
+    name = "ab" + "12" * 31
+    s.put(Kind.PACKS, name, [data[:10], data[10:]])
+    assert s.get(Kind.PACKS, name) == data
+    assert s.get(Kind.PACKS, name, 5, 100) == data[5:105]
+    assert s.get(Kind.PACKS, name, 99_990) == data[99_990:]
+    assert s.stat(Kind.PACKS, name).size == len(data)
+    assert [(i.name, i.size) for i in s.list(Kind.PACKS)] == [(name, len(data))]
+    _expect(StorageError, s.get, Kind.PACKS, name, 99_990, 100)  # short read is an error
+    s.put(Kind.CONFIG, "config", b"{}", exclusive=True)
+    assert s.exists() and not s.is_empty()
+    _expect(AlreadyExists, s.put, Kind.CONFIG, "config", b"{}", exclusive=True)
+    s.put(Kind.SNAPSHOTS, "s1", b"")
+    assert s.get(Kind.SNAPSHOTS, "s1") == b""
+    s.delete(Kind.SNAPSHOTS, "s1")
+    _expect(NotFound, s.get, Kind.SNAPSHOTS, "s1")
+    s.delete(Kind.PACKS, name)
+    assert list(s.list(Kind.PACKS)) == []
+
+
+def check_many(s: Storage) -> None:
+    names = {f"{i:02x}" + os.urandom(31).hex(): os.urandom(i * 7) for i in range(40)}
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda kv: s.put(Kind.INDEX, kv[0], kv[1]), names.items()))
+    listed = {i.name: i.size for i in s.list(Kind.INDEX)}
+    assert listed == {n: len(d) for n, d in names.items()}
+    for n, d in names.items():
+        assert s.get(Kind.INDEX, n) == d
+    for n in names:
+        s.delete(Kind.INDEX, n)
+    assert list(s.list(Kind.INDEX)) == []
+
+
+CHECKS = [check_empty, check_put_get, check_many]
+
+
+def run_conformance(s: Storage) -> None:
+    for check in CHECKS:
+        check(s)

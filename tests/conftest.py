@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ibsync.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MIT_BACKUP = FIXTURES / "sample-backup-mit" / "sample_backup"
+ENCRYPTED_BACKUP = FIXTURES / "encrypted-backup-gpl3" / "assembled_encrypted_backup"
+PASSWORD = "correct horse battery staple"
+# Fast key derivation for tests only; the format stores the parameters, so this is still a real repository.
+FAST_KDF = {"name": "argon2id", "memory_kib": 8192, "iterations": 1, "lanes": 1}
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """A repository location and password in the environment, as a user would set them."""
+    repo = tmp_path / "repo"
+    monkeypatch.setenv("IBSYNC_REPO", str(repo))
+    monkeypatch.setenv("IBSYNC_PASSWORD", PASSWORD)
+    monkeypatch.delenv("IBSYNC_PASSWORD_FILE", raising=False)
+    monkeypatch.setattr("ibsync.format.crypto.DEFAULT_KDF", FAST_KDF)
+    return repo
+
+
+class Cli:
+    def __init__(self, capsys):
+        self.capsys = capsys
+
+    def __call__(self, *args: str, expect: int = 0) -> tuple[str, str]:
+        self.capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = self.capsys.readouterr()
+        assert code == expect, f"ibsync {' '.join(map(str, args))} exited {code}, expected {expect}\nstdout:\n{out}\nstderr:\n{err}"
+        return out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    return Cli(capsys)
+
+
+def copy_folder(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def run_subprocess(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ibsync", *map(str, args)], env=env, capture_output=True, text=True, **kw)
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """Every entry below root: bytes (files), mode and mtime (ns)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = ("link", str(p.readlink()), st.st_mtime_ns)
+        elif p.is_dir():
+            out[rel] = ("dir", st.st_mode, st.st_mtime_ns)
+        else:
+            out[rel] = ("file", p.read_bytes(), st.st_mode, st.st_mtime_ns)
+    return out
