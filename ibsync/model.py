@@ -71,13 +71,18 @@ class Node:
         )
 
 
-def encode_tree(nodes: list[Node]) -> bytes:
-    nodes = sorted(nodes, key=lambda n: n.name)
-    return json.dumps({"nodes": [n.to_dict() for n in nodes]}, separators=(",", ":")).encode()
+def encode_tree(entries: list[dict[str, Any]]) -> bytes:
+    """Serialise a folder's entries (``Node.to_dict`` form), sorted by name."""
+    entries = sorted(entries, key=lambda d: d["name"])
+    return json.dumps({"nodes": entries}, separators=(",", ":")).encode()
+
+
+def decode_tree_entries(data: bytes) -> list[dict[str, Any]]:
+    return json.loads(data)["nodes"]
 
 
 def decode_tree(data: bytes) -> list[Node]:
-    return [Node.from_dict(d) for d in json.loads(data)["nodes"]]
+    return [Node.from_dict(d) for d in decode_tree_entries(data)]
 
 
 @dataclass
@@ -103,6 +108,7 @@ class Snapshot:
     backup_date: datetime | None  # when the device made the backup (Status.plist Date)
     ios_encrypted: bool
     source: dict[str, Any]  # {"kind": "folder", "path": ...} or {"kind": "device", ...}
+    folder: str = ""  # name of the device folder (restore recreates it); the UDID when empty
     hostname: str = ""
     username: str = ""
     parent: str | None = None
@@ -120,6 +126,7 @@ class Snapshot:
             "backup_date": utc_iso(self.backup_date) if self.backup_date else None,
             "ios_encrypted": self.ios_encrypted,
             "source": self.source,
+            "folder": self.folder,
             "hostname": self.hostname,
             "username": self.username,
             "parent": self.parent,
@@ -139,6 +146,7 @@ class Snapshot:
             backup_date=parse_iso(d["backup_date"]) if d.get("backup_date") else None,
             ios_encrypted=bool(d.get("ios_encrypted")),
             source=d.get("source", {}),
+            folder=d.get("folder", ""),
             hostname=d.get("hostname", ""),
             username=d.get("username", ""),
             parent=d.get("parent"),
@@ -147,6 +155,10 @@ class Snapshot:
             program=d.get("program", ""),
             id=id,
         )
+
+    @property
+    def folder_name(self) -> str:
+        return self.folder or self.device.udid
 
     @property
     def short_id(self) -> str:

@@ -38,6 +38,9 @@ for command in (init_cmd, import_cmd, snapshots_cmd, restore_cmd, check_cmd, sta
     cli.add_command(command)
 
 
+INTERRUPTED = "ibsync: interrupted; data stored so far is kept and the next run reuses it"
+
+
 def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C, so uploaded packs get indexed
     raise KeyboardInterrupt
 
@@ -55,8 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("ibsync: aborted", err=True)
+    except click.exceptions.Abort as e:
+        # click turns Ctrl-C (and our SIGTERM) into Abort
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            click.echo(INTERRUPTED, err=True)
+        else:
+            click.echo("ibsync: aborted", err=True)
         return 130
     except IbsyncError as e:
         if debug:
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"ibsync: error: {e}", err=True)
         return e.exit_code
     except KeyboardInterrupt:
-        click.echo("ibsync: interrupted; data stored so far is kept and the next run reuses it", err=True)
+        click.echo(INTERRUPTED, err=True)
         return 130
     except BrokenPipeError:
         return 1

@@ -7,15 +7,17 @@ from .app import App, common_options
 
 @click.command("init")
 @click.option("--no-encryption", is_flag=True, help="Store data unencrypted (only for a drive you trust).")
+@click.option("--pack-size", type=click.IntRange(4, 128), default=20, show_default=True, metavar="MIB",
+              help="Target size of pack files in MiB: larger means fewer objects on S3, more memory per upload.")
 @common_options
-def init_cmd(app: App, no_encryption: bool) -> None:
+def init_cmd(app: App, no_encryption: bool, pack_size: int) -> None:
     """Create a new, empty repository."""
     from ..repo.repository import Repository
     from ..storage import open_storage
 
     storage = open_storage(app.require_repo())
     password = None if no_encryption else app.password(confirm=True)
-    repo = Repository.init(storage, password)
+    repo = Repository.init(storage, password, pack_size=pack_size << 20)
     if app.json:
         app.emit_json({"id": repo.id, "repository": storage.url, "encryption": repo.config["encryption"]})
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Iterator
 
 from ..errors import InvalidData
 from .pack import FLAG_ZSTD, BlobType, PackedBlob
@@ -36,6 +37,28 @@ def encode_index(packs: list[PackIndex]) -> bytes:
         for b in p.blobs:
             out += _ENTRY.pack(b.type, FLAG_ZSTD if b.compressed else 0, b.id, b.offset, b.length, b.raw_length)
     return bytes(out)
+
+
+def iter_index(data: bytes) -> Iterator[tuple[bytes, list[tuple[int, int, bytes, int, int, int]]]]:
+    """(pack id, [(type, flags, blob id, offset, stored length, raw length), ...]) per pack:
+    the cheap form for loading large indexes."""
+    try:
+        magic, version, count = _HEAD.unpack_from(data, 0)
+        if magic != MAGIC or version != VERSION:
+            raise InvalidData("not an ibsync index object")
+        pos = _HEAD.size
+        for _ in range(count):
+            pack_id, n = _PACK.unpack_from(data, pos)
+            pos += _PACK.size
+            end = pos + n * _ENTRY.size
+            if end > len(data):
+                raise InvalidData("index object truncated")
+            yield pack_id, list(_ENTRY.iter_unpack(data[pos:end]))
+            pos = end
+    except struct.error as e:
+        raise InvalidData(f"index object truncated: {e}") from e
+    if pos != len(data):
+        raise InvalidData("index object has trailing bytes")
 
 
 def decode_index(data: bytes) -> list[PackIndex]:

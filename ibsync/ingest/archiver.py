@@ -4,7 +4,12 @@ Files go to a small thread pool (reading, CDC, hashing, zstd and AES-GCM all rel
 A folder's tree is written once all its files are stored; folders finish in post-order, so a
 folder's sub-trees exist before it is written and memory holds only the folders in flight.
 The previous snapshot of the same device serves as the files cache: a file whose size, mtime,
-ctime and inode match it, and whose blobs are all indexed, is not read again.
+ctime and inode match it, and whose blobs are all indexed, is not read again, and a folder
+whose entries all match keeps the previous tree without serialising it again.
+
+Tree entries are handled as plain dicts in ``Node.to_dict`` form: the files cache compares
+and reuses the previous snapshot's entries as they were decoded, which keeps an unchanged
+re-import of a million files from building a million objects.
 """
 
 from __future__ import annotations
@@ -13,14 +18,14 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import IbsyncError, SourceError
 from ..format.chunker import SQLITE_MAGIC
 from ..format.pack import BlobType
-from ..model import DeviceInfo, Node, Snapshot, Summary, encode_tree
+from ..model import DeviceInfo, Snapshot, Summary, encode_tree
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
 from ..source.folder import SourceEntry
@@ -30,6 +35,8 @@ WINDOW = 256
 # A first chunk at least this large that does not compress marks the file as incompressible
 # (photo, video, encrypted payload): its other chunks skip zstd.
 PROBE_MIN = 128 << 10
+
+Entry = dict[str, Any]
 
 
 class Source(Protocol):
@@ -45,9 +52,11 @@ class Source(Protocol):
 @dataclass
 class _Dir:
     rel: str
-    nodes: list[Node] = field(default_factory=list)
-    pending: list[tuple[Node, Future]] = field(default_factory=list)
-    subdirs: list[tuple["_Dir", Node]] = field(default_factory=list)
+    old_tree: bytes | None  # the parent snapshot's tree of this folder
+    old_entries: list[Entry]
+    entries: list[Entry] = field(default_factory=list)
+    pending: list[tuple[Entry, Future]] = field(default_factory=list)
+    subdirs: list[tuple["_Dir", Entry]] = field(default_factory=list)
     tree_id: bytes | None = None
 
 
@@ -55,14 +64,15 @@ class Cancelled(IbsyncError):
     pass
 
 
-def _unchanged(old: Node | None, e: SourceEntry) -> bool:
+def _unchanged(old: Entry | None, e: SourceEntry) -> bool:
     return (
         old is not None
-        and old.type == "file"
-        and old.size == e.size
-        and old.mtime_ns == e.mtime_ns
-        and old.ctime_ns == e.ctime_ns
-        and old.inode == e.inode
+        and old["type"] == "file"
+        and old["size"] == e.size
+        and old["mtime_ns"] == e.mtime_ns
+        and old["ctime_ns"] == e.ctime_ns
+        and old["inode"] == e.inode
+        and old["mode"] == e.mode
     )
 
 
@@ -90,6 +100,7 @@ class Archiver:
         ios_encrypted: bool,
         snapshot_state: str | None,
         parent: Snapshot | None,
+        folder: str = "",
     ) -> tuple[Snapshot, bool]:
         """Store ``source``; returns the snapshot and whether it is new (False when the source
         is exactly the parent snapshot, in which case nothing is written)."""
@@ -125,6 +136,7 @@ class Archiver:
             backup_date=backup_date,
             ios_encrypted=ios_encrypted,
             source=source.origin,
+            folder=folder,
             parent=parent.id if parent else None,
             snapshot_state=snapshot_state or "",
             summary=s,
@@ -137,28 +149,36 @@ class Archiver:
 
     # ---- walking ---------------------------------------------------------------------------
 
-    def _walk(self, rel: str, parent_tree: bytes | None, pool: ThreadPoolExecutor) -> _Dir:
-        d = _Dir(rel)
-        old_nodes = {n.name: n for n in self.repo.load_tree(parent_tree)} if parent_tree else {}
+    def _walk(self, rel: str, old_tree: bytes | None, pool: ThreadPoolExecutor) -> _Dir:
+        if old_tree is not None and not self.repo.index.has(old_tree):
+            old_tree = None  # the previous tree is gone (damaged repository): read everything
+        old_entries = self.repo.load_tree_entries(old_tree) if old_tree is not None else []
+        d = _Dir(rel, old_tree, old_entries)
+        old_by_name = {o["name"]: o for o in old_entries}
+        index_has = self.repo.index.has
         for e in self.source.scan(rel):
             if self._failed is not None:
                 self._failed.result()  # a worker failed: stop walking and raise its error
             child = f"{rel}/{e.name}" if rel else e.name
-            old = old_nodes.get(e.name)
+            old = old_by_name.get(e.name)
             if e.type == "dir":
-                node = Node(e.name, "dir", e.mode, e.mtime_ns)
-                sub = self._walk(child, old.subtree if old is not None and old.type == "dir" else None, pool)
-                d.subdirs.append((sub, node))
+                entry: Entry = {"name": e.name, "type": "dir", "mode": e.mode, "mtime_ns": e.mtime_ns, "subtree": None}
+                old_sub = old.get("subtree") if old is not None and old["type"] == "dir" else None
+                sub = self._walk(child, bytes.fromhex(old_sub) if old_sub else None, pool)
+                d.subdirs.append((sub, entry))
                 self.summary.dirs += 1
             elif e.type == "symlink":
-                d.nodes.append(Node(e.name, "symlink", e.mode, e.mtime_ns, target=e.target))
+                d.entries.append({"name": e.name, "type": "symlink", "mode": e.mode, "mtime_ns": e.mtime_ns, "target": e.target})
             else:
                 self.summary.files += 1
                 self.summary.total_bytes += e.size
-                node = Node(e.name, "file", e.mode, e.mtime_ns, e.size, e.inode, e.ctime_ns)
-                if not self.force and _unchanged(old, e) and all(self.repo.index.has(c) for c in old.content):
-                    node.content = old.content
-                    d.nodes.append(node)
+                if (
+                    not self.force
+                    and _unchanged(old, e)
+                    and all(index_has(bytes.fromhex(c)) for c in old["content"])  # type: ignore[index]
+                ):
+                    assert old is not None
+                    d.entries.append(old)
                     self.summary.files_unmodified += 1
                     self.progress.advance(e.size, files=1)
                     continue
@@ -166,14 +186,18 @@ class Archiver:
                     self.summary.files_new += 1
                 else:
                     self.summary.files_changed += 1
+                entry = {
+                    "name": e.name, "type": "file", "mode": e.mode, "mtime_ns": e.mtime_ns,
+                    "size": e.size, "inode": e.inode, "ctime_ns": e.ctime_ns, "content": None,
+                }
                 self._window.acquire()
                 try:
-                    fut = pool.submit(self._store_file, child, node)
+                    fut = pool.submit(self._store_file, child, e.size)
                 except BaseException:
                     self._window.release()
                     raise
                 fut.add_done_callback(self._file_done)
-                d.pending.append((node, fut))
+                d.pending.append((entry, fut))
         self._queue.append(d)
         self._drain(block=False)
         return d
@@ -192,26 +216,28 @@ class Archiver:
             self._finish_dir(self._queue.popleft())
 
     def _finish_dir(self, d: _Dir) -> None:
-        for node, fut in d.pending:
-            node.content = fut.result()  # re-raises a worker's error here, in the main thread
-            d.nodes.append(node)
-        for sub, node in d.subdirs:
+        for entry, fut in d.pending:
+            entry["content"] = [c.hex() for c in fut.result()]  # a worker's error is raised here
+            d.entries.append(entry)
+        for sub, entry in d.subdirs:
             assert sub.tree_id is not None, "post-order: sub-folders finish first"
-            node.subtree = sub.tree_id
-            d.nodes.append(node)
-        d.tree_id, _ = self.session.save_blob(BlobType.TREE, encode_tree(d.nodes))
-        d.pending = d.subdirs = d.nodes = []  # type: ignore[assignment]
+            entry["subtree"] = sub.tree_id.hex()
+            d.entries.append(entry)
+        if d.old_tree is not None and not d.pending and sorted(d.entries, key=_name) == d.old_entries:
+            d.tree_id = d.old_tree  # nothing changed in this folder: the previous tree stands
+        else:
+            d.tree_id, _ = self.session.save_blob(BlobType.TREE, encode_tree(d.entries))
+        d.pending = d.subdirs = d.entries = d.old_entries = []  # type: ignore[assignment]
 
     # ---- storing a file (worker threads) ---------------------------------------------------
 
-    def _store_file(self, rel: str, node: Node) -> list[bytes]:
+    def _store_file(self, rel: str, size: int) -> list[bytes]:
         content: list[bytes] = []
         read = 0
         compress = True
         with self.source.open_file(rel) as f:
-            chunks = self.repo.chunker.split_file(f, node.size)
             first = True
-            for chunk in chunks:
+            for chunk in self.repo.chunker.split_file(f, size):
                 if self._cancelled:
                     raise Cancelled("cancelled")
                 blob_id, new, compressed = self.session.save_blob_ex(BlobType.DATA, chunk, compress=compress)
@@ -221,9 +247,13 @@ class Archiver:
                 content.append(blob_id)
                 read += len(chunk)
                 self.progress.advance(len(chunk))
-        if read != node.size:
-            raise SourceError(f"{rel}: changed while being read ({node.size} bytes listed, {read} read)")
+        if read != size:
+            raise SourceError(f"{rel}: changed while being read ({size} bytes listed, {read} read)")
         with self._lock:
             self.summary.bytes_read += read
         self.progress.advance(files=1)
         return content
+
+
+def _name(entry: Entry) -> str:
+    return entry["name"]

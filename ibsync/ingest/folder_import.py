@@ -53,6 +53,7 @@ def import_folder(
         ios_encrypted=info.ios_encrypted,
         snapshot_state=info.snapshot_state,
         parent=parent,
+        folder=folder.name,
     )
     if not created and parent is not None:
         snapshot = parent

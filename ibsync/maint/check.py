@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from ..errors import IbsyncError
 from ..format.crypto import storage_name
-from ..format.index import decode_index
 from ..format.pack import BlobType
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
@@ -42,9 +41,7 @@ def check(repo: Repository, *, read_data: bool = False, progress: Progress = NUL
         if info.name in repo.loaded_index:
             continue
         try:
-            for pack in decode_index(repo.load_object(Kind.INDEX, info.name)):
-                repo.index.add_pack(pack.pack_id, pack.blobs)
-            repo.loaded_index.add(info.name)
+            repo.add_index_object(info.name)
         except IbsyncError as e:
             result.errors.append(f"index {info.name[:12]}: {e}")
 

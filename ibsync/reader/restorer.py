@@ -48,8 +48,8 @@ def restore_folder(
     workers: int = 2,
     overwrite: bool = False,
 ) -> RestoreResult:
-    """Write the snapshot's device folder to ``target/<UDID>``."""
-    dest = target / snapshot.device.udid
+    """Write the snapshot's device folder to ``target/<folder name>`` (normally the UDID)."""
+    dest = target / snapshot.folder_name
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise UserError(f"{dest} exists and is not empty; restore elsewhere or pass --overwrite")
     result = RestoreResult(dest)

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..format.pack import BlobType, PackedBlob
+from ..format.pack import FLAG_ZSTD, BlobType, PackedBlob
 
 RECORD = 48
 _LOC = struct.Struct("<IIII")
@@ -79,23 +79,30 @@ class MasterIndex:
         )
 
     def add_pack(self, pack_id: bytes, blobs: list[PackedBlob]) -> None:
-        """Record a pack's blobs; a blob already known keeps its first location."""
+        """Record a pack's blobs."""
+        self.add_records(
+            pack_id, [(b.type, FLAG_ZSTD if b.compressed else 0, b.id, b.offset, b.length, b.raw_length) for b in blobs]
+        )
+
+    def add_records(self, pack_id: bytes, records: list[tuple[int, int, bytes, int, int, int]]) -> None:
+        """As add_pack, from index-object tuples (type, flags, id, offset, length, raw length).
+
+        A blob listed again (two writers stored it at once, or a repaired index) is appended
+        again: lookups return its first location and ``entries`` yields every location."""
         with self._lock:
             number = self._pack_numbers.get(pack_id)
             if number is None:
                 number = self._pack_numbers[pack_id] = len(self._packs)
                 self._packs.append(pack_id)
-            buckets = self._buckets
-            for b in blobs:
-                if self._find(b.id) is not None:
-                    continue
-                key = (b.id[0] << 8) | b.id[1]
+            buckets, pack = self._buckets, _LOC.pack
+            for type_, flags, blob_id, offset, length, raw_length in records:
+                key = (blob_id[0] << 8) | blob_id[1]
                 bucket = buckets[key]
                 if bucket is None:
                     bucket = buckets[key] = bytearray()
-                raw = b.raw_length | (_TYPE_BIT if b.type == BlobType.TREE else 0) | (_ZSTD_BIT if b.compressed else 0)
+                raw = raw_length | (_TYPE_BIT if type_ == BlobType.TREE else 0) | (_ZSTD_BIT if flags & FLAG_ZSTD else 0)
                 # one append per record, so a concurrent lookup never sees half of one
-                bucket += b.id + _LOC.pack(number, b.offset, b.length, raw)
+                bucket += blob_id + pack(number, offset, length, raw)
                 self._count += 1
 
     def packs(self) -> Iterator[bytes]:

@@ -29,13 +29,15 @@ from ..format.crypto import (
 )
 from ..format.objects import open_object, seal_object
 from ..format.pack import BlobType, PackedBlob, blob_aad, parse_header
-from ..model import Node, Snapshot, decode_tree, utc_iso
+from ..model import Node, Snapshot, decode_tree, decode_tree_entries, utc_iso
 from ..storage import Kind, Storage
 from .index import BlobLocation, MasterIndex
 
 FORMAT_NAME = "ibsync-repository"
 FORMAT_VERSION = 1
 DEFAULT_PACK_SIZE = 20 << 20
+MIN_PACK_SIZE = 4 << 20
+MAX_PACK_SIZE = 128 << 20
 DEFAULT_ZSTD_LEVEL = 3
 
 PasswordSource = Callable[[], str]
@@ -69,8 +71,12 @@ class Repository:
     # ---- creating and opening -------------------------------------------------------------
 
     @classmethod
-    def init(cls, storage: Storage, password: str | None, *, kdf: dict | None = None) -> "Repository":
+    def init(
+        cls, storage: Storage, password: str | None, *, kdf: dict | None = None, pack_size: int = DEFAULT_PACK_SIZE
+    ) -> "Repository":
         """Create a repository; ``password=None`` makes an unencrypted one."""
+        if not MIN_PACK_SIZE <= pack_size <= MAX_PACK_SIZE:
+            raise UserError(f"pack size must be between {MIN_PACK_SIZE >> 20} and {MAX_PACK_SIZE >> 20} MiB")
         if storage.exists():
             raise UserError(f"{storage.url} already holds an ibsync repository")
         if not storage.is_empty():
@@ -85,7 +91,7 @@ class Repository:
             "id_hash": "blake3-keyed" if master else "blake3",
             "compression": {"algorithm": "zstd", "level": DEFAULT_ZSTD_LEVEL},
             "chunking": default_policy(0).to_config(),
-            "pack_size": DEFAULT_PACK_SIZE,
+            "pack_size": pack_size,
         }
         if master is not None:
             assert password is not None
@@ -159,9 +165,12 @@ class Repository:
         for info in self.storage.list(Kind.INDEX):
             if info.name in self.loaded_index:
                 continue
-            for pack in index_format.decode_index(self.load_object(Kind.INDEX, info.name)):
-                self.index.add_pack(pack.pack_id, pack.blobs)
-            self.loaded_index.add(info.name)
+            self.add_index_object(info.name)
+
+    def add_index_object(self, name: str) -> None:
+        for pack_id, records in index_format.iter_index(self.load_object(Kind.INDEX, name)):
+            self.index.add_records(pack_id, records)
+        self.loaded_index.add(name)
 
     def save_index(self, packs: list[index_format.PackIndex]) -> tuple[str, int]:
         name, size = self.save_object(Kind.INDEX, index_format.encode_index(packs))
@@ -234,6 +243,10 @@ class Repository:
             if len(self._trees) > 64:
                 self._trees.popitem(last=False)
         return nodes
+
+    def load_tree_entries(self, tree_id: bytes) -> list[dict]:
+        """A tree as plain dicts (``Node.to_dict`` form): what ingest compares against, cheaply."""
+        return decode_tree_entries(self.load_blob(tree_id))
 
     # ---- snapshots -------------------------------------------------------------------------
 
