@@ -42,7 +42,7 @@ def snapshots_cmd(app: App, device: str | None) -> None:
             s.short_id,
             when(s.backup_date),
             s.device.name or "-",
-            s.device.udid[:25],
+            s.device.udid,
             s.device.ios_version or "-",
             "yes" if s.ios_encrypted else "no",
             str(s.summary.files),

@@ -41,7 +41,7 @@ def stats_cmd(app: App) -> None:
         )
         return
     rows = [
-        [d.name or "-", d.udid[:25], str(d.snapshots), size(d.latest_bytes), size(d.logical_bytes), size(d.stored_bytes), f"{d.dedup_ratio:.1f}x"]
+        [d.name or "-", d.udid, str(d.snapshots), size(d.latest_bytes), size(d.logical_bytes), size(d.stored_bytes), f"{d.dedup_ratio:.1f}x"]
         for d in st.devices
     ]
     click.echo(table(["Device", "UDID", "Snapshots", "Latest", "Logical", "Stored", "Dedup"], rows, right={2, 3, 4, 5, 6}))
