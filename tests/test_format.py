@@ -17,11 +17,12 @@ from conftest import FAST_KDF
 
 def test_key_file_roundtrip_and_wrong_password():
     master = MasterKey.generate()
-    key = make_key_file(master, "pw", meta={}, kdf=FAST_KDF)
-    assert open_key_file(key, "pw") == master
+    pw = "a long secret passphrase"
+    key = make_key_file(master, pw, meta={}, kdf=FAST_KDF)
+    assert open_key_file(key, pw) == master
     with pytest.raises(WrongPassword):
-        open_key_file(key, "not pw")
-    assert b"pw" not in key and master.encrypt not in key
+        open_key_file(key, "not it")
+    assert pw.encode() not in key and master.encrypt not in key and master.id_key not in key
 
 
 def test_aead_detects_tampering_and_wrong_context():
