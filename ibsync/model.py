@@ -109,6 +109,8 @@ class Snapshot:
     ios_encrypted: bool
     source: dict[str, Any]  # {"kind": "folder", "path": ...} or {"kind": "device", ...}
     folder: str = ""  # name of the device folder (restore recreates it); the UDID when empty
+    folder_mode: int = 0  # st_mode and mtime of the device folder itself (0: unknown)
+    folder_mtime_ns: int = 0
     hostname: str = ""
     username: str = ""
     parent: str | None = None
@@ -127,6 +129,8 @@ class Snapshot:
             "ios_encrypted": self.ios_encrypted,
             "source": self.source,
             "folder": self.folder,
+            "folder_mode": self.folder_mode,
+            "folder_mtime_ns": self.folder_mtime_ns,
             "hostname": self.hostname,
             "username": self.username,
             "parent": self.parent,
@@ -147,6 +151,8 @@ class Snapshot:
             ios_encrypted=bool(d.get("ios_encrypted")),
             source=d.get("source", {}),
             folder=d.get("folder", ""),
+            folder_mode=d.get("folder_mode", 0),
+            folder_mtime_ns=d.get("folder_mtime_ns", 0),
             hostname=d.get("hostname", ""),
             username=d.get("username", ""),
             parent=d.get("parent"),

@@ -56,7 +56,8 @@ def run_subprocess(args: list[str], env: dict, **kw) -> subprocess.CompletedProc
 
 def tree_state(root: Path) -> dict[str, tuple]:
     """Every entry below root: bytes (files), mode and mtime (ns)."""
-    out = {}
+    st = root.stat()
+    out = {".": ("dir", st.st_mode, st.st_mtime_ns)}
     for p in sorted(root.rglob("*")):
         st = p.lstat()
         rel = str(p.relative_to(root))

@@ -66,6 +66,8 @@ def test_unchanged_reimport_reads_nothing_and_writes_nothing(env, cli, live):
     listing = sorted(p.name for p in env.rglob("*"))
     again = _import(cli, live)
     assert again["status"] == "unchanged" and again["id"] == first["id"]
+    s = again["summary"]  # this run's numbers, not the first import's
+    assert s["added_bytes"] == 0 and s["bytes_read"] == 0 and s["files_unmodified"] == s["files"] > 0
     assert sorted(p.name for p in env.rglob("*")) == listing
     forced = _import(cli, live, "--force")  # --force reads everything, and still finds nothing new
     assert forced["status"] == "unchanged"

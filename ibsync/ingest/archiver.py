@@ -48,6 +48,8 @@ class Source(Protocol):
 
     def measure(self) -> tuple[int, int]: ...
 
+    def root_stat(self) -> tuple[int, int]: ...
+
 
 @dataclass
 class _Dir:
@@ -105,6 +107,7 @@ class Archiver:
         """Store ``source``; returns the snapshot and whether it is new (False when the source
         is exactly the parent snapshot, in which case nothing is written)."""
         started = time.monotonic()
+        folder_mode, folder_mtime_ns = source.root_stat()
         if getattr(self.progress, "active", False):
             total, files = source.measure()
             self.progress.start(total, files)
@@ -137,6 +140,8 @@ class Archiver:
             ios_encrypted=ios_encrypted,
             source=source.origin,
             folder=folder,
+            folder_mode=folder_mode,
+            folder_mtime_ns=folder_mtime_ns,
             parent=parent.id if parent else None,
             snapshot_state=snapshot_state or "",
             summary=s,

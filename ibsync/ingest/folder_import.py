@@ -55,6 +55,4 @@ def import_folder(
         parent=parent,
         folder=folder.name,
     )
-    if not created and parent is not None:
-        snapshot = parent
     return ImportOutcome(folder, snapshot, created)

@@ -154,5 +154,8 @@ def restore_folder(
         os.chmod(path, node.mode & 0o7777)
         os.utime(path, ns=(node.mtime_ns, node.mtime_ns))
         result.dirs += 1
+    if snapshot.folder_mtime_ns:
+        os.chmod(dest, snapshot.folder_mode & 0o7777)
+        os.utime(dest, ns=(snapshot.folder_mtime_ns, snapshot.folder_mtime_ns))
     progress.finish()
     return result

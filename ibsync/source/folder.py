@@ -70,6 +70,11 @@ class FolderSource:
         except OSError as e:
             raise SourceError(f"{self._abs(rel)}: cannot read ({e.strerror})") from e
 
+    def root_stat(self) -> tuple[int, int]:
+        """Mode and mtime (ns) of the device folder itself."""
+        st = os.stat(self.root)
+        return st.st_mode, st.st_mtime_ns
+
     def measure(self) -> tuple[int, int]:
         """Total bytes and files, for progress bars."""
         total = files = 0
