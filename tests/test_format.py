@@ -39,13 +39,14 @@ def test_aead_detects_tampering_and_wrong_context():
 
 @pytest.mark.parametrize("cipher", [AesGcmCipher(os.urandom(32)), NullCipher()])
 def test_pack_header_roundtrip(cipher):
-    w = PackWriter()
+    buf = io.BytesIO()
+    w = PackWriter(buf)
     blobs = [(BlobType.DATA, os.urandom(32), cipher.seal(os.urandom(n)), n, n % 2 == 0) for n in (10, 2000, 1)]
     for t, bid, sealed, raw, comp in blobs:
         w.add(t, bid, sealed, raw, comp)
     w.add(BlobType.TREE, b"t" * 32, b"tree", 4, False)
-    name, pieces = w.finish(cipher)
-    data = b"".join(pieces)
+    name = w.finish(cipher)
+    data = buf.getvalue()
     parsed = parse_header(data, cipher)
     assert [(b.type, b.id, b.length, b.raw_length, b.compressed) for b in parsed] == [
         (t, bid, len(s), raw, comp) for t, bid, s, raw, comp in blobs
@@ -57,7 +58,7 @@ def test_pack_header_roundtrip(cipher):
 
 
 def test_index_codec_and_truncation():
-    w = PackWriter()
+    w = PackWriter(io.BytesIO())
     w.add(BlobType.DATA, os.urandom(32), b"abc", 3, False)
     packs = [PackIndex(os.urandom(32), w.blobs), PackIndex(os.urandom(32), [])]
     data = encode_index(packs)
@@ -104,7 +105,7 @@ def test_chunk_boundaries_survive_a_page_write():
 
 def test_master_index_lookup():
     idx = MasterIndex()
-    w = PackWriter()
+    w = PackWriter(io.BytesIO())
     ids = [os.urandom(32) for _ in range(5000)]
     for i, bid in enumerate(ids):
         w.add(BlobType.DATA if i % 3 else BlobType.TREE, bid, b"x" * (i % 50 + 1), i, bool(i % 2))

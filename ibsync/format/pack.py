@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Protocol
 
 import blake3
 
@@ -49,35 +50,40 @@ def blob_aad(blob_id: bytes) -> bytes:
     return blob_id
 
 
-class PackWriter:
-    """Collects sealed blobs in memory; ``finish`` seals the header and names the pack."""
+class Sink(Protocol):
+    def write(self, data: bytes) -> object: ...
 
-    def __init__(self) -> None:
-        self.pieces: list[bytes] = []
+
+class PackWriter:
+    """Writes sealed blobs to a sink as they come; ``finish`` appends the sealed header and
+    returns the pack's name. Holds only the blob list in memory."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
         self.blobs: list[PackedBlob] = []
         self.size = 0
         self._hash = blake3.blake3(max_threads=1)
 
     def add(self, type: BlobType, blob_id: bytes, sealed: bytes, raw_length: int, compressed: bool) -> None:
         self.blobs.append(PackedBlob(type, blob_id, self.size, len(sealed), raw_length, compressed))
-        self.pieces.append(sealed)
+        self.sink.write(sealed)
         self._hash.update(sealed)
         self.size += len(sealed)
 
     def __len__(self) -> int:
         return len(self.blobs)
 
-    def finish(self, cipher: Cipher) -> tuple[str, list[bytes]]:
-        """Return the pack's storage name (BLAKE3 of its bytes) and its bytes as pieces."""
+    def finish(self, cipher: Cipher) -> str:
+        """Write the header; return the pack's storage name (BLAKE3 of its bytes)."""
         header = bytearray(_HEAD.pack(HEADER_MAGIC, HEADER_VERSION, len(self.blobs)))
         for b in self.blobs:
             header += _ENTRY.pack(b.type, FLAG_ZSTD if b.compressed else 0, b.id, b.length, b.raw_length)
         sealed = cipher.seal(bytes(header), HEADER_AAD)
         tail = sealed + _TAIL.pack(len(sealed))
-        self.pieces.append(tail)
+        self.sink.write(tail)
         self._hash.update(tail)
         self.size += len(tail)
-        return self._hash.hexdigest(), self.pieces
+        return self._hash.hexdigest()
 
 
 def parse_header(tail: bytes, cipher: Cipher) -> list[PackedBlob]:

@@ -1,8 +1,10 @@
 """A write session: dedup -> compress -> encrypt -> pack -> upload -> index.
 
 Threads call ``save_blob`` concurrently. Each thread fills its own pack, so one file's chunks
-stay together and no lock is held while compressing or encrypting; full packs go to a small
-uploader pool bounded in flight (memory stays at a few packs per thread). After every few
+stay together and no lock is held while compressing or encrypting. A pack is written to a
+staged object as it fills (a temporary file beside the repository's packs, or a local
+temporary file for remote storage), so memory does not grow with the pack size; full packs
+go to a small uploader pool bounded in flight, which also bounds the local disk used. After every few
 uploaded packs an index object is written, so a run killed at any instant keeps all but the
 last few packs it uploaded. Leaving the session flushes the open packs, then the index: the
 order restic's design calls for (packs, then index, then - by the caller - the snapshot).
@@ -81,7 +83,7 @@ class WriteSession:
             self._local.generation = self._generation
         p = packers.get(type)
         if p is None:
-            p = packers[type] = PackWriter()
+            p = packers[type] = PackWriter(self.repo.storage.stage(Kind.PACKS))
             with self._lock:
                 self._packers.append(p)
         return p
@@ -117,6 +119,7 @@ class WriteSession:
         with self._lock:
             self._packers.remove(packer)
         if not len(packer):
+            packer.sink.abort()
             return
         self._inflight.acquire()
         try:
@@ -129,8 +132,8 @@ class WriteSession:
 
     def _upload(self, packer: PackWriter) -> None:
         try:
-            name, pieces = packer.finish(self.repo.cipher)
-            self.repo.storage.put(Kind.PACKS, name, pieces)
+            name = packer.finish(self.repo.cipher)
+            packer.sink.commit(name)
             pack_id = bytes.fromhex(name)
             self.repo.index.add_pack(pack_id, packer.blobs)
             with self._lock:
@@ -182,6 +185,10 @@ class WriteSession:
             raise self._error
 
     def _abort(self) -> None:
+        with self._lock:
+            open_packs, self._packers = self._packers, []
+        for p in open_packs:
+            p.sink.abort()
         for fut in list(self._futures):
             try:
                 fut.result()

@@ -47,6 +47,18 @@ class Properties:
     local: bool  # objects live on a filesystem of this machine
 
 
+class Staged(Protocol):
+    """An object being written piece by piece, invisible until committed under its name.
+    Lets a pack be written as it fills (its name is the hash of its bytes, known only at the
+    end) without holding it in memory."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def commit(self, name: str) -> None: ...
+
+    def abort(self) -> None: ...
+
+
 class Storage(Protocol):
     """What ibsync needs of a place to keep a repository."""
 
@@ -55,6 +67,9 @@ class Storage(Protocol):
 
     def put(self, kind: Kind, name: str, data: bytes | Sequence[bytes], *, exclusive: bool = False) -> None:
         """Store an object atomically. ``exclusive`` fails with AlreadyExists if it is there."""
+
+    def stage(self, kind: Kind) -> Staged:
+        """Start writing an object whose name is given at commit."""
 
     def get(self, kind: Kind, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Read an object or a range of it; a short read raises InvalidData, a missing one NotFound."""

@@ -34,6 +34,53 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _LocalStaged:
+    """A temporary file in the kind's folder, renamed into place by commit: same filesystem,
+    so the rename is atomic."""
+
+    def __init__(self, storage: "LocalStorage", kind: Kind) -> None:
+        self.storage = storage
+        self.kind = kind
+        folder = storage.root / kind.value
+        storage._ensure_dir(folder)
+        self.path = folder / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        try:
+            self.file = open(self.path, "xb")
+        except OSError as e:
+            raise StorageError(f"cannot write {self.path}: {e.strerror or e}") from e
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self.file.write(data)
+        except OSError as e:
+            self.abort()
+            raise StorageError(f"cannot write {self.path}: {e.strerror or e}") from e
+
+    def commit(self, name: str) -> None:
+        final = self.storage._path(self.kind, name)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.storage._ensure_dir(final.parent)
+            os.replace(self.path, final)
+        except OSError as e:
+            self.abort()
+            raise StorageError(f"cannot write {final}: {e.strerror or e}") from e
+        _fsync_dir(final.parent)
+        if final.parent != self.path.parent:
+            _fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+
 class LocalStorage:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().absolute()
@@ -95,6 +142,9 @@ class LocalStorage:
             raise
         except OSError as e:
             raise StorageError(f"cannot write {final}: {e.strerror or e}") from e
+
+    def stage(self, kind: Kind) -> _LocalStaged:
+        return _LocalStaged(self, kind)
 
     def get(self, kind: Kind, name: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(kind, name)

@@ -7,7 +7,9 @@ constructor (credentials, endpoints). Instances are never shared with other code
 
 from __future__ import annotations
 
+import os
 import secrets
+import tempfile
 from typing import Any, Iterator, Sequence
 
 from ..errors import AlreadyExists, NotFound, StorageError
@@ -16,6 +18,37 @@ from .base import FANNED_OUT, Kind, ObjectInfo, Properties, join_pieces, object_
 # Object stores have no folders and PUT is atomic; on the others a write goes to a temporary
 # name first and is moved into place, so a reader never sees half an object.
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"})
+
+
+class _SpooledStaged:
+    """Stages in a local temporary file, uploaded on commit (memory stays flat)."""
+
+    def __init__(self, storage: "FsspecStorage", kind: Kind) -> None:
+        self.storage = storage
+        self.kind = kind
+        self.file = tempfile.NamedTemporaryFile(prefix="ibsync-stage-", delete=False)
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.file.write(data)
+
+    def commit(self, name: str) -> None:
+        try:
+            self.file.close()
+            self.storage.put_file(self.kind, name, self.file.name)
+        finally:
+            self._remove()
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self._remove()
+
+    def _remove(self) -> None:
+        try:
+            os.unlink(self.file.name)
+        except OSError:
+            pass
 
 
 class FsspecStorage:
@@ -62,6 +95,23 @@ class FsspecStorage:
         except AlreadyExists:
             raise
         except Exception as e:  # fsspec backends raise their own error types
+            raise self._wrap(e, object_path(kind, name)) from e
+
+    def stage(self, kind: Kind) -> _SpooledStaged:
+        return _SpooledStaged(self, kind)
+
+    def put_file(self, kind: Kind, name: str, local_path: str) -> None:
+        path = self._path(kind, name)
+        try:
+            if self.object_store:
+                self.fs.put_file(local_path, path)
+                return
+            parent = path.rsplit("/", 1)[0]
+            self.fs.makedirs(parent, exist_ok=True)
+            tmp = f"{parent}/.tmp-{secrets.token_hex(8)}"
+            self.fs.put_file(local_path, tmp)
+            self.fs.mv(tmp, path)
+        except Exception as e:
             raise self._wrap(e, object_path(kind, name)) from e
 
     def get(self, kind: Kind, name: str, offset: int = 0, length: int | None = None) -> bytes:

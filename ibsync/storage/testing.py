@@ -63,7 +63,24 @@ def check_many(s: Storage) -> None:
     assert list(s.list(Kind.INDEX)) == []
 
 
-CHECKS = [check_empty, check_put_get, check_many]
+def check_staged(s: Storage) -> None:
+    data = os.urandom(300_000)
+    staged = s.stage(Kind.PACKS)
+    for i in range(0, len(data), 70_000):
+        staged.write(data[i : i + 70_000])
+    assert list(s.list(Kind.PACKS)) == [], "a staged object is invisible until committed"
+    name = "cd" + "34" * 31
+    staged.commit(name)
+    assert s.get(Kind.PACKS, name) == data
+    assert [i.name for i in s.list(Kind.PACKS)] == [name]
+    dropped = s.stage(Kind.PACKS)
+    dropped.write(b"never committed")
+    dropped.abort()
+    assert [i.name for i in s.list(Kind.PACKS)] == [name]
+    s.delete(Kind.PACKS, name)
+
+
+CHECKS = [check_empty, check_put_get, check_many, check_staged]
 
 
 def run_conformance(s: Storage) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import bisect
 import functools
 import hashlib
 import json
@@ -43,9 +42,10 @@ import sqlite3
 import struct
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -104,6 +104,9 @@ NEW_PHOTO_SIZE = (1 * MIB, 4 * MIB)
 DB_UPDATES = 8
 DB_INSERTS = 6
 
+#: generate() holds at most about this many payload bytes that are not written yet.
+WRITE_AHEAD = 256 * MIB
+
 
 # ============================================================================================================
 # The model
@@ -120,7 +123,7 @@ class BackupFile:
     mtime: int  # unix seconds
     mode: int  # 0o100644 file, 0o40755 dir, 0o120755 symlink
     size: int
-    data: bytes | None = field(default=None, repr=False, compare=False)  # payload for flags == 1
+    data: bytes | None = field(default=None, repr=False)  # payload for flags == 1 (None for dirs/symlinks)
     target: str | None = None  # symlink target
 
     @property
@@ -321,7 +324,10 @@ def mbfile_blob(f: BackupFile) -> bytes:
         else:
             token, refs = o
             out += _bp_size(token, len(refs) // 2 if token == 0xD0 else len(refs))
-            out += bytes(refs) if ref_size == 1 else struct.pack(f">{len(refs)}{'BHIQ'[(1, 2, 4, 8).index(ref_size)]}", *refs)
+            if ref_size == 1:
+                out += bytes(refs)
+            else:
+                out += struct.pack(f">{len(refs)}{'BHIQ'[(1, 2, 4, 8).index(ref_size)]}", *refs)
     table_offset = len(out)
     off_size = _count_to_size(table_offset)
     out += struct.pack(f">{n}{'BHIQ'[(1, 2, 4, 8).index(off_size)]}", *offsets)
@@ -440,7 +446,8 @@ class _Lexicon:
             ws = rnd.choices(words[:1500], k=rnd.randint(1, 3))
             style = rnd.random()
             camel = "".join(w.capitalize() for w in ws)
-            keys[("k" + camel + "Key") if style < 0.3 else (camel[0].lower() + camel[1:]) if style < 0.8 else camel] = None
+            key = ("k" + camel + "Key") if style < 0.3 else (camel[0].lower() + camel[1:]) if style < 0.8 else camel
+            keys[key] = None
         self.keys = list(keys)
         self.camel = ["".join(w.capitalize() for w in rnd.choices(words[:800], k=rnd.randint(1, 2)))
                       for _ in range(400)]
@@ -600,7 +607,8 @@ _SMALL_DB_SCHEMAS = (
      "ZTIMESTAMP TIMESTAMP, ZTEXT VARCHAR, ZFLAGS INTEGER)",
      "CREATE INDEX ZRECORD_ZIDENTIFIER_INDEX ON ZRECORD (ZIDENTIFIER)",
      "CREATE INDEX ZRECORD_ZTIMESTAMP_INDEX ON ZRECORD (ZTIMESTAMP)",
-     "INSERT INTO ZRECORD (Z_ENT, Z_OPT, ZIDENTIFIER, ZTIMESTAMP, ZTEXT, ZFLAGS) VALUES (1, 1, ?, ? - 978307200, ?, ?)"),
+     "INSERT INTO ZRECORD (Z_ENT, Z_OPT, ZIDENTIFIER, ZTIMESTAMP, ZTEXT, ZFLAGS) "
+     "VALUES (1, 1, ?, ? - 978307200, ?, ?)"),
     ("CREATE TABLE cfurl_cache_response (entry_ID INTEGER PRIMARY KEY AUTOINCREMENT UNIQUE, version INTEGER, "
      "hash_value INTEGER, storage_policy INTEGER, request_key TEXT UNIQUE, time_stamp NOT NULL DEFAULT "
      "CURRENT_TIMESTAMP, partition TEXT)",
@@ -633,7 +641,9 @@ def make_small_sqlite(rnd: random.Random, lex: _Lexicon, size: int, t0: int) -> 
             rows = []
             for _ in range(batch):
                 t += 1 + int(rand() * 4000)
-                text = sents[int(rand() * ns)] + " " + sents[int(rand() * ns)] if rand() < 0.5 else sents[int(rand() * ns)]
+                text = sents[int(rand() * ns)]
+                if rand() < 0.5:
+                    text += " " + sents[int(rand() * ns)]
                 rows.append((_uuid_str(rnd), t, text, int(rand() * 65536)))
             con.executemany(schema[3], rows)
             pages = con.execute("PRAGMA page_count").fetchone()[0]
@@ -730,7 +740,8 @@ _BIG_DBS = (
          "mailbox INTEGER, flags INTEGER, read INTEGER, size INTEGER, summary BLOB)",
          "CREATE INDEX messages_document_id_index ON messages(document_id)",
          "CREATE INDEX messages_date_received_index ON messages(date_received)",
-         "INSERT INTO properties (key, value) VALUES ('version', 52), ('uuid', 'A8E0F2C4-1B3D-4F5A-8C7E-9D0B1A2C3E4F')"),
+         "INSERT INTO properties (key, value) VALUES ('version', 52), "
+         "('uuid', 'A8E0F2C4-1B3D-4F5A-8C7E-9D0B1A2C3E4F')"),
         "INSERT INTO messages (document_id, subject, date_received, mailbox, read, flags, summary, message_id, "
         "sender, date_sent, size) VALUES (:uuid, :text, :date, :a, :b, :c, :blob, :d, :e, :date, :d % 200000)",
         "UPDATE messages SET flags = ?, date_sent = ? WHERE ROWID = ?",
@@ -813,7 +824,8 @@ def _edit_big_db(con: sqlite3.Connection, spec: _BigDb, rnd: random.Random, t: i
     max_pk = con.execute(spec.max_pk_sql).fetchone()[0] or 1
     con.execute("BEGIN")
     for _ in range(DB_UPDATES):
-        con.execute(spec.update_sql, (rnd.randrange(1, 9), spec.date_fn(t - rnd.randrange(DAY)), rnd.randint(1, max_pk)))
+        value, date, pk = rnd.randrange(1, 9), spec.date_fn(t - rnd.randrange(DAY)), rnd.randint(1, max_pk)
+        con.execute(spec.update_sql, (value, date, pk))
     rows, _, _ = _big_rows(spec, rnd, lex, DB_INSERTS, t - DAY, None)
     con.executemany(spec.insert_sql, rows)
     if spec.after_insert_sql:
@@ -917,7 +929,8 @@ _WELL_KNOWN = (
 )
 _SYMLINKS = (
     ("DatabaseDomain", "timezone/localtime", "/var/db/timezone/zoneinfo/Europe/Berlin"),
-    ("HomeDomain", "Library/Preferences/com.apple.PeoplePicker.plist", "../../Library/Preferences/com.apple.contacts.plist"),
+    ("HomeDomain", "Library/Preferences/com.apple.PeoplePicker.plist",
+     "../../Library/Preferences/com.apple.contacts.plist"),
 )
 
 _TEXT_EXT = (".log", ".txt", ".jsonl", ".json", ".ips")
@@ -1058,14 +1071,16 @@ class _Places:
             b = self._app()
             return f"AppDomain-{b}", f"Library/Caches/{b}/fsCachedData/{u}"
         if r < 0.55:
-            return "MediaDomain", f"Library/SMS/Attachments/{rnd.choice(self.sms_dirs)}/{u}/IMG_{rnd.randrange(10000):04d}.jpeg"
+            name = f"IMG_{rnd.randrange(10000):04d}.jpeg"
+            return "MediaDomain", f"Library/SMS/Attachments/{rnd.choice(self.sms_dirs)}/{u}/{name}"
         if r < 0.75:
             chat = rnd.choice(self.wa_chats)
             h = rnd.randbytes(2).hex()
             return ("AppDomainGroup-group.net.whatsapp.WhatsApp.shared",
                     f"Message/Media/{chat}/{h[0]}/{h[1]}/{u.lower()}.jpg")
         if r < 0.85:
-            return "MediaDomain", f"Media/Recordings/{time.strftime('%Y%m%d %H%M%S', time.gmtime(1.6e9 + rnd.randrange(10**8)))}.m4a"
+            stamp = time.strftime("%Y%m%d %H%M%S", time.gmtime(1.6e9 + rnd.randrange(10**8)))
+            return "MediaDomain", f"Media/Recordings/{stamp}.m4a"
         b = self._app()
         return f"AppDomain-{b}", f"Library/Caches/{rnd.choice(self.cache_dirs[b])}/{rnd.randbytes(20).hex()}"
 
@@ -1114,8 +1129,9 @@ def generate_content(*, seed: int = 1, size_bytes: int = 64 * MIB, udid: str | N
 
 
 def _generate_content(seed: int, size_bytes: int, udid: str | None, device_name: str,
-                      on_file: Callable[[BackupFile], None] | None) -> DeviceContent:
-    """:func:`generate_content`; ``on_file`` sees each file row with its payload as soon as it is made."""
+                      on_file: Callable[[BackupFile], BackupFile] | None) -> DeviceContent:
+    """:func:`generate_content`; ``on_file`` gets each file row with its payload as soon as it is made, and
+    returns the row to keep in the content (the same, or one without its payload)."""
     rnd = random.Random(f"ibsync-generator:{seed}")
     lex = _lexicon(f"seed-{seed}")
     places = _Places(random.Random(f"ibsync-generator-places:{seed}"), lex)
@@ -1137,9 +1153,7 @@ def _generate_content(seed: int, size_bytes: int, udid: str | None, device_name:
     files: list[BackupFile] = []
 
     def add(f: BackupFile) -> None:
-        files.append(f)
-        if on_file is not None:
-            on_file(f)
+        files.append(f if on_file is None else on_file(f))
 
     # -- small files: well-known ones first, then drawn places; sizes scaled to the small-file byte budget
     plan: list[tuple[str, str, str]] = []
@@ -1151,13 +1165,15 @@ def _generate_content(seed: int, size_bytes: int, udid: str | None, device_name:
     for kind in ("plist", "sqlite", "text", "random"):
         for _ in range(kinds[kind]):
             plan.append((*places.draw(kind), kind))
-    # the photo library: assets 1..n_assets, the last n_photos + n_videos of them still on the phone
+    # the photo library: n_assets photos and videos, each with a thumbnail; only the newest n_photos +
+    # n_videos originals are still on the phone (iCloud Photos keeps the older ones in the cloud)
     asset_ext = ["HEIC"] * n_assets
     local = list(range(n_assets - n_photos - n_videos, n_assets))
     for i in rnd.sample(local, n_videos):
         asset_ext[i] = "MOV"
     first_num = rnd.randrange(1, 2000)
-    asset_mtime = [day1 - int((3 * 365 * DAY) * (1 - i / n_assets) ** 1.3) - rnd.randrange(3600) for i in range(n_assets)]
+    asset_mtime = [day1 - int((3 * 365 * DAY) * (1 - i / n_assets) ** 1.3) - rnd.randrange(3600)
+                   for i in range(n_assets)]
     for i in range(n_assets):
         plan.append(("CameraRollDomain", _thumb_path(first_num + i, asset_ext[i]), "thumb"))
 
@@ -1412,13 +1428,25 @@ def generate(parent: Path, *, seed: int = 1, size_bytes: int = 64 * MIB, udid: s
              device_name: str = "Test iPhone") -> Path:
     """:func:`generate_content` + :func:`write_backup_folder`; returns the device folder.
 
-    Same bytes, but faster: a thread writes each payload while the next ones are being generated."""
+    Same bytes, but faster and lighter: a thread writes each payload while the next ones are being generated,
+    and payloads are dropped once written (at most about WRITE_AHEAD bytes are held at a time)."""
     device_dir = _new_device_dir(parent, udid or default_udid(seed))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ibsync-generator-writer") as writer:
-        pending = []
-        content = _generate_content(seed, size_bytes, udid, device_name,
-                                    lambda f: pending.append(writer.submit(_write_payload, device_dir, f)))
-        for fut in pending:
+        pending: deque = deque()
+        in_flight = 0
+
+        def on_file(f: BackupFile) -> BackupFile:
+            nonlocal in_flight
+            pending.append((writer.submit(_write_payload, device_dir, f), f.size))
+            in_flight += f.size
+            while in_flight > WRITE_AHEAD and len(pending) > 1:
+                fut, size = pending.popleft()
+                fut.result()
+                in_flight -= size
+            return replace(f, data=None)
+
+        content = _generate_content(seed, size_bytes, udid, device_name, on_file)
+        for fut, _size in pending:
             fut.result()
     _write_metadata(device_dir, _device_of(content), _app_bundles({f.domain for f in content.files}),
                     content.backup_date, content.manifest_db_bytes(), atomic=False)
@@ -1478,7 +1506,7 @@ def _plan(entries: list[tuple[str, str, int]], meta: Callable[[str, str], Backup
     t = t_new - 12 * 3600
     for _ in range(n_new):
         num += 1
-        t += rnd.randrange(60, 12 * 3600 // n_new)
+        t += rnd.randrange(1, max(2, 12 * 3600 // n_new))
         data = make_photo(rnd, rnd.randint(*NEW_PHOTO_SIZE))
         added.append(BackupFile("CameraRollDomain", _photo_path(num, "HEIC"), FLAG_FILE, t, MODE_FILE, len(data), data))
         thumb = make_random(rnd, rnd.randint(8 * KIB, 48 * KIB), _JPEG_HEAD)
@@ -1536,7 +1564,8 @@ def mutate_content(content: DeviceContent, *, seed: int = 1) -> DeviceContent:
         by_key[(f.domain, f.relative_path)] = f
     edited = []
     for old, spec, eseed in plan.db_edits:
-        data = _edit_image(old.data or b"", lambda con: _edit_big_db(con, spec, random.Random(eseed), t_new))
+        data = _edit_image(old.data or b"",
+                           lambda con, spec=spec, eseed=eseed: _edit_big_db(con, spec, random.Random(eseed), t_new))
         new = _edited_row(old, len(data))
         new = BackupFile(new.domain, new.relative_path, new.flags, new.mtime, new.mode, new.size, data)
         by_key[(new.domain, new.relative_path)] = new
