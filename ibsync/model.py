@@ -39,8 +39,6 @@ class Node:
     mode: int
     mtime_ns: int
     size: int = 0
-    inode: int = 0
-    ctime_ns: int = 0
     content: list[bytes] = field(default_factory=list)
     subtree: bytes | None = None
     target: str | None = None
@@ -48,7 +46,7 @@ class Node:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "type": self.type, "mode": self.mode, "mtime_ns": self.mtime_ns}
         if self.type == "file":
-            d.update(size=self.size, inode=self.inode, ctime_ns=self.ctime_ns, content=[c.hex() for c in self.content])
+            d.update(size=self.size, content=[c.hex() for c in self.content])
         elif self.type == "dir":
             d["subtree"] = self.subtree.hex() if self.subtree else None
         elif self.type == "symlink":
@@ -63,8 +61,6 @@ class Node:
             mode=d["mode"],
             mtime_ns=d["mtime_ns"],
             size=d.get("size", 0),
-            inode=d.get("inode", 0),
-            ctime_ns=d.get("ctime_ns", 0),
             content=[bytes.fromhex(c) for c in d.get("content", ())],
             subtree=bytes.fromhex(d["subtree"]) if d.get("subtree") else None,
             target=d.get("target"),

@@ -52,9 +52,9 @@ def test_pack_header_roundtrip(cipher):
         (t, bid, len(s), raw, comp) for t, bid, s, raw, comp in blobs
     ] + [(BlobType.TREE, b"t" * 32, 4, 4, False)]
     assert data[parsed[1].offset : parsed[1].offset + parsed[1].length] == blobs[1][2]
-    import blake3
+    from ibsync.format.pack import pack_name, split_tail
 
-    assert blake3.blake3(data).hexdigest() == name
+    assert pack_name(split_tail(data)) == name
 
 
 def test_index_codec_and_truncation():
@@ -77,30 +77,36 @@ def test_object_envelope_compresses_and_authenticates():
         open_object(stored, "index", c, z)  # an object cannot be passed off as another kind
 
 
-def test_chunker_is_deterministic_and_uses_small_chunks_for_sqlite():
+def test_chunker_is_deterministic_and_seeded():
     ch = Chunker(default_policy(seed=12345))
     data = os.urandom(6 << 20)
-    big = [len(c) for c in ch.split(data)]
-    assert sum(big) == len(data) and 3 <= len(big) <= 30  # ~1 MiB chunks
-    db = SQLITE_MAGIC + os.urandom((6 << 20) - 16)
-    small = [bytes(c) for c in ch.split(db)]
-    assert b"".join(small) == db and len(small) > 200  # ~16 KiB chunks
-    streamed = [bytes(c) for c in ch.split_file(io.BytesIO(db * 2), len(db) * 2)]
-    assert b"".join(streamed) == db * 2
-    assert [bytes(c) for c in Chunker(default_policy(seed=12345)).split(db)] == small
-    assert [len(c) for c in Chunker(default_policy(seed=999)).split(db)] != [len(c) for c in small]
+    big = [bytes(c) for c in ch.split(data)]
+    assert b"".join(big) == data and 3 <= len(big) <= 30  # ~1 MiB chunks
+    assert [bytes(c) for c in Chunker(default_policy(seed=12345)).split(data)] == big
+    assert [len(c) for c in Chunker(default_policy(seed=999)).split(data)] != [len(c) for c in big]
+    streamed = [bytes(c) for c in ch.split_file(io.BytesIO(data * 2), len(data) * 2)]
+    assert b"".join(streamed) == data * 2
     assert list(ch.split(b"")) == []
+    assert [bytes(c) for c in ch.split(b"tiny")] == [b"tiny"]
 
 
-def test_chunk_boundaries_survive_a_page_write():
-    """A 4 KiB page rewritten inside a large sqlite file changes only a few small chunks."""
+@pytest.mark.parametrize("size", [100_000, 20 << 20])  # read whole, and streamed
+def test_sqlite_files_are_cut_in_page_aligned_blocks(size):
+    ch = Chunker(default_policy(seed=7))
+    db = SQLITE_MAGIC + os.urandom(size - 16)
+    chunks = [bytes(c) for c in ch.split_file(io.BytesIO(db), len(db))]
+    assert b"".join(chunks) == db
+    assert {len(c) for c in chunks[:-1]} == {32 << 10}
+
+
+def test_a_page_write_changes_one_block():
+    """A 4 KiB page rewritten inside a large sqlite file re-stores one 32 KiB block."""
     ch = Chunker(default_policy(seed=7))
     db = bytearray(SQLITE_MAGIC + os.urandom((32 << 20) - 16))
     before = {bytes(c) for c in ch.split(bytes(db))}
     db[20 << 20 : (20 << 20) + 4096] = os.urandom(4096)
     after = [bytes(c) for c in ch.split(bytes(db))]
-    new = sum(len(c) for c in after if c not in before)
-    assert new < 200 << 10
+    assert sum(len(c) for c in after if c not in before) == 32 << 10
 
 
 def test_master_index_lookup():

@@ -6,6 +6,10 @@
 
 Blob i starts where blob i-1 ends (the first at 0). The header alone is enough to rebuild the
 index of a pack, so a lost index never loses data.
+
+A pack is named by the BLAKE3 of its tail (sealed header and length field). The header lists
+every blob's id and length, and each blob is authenticated on its own (AEAD, and its id is the
+hash of its plaintext), so the name pins the whole pack without hashing its bytes twice.
 """
 
 from __future__ import annotations
@@ -62,28 +66,39 @@ class PackWriter:
         self.sink = sink
         self.blobs: list[PackedBlob] = []
         self.size = 0
-        self._hash = blake3.blake3(max_threads=1)
 
     def add(self, type: BlobType, blob_id: bytes, sealed: bytes, raw_length: int, compressed: bool) -> None:
         self.blobs.append(PackedBlob(type, blob_id, self.size, len(sealed), raw_length, compressed))
         self.sink.write(sealed)
-        self._hash.update(sealed)
         self.size += len(sealed)
 
     def __len__(self) -> int:
         return len(self.blobs)
 
     def finish(self, cipher: Cipher) -> str:
-        """Write the header; return the pack's storage name (BLAKE3 of its bytes)."""
+        """Write the header; return the pack's storage name."""
         header = bytearray(_HEAD.pack(HEADER_MAGIC, HEADER_VERSION, len(self.blobs)))
         for b in self.blobs:
             header += _ENTRY.pack(b.type, FLAG_ZSTD if b.compressed else 0, b.id, b.length, b.raw_length)
         sealed = cipher.seal(bytes(header), HEADER_AAD)
         tail = sealed + _TAIL.pack(len(sealed))
         self.sink.write(tail)
-        self._hash.update(tail)
         self.size += len(tail)
-        return self._hash.hexdigest()
+        return pack_name(tail)
+
+
+def pack_name(tail: bytes | memoryview) -> str:
+    return blake3.blake3(tail).hexdigest()
+
+
+def split_tail(pack: bytes) -> bytes:
+    """The tail (sealed header and its length) of a whole pack."""
+    if len(pack) < _TAIL.size:
+        raise InvalidData("pack too short")
+    (hlen,) = _TAIL.unpack_from(pack, len(pack) - _TAIL.size)
+    if hlen + _TAIL.size > len(pack):
+        raise InvalidData("pack header length exceeds the pack")
+    return pack[len(pack) - _TAIL.size - hlen :]
 
 
 def parse_header(tail: bytes, cipher: Cipher) -> list[PackedBlob]:

@@ -3,8 +3,8 @@
 Files go to a small thread pool (reading, CDC, hashing, zstd and AES-GCM all release the GIL).
 A folder's tree is written once all its files are stored; folders finish in post-order, so a
 folder's sub-trees exist before it is written and memory holds only the folders in flight.
-The previous snapshot of the same device serves as the files cache: a file whose size, mtime,
-ctime and inode match it, and whose blobs are all indexed, is not read again, and a folder
+The previous snapshot of the same device serves as the files cache: a file whose size, mtime
+and mode match it, and whose blobs are all indexed, is not read again, and a folder
 whose entries all match keeps the previous tree without serialising it again.
 
 Tree entries are handled as plain dicts in ``Node.to_dict`` form: the files cache compares
@@ -32,6 +32,9 @@ from ..source.folder import SourceEntry
 
 # Outstanding files handed to workers; bounds memory while keeping both cores fed.
 WINDOW = 256
+# Sub-folders listed (and their previous trees loaded) ahead of the walk, on their own threads:
+# listing is stat() latency, which overlaps well on a cold disk or a network share.
+LIST_AHEAD = 4
 # A first chunk at least this large that does not compress marks the file as incompressible
 # (photo, video, encrypted payload): its other chunks skip zstd.
 PROBE_MIN = 128 << 10
@@ -67,13 +70,14 @@ class Cancelled(IbsyncError):
 
 
 def _unchanged(old: Entry | None, e: SourceEntry) -> bool:
+    # Size, mtime and mode, not inode or ctime: devices and backup tools write a changed file
+    # anew and rename it into place (a new mtime), and a backup folder copied to another drive
+    # with its times (cp -a, rsync -a, Finder) keeps matching.
     return (
         old is not None
         and old["type"] == "file"
         and old["size"] == e.size
         and old["mtime_ns"] == e.mtime_ns
-        and old["ctime_ns"] == e.ctime_ns
-        and old["inode"] == e.inode
         and old["mode"] == e.mode
     )
 
@@ -116,13 +120,16 @@ class Archiver:
         with session:
             self.session = session
             pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="ibsync-ingest")
+            self._lister = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ibsync-list")
             try:
-                root = self._walk("", parent.tree if parent else None, pool)
+                root = self._walk("", parent.tree if parent else None, pool, None)
                 self._drain(block=True)
             except BaseException:
                 self._cancelled = True
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+            finally:
+                self._lister.shutdown(wait=True, cancel_futures=True)
             pool.shutdown(wait=True)
         self.progress.finish()
         assert root.tree_id is not None
@@ -154,22 +161,38 @@ class Archiver:
 
     # ---- walking ---------------------------------------------------------------------------
 
-    def _walk(self, rel: str, old_tree: bytes | None, pool: ThreadPoolExecutor) -> _Dir:
+    def _list(self, rel: str, old_tree: bytes | None) -> tuple[list[SourceEntry], bytes | None, list[Entry]]:
+        """A folder's entries and its previous tree's entries."""
         if old_tree is not None and not self.repo.index.has(old_tree):
             old_tree = None  # the previous tree is gone (damaged repository): read everything
         old_entries = self.repo.load_tree_entries(old_tree) if old_tree is not None else []
+        return self.source.scan(rel), old_tree, old_entries
+
+    def _walk(self, rel: str, old_tree: bytes | None, pool: ThreadPoolExecutor, listed: Future | None) -> _Dir:
+        entries, old_tree, old_entries = listed.result() if listed is not None else self._list(rel, old_tree)
         d = _Dir(rel, old_tree, old_entries)
         old_by_name = {o["name"]: o for o in old_entries}
         index_has = self.repo.index.has
-        for e in self.source.scan(rel):
+        folders = []
+        for e in entries:
+            if e.type == "dir":
+                old = old_by_name.get(e.name)
+                old_sub = old.get("subtree") if old is not None and old["type"] == "dir" else None
+                folders.append((f"{rel}/{e.name}" if rel else e.name, bytes.fromhex(old_sub) if old_sub else None))
+        ahead: dict[str, Future] = {}
+        next_folder = 0
+        for e in entries:
             if self._failed is not None:
                 self._failed.result()  # a worker failed: stop walking and raise its error
             child = f"{rel}/{e.name}" if rel else e.name
             old = old_by_name.get(e.name)
             if e.type == "dir":
+                while next_folder < len(folders) and len(ahead) < LIST_AHEAD:
+                    frel, ftree = folders[next_folder]
+                    ahead[frel] = self._lister.submit(self._list, frel, ftree)
+                    next_folder += 1
                 entry: Entry = {"name": e.name, "type": "dir", "mode": e.mode, "mtime_ns": e.mtime_ns, "subtree": None}
-                old_sub = old.get("subtree") if old is not None and old["type"] == "dir" else None
-                sub = self._walk(child, bytes.fromhex(old_sub) if old_sub else None, pool)
+                sub = self._walk(child, None, pool, ahead.pop(child))
                 d.subdirs.append((sub, entry))
                 self.summary.dirs += 1
             elif e.type == "symlink":
@@ -191,10 +214,7 @@ class Archiver:
                     self.summary.files_new += 1
                 else:
                     self.summary.files_changed += 1
-                entry = {
-                    "name": e.name, "type": "file", "mode": e.mode, "mtime_ns": e.mtime_ns,
-                    "size": e.size, "inode": e.inode, "ctime_ns": e.ctime_ns, "content": None,
-                }
+                entry = {"name": e.name, "type": "file", "mode": e.mode, "mtime_ns": e.mtime_ns, "size": e.size, "content": None}
                 self._window.acquire()
                 try:
                     fut = pool.submit(self._store_file, child, e.size)

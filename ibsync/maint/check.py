@@ -12,8 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import IbsyncError
-from ..format.crypto import storage_name
-from ..format.pack import BlobType
+from ..format.pack import BlobType, pack_name, split_tail
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
 from ..storage import Kind
@@ -119,12 +118,15 @@ def _read_packs(repo, stored_packs, indexed_blobs, result: CheckResult, progress
         except IbsyncError as e:
             return [f"pack {short}: cannot read: {e}"]
         progress.advance(len(data), files=1)
-        if storage_name(data) != name:
-            errors.append(f"pack {short}: content does not match its name (damaged)")
         try:
-            header = repo.pack_header(data)
+            tail = split_tail(data)
+            if pack_name(tail) != name:
+                return [f"pack {short}: header does not match the pack's name (damaged)"]
+            header = repo.pack_header(tail)
         except IbsyncError as e:
-            return errors + [f"pack {short}: header unreadable: {e}"]
+            return [f"pack {short}: header unreadable: {e}"]
+        if header and header[-1].offset + header[-1].length != len(data) - len(tail):
+            errors.append(f"pack {short}: its blobs do not fill the pack up to the header (damaged)")
         by_id = {b.id: b for b in header}
         for blob_id, loc in indexed_blobs.get(bytes.fromhex(name), []):
             b = by_id.get(blob_id)

@@ -19,8 +19,6 @@ class SourceEntry:
     mode: int
     mtime_ns: int
     size: int = 0
-    inode: int = 0
-    ctime_ns: int = 0
     target: str | None = None
 
 
@@ -57,7 +55,7 @@ class FolderSource:
                         continue  # sockets and fifos have no place in a backup folder
                     target = os.readlink(e.path) if kind == "symlink" else None
                     out.append(
-                        SourceEntry(e.name, kind, st.st_mode, st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns, target)
+                        SourceEntry(e.name, kind, st.st_mode, st.st_mtime_ns, st.st_size, target)
                     )
         except OSError as e:
             raise SourceError(f"{self._abs(rel)}: cannot read folder ({e.strerror})") from e
