@@ -43,8 +43,8 @@ def test_pack_header_roundtrip(cipher):
     w = PackWriter(buf)
     blobs = [(BlobType.DATA, os.urandom(32), cipher.seal(os.urandom(n)), n, n % 2 == 0) for n in (10, 2000, 1)]
     for t, bid, sealed, raw, comp in blobs:
-        w.add(t, bid, sealed, raw, comp)
-    w.add(BlobType.TREE, b"t" * 32, b"tree", 4, False)
+        w.add(t, bid, [sealed[:5], sealed[5:]], raw, comp)
+    w.add(BlobType.TREE, b"t" * 32, [b"tree"], 4, False)
     name = w.finish(cipher)
     data = buf.getvalue()
     parsed = parse_header(data, cipher)
@@ -59,7 +59,7 @@ def test_pack_header_roundtrip(cipher):
 
 def test_index_codec_and_truncation():
     w = PackWriter(io.BytesIO())
-    w.add(BlobType.DATA, os.urandom(32), b"abc", 3, False)
+    w.add(BlobType.DATA, os.urandom(32), [b"abc"], 3, False)
     packs = [PackIndex(os.urandom(32), w.blobs), PackIndex(os.urandom(32), [])]
     data = encode_index(packs)
     assert decode_index(data) == packs
@@ -114,7 +114,7 @@ def test_master_index_lookup():
     w = PackWriter(io.BytesIO())
     ids = [os.urandom(32) for _ in range(5000)]
     for i, bid in enumerate(ids):
-        w.add(BlobType.DATA if i % 3 else BlobType.TREE, bid, b"x" * (i % 50 + 1), i, bool(i % 2))
+        w.add(BlobType.DATA if i % 3 else BlobType.TREE, bid, [b"x" * (i % 50 + 1)], i, bool(i % 2))
     pack = os.urandom(32)
     idx.add_pack(pack, w.blobs)
     assert len(idx) == 5000

@@ -46,6 +46,9 @@ class Cipher(Protocol):
 
     def seal(self, data: bytes | memoryview, aad: bytes = b"") -> bytes: ...
 
+    def seal_parts(self, data: bytes | memoryview, aad: bytes = b"") -> tuple[bytes | memoryview, ...]:
+        """``seal`` as pieces to write one after the other, sparing a copy of the data."""
+
     def open(self, data: bytes | memoryview, aad: bytes = b"") -> bytes: ...
 
 
@@ -58,8 +61,13 @@ class AesGcmCipher:
         self._aead = AESGCM(key)
 
     def seal(self, data: bytes | memoryview, aad: bytes = b"") -> bytes:
+        return b"".join(self.seal_parts(data, aad))
+
+    def seal_parts(self, data: bytes | memoryview, aad: bytes = b"") -> tuple[bytes, bytes]:
+        # Joining nonce and ciphertext would copy every blob while holding the GIL; the pack
+        # writer writes the two pieces instead.
         nonce = os.urandom(NONCE_SIZE)
-        return nonce + self._aead.encrypt(nonce, data, aad)
+        return nonce, self._aead.encrypt(nonce, data, aad)
 
     def open(self, data: bytes | memoryview, aad: bytes = b"") -> bytes:
         if len(data) < self.overhead:
@@ -78,6 +86,9 @@ class NullCipher:
 
     def seal(self, data: bytes | memoryview, aad: bytes = b"") -> bytes:
         return bytes(data)
+
+    def seal_parts(self, data: bytes | memoryview, aad: bytes = b"") -> tuple[bytes | memoryview]:
+        return (data,)
 
     def open(self, data: bytes | memoryview, aad: bytes = b"") -> bytes:
         return bytes(data)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import blake3
 
@@ -67,10 +67,16 @@ class PackWriter:
         self.blobs: list[PackedBlob] = []
         self.size = 0
 
-    def add(self, type: BlobType, blob_id: bytes, sealed: bytes, raw_length: int, compressed: bool) -> None:
-        self.blobs.append(PackedBlob(type, blob_id, self.size, len(sealed), raw_length, compressed))
-        self.sink.write(sealed)
-        self.size += len(sealed)
+    def add(
+        self, type: BlobType, blob_id: bytes, sealed: Sequence[bytes | memoryview], raw_length: int, compressed: bool
+    ) -> None:
+        """Append one blob, given as the pieces of its stored bytes (see Cipher.seal_parts)."""
+        length = 0
+        for piece in sealed:
+            self.sink.write(piece)
+            length += len(piece)
+        self.blobs.append(PackedBlob(type, blob_id, self.size, length, raw_length, compressed))
+        self.size += length
 
     def __len__(self) -> int:
         return len(self.blobs)

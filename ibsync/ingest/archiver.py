@@ -30,8 +30,13 @@ from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
 from ..source.folder import SourceEntry
 
-# Outstanding files handed to workers; bounds memory while keeping both cores fed.
-WINDOW = 256
+# Outstanding tasks handed to workers; bounds memory while keeping both cores fed.
+WINDOW = 64
+# Small files go to workers in batches: per-task costs (a future, a semaphore, callbacks) held
+# the GIL long enough to idle the second core when paid for each of 20,000 files.
+BATCH_FILE_MAX = 1 << 20
+BATCH_FILES = 32
+BATCH_BYTES = 4 << 20
 # Sub-folders listed (and their previous trees loaded) ahead of the walk, on their own threads:
 # listing is stat() latency, which overlaps well on a cold disk or a network share.
 LIST_AHEAD = 4
@@ -60,7 +65,7 @@ class _Dir:
     old_tree: bytes | None  # the parent snapshot's tree of this folder
     old_entries: list[Entry]
     entries: list[Entry] = field(default_factory=list)
-    pending: list[tuple[Entry, Future]] = field(default_factory=list)
+    pending: list[tuple[Entry, Future, int]] = field(default_factory=list)  # entry, task, index in its batch
     subdirs: list[tuple["_Dir", Entry]] = field(default_factory=list)
     tree_id: bytes | None = None
 
@@ -181,6 +186,8 @@ class Archiver:
                 folders.append((f"{rel}/{e.name}" if rel else e.name, bytes.fromhex(old_sub) if old_sub else None))
         ahead: dict[str, Future] = {}
         next_folder = 0
+        batch: list[tuple[str, int, Entry]] = []
+        batch_bytes = 0
         for e in entries:
             if self._failed is not None:
                 self._failed.result()  # a worker failed: stop walking and raise its error
@@ -215,17 +222,29 @@ class Archiver:
                 else:
                     self.summary.files_changed += 1
                 entry = {"name": e.name, "type": "file", "mode": e.mode, "mtime_ns": e.mtime_ns, "size": e.size, "content": None}
-                self._window.acquire()
-                try:
-                    fut = pool.submit(self._store_file, child, e.size)
-                except BaseException:
-                    self._window.release()
-                    raise
-                fut.add_done_callback(self._file_done)
-                d.pending.append((entry, fut))
+                if e.size > BATCH_FILE_MAX:
+                    self._submit(pool, d, [(child, e.size, entry)])
+                    continue
+                batch.append((child, e.size, entry))
+                batch_bytes += e.size
+                if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
+                    self._submit(pool, d, batch)
+                    batch, batch_bytes = [], 0
+        if batch:
+            self._submit(pool, d, batch)
         self._queue.append(d)
         self._drain(block=False)
         return d
+
+    def _submit(self, pool: ThreadPoolExecutor, d: _Dir, files: list[tuple[str, int, Entry]]) -> None:
+        self._window.acquire()
+        try:
+            fut = pool.submit(self._store_files, [(rel, size) for rel, size, _ in files])
+        except BaseException:
+            self._window.release()
+            raise
+        fut.add_done_callback(self._file_done)
+        d.pending.extend((entry, fut, i) for i, (_, _, entry) in enumerate(files))
 
     def _file_done(self, fut: Future) -> None:
         self._window.release()
@@ -236,13 +255,13 @@ class Archiver:
     def _drain(self, block: bool) -> None:
         while self._queue:
             d = self._queue[0]
-            if not block and not all(f.done() for _, f in d.pending):
+            if not block and not all(f.done() for _, f, _ in d.pending):
                 return
             self._finish_dir(self._queue.popleft())
 
     def _finish_dir(self, d: _Dir) -> None:
-        for entry, fut in d.pending:
-            entry["content"] = [c.hex() for c in fut.result()]  # a worker's error is raised here
+        for entry, fut, i in d.pending:
+            entry["content"] = [c.hex() for c in fut.result()[i]]  # a worker's error is raised here
             d.entries.append(entry)
         for sub, entry in d.subdirs:
             assert sub.tree_id is not None, "post-order: sub-folders finish first"
@@ -254,7 +273,10 @@ class Archiver:
             d.tree_id, _ = self.session.save_blob(BlobType.TREE, encode_tree(d.entries))
         d.pending = d.subdirs = d.entries = d.old_entries = []  # type: ignore[assignment]
 
-    # ---- storing a file (worker threads) ---------------------------------------------------
+    # ---- storing files (worker threads) ----------------------------------------------------
+
+    def _store_files(self, files: list[tuple[str, int]]) -> list[list[bytes]]:
+        return [self._store_file(rel, size) for rel, size in files]
 
     def _store_file(self, rel: str, size: int) -> list[bytes]:
         content: list[bytes] = []

@@ -179,11 +179,14 @@ class Repository:
 
     # ---- blobs -----------------------------------------------------------------------------
 
-    def encode_blob(self, blob_id: bytes, data: bytes | memoryview, compress: bool = True) -> tuple[bytes, bool]:
-        """Compress (when it pays) and seal one blob; returns the stored bytes and whether zstd was used."""
+    def encode_blob(
+        self, blob_id: bytes, data: bytes | memoryview, compress: bool = True
+    ) -> tuple[tuple[bytes | memoryview, ...], bool]:
+        """Compress (when it pays) and seal one blob; returns the stored bytes as pieces and
+        whether zstd was used."""
         packed = self.compressor.compress(data) if compress else None
         payload = packed if packed is not None else data
-        return self.cipher.seal(payload, blob_aad(blob_id)), packed is not None
+        return self.cipher.seal_parts(payload, blob_aad(blob_id)), packed is not None
 
     def decode_blob(self, blob: PackedBlob, stored: bytes | memoryview) -> bytes:
         """Open, decompress and verify one blob; InvalidData if anything does not match."""
