@@ -6,6 +6,8 @@ from typing import Protocol
 
 
 class Progress(Protocol):
+    active: bool  # whether anyone looks: totals are measured up front only then
+
     def start(self, total_bytes: int | None, total_files: int | None) -> None: ...
 
     def advance(self, nbytes: int = 0, files: int = 0) -> None: ...
@@ -18,6 +20,8 @@ class Progress(Protocol):
 
 
 class NullProgress:
+    active = False
+
     def start(self, total_bytes: int | None, total_files: int | None) -> None:
         pass
 

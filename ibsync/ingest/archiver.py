@@ -117,7 +117,7 @@ class Archiver:
         is exactly the parent snapshot, in which case nothing is written)."""
         started = time.monotonic()
         folder_mode, folder_mtime_ns = source.root_stat()
-        if getattr(self.progress, "active", False):
+        if self.progress.active:
             total, files = source.measure()
             self.progress.start(total, files)
         self.source = source

@@ -39,6 +39,8 @@ DEFAULT_PACK_SIZE = 20 << 20
 MIN_PACK_SIZE = 4 << 20
 MAX_PACK_SIZE = 128 << 20
 DEFAULT_ZSTD_LEVEL = 3
+# Readers fetch packs in ranges of at most this much: few requests, bounded memory.
+READ_SPAN = 8 << 20
 
 PasswordSource = Callable[[], str]
 
@@ -208,26 +210,33 @@ class Repository:
         return self.decode_blob(loc.as_packed(blob_id), stored)
 
     def read_pack_blobs(
-        self, pack_id: bytes, blobs: list[PackedBlob]
+        self, pack_id: bytes, blobs: list[PackedBlob], *, max_read: int = READ_SPAN
     ) -> Iterator[tuple[PackedBlob, bytes | None, Exception | None]]:
-        """Read the given blobs of one pack with a single ranged read; yield each blob decoded,
-        or the error that stopped it (a damaged blob does not hide the others)."""
-        if not blobs:
-            return
+        """Read the given blobs of one pack, in ranged reads of up to ``max_read`` bytes (one
+        per run of nearby blobs); yield each blob decoded, or the error that stopped it (a
+        damaged blob does not hide the others)."""
         blobs = sorted(blobs, key=lambda b: b.offset)
-        start = blobs[0].offset
-        end = max(b.offset + b.length for b in blobs)
-        try:
-            data = memoryview(self.storage.get(Kind.PACKS, pack_id.hex(), start, end - start))
-        except Exception as e:  # a missing or unreadable pack fails each of its blobs
-            for b in blobs:
-                yield b, None, e
-            return
-        for b in blobs:
+        name = pack_id.hex()
+        i = 0
+        while i < len(blobs):
+            start = blobs[i].offset
+            j = i + 1
+            while j < len(blobs) and blobs[j].offset + blobs[j].length - start <= max_read:
+                j += 1
+            group = blobs[i:j]
+            i = j
+            end = group[-1].offset + group[-1].length
             try:
-                yield b, self.decode_blob(b, data[b.offset - start : b.offset - start + b.length]), None
-            except InvalidData as e:
-                yield b, None, e
+                data = memoryview(self.storage.get(Kind.PACKS, name, start, end - start))
+            except Exception as e:  # a missing or unreadable pack fails each of its blobs
+                for b in group:
+                    yield b, None, e
+                continue
+            for b in group:
+                try:
+                    yield b, self.decode_blob(b, data[b.offset - start : b.offset - start + b.length]), None
+                except InvalidData as e:
+                    yield b, None, e
 
     def pack_header(self, pack_data: bytes) -> list[PackedBlob]:
         return parse_header(pack_data, self.cipher)
@@ -298,10 +307,10 @@ class Repository:
         snaps = [s for s in self.snapshots() if s.device.udid == udid]
         return snaps[-1] if snaps else None
 
-    def write_session(self, progress=None):
+    def write_session(self):
         from .session import WriteSession
 
-        return WriteSession(self, progress)
+        return WriteSession(self)
 
     def close(self) -> None:
         self.storage.close()

@@ -37,7 +37,7 @@ class SessionStats:
 
 
 class WriteSession:
-    def __init__(self, repo: Repository, progress=None) -> None:
+    def __init__(self, repo: Repository) -> None:
         self.repo = repo
         self.stats = SessionStats()
         self._lock = threading.Lock()
@@ -185,6 +185,7 @@ class WriteSession:
             raise self._error
 
     def _abort(self) -> None:
+        """Best effort on the way out of an error: never mask the error that got us here."""
         with self._lock:
             open_packs, self._packers = self._packers, []
         for p in open_packs:
@@ -194,4 +195,7 @@ class WriteSession:
                 fut.result()
             except BaseException:
                 pass
-        self._write_index()
+        try:
+            self._write_index()
+        except Exception:
+            pass  # the packs stay; `check` reports them and prune reclaims them

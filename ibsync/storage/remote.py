@@ -133,21 +133,19 @@ class FsspecStorage:
         return ObjectInfo(name, int(info.get("size") or 0))
 
     def _ls(self, folder: str) -> list[dict[str, Any]]:
+        # Other clients write to the repository: a cached listing would hide their objects.
+        self.fs.invalidate_cache(folder)
         try:
-            return self.fs.ls(folder, detail=True, refresh=True) if self._accepts_refresh else self.fs.ls(folder, detail=True)
+            return self.fs.ls(folder, detail=True)
         except FileNotFoundError:
             return []
-        except TypeError:
-            self._accepts_refresh = False
-            return self._ls(folder)
         except Exception as e:
             raise self._wrap(e, f"listing {folder}") from e
-
-    _accepts_refresh = True
 
     def list(self, kind: Kind) -> Iterator[ObjectInfo]:
         folder = f"{self.root}/{kind.value}"
         if kind in FANNED_OUT:
+            self.fs.invalidate_cache(folder)
             try:
                 found = self.fs.find(folder, detail=True)
             except FileNotFoundError:
