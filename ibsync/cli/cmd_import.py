@@ -22,14 +22,16 @@ def import_cmd(app: App, path: Path, allow_unfinished: bool, force: bool) -> Non
     """
     from ..ingest.folder_import import import_folder
     from ..source.backup_folder import find_device_folders
+    from ..source.folder import FolderSource
 
-    folders = find_device_folders(path.expanduser())
+    # Every folder is validated before the password is asked for: bad input fails first.
+    sources = [FolderSource.open(f, allow_unfinished=allow_unfinished) for f in find_device_folders(path.expanduser())]
+    sources[0].prefetch()
     repo = app.open_repo()
     results = []
-    for folder in folders:
-        outcome = import_folder(
-            repo, folder, allow_unfinished=allow_unfinished, force=force, progress=app.progress(f"import {folder.name[:12]}")
-        )
+    for source in sources:
+        folder = source.root
+        outcome = import_folder(repo, source, force=force, progress=app.progress(f"import {folder.name[:12]}"))
         results.append(outcome)
         snap, s = outcome.snapshot, outcome.snapshot.summary
         if outcome.created:

@@ -177,7 +177,7 @@ class Archiver:
         entries, old_tree, old_entries = listed.result() if listed is not None else self._list(rel, old_tree)
         d = _Dir(rel, old_tree, old_entries)
         old_by_name = {o["name"]: o for o in old_entries}
-        index_has = self.repo.index.has
+        has_all = self.repo.index.has_all_hex
         folders = []
         for e in entries:
             if e.type == "dir":
@@ -207,11 +207,7 @@ class Archiver:
             else:
                 self.summary.files += 1
                 self.summary.total_bytes += e.size
-                if (
-                    not self.force
-                    and _unchanged(old, e)
-                    and all(index_has(bytes.fromhex(c)) for c in old["content"])  # type: ignore[index]
-                ):
+                if not self.force and _unchanged(old, e) and has_all(old["content"]):  # type: ignore[index]
                     assert old is not None
                     d.entries.append(old)
                     self.summary.files_unmodified += 1

@@ -35,14 +35,17 @@ class ImportOutcome:
 
 def import_folder(
     repo: Repository,
-    folder: Path,
+    source: FolderSource | Path,
     *,
     allow_unfinished: bool = False,
     force: bool = False,
     progress: Progress = NULL_PROGRESS,
     workers: int = 2,
 ) -> ImportOutcome:
-    source = FolderSource.open(folder, allow_unfinished=allow_unfinished)
+    """Store one device folder as a snapshot (``source`` already validated, or a path)."""
+    if not isinstance(source, FolderSource):
+        source = FolderSource.open(source, allow_unfinished=allow_unfinished)
+    folder = source.root
     info = source.info
     parent = repo.latest_of_device(info.device.udid)
     archiver = Archiver(repo, progress=progress, workers=workers, force=force)

@@ -68,6 +68,22 @@ class MasterIndex:
     def has(self, blob_id: bytes) -> bool:
         return self._find(blob_id) is not None
 
+    def has_all_hex(self, ids: list[str]) -> bool:
+        """Whether every blob (ids as hex, as trees hold them) is indexed: the files cache's
+        check, once per unchanged file, so written without a call per id."""
+        buckets = self._buckets
+        for h in ids:
+            blob_id = bytes.fromhex(h)
+            bucket = buckets[(blob_id[0] << 8) | blob_id[1]]
+            if bucket is None:
+                return False
+            pos = bucket.find(blob_id)
+            while pos != -1 and pos % RECORD:
+                pos = bucket.find(blob_id, pos + 1)
+            if pos == -1:
+                return False
+        return True
+
     def get(self, blob_id: bytes) -> BlobLocation | None:
         found = self._find(blob_id)
         if found is None:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 import stat as stat_mod
-from dataclasses import dataclass
+import threading
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from ..errors import SourceError
 from .backup_folder import BackupFolderInfo, read_backup_folder
 
 
-@dataclass(frozen=True)
-class SourceEntry:
+class SourceEntry(NamedTuple):
+    # a tuple, not a dataclass: a million of these are made per import of a large phone
     name: str
     type: str  # "file" | "dir" | "symlink"
     mode: int
@@ -22,10 +22,18 @@ class SourceEntry:
     target: str | None = None
 
 
+# Entries listed ahead by ``prefetch``; past this many, folders are listed when walked.
+PREFETCH_ENTRIES = 200_000
+
+
 class FolderSource:
     def __init__(self, info: BackupFolderInfo) -> None:
         self.info = info
         self.root = info.path
+        self._listed: dict[str, list[SourceEntry] | SourceError] = {}
+        self._taken: set[str] = set()  # folders the walk has asked for: not worth prefetching
+        self._lock = threading.Lock()
+        self._prefetcher: threading.Thread | None = None
 
     @classmethod
     def open(cls, path: Path, *, allow_unfinished: bool = False) -> "FolderSource":
@@ -38,25 +46,58 @@ class FolderSource:
     def _abs(self, rel: str) -> str:
         return os.path.join(self.root, rel) if rel else str(self.root)
 
+    def prefetch(self) -> None:
+        """Start listing folders in the background, while the repository is being opened (the
+        key derivation and index loading need no disk): an unchanged re-import is mostly this
+        listing."""
+        self._prefetcher = threading.Thread(target=self._prefetch, name="ibsync-prefetch", daemon=True)
+        self._prefetcher.start()
+
+    def _prefetch(self) -> None:
+        queue, listed = [""], 0
+        while queue and listed < PREFETCH_ENTRIES:
+            rel = queue.pop(0)
+            with self._lock:
+                taken = rel in self._taken
+            if taken:
+                continue  # the walk got there first (and lists the folders below it too)
+            try:
+                entries: list[SourceEntry] | SourceError = self._list(rel)
+            except SourceError as e:
+                entries = e
+            with self._lock:
+                if rel in self._taken:
+                    continue
+                self._listed[rel] = entries
+            if isinstance(entries, list):
+                listed += len(entries)
+                queue.extend(f"{rel}/{e.name}" if rel else e.name for e in entries if e.type == "dir")
+
     def scan(self, rel: str) -> list[SourceEntry]:
         """The entries of one folder, in name order."""
+        with self._lock:
+            self._taken.add(rel)
+            entries = self._listed.pop(rel, None)
+        if entries is None:
+            return self._list(rel)
+        if isinstance(entries, SourceError):
+            raise entries
+        return entries
+
+    def _list(self, rel: str) -> list[SourceEntry]:
         out = []
         try:
             with os.scandir(self._abs(rel)) as it:
                 for e in it:
                     st = e.stat(follow_symlinks=False)
-                    if stat_mod.S_ISREG(st.st_mode):
-                        kind = "file"
-                    elif stat_mod.S_ISDIR(st.st_mode):
-                        kind = "dir"
-                    elif stat_mod.S_ISLNK(st.st_mode):
-                        kind = "symlink"
-                    else:
-                        continue  # sockets and fifos have no place in a backup folder
-                    target = os.readlink(e.path) if kind == "symlink" else None
-                    out.append(
-                        SourceEntry(e.name, kind, st.st_mode, st.st_mtime_ns, st.st_size, target)
-                    )
+                    fmt = stat_mod.S_IFMT(st.st_mode)
+                    if fmt == stat_mod.S_IFREG:
+                        out.append(SourceEntry(e.name, "file", st.st_mode, st.st_mtime_ns, st.st_size))
+                    elif fmt == stat_mod.S_IFDIR:
+                        out.append(SourceEntry(e.name, "dir", st.st_mode, st.st_mtime_ns))
+                    elif fmt == stat_mod.S_IFLNK:
+                        out.append(SourceEntry(e.name, "symlink", st.st_mode, st.st_mtime_ns, 0, os.readlink(e.path)))
+                    # sockets and fifos have no place in a backup folder
         except OSError as e:
             raise SourceError(f"{self._abs(rel)}: cannot read folder ({e.strerror})") from e
         out.sort(key=lambda x: x.name)
