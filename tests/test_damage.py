@@ -126,3 +126,41 @@ def test_interrupted_import_keeps_data_and_recovers(env, big_folder, tmp_path, h
     assert tree_state(tmp_path / "out" / big_folder.name) == tree_state(big_folder)
     r = run_subprocess(["check", "--read-data"], e)
     assert r.returncode == 0, r.stderr
+
+
+def test_kill_at_random_instants_never_corrupts(env, big_folder, tmp_path):
+    """A repository survives a kill at any instant: kill an import at several random moments,
+    check after each, and finally complete it and restore exactly."""
+    import random
+
+    _small_pack_repo(env)
+    e = dict(os.environ)
+    rnd = random.Random(1234)
+    for _ in range(4):
+        proc = _start_import(e, big_folder)
+        time.sleep(rnd.uniform(0.05, 1.2))
+        proc.kill()
+        proc.communicate(timeout=60)
+        r = run_subprocess(["check", "--read-data", "--json"], e)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout)["errors"] == []
+    r = run_subprocess(["import", big_folder], e)
+    assert r.returncode == 0, r.stderr
+    r = run_subprocess(["restore", "latest", tmp_path / "out"], e)
+    assert r.returncode == 0, r.stderr
+    assert tree_state(tmp_path / "out" / big_folder.name) == tree_state(big_folder)
+
+
+def test_restore_overwrite(env, cli, folder, tmp_path):
+    cli("init", "--pack-size", "4")
+    assert json.loads((env / "config").read_text())["pack_size"] == 4 << 20
+    cli("import", folder)
+    out = tmp_path / "out"
+    cli("restore", "latest", out)
+    victim = next(p for p in (out / folder.name).rglob("*") if p.is_file() and p.stat().st_size > 100)
+    os.chmod(victim, 0o644)
+    victim.write_bytes(b"scribbled over")
+    _, err = cli("restore", "latest", out, expect=2)
+    assert "--overwrite" in err
+    cli("restore", "latest", out, "--overwrite")
+    assert tree_state(out / folder.name) == tree_state(folder)
