@@ -54,10 +54,12 @@ def _who() -> dict[str, str]:
 
 
 class Repository:
-    def __init__(self, storage: Storage, config: dict, master: MasterKey | None) -> None:
+    def __init__(self, storage: Storage, config: dict, master: MasterKey | None, key_name: str | None = None) -> None:
         self.storage = storage
         self.config = config
         self.id: str = config["id"]
+        self.master = master  # None for an unencrypted repository
+        self.key_name = key_name  # the key file the password opened
         self.encrypted = master is not None
         self.cipher: Cipher = master.cipher() if master else NullCipher()
         self.blob_id: IdHasher = keyed_id_hasher(master.id_key) if master else plain_id_hasher()
@@ -95,14 +97,16 @@ class Repository:
             "chunking": default_policy(0).to_config(),
             "pack_size": pack_size,
         }
+        key_name = None
         if master is not None:
             assert password is not None
             key = make_key_file(master, password, meta={"created": config["created"], **_who()}, kdf=kdf)
-            storage.put(Kind.KEYS, storage_name(key), key, exclusive=True)
+            key_name = storage_name(key)
+            storage.put(Kind.KEYS, key_name, key, exclusive=True)
             config["mac"] = master.mac(_canonical(config))
         # The config is written last: a repository exists once its config does.
         storage.put(Kind.CONFIG, "config", json.dumps(config, indent=1).encode(), exclusive=True)
-        return cls(storage, config, master)
+        return cls(storage, config, master, key_name)
 
     @classmethod
     def open(cls, storage: Storage, password: PasswordSource) -> "Repository":
@@ -131,9 +135,11 @@ class Repository:
             raise RepoError(f"{storage.url}: encrypted repository without key files")
         pw = password()
         master = None
+        key_name = None
         for info in keys:
             try:
                 master = open_key_file(storage.get(Kind.KEYS, info.name), pw)
+                key_name = info.name
                 break
             except WrongPassword:
                 continue
@@ -143,7 +149,7 @@ class Repository:
         if mac != master.mac(_canonical(config)):
             raise RepoError(f"{storage.url}: the repository config does not match its key; it was altered")
         config["mac"] = mac
-        return cls(storage, config, master)
+        return cls(storage, config, master, key_name)
 
     # ---- unpacked objects ------------------------------------------------------------------
 
