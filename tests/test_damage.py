@@ -164,3 +164,28 @@ def test_restore_overwrite(env, cli, folder, tmp_path):
     assert "--overwrite" in err
     cli("restore", "latest", out, "--overwrite")
     assert tree_state(out / folder.name) == tree_state(folder)
+
+
+def test_read_data_subsets_cover_every_pack(env, cli, folder, tmp_path):
+    """n/t subsets partition the packs: t runs read each pack exactly once; N% reads a part."""
+    cli("init", "--pack-size", "4")
+    cli("import", folder)
+    packs = sum(1 for p in (env / "packs").rglob("*") if p.is_file())
+    read = []
+    for n in (1, 2, 3):
+        out, _ = cli("check", "--read-data-subset", f"{n}/3", "--json")
+        read.append(json.loads(out)["packs_read"])
+    assert sum(read) == packs
+    out, _ = cli("check", "--read-data-subset", "50%", "--json")
+    assert json.loads(out)["packs_read"] == round(packs * 0.5)
+    _, err = cli("check", "--read-data-subset", "4/3", expect=2)
+    assert "n/t" in err
+    # a damaged pack is found by the subset that holds it, and only by that one
+    victim = next(p for p in (env / "packs").rglob("*") if p.is_file())
+    data = bytearray(victim.read_bytes())
+    data[10] ^= 1
+    os.chmod(victim, 0o644)
+    victim.write_bytes(bytes(data))
+    group = int(victim.name[:2], 16) % 3 + 1
+    cli("check", "--read-data-subset", f"{group}/3", expect=1)
+    cli("check", "--read-data-subset", f"{group % 3 + 1}/3")

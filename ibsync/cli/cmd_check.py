@@ -13,13 +13,16 @@ class CheckFailed(IbsyncError):
 
 @click.command("check")
 @click.option("--read-data", is_flag=True, help="Also read every pack and verify every blob (reads the whole repository).")
+@click.option("--read-data-subset", "subset_text", metavar="N%|n/t",
+              help="Read and verify only part of the packs: a random N%, or group n of t (run 1/7 ... 7/7 on seven days to read everything once a week).")
 @common_options
-def check_cmd(app: App, read_data: bool) -> None:
-    """Verify the repository: structure, and with --read-data all data."""
-    from ..maint.check import check
+def check_cmd(app: App, read_data: bool, subset_text: str | None) -> None:
+    """Verify the repository: structure, and with --read-data (or a subset) the data."""
+    from ..maint.check import Subset, check
 
+    subset = Subset.parse(subset_text) if subset_text else None
     repo = app.open_repo()
-    result = check(repo, read_data=read_data, progress=app.progress("check"))
+    result = check(repo, read_data=read_data, subset=subset, progress=app.progress("check"))
     if app.json:
         app.emit_json(
             {
@@ -40,7 +43,7 @@ def check_cmd(app: App, read_data: bool) -> None:
             click.echo(f"error: {e}", err=True)
         app.say(
             f"checked {result.snapshots} snapshot(s), {result.packs} pack(s), {result.blobs} blob(s)"
-            + (f"; read {size(result.bytes_read)} of data" if read_data else "")
+            + (f"; read {result.packs_read} pack(s), {size(result.bytes_read)} of data" if result.packs_read else "")
         )
         if result.ok:
             app.say("no errors were found")

@@ -2,16 +2,19 @@
 
 Structure: every index object and snapshot opens, every tree is readable, every blob a snapshot
 references is in the index, and every pack the index names exists and is large enough.
-With ``read_data``, every pack is read whole: its name must be the BLAKE3 of its bytes, its
-header must agree with the index, and every blob must decrypt, decompress and match its id.
+With ``read_data``, every pack is read whole: its name must be the BLAKE3 of its tail, its
+header must agree with the index, its blobs must fill it up to the header, and every blob must
+decrypt, decompress and match its id. ``subset`` reads a part of the packs the same way, so a
+large remote repository can be read in full over several runs.
 """
 
 from __future__ import annotations
 
+import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import IbsyncError
+from ..errors import IbsyncError, UserError
 from ..format.pack import BlobType, pack_name, split_tail
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
@@ -33,7 +36,48 @@ class CheckResult:
         return not self.errors
 
 
-def check(repo: Repository, *, read_data: bool = False, progress: Progress = NULL_PROGRESS, workers: int = 2) -> CheckResult:
+@dataclass(frozen=True)
+class Subset:
+    """Which packs `--read-data-subset` reads: the n-th of t groups (by the pack name's first
+    byte, so consecutive runs 1/t ... t/t together read every pack once), or a random fraction."""
+
+    n: int = 1
+    t: int = 1
+    fraction: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Subset":
+        text = text.strip()
+        try:
+            if text.endswith("%"):
+                pct = float(text[:-1])
+                if not 0 < pct <= 100:
+                    raise ValueError
+                return cls(fraction=pct / 100)
+            n_s, t_s = text.split("/")
+            n, t = int(n_s), int(t_s)
+            if not 1 <= n <= t <= 256:
+                raise ValueError
+            return cls(n, t)
+        except ValueError:
+            raise UserError(f"--read-data-subset takes N% (0 < N <= 100) or n/t (1 <= n <= t <= 256), not '{text}'") from None
+
+    def select(self, names: list[str]) -> list[str]:
+        if self.fraction is not None:
+            k = max(1, round(len(names) * self.fraction)) if names else 0
+            return sorted(random.sample(names, k))
+        return [name for name in names if int(name[:2], 16) % self.t == self.n - 1]
+
+
+def check(
+    repo: Repository,
+    *,
+    read_data: bool = False,
+    subset: Subset | None = None,
+    progress: Progress = NULL_PROGRESS,
+    workers: int = 2,
+) -> CheckResult:
+    """Check the structure; with ``read_data`` every pack's data, or with ``subset`` a part of them."""
     result = CheckResult()
     # Index objects, one by one, so a damaged one is reported rather than fatal.
     for info in repo.storage.list(Kind.INDEX):
@@ -77,8 +121,9 @@ def check(repo: Repository, *, read_data: bool = False, progress: Progress = NUL
         result.snapshots += 1
         _check_tree(repo, snap.tree, f"snapshot {snap.short_id}", seen_trees, result)
 
-    if read_data:
-        _read_packs(repo, stored_packs, indexed_blobs, result, progress, workers)
+    if read_data or subset is not None:
+        chosen = (subset or Subset()).select(sorted(stored_packs))
+        _read_packs(repo, {name: stored_packs[name] for name in chosen}, indexed_blobs, result, progress, workers)
     return result
 
 
