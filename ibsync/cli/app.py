@@ -76,11 +76,18 @@ class App:
             raise UserError("password command printed nothing")
         return pw
 
-    def open_repo(self):
+    def open_repo(self, *, lock: str = "shared"):
+        """Open the repository, lock it ("shared", "exclusive" or "none") until the command
+        ends, and load its index."""
+        from ..repo.lock import RepoLock
         from ..repo.repository import Repository
         from ..storage import open_storage
 
         repo = Repository.open(open_storage(self.require_repo()), self.password)
+        if lock != "none":
+            ctx = click.get_current_context()
+            held = RepoLock(repo, exclusive=lock == "exclusive", command=ctx.command_path.removeprefix("ibsync ")).acquire()
+            ctx.call_on_close(held.release)
         repo.load_index()
         return repo
 

@@ -1,0 +1,67 @@
+"""Locks: shared holders together, an exclusive holder alone, stale locks ignored and removable."""
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from ibsync.repo.lock import Locked, RepoLock, list_locks
+from ibsync.repo.repository import Repository
+from ibsync.storage import Kind, LocalStorage
+
+from conftest import FAST_KDF, PASSWORD, run_subprocess
+
+
+@pytest.fixture
+def repo(env):
+    return Repository.init(LocalStorage(env), PASSWORD, kdf=FAST_KDF)
+
+
+def test_shared_locks_coexist_and_exclude_exclusive(repo):
+    with RepoLock(repo, exclusive=False, command="import"), RepoLock(repo, exclusive=False, command="restore"):
+        assert len(list_locks(repo)) == 2
+        with pytest.raises(Locked, match="in use: shared lock by '(import|restore)'"):
+            RepoLock(repo, exclusive=True, command="prune").acquire()
+    assert list_locks(repo) == []
+    with RepoLock(repo, exclusive=True, command="prune"):
+        with pytest.raises(Locked, match="exclusive lock by 'prune'"):
+            RepoLock(repo, exclusive=False, command="import").acquire()
+    assert list_locks(repo) == []
+
+
+def _plant_lock(repo, **fields):
+    body = {"time": datetime.now(timezone.utc).isoformat(), "exclusive": True, "hostname": "elsewhere",
+            "username": "u", "pid": 1, "command": "prune"}
+    body.update(fields)
+    name, _ = repo.save_object(Kind.LOCKS, json.dumps(body).encode())
+    return name
+
+
+def test_stale_locks_are_ignored_and_unlock_removes_them(repo, env, cli):
+    old = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
+    _plant_lock(repo, time=old)  # not refreshed for an hour: its holder is gone
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    _plant_lock(repo, hostname=socket.gethostname(), pid=dead.pid)  # dead process on this host
+    with RepoLock(repo, exclusive=True, command="prune"):
+        pass
+    live = _plant_lock(repo)  # a fresh exclusive lock from another host blocks
+    with pytest.raises(Locked):
+        RepoLock(repo, exclusive=False, command="import").acquire()
+    out, _ = cli("unlock", "--json")
+    assert len(json.loads(out)["removed"]) == 2 and [lk.name for lk in list_locks(repo)] == [live]
+    _, err = cli("snapshots", expect=3)
+    assert "in use" in err and "ibsync unlock" in err and len(err.strip().splitlines()) == 1
+    cli("unlock", "--remove-all")
+    cli("snapshots")
+
+
+def test_lock_objects_are_sealed(repo, env):
+    with RepoLock(repo, exclusive=False, command="import"):
+        raw = b"".join(p.read_bytes() for p in (env / "locks").iterdir())
+    assert b"import" not in raw and os.uname().nodename.encode() not in raw
