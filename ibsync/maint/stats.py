@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..model import Snapshot
+from ..reader.walk import collect_blobs
 from ..repo.repository import Repository
 from ..storage import Kind
 
@@ -39,22 +40,6 @@ class RepoStats:
         return self.logical_bytes / self.stored_bytes if self.stored_bytes else 0.0
 
 
-def _collect_blobs(repo: Repository, tree_id: bytes, blobs: set[bytes]) -> None:
-    """Add every blob below a tree; trees already in ``blobs`` (shared with an earlier
-    snapshot) are not walked again."""
-    stack = [tree_id]
-    while stack:
-        tid = stack.pop()
-        if tid in blobs:
-            continue
-        blobs.add(tid)
-        for node in repo.load_tree(tid):
-            if node.type == "dir" and node.subtree is not None:
-                stack.append(node.subtree)
-            elif node.type == "file":
-                blobs.update(node.content)
-
-
 def stats(repo: Repository, snapshots: list[Snapshot] | None = None) -> RepoStats:
     snaps = snapshots if snapshots is not None else repo.snapshots()
     out = RepoStats(snapshots=len(snaps), blobs=len(repo.index), packs=repo.index.pack_count)
@@ -70,7 +55,7 @@ def stats(repo: Repository, snapshots: list[Snapshot] | None = None) -> RepoStat
         ds.logical_bytes += snap.summary.total_bytes
         ds.latest_bytes = snap.summary.total_bytes
         ds.name = snap.device.name or ds.name
-        _collect_blobs(repo, snap.tree, blobs)
+        collect_blobs(repo, snap.tree, blobs)
         out.logical_bytes += snap.summary.total_bytes
     for ds, blobs in by_device.values():
         ds.unique_blobs = len(blobs)

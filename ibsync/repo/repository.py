@@ -313,10 +313,10 @@ class Repository:
         snaps = [s for s in self.snapshots() if s.device.udid == udid]
         return snaps[-1] if snaps else None
 
-    def write_session(self):
+    def write_session(self, *, rewrite: bool = False):
         from .session import WriteSession
 
-        return WriteSession(self)
+        return WriteSession(self, rewrite=rewrite)
 
     def close(self) -> None:
         self.storage.close()

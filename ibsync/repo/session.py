@@ -37,8 +37,9 @@ class SessionStats:
 
 
 class WriteSession:
-    def __init__(self, repo: Repository) -> None:
+    def __init__(self, repo: Repository, *, rewrite: bool = False) -> None:
         self.repo = repo
+        self.rewrite = rewrite  # store blobs even when indexed (prune moving them to new packs)
         self.stats = SessionStats()
         self._lock = threading.Lock()
         self._pending: set[bytes] = set()  # claimed by a thread, not yet in an uploaded pack
@@ -71,7 +72,7 @@ class WriteSession:
 
     def _claim(self, blob_id: bytes) -> bool:
         with self._lock:
-            if blob_id in self._pending or self.repo.index.has(blob_id):
+            if blob_id in self._pending or (not self.rewrite and self.repo.index.has(blob_id)):
                 return False
             self._pending.add(blob_id)
             return True

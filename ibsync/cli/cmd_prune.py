@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import click
+
+from ..ui.text import size
+from .app import App, common_options
+
+
+@click.command("prune")
+@click.option("--repack-threshold", type=click.IntRange(1, 100), default=50, show_default=True, metavar="PCT",
+              help="Repack a pack once this percentage of it is unused (100: only delete packs nothing uses).")
+@click.option("--dry-run", "-n", is_flag=True, help="Show what would be freed; change nothing.")
+@common_options
+def prune_cmd(app: App, repack_threshold: int, dry_run: bool) -> None:
+    """Delete data no snapshot uses, and repack packs that are mostly unused.
+
+    Takes the repository's exclusive lock: it waits for no one and refuses to run while an
+    import, restore or check holds the repository. Safe to interrupt at any point.
+    """
+    run_prune(app, repack_threshold / 100, dry_run)
+
+
+def run_prune(app: App, threshold: float, dry_run: bool, repo=None) -> None:
+    from ..maint.prune import execute_prune, plan_prune
+
+    repo = repo or app.open_repo(lock="exclusive")
+    plan = plan_prune(repo, repack_threshold=threshold)
+    summary = {
+        "used_blobs": plan.used_blobs,
+        "packs_to_delete": len(plan.delete),
+        "bytes_to_delete": plan.delete_bytes,
+        "packs_to_repack": len(plan.repack),
+        "bytes_to_repack": plan.repack_bytes,
+        "packs_kept": len(plan.keep),
+        "unused_bytes_kept": plan.unused_kept_bytes,
+        "dry_run": dry_run,
+    }
+    if not dry_run:
+        result = execute_prune(repo, plan, progress=app.progress("prune"))
+        summary.update(packs_deleted=result.packs_deleted, packs_written=result.packs_written, bytes_freed=result.bytes_freed)
+    if app.json:
+        app.emit_json(summary)
+        return
+    verb = "would" if dry_run else "will"
+    app.say(
+        f"{plan.used_blobs} blobs in use; {len(plan.delete)} pack(s) unused ({size(plan.delete_bytes)}), "
+        f"{len(plan.repack)} pack(s) to repack ({size(plan.repack_bytes)}), {len(plan.keep)} kept "
+        f"with {size(plan.unused_kept_bytes)} unused below the threshold"
+    )
+    if plan.nothing_to_do:
+        app.say("nothing to prune")
+    elif dry_run:
+        app.say(f"{verb} free about {size(plan.delete_bytes + plan.repack_bytes)} before repacking")
+    else:
+        app.say(f"deleted {summary['packs_deleted']} pack(s), wrote {summary['packs_written']}; freed {size(summary['bytes_freed'])}")

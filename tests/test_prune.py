@@ -1,0 +1,119 @@
+"""prune: frees what no snapshot uses, keeps everything else restorable, survives kills, and
+never runs beside an import."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ibsync.reader.walk import collect_blobs
+from ibsync.repo.lock import Locked, RepoLock
+from ibsync.repo.repository import Repository
+from ibsync.storage import Kind, LocalStorage
+from ibsync.testing.generator import generate, mutate_folder
+
+from conftest import FAST_KDF, PASSWORD, copy_folder, run_subprocess, tree_state
+
+
+@pytest.fixture(scope="module")
+def day1(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("day1"), seed=21, size_bytes=24 << 20)
+
+
+def _open(path) -> Repository:
+    repo = Repository.open(LocalStorage(path), lambda: PASSWORD)
+    repo.load_index()
+    return repo
+
+
+def _repo_bytes(path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _two_days(cli, live):
+    first = json.loads(cli("import", live, "--json")[0])["snapshots"][0]["id"]
+    mutate_folder(live, seed=21)
+    second = json.loads(cli("import", live, "--json")[0])["snapshots"][0]["id"]
+    return first, second
+
+
+def test_prune_after_forget_frees_exactly_the_unused_data(env, cli, day1, tmp_path):
+    live = copy_folder(day1, tmp_path / "live" / day1.name)
+    cli("init", "--pack-size", "4")
+    first, second = _two_days(cli, live)
+    repo = _open(env)
+    used_first, used_second = set(), set()
+    collect_blobs(repo, repo.load_snapshot(first).tree, used_first)
+    collect_blobs(repo, repo.load_snapshot(second).tree, used_second)
+    only_first = used_first - used_second
+    unused_bytes = sum(repo.index.get(b).length for b in only_first)
+    assert unused_bytes > 1 << 20  # the mutation replaced real data
+
+    out, _ = cli("prune", "--json")
+    assert json.loads(out)["packs_to_delete"] == 0 and json.loads(out)["packs_to_repack"] == 0  # all still used
+    (env / "snapshots" / first).unlink()  # forget the first snapshot
+    before = _repo_bytes(env)
+    out, _ = cli("prune", "--dry-run", "--json")
+    assert _repo_bytes(env) == before
+    out, _ = cli("prune", "--repack-threshold", "1", "--json")
+    result = json.loads(out)
+    freed = before - _repo_bytes(env)
+    assert result["bytes_freed"] > 0
+    # everything only the forgotten snapshot used is gone; index and pack headers move the total a little
+    assert abs(freed - unused_bytes) < 0.05 * unused_bytes + (64 << 10), (freed, unused_bytes)
+    repo = _open(env)
+    assert not any(repo.index.has(b) for b in only_first)
+    cli("check", "--read-data")
+    cli("restore", "latest", tmp_path / "out")
+    assert tree_state(tmp_path / "out" / live.name) == tree_state(live)
+    out, _ = cli("prune", "--json")
+    assert json.loads(out)["packs_to_delete"] == 0
+
+
+def test_prune_killed_at_random_instants(env, cli, day1, tmp_path):
+    live = copy_folder(day1, tmp_path / "live" / day1.name)
+    cli("init", "--pack-size", "4")
+    first, _ = _two_days(cli, live)
+    (env / "snapshots" / first).unlink()
+    e = dict(os.environ)
+    rnd = random.Random(7)
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-m", "ibsync", "prune", "--repack-threshold", "1", "-q"],
+                                env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(rnd.uniform(0.1, 0.9))
+        proc.kill()
+        proc.communicate(timeout=60)
+        r = run_subprocess(["check", "--read-data"], e)  # the killed prune's lock is stale (dead PID)
+        assert r.returncode == 0, r.stderr
+    r = run_subprocess(["prune", "--repack-threshold", "1"], e)
+    assert r.returncode == 0, r.stderr
+    r = run_subprocess(["restore", "latest", tmp_path / "out"], e)
+    assert r.returncode == 0, r.stderr
+    assert tree_state(tmp_path / "out" / live.name) == tree_state(live)
+    r = run_subprocess(["check", "--read-data", "--json"], e)
+    assert r.returncode == 0 and json.loads(r.stdout)["warnings"] == []  # no leftover packs
+
+
+def test_prune_and_import_never_run_together(env, cli, day1, tmp_path):
+    live = copy_folder(day1, tmp_path / "live" / day1.name)
+    cli("init", "--pack-size", "4")
+    first, _ = _two_days(cli, live)
+    (env / "snapshots" / first).unlink()
+    repo = _open(env)
+    with RepoLock(repo, exclusive=False, command="import"):  # an import is running
+        _, err = cli("prune", expect=3)
+        assert "in use" in err
+    with RepoLock(repo, exclusive=True, command="prune"):  # a prune is running
+        mutate_folder(live, seed=22)
+        _, err = cli("import", live, expect=3)
+        assert "in use" in err
+    cli("import", live)
+    cli("prune")
+    cli("check", "--read-data")
+    cli("restore", "latest", tmp_path / "out")
+    assert tree_state(tmp_path / "out" / live.name) == tree_state(live)
