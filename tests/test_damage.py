@@ -180,8 +180,10 @@ def test_read_data_subsets_cover_every_pack(env, cli, folder, tmp_path):
     assert json.loads(out)["packs_read"] == round(packs * 0.5)
     _, err = cli("check", "--read-data-subset", "4/3", expect=2)
     assert "n/t" in err
-    # a damaged pack is found by the subset that holds it, and only by that one
-    victim = next(p for p in (env / "packs").rglob("*") if p.is_file())
+    # a damaged data pack is found by the subset that holds it, and only by that one
+    repo = _open(env)
+    tree_packs = {loc.pack_id.hex() for _, loc in repo.index.entries() if loc.type == BlobType.TREE}
+    victim = next(p for p in (env / "packs").rglob("*") if p.is_file() and p.name not in tree_packs)
     data = bytearray(victim.read_bytes())
     data[10] ^= 1
     os.chmod(victim, 0o644)
