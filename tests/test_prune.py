@@ -60,7 +60,7 @@ def test_prune_after_forget_frees_exactly_the_unused_data(env, cli, day1, tmp_pa
     before = _repo_bytes(env)
     out, _ = cli("prune", "--dry-run", "--json")
     assert _repo_bytes(env) == before
-    out, _ = cli("prune", "--repack-threshold", "1", "--json")
+    out, _ = cli("prune", "--repack-threshold", "0", "--json")
     result = json.loads(out)
     freed = before - _repo_bytes(env)
     assert result["bytes_freed"] > 0
@@ -114,6 +114,25 @@ def test_prune_and_import_never_run_together(env, cli, day1, tmp_path):
         assert "in use" in err
     cli("import", live)
     cli("prune")
+    cli("check", "--read-data")
+    cli("restore", "latest", tmp_path / "out")
+    assert tree_state(tmp_path / "out" / live.name) == tree_state(live)
+
+
+def test_forget_with_prune(env, cli, day1, tmp_path):
+    live = copy_folder(day1, tmp_path / "live" / day1.name)
+    cli("init", "--pack-size", "4")
+    _two_days(cli, live)
+    before = _repo_bytes(env)
+    out, _ = cli("forget", "--keep-last", "1", "--prune", "--repack-threshold", "0", "--dry-run", "--json")
+    doc = json.loads(out)
+    assert len(doc["remove"]) == 1 and doc["removed"] == [] and doc["prune"]["dry_run"]
+    assert doc["prune"]["packs_to_repack"] + doc["prune"]["packs_to_delete"] > 0  # planned without the forgotten one
+    assert _repo_bytes(env) == before
+    out, _ = cli("forget", "--keep-last", "1", "--prune", "--repack-threshold", "0", "--json")
+    doc = json.loads(out)
+    assert len(doc["removed"]) == 1 and doc["prune"]["bytes_freed"] > 0
+    assert _repo_bytes(env) < before
     cli("check", "--read-data")
     cli("restore", "latest", tmp_path / "out")
     assert tree_state(tmp_path / "out" / live.name) == tree_state(live)

@@ -4,9 +4,13 @@ import json
 
 import pytest
 
+from ibsync.format.pack import BlobType
+from ibsync.reader.walk import collect_blobs
+from ibsync.repo.repository import Repository
+from ibsync.storage import LocalStorage
 from ibsync.testing.generator import generate, mutate_folder
 
-from conftest import copy_folder, tree_state
+from conftest import PASSWORD, copy_folder, tree_state
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +39,17 @@ def test_repair_after_losing_a_pack(env, cli, day1, tmp_path):
     state1 = tree_state(live)
     mutate_folder(live, seed=31)
     second = json.loads(cli("import", live, "--json")[0])["snapshots"][0]
-    # lose a pack written only by the second import: the first snapshot stays whole
-    packs = sorted((env / "packs").rglob("*"), key=lambda p: p.stat().st_mtime_ns)
-    victim = [p for p in packs if p.is_file()][-2]
-    victim.unlink()
+    # lose a data pack only the second snapshot uses: the first snapshot stays whole
+    repo = Repository.open(LocalStorage(env), lambda: PASSWORD)
+    repo.load_index()
+    used = {}
+    for snap in repo.snapshots():
+        blobs: set[bytes] = set()
+        collect_blobs(repo, snap.tree, blobs)
+        used[snap.id] = {repo.index.get(b).pack_id.hex() for b in blobs}
+    tree_packs = {loc.pack_id.hex() for _, loc in repo.index.entries() if loc.type == BlobType.TREE}
+    name = sorted(used[second["id"]] - set().union(*(v for k, v in used.items() if k != second["id"])) - tree_packs)[0]
+    (env / "packs" / name[:2] / name).unlink()
     cli("check", expect=1)
     out, _ = cli("repair", "index", "--json")
     assert json.loads(out)["damaged_packs"] == {}

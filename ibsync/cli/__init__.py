@@ -9,12 +9,18 @@ import sys
 import click
 
 from .. import __version__
+from .cmd_browse import diff_cmd, extract_cmd, find_cmd, ls_cmd
 from .cmd_check import check_cmd
+from .cmd_forget import forget_cmd
 from .cmd_import import import_cmd
 from .cmd_init import init_cmd
+from .cmd_key import key_group
+from .cmd_prune import prune_cmd
+from .cmd_repair import repair_group
 from .cmd_restore import restore_cmd
 from .cmd_snapshots import snapshots_cmd
 from .cmd_stats import stats_cmd
+from .cmd_unlock import unlock_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,7 +40,7 @@ def cli() -> None:
     """
 
 
-for command in (init_cmd, import_cmd, snapshots_cmd, restore_cmd, check_cmd, stats_cmd):
+for command in (init_cmd, import_cmd, snapshots_cmd, restore_cmd, ls_cmd, find_cmd, extract_cmd, diff_cmd, forget_cmd, check_cmd, stats_cmd, prune_cmd, repair_group, unlock_cmd, key_group):
     cli.add_command(command)
 
 

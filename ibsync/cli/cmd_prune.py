@@ -7,8 +7,8 @@ from .app import App, common_options
 
 
 @click.command("prune")
-@click.option("--repack-threshold", type=click.IntRange(1, 100), default=50, show_default=True, metavar="PCT",
-              help="Repack a pack once this percentage of it is unused (100: only delete packs nothing uses).")
+@click.option("--repack-threshold", type=click.IntRange(0, 100), default=50, show_default=True, metavar="PCT",
+              help="Repack a pack once this percentage of it is unused (0: any unused data; 100: only delete packs nothing uses).")
 @click.option("--dry-run", "-n", is_flag=True, help="Show what would be freed; change nothing.")
 @common_options
 def prune_cmd(app: App, repack_threshold: int, dry_run: bool) -> None:
@@ -17,14 +17,17 @@ def prune_cmd(app: App, repack_threshold: int, dry_run: bool) -> None:
     Takes the repository's exclusive lock: it waits for no one and refuses to run while an
     import, restore or check holds the repository. Safe to interrupt at any point.
     """
-    run_prune(app, repack_threshold / 100, dry_run)
+    summary = run_prune(app, app.open_repo(lock="exclusive"), repack_threshold / 100, dry_run)
+    if app.json:
+        app.emit_json(summary)
 
 
-def run_prune(app: App, threshold: float, dry_run: bool, repo=None) -> None:
+def run_prune(app: App, repo, threshold: float, dry_run: bool, ignore: set[str] = frozenset()) -> dict:
+    """Plan and (unless dry_run) carry out a prune; prints text, returns the JSON summary.
+    The caller holds the exclusive lock; ``ignore`` names snapshots to plan without."""
     from ..maint.prune import execute_prune, plan_prune
 
-    repo = repo or app.open_repo(lock="exclusive")
-    plan = plan_prune(repo, repack_threshold=threshold)
+    plan = plan_prune(repo, repack_threshold=threshold, ignore=ignore)
     summary = {
         "used_blobs": plan.used_blobs,
         "packs_to_delete": len(plan.delete),
@@ -39,8 +42,7 @@ def run_prune(app: App, threshold: float, dry_run: bool, repo=None) -> None:
         result = execute_prune(repo, plan, progress=app.progress("prune"))
         summary.update(packs_deleted=result.packs_deleted, packs_written=result.packs_written, bytes_freed=result.bytes_freed)
     if app.json:
-        app.emit_json(summary)
-        return
+        return summary
     verb = "would" if dry_run else "will"
     app.say(
         f"{plan.used_blobs} blobs in use; {len(plan.delete)} pack(s) unused ({size(plan.delete_bytes)}), "
@@ -53,3 +55,4 @@ def run_prune(app: App, threshold: float, dry_run: bool, repo=None) -> None:
         app.say(f"{verb} free about {size(plan.delete_bytes + plan.repack_bytes)} before repacking")
     else:
         app.say(f"deleted {summary['packs_deleted']} pack(s), wrote {summary['packs_written']}; freed {size(summary['bytes_freed'])}")
+    return summary

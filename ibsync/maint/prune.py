@@ -60,13 +60,15 @@ class PruneResult:
     bytes_freed: int = 0  # deleted packs minus the packs written for moved blobs
 
 
-def plan_prune(repo: Repository, *, repack_threshold: float = 0.5) -> PrunePlan:
+def plan_prune(repo: Repository, *, repack_threshold: float = 0.5, ignore: set[str] = frozenset()) -> PrunePlan:
     """Decide what to delete and repack. ``repack_threshold``: the unused share of a pack's
-    bytes from which it is repacked (1.0: never repack, only delete wholly unused packs)."""
+    bytes from which it is repacked (0: any unused byte; 1.0: never repack, only delete wholly
+    unused packs)."""
     plan = PrunePlan(old_index=sorted(repo.loaded_index))
     used: set[bytes] = set()
     for snap in repo.snapshots():
-        collect_blobs(repo, snap.tree, used)
+        if snap.id not in ignore:
+            collect_blobs(repo, snap.tree, used)
     plan.used_blobs = len(used)
 
     stored = {info.name: info.size for info in repo.storage.list(Kind.PACKS)}
@@ -94,7 +96,7 @@ def plan_prune(repo: Repository, *, repack_threshold: float = 0.5) -> PrunePlan:
         total = sum(b.length for b, _ in entries)
         if used_bytes == 0:
             plan.delete[name] = size
-        elif total - used_bytes >= repack_threshold * total and repack_threshold < 1.0:
+        elif total - used_bytes > 0 and total - used_bytes >= repack_threshold * total and repack_threshold < 1.0:
             plan.repack[name] = [b for b, u in entries if u]
             plan.repack_sizes[name] = size
         else:

@@ -1,0 +1,529 @@
+"""Browsing snapshots by iOS domain and path: ls, find, extract, diff.
+
+Paths are ``Domain/relative/path`` as in Manifest.db; patterns are globs (see
+``ibsync.reader.manifest.PathPattern``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+import click
+
+from ..errors import IbsyncError, UserError
+from ..model import Snapshot, utc_iso
+from ..ui.text import size, table, when
+from .app import App, _read_password_file, common_options
+
+BACKUP_PASSWORD_ENV = "IBSYNC_BACKUP_PASSWORD"
+EXTRACT_WORKERS = 4
+
+
+class ExtractIncomplete(IbsyncError):
+    pass
+
+
+def _backup_password_option(func: Callable) -> Callable:
+    return click.option(
+        "--backup-password-file",
+        metavar="FILE",
+        help=f"Read the iOS backup password (encrypted iPhone backups) from FILE (also ${BACKUP_PASSWORD_ENV}; "
+        "asked for on a terminal). It is never stored.",
+    )(func)
+
+
+def _device_option(func: Callable) -> Callable:
+    return click.option("--device", metavar="UDID|NAME", help="With 'latest': the latest snapshot of this device.")(func)
+
+
+def _keyring(password_file: str | None):
+    """Keybags unlocked on demand: the password is only looked for when an encrypted iOS
+    backup is met, and asked for at most once."""
+    from ..reader.manifest import BackupKeyring
+
+    def password() -> str:
+        if password_file:
+            return _read_password_file(password_file)
+        if os.environ.get(BACKUP_PASSWORD_ENV):
+            return os.environ[BACKUP_PASSWORD_ENV]
+        if not sys.stdin.isatty():
+            raise UserError(
+                "this is an encrypted iOS backup: give its password with --backup-password-file FILE "
+                f"or ${BACKUP_PASSWORD_ENV}"
+            )
+        import getpass
+
+        pw = getpass.getpass("iOS backup password: ")
+        if not pw:
+            raise UserError("no iOS backup password given")
+        return pw
+
+    return BackupKeyring(password)
+
+
+def _ts(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+def _snap_ref(s: Snapshot) -> dict[str, Any]:
+    return {
+        "id": s.id,
+        "short_id": s.short_id,
+        "backup_date": utc_iso(s.backup_date) if s.backup_date else None,
+        "device": {"udid": s.device.udid, "name": s.device.name},
+        "ios_encrypted": s.ios_encrypted,
+    }
+
+
+def _entry_dict(e) -> dict[str, Any]:
+    return {
+        "domain": e.domain,
+        "relative_path": e.relative_path,
+        "path": e.path,
+        "file_id": e.file_id,
+        "size": e.size,
+        "mtime": utc_iso(_ts(e.mtime)),
+        "mode": e.mode,
+    }
+
+
+# ---- ls -------------------------------------------------------------------------------------
+
+
+@click.command("ls")
+@click.argument("snapshot")
+@click.argument("pattern", required=False)
+@_device_option
+@_backup_password_option
+@common_options
+def ls_cmd(app: App, snapshot: str, pattern: str | None, device: str | None, backup_password_file: str | None) -> None:
+    """List a snapshot's domains, or its files matching PATTERN.
+
+    \b
+    Without PATTERN: each domain with its number of files and their size.
+    With PATTERN: each matching file (domain, path, size, modification time), as the
+    backup's Manifest.db records it. PATTERN is a glob over Domain/relative/path: '*' stays
+    within a folder, '**' crosses folders, a folder selects what it holds, and a bare file name
+    (sms.db) matches anywhere. Examples:
+      ibsync ls latest
+      ibsync ls latest 'CameraRollDomain/Media/DCIM/**'
+      ibsync ls latest 'HomeDomain/Library/SMS'
+    """
+    from ..reader.manifest import PathPattern, SnapshotManifest
+
+    repo = app.open_repo()
+    snap = repo.find_snapshot(snapshot, device)
+    with SnapshotManifest(repo, snap, _keyring(backup_password_file)) as manifest:
+        if pattern is None:
+            domains = manifest.domains()
+            if app.json:
+                app.emit_json(
+                    {
+                        "snapshot": _snap_ref(snap),
+                        "domains": [
+                            {"domain": d, "files": st.files, "dirs": st.dirs, "symlinks": st.symlinks, "bytes": st.bytes}
+                            for d, st in domains.items()
+                        ],
+                    }
+                )
+                return
+            rows = [[d, str(st.files), size(st.bytes)] for d, st in domains.items()]
+            click.echo(table(["Domain", "Files", "Size"], rows, right={1, 2}))
+            files = sum(st.files for st in domains.values())
+            total = sum(st.bytes for st in domains.values())
+            click.echo(f"snapshot {snap.short_id}: {len(domains)} domain(s), {files} file(s), {size(total)}")
+            return
+        entries = list(manifest.entries(PathPattern(pattern)))
+    if app.json:
+        app.emit_json({"snapshot": _snap_ref(snap), "pattern": pattern, "files": [_entry_dict(e) for e in entries]})
+        return
+    rows = [[e.domain, e.relative_path, size(e.size), when(_ts(e.mtime))] for e in entries]
+    click.echo(table(["Domain", "Path", "Size", "Modified"], rows, right={2}))
+    click.echo(f"{len(entries)} file(s), {size(sum(e.size for e in entries))}")
+
+
+# ---- find -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _History:
+    device: str
+    device_name: str
+    domain: str
+    relative_path: str
+    versions: list[dict[str, Any]] = field(default_factory=list)
+    last: tuple | None = None  # content key of the latest snapshot holding it
+    present: bool = False
+
+
+@click.command("find")
+@click.argument("pattern")
+@click.option("--device", metavar="UDID|NAME", help="Only snapshots of this device.")
+@_backup_password_option
+@common_options
+def find_cmd(app: App, pattern: str, device: str | None, backup_password_file: str | None) -> None:
+    """Which snapshots hold the files matching PATTERN, and when they changed.
+
+    For each matching path: every snapshot of its device that holds it, oldest first, marked
+    first (in the device's first snapshot), new, changed (its content differs from the
+    previous snapshot's), unchanged, or removed (gone from that snapshot on). PATTERN is a glob
+    as for 'ls'; a bare file name such as sms.db matches anywhere.
+    """
+    from ..reader.manifest import PathPattern, SnapshotManifest
+
+    pat = PathPattern(pattern)
+    repo = app.open_repo()
+    snaps = repo.snapshots()
+    if device:
+        snaps = [s for s in snaps if device in (s.device.udid, s.device.name)]
+        if not snaps:
+            raise UserError(f"no snapshot of a device '{device}'")
+    keyring = _keyring(backup_password_file)
+    histories: dict[tuple[str, str, str], _History] = {}
+    earlier: set[str] = set()  # devices with a snapshot already looked at
+    for snap in snaps:
+        udid = snap.device.udid
+        seen: set[tuple[str, str, str]] = set()
+        with SnapshotManifest(repo, snap, keyring) as manifest:
+            for e in manifest.entries(pat):
+                key = (udid, e.domain, e.relative_path)
+                seen.add(key)
+                node = manifest.payload(e.file_id)
+                content = (tuple(node.content), node.size) if node is not None else None
+                h = histories.get(key)
+                if h is None:
+                    h = histories[key] = _History(udid, snap.device.name, e.domain, e.relative_path)
+                if not h.present:
+                    status = "new" if udid in earlier else "first"
+                elif content != h.last:
+                    status = "changed"
+                else:
+                    status = "unchanged"
+                h.versions.append(
+                    {
+                        "snapshot": snap.id,
+                        "short_id": snap.short_id,
+                        "backup_date": utc_iso(snap.backup_date) if snap.backup_date else None,
+                        "size": e.size,
+                        "mtime": utc_iso(_ts(e.mtime)),
+                        "status": status,
+                        "_date": snap.backup_date,
+                    }
+                )
+                h.last, h.present = content, True
+        for key, h in histories.items():
+            if key[0] == udid and h.present and key not in seen:
+                h.present = False
+                h.versions.append(
+                    {
+                        "snapshot": snap.id,
+                        "short_id": snap.short_id,
+                        "backup_date": utc_iso(snap.backup_date) if snap.backup_date else None,
+                        "size": None,
+                        "mtime": None,
+                        "status": "removed",
+                        "_date": snap.backup_date,
+                    }
+                )
+        earlier.add(udid)
+    found = sorted(histories.values(), key=lambda h: (h.device, h.domain, h.relative_path))
+    if app.json:
+        app.emit_json(
+            {
+                "pattern": pattern,
+                "paths": [
+                    {
+                        "device": {"udid": h.device, "name": h.device_name},
+                        "domain": h.domain,
+                        "relative_path": h.relative_path,
+                        "path": f"{h.domain}/{h.relative_path}",
+                        "versions": [{k: v for k, v in ver.items() if not k.startswith("_")} for ver in h.versions],
+                    }
+                    for h in found
+                ],
+            }
+        )
+        return
+    if not found:
+        click.echo(f"no snapshot holds a file matching '{pattern}'")
+        return
+    several = len({h.device for h in found}) > 1
+    for n, h in enumerate(found):
+        if n:
+            click.echo("")
+        title = f"{h.domain}/{h.relative_path}"
+        if several:
+            title += f"  ({h.device_name or h.device}, {h.device})"
+        click.echo(title)
+        rows = [
+            [
+                v["short_id"],
+                when(v["_date"]),
+                size(v["size"]) if v["size"] is not None else "-",
+                when(_ts_iso(v["mtime"])) if v["mtime"] else "-",
+                v["status"],
+            ]
+            for v in h.versions
+        ]
+        click.echo(_indent(table(["Snapshot", "Backup date", "Size", "Modified", "Content"], rows, right={2})))
+    versions = sum(len(h.versions) for h in found)
+    click.echo(f"\n{len(found)} path(s) in {len(snaps)} snapshot(s); {versions} version row(s)")
+
+
+def _ts_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+# ---- extract --------------------------------------------------------------------------------
+
+
+def _safe_relative(domain: str, relative_path: str) -> PurePosixPath | None:
+    """OUT-relative path of an entry, or None if it would leave OUT."""
+    if not domain or "/" in domain or domain in (".", ".."):
+        return None
+    rel = PurePosixPath(relative_path)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in relative_path or "\0" in relative_path:
+        return None
+    return PurePosixPath(domain) / rel
+
+
+@click.command("extract")
+@click.argument("snapshot")
+@click.argument("pattern")
+@click.argument("out", type=click.Path(path_type=Path))
+@_device_option
+@click.option("--overwrite", is_flag=True, help="Replace files that already exist in OUT.")
+@_backup_password_option
+@common_options
+def extract_cmd(
+    app: App,
+    snapshot: str,
+    pattern: str,
+    out: Path,
+    device: str | None,
+    overwrite: bool,
+    backup_password_file: str | None,
+) -> None:
+    """Write the files matching PATTERN to OUT/<Domain>/<relative path>.
+
+    Files get their real names and folders (not the backup's hashed file ids) and their
+    modification times; files of an encrypted iOS backup are decrypted (the backup password is
+    needed). Every block read is verified; files that cannot be read are named and the
+    command fails. Existing files are kept unless --overwrite.
+
+    \b
+    Examples:
+      ibsync extract latest 'HomeDomain/Library/SMS/sms.db' ./out
+      ibsync extract 3f2a 'CameraRollDomain/**' ./photos --backup-password-file pw
+    """
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..reader.manifest import PathPattern, SnapshotManifest
+
+    out = out.expanduser()
+    repo = app.open_repo()
+    snap = repo.find_snapshot(snapshot, device)
+    started = time.monotonic()
+    failed: dict[str, str] = {}
+    done_files = 0
+    done_bytes = 0
+    with SnapshotManifest(repo, snap, _keyring(backup_password_file)) as manifest:
+        entries = list(manifest.entries(PathPattern(pattern)))
+        if not entries:
+            raise UserError(f"no file in snapshot {snap.short_id} matches '{pattern}'")
+        jobs = []
+        existing: list[Path] = []
+        for e in entries:
+            rel = _safe_relative(e.domain, e.relative_path)
+            if rel is None:
+                failed[e.path] = "its path would leave the output folder"
+                continue
+            dest = out.joinpath(*rel.parts)
+            node = manifest.payload(e.file_id)
+            if node is None:
+                failed[e.path] = f"the backup holds no payload for it ({e.file_id[:2]}/{e.file_id} is missing)"
+                continue
+            if dest.exists() or dest.is_symlink():
+                existing.append(dest)
+            jobs.append((e, node, dest))
+        if existing and not overwrite:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            raise UserError(f"{existing[0]} exists{more}; extract elsewhere or pass --overwrite")
+
+        progress = app.progress(f"extract {snap.short_id}")
+        progress.start(sum(e.size for e, _, _ in jobs), len(jobs))
+        lock = threading.Lock()
+
+        def extract_one(e, node, dest: Path) -> None:
+            nonlocal done_files, done_bytes
+            tmp = dest.with_name(f".{dest.name}.ibsync-tmp")
+            written = 0
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "wb") as f:
+                    for chunk in manifest.read(e, node):
+                        f.write(chunk)
+                        written += len(chunk)
+                        progress.advance(len(chunk))
+                os.utime(tmp, (e.mtime, e.mtime))
+                os.replace(tmp, dest)
+            except (IbsyncError, OSError, ValueError, OverflowError) as err:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+                with lock:
+                    failed[e.path] = reason
+                return
+            progress.advance(0, files=1)
+            with lock:
+                done_files += 1
+                done_bytes += written
+
+        pool = ThreadPoolExecutor(max_workers=EXTRACT_WORKERS, thread_name_prefix="ibsync-extract")
+        try:
+            for fut in [pool.submit(extract_one, *job) for job in jobs]:
+                fut.result()
+        finally:  # on Ctrl-C, files not started are dropped; those under way finish or are removed
+            pool.shutdown(wait=True, cancel_futures=True)
+            progress.finish()
+    elapsed = time.monotonic() - started
+    if app.json:
+        app.emit_json(
+            {
+                "snapshot": _snap_ref(snap),
+                "pattern": pattern,
+                "target": str(out),
+                "files": done_files,
+                "bytes": done_bytes,
+                "seconds": round(elapsed, 3),
+                "failed": dict(sorted(failed.items())),
+            }
+        )
+    else:
+        app.say(f"extracted {done_files} file(s), {size(done_bytes)} from snapshot {snap.short_id} to {out} in {elapsed:.1f} s")
+    if failed:
+        for path, reason in sorted(failed.items()):
+            click.echo(f"ibsync: cannot extract {path}: {reason}", err=True)
+        raise ExtractIncomplete(f"{len(failed)} file(s) could not be extracted")
+
+
+# ---- diff -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _DomainDiff:
+    added: int = 0
+    added_bytes: int = 0
+    removed: int = 0
+    removed_bytes: int = 0
+    changed: int = 0
+    changed_bytes: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@click.command("diff")
+@click.argument("snapshot_a")
+@click.argument("snapshot_b")
+@_device_option
+@click.option("--files", "list_files", is_flag=True, help="Also list each added (+), removed (-) and changed (M) file.")
+@_backup_password_option
+@common_options
+def diff_cmd(
+    app: App,
+    snapshot_a: str,
+    snapshot_b: str,
+    device: str | None,
+    list_files: bool,
+    backup_password_file: str | None,
+) -> None:
+    """Files added, removed and changed from snapshot A to snapshot B, per domain.
+
+    A file changed when its stored content differs (other blobs or another size). Sizes are
+    the backup's recorded file sizes: of B for added and changed files, of A for removed ones.
+    """
+    from ..reader.manifest import SnapshotManifest, changed_payloads
+
+    repo = app.open_repo()
+    snaps = repo.snapshots()
+    a = repo.find_snapshot(snapshot_a, device, snaps)
+    b = repo.find_snapshot(snapshot_b, device, snaps)
+    keyring = _keyring(backup_password_file)
+    changes: list[tuple[str, str, str, str, int]] = []  # (domain, path, kind, file_id, size)
+    per_domain: dict[str, _DomainDiff] = {}
+    with SnapshotManifest(repo, a, keyring) as ma, SnapshotManifest(repo, b, keyring) as mb:
+        touched = changed_payloads(ma, mb)
+        found: list[tuple[str, str, str, str]] = []  # (domain, path, kind, file_id)
+        rows_a, rows_b = ma.files_by_id(), mb.files_by_id()
+        ra, rb = next(rows_a, None), next(rows_b, None)
+        while ra is not None or rb is not None:  # merge the two fileID-ordered row lists
+            if rb is None or (ra is not None and ra[0] < rb[0]):
+                found.append((ra[1], ra[2], "removed", ra[0]))
+                ra = next(rows_a, None)
+            elif ra is None or rb[0] < ra[0]:
+                found.append((rb[1], rb[2], "added", rb[0]))
+                rb = next(rows_b, None)
+            else:
+                if rb[0] in touched:
+                    found.append((rb[1], rb[2], "changed", rb[0]))
+                ra, rb = next(rows_a, None), next(rows_b, None)
+        # sizes from Manifest.db, decoded for these rows only
+        for domain, rel, kind, file_id in found:
+            e = (ma if kind == "removed" else mb).entry(file_id)
+            changes.append((domain, rel, kind, file_id, e.size if e is not None else 0))
+        changes.sort(key=lambda c: (c[0], c[1]))
+    for domain, _rel, kind, _fid, n in changes:
+        d = per_domain.setdefault(domain, _DomainDiff())
+        setattr(d, kind, getattr(d, kind) + 1)
+        setattr(d, f"{kind}_bytes", getattr(d, f"{kind}_bytes") + n)
+    per_domain = dict(sorted(per_domain.items()))
+    total = _DomainDiff()
+    for d in per_domain.values():
+        for k, v in d.__dict__.items():
+            setattr(total, k, getattr(total, k) + v)
+    if app.json:
+        result: dict[str, Any] = {
+            "a": _snap_ref(a),
+            "b": _snap_ref(b),
+            "domains": {k: v.as_dict() for k, v in per_domain.items()},
+            "total": total.as_dict(),
+        }
+        if list_files:
+            result["files"] = [
+                {"status": kind, "domain": domain, "relative_path": rel, "path": f"{domain}/{rel}", "size": n}
+                for domain, rel, kind, _fid, n in changes
+            ]
+        app.emit_json(result)
+        return
+    click.echo(f"from {a.short_id} ({when(a.backup_date)}) to {b.short_id} ({when(b.backup_date)})")
+    if a.device.udid != b.device.udid:
+        click.echo(f"note: different devices ({a.device.name or a.device.udid} and {b.device.name or b.device.udid})")
+    if not per_domain:
+        click.echo("no file differs")
+        return
+    if list_files:
+        mark = {"added": "+", "removed": "-", "changed": "M"}
+        for domain, rel, kind, _fid, n in changes:
+            click.echo(f"{mark[kind]} {domain}/{rel}  {size(n)}")
+        click.echo("")
+
+    def row(name: str, d: _DomainDiff) -> list[str]:
+        return [name, str(d.added), size(d.added_bytes), str(d.removed), size(d.removed_bytes), str(d.changed), size(d.changed_bytes)]
+
+    rows = [row(name, d) for name, d in per_domain.items()]
+    rows.append(row("total", total))
+    click.echo(table(["Domain", "Added", "Size", "Removed", "Size", "Changed", "Size"], rows, right={1, 2, 3, 4, 5, 6}))
