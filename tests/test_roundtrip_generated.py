@@ -108,5 +108,14 @@ def test_two_devices_share_data(env, cli, day1, tmp_path):
     out, _ = cli("stats", "--json")
     st = json.loads(out)
     assert len(st["devices"]) == 2 and st["dedup_ratio"] > 1.9
+    per = {s["id"]: s for s in st["snapshots_detail"]}
+    assert set(per) == {s["id"] for s in snaps}
+    first, second = per[snaps[0]["id"]], per[snaps[1]["id"]]
+    assert abs(first["stored_bytes"] - second["stored_bytes"]) < 4096  # the same content but Info.plist
+    assert first["added_bytes"] > 50 * second["added_bytes"]
+    assert first["logical_bytes"] == snaps[0]["summary"]["total_bytes"]
+    assert 1.0 < first["dedup_ratio"] < 2.0  # compression only, within one snapshot
+    out, _ = cli("stats")
+    assert snaps[0]["id"][:8] in out and "Dedup" in out
     out, _ = cli("snapshots", "--json", "--device", "F" * 40)
     assert [s["device"]["udid"] for s in json.loads(out)] == ["F" * 40]

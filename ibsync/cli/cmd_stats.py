@@ -9,7 +9,11 @@ from .app import App, common_options
 @click.command("stats")
 @common_options
 def stats_cmd(app: App) -> None:
-    """Stored and logical bytes, and the deduplication ratio, per device."""
+    """Stored and logical bytes, and the deduplication ratio, per device and per snapshot.
+
+    Logical: the backup folders' bytes. Stored: the repository bytes of the distinct data they
+    use (compressed, encrypted). Added: what the repository grew by when a snapshot was stored.
+    """
     from ..maint.stats import stats
 
     repo = app.open_repo()
@@ -37,6 +41,18 @@ def stats_cmd(app: App) -> None:
                     }
                     for d in st.devices
                 ],
+                "snapshots_detail": [
+                    {
+                        "id": s.id,
+                        "udid": s.udid,
+                        "backup_date": s.backup_date,
+                        "logical_bytes": s.logical_bytes,
+                        "stored_bytes": s.stored_bytes,
+                        "added_bytes": s.added_bytes,
+                        "dedup_ratio": round(s.dedup_ratio, 3),
+                    }
+                    for s in st.snapshot_stats
+                ],
             }
         )
         return
@@ -45,6 +61,13 @@ def stats_cmd(app: App) -> None:
         for d in st.devices
     ]
     click.echo(table(["Device", "UDID", "Snapshots", "Latest", "Logical", "Stored", "Dedup"], rows, right={2, 3, 4, 5, 6}))
+    click.echo()
+    srows = [
+        [s.id[:8], s.udid, (s.backup_date or "-")[:19].replace("T", " "), size(s.logical_bytes), size(s.stored_bytes), size(s.added_bytes), f"{s.dedup_ratio:.1f}x"]
+        for s in st.snapshot_stats
+    ]
+    click.echo(table(["Snapshot", "UDID", "Backup date (UTC)", "Logical", "Stored", "Added", "Dedup"], srows, right={3, 4, 5, 6}))
+    click.echo()
     click.echo(
         f"repository: {st.snapshots} snapshot(s), {size(st.logical_bytes)} logical in {size(st.stored_bytes)} stored "
         f"({st.packs} packs, {st.blobs} blobs); deduplication and compression {st.dedup_ratio:.1f}x"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..model import Snapshot
+from ..model import Snapshot, utc_iso
 from ..reader.walk import collect_blobs
 from ..repo.repository import Repository
 from ..storage import Kind
@@ -26,6 +26,20 @@ class DeviceStats:
 
 
 @dataclass
+class SnapshotStats:
+    id: str
+    udid: str
+    backup_date: str | None
+    logical_bytes: int  # the files of the backup folder
+    stored_bytes: int  # stored bytes of the distinct blobs it uses (shared ones included)
+    added_bytes: int  # what the repository grew by when it was stored
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+
+@dataclass
 class RepoStats:
     snapshots: int = 0
     logical_bytes: int = 0
@@ -34,10 +48,20 @@ class RepoStats:
     packs: int = 0
     blobs: int = 0
     devices: list[DeviceStats] = field(default_factory=list)
+    snapshot_stats: list[SnapshotStats] = field(default_factory=list)
 
     @property
     def dedup_ratio(self) -> float:
         return self.logical_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+
+def _stored(repo: Repository, blobs: set[bytes]) -> int:
+    total = 0
+    for b in blobs:
+        loc = repo.index.get(b)
+        if loc is not None:
+            total += loc.length
+    return total
 
 
 def stats(repo: Repository, snapshots: list[Snapshot] | None = None) -> RepoStats:
@@ -57,11 +81,16 @@ def stats(repo: Repository, snapshots: list[Snapshot] | None = None) -> RepoStat
         ds.name = snap.device.name or ds.name
         collect_blobs(repo, snap.tree, blobs)
         out.logical_bytes += snap.summary.total_bytes
+        own: set[bytes] = set()
+        collect_blobs(repo, snap.tree, own)
+        out.snapshot_stats.append(
+            SnapshotStats(
+                snap.id, snap.device.udid, utc_iso(snap.backup_date) if snap.backup_date else None,
+                snap.summary.total_bytes, _stored(repo, own), snap.summary.added_bytes,
+            )
+        )
     for ds, blobs in by_device.values():
         ds.unique_blobs = len(blobs)
-        for b in blobs:
-            loc = repo.index.get(b)
-            if loc is not None:
-                ds.stored_bytes += loc.length
+        ds.stored_bytes = _stored(repo, blobs)
         out.devices.append(ds)
     return out
