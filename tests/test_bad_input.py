@@ -2,7 +2,6 @@
 
 import os
 import plistlib
-import shutil
 
 import pytest
 

@@ -9,7 +9,8 @@ from hashlib import sha1
 import pytest
 
 from ibsync.cli import main
-from ibsync.reader.manifest import PathPattern, decode_mbfile
+from ibsync.reader.mbfile import decode_mbfile
+from ibsync.reader.paths import PathPattern
 from ibsync.repo.repository import Repository
 from ibsync.storage import LocalStorage
 from ibsync.testing.generator import BackupFile, generate, mbfile_blob, mutate_folder

@@ -12,10 +12,10 @@ import pytest
 from ibsync.format.pack import BlobType
 from ibsync.reader.walk import walk
 from ibsync.repo.repository import Repository
-from ibsync.storage import LocalStorage, Kind
+from ibsync.storage import LocalStorage
 from ibsync.testing.generator import generate
 
-from conftest import FAST_KDF, PASSWORD, copy_folder, run_subprocess, tree_state
+from conftest import FAST_KDF, PASSWORD, run_subprocess, tree_state
 
 
 @pytest.fixture(scope="module")

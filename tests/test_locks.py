@@ -12,7 +12,7 @@ from ibsync.repo.lock import Locked, RepoLock, list_locks
 from ibsync.repo.repository import Repository
 from ibsync.storage import Kind, LocalStorage
 
-from conftest import FAST_KDF, PASSWORD, run_subprocess
+from conftest import FAST_KDF, PASSWORD
 
 
 @pytest.fixture

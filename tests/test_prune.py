@@ -4,7 +4,6 @@ never runs beside an import."""
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -12,12 +11,12 @@ import time
 import pytest
 
 from ibsync.reader.walk import collect_blobs
-from ibsync.repo.lock import Locked, RepoLock
+from ibsync.repo.lock import RepoLock
 from ibsync.repo.repository import Repository
-from ibsync.storage import Kind, LocalStorage
+from ibsync.storage import LocalStorage
 from ibsync.testing.generator import generate, mutate_folder
 
-from conftest import FAST_KDF, PASSWORD, copy_folder, run_subprocess, tree_state
+from conftest import PASSWORD, copy_folder, run_subprocess, tree_state
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """Round trips, deduplication and the files cache on generated, realistic backup folders."""
 
 import json
-import os
-import shutil
 
 import pytest
 
@@ -91,7 +89,7 @@ def test_sqlite_page_writes_store_little(env, cli, live):
 def test_two_devices_share_data(env, cli, day1, tmp_path):
     """A folder of several device folders imports as one snapshot each; identical content dedups."""
     parent = tmp_path / "Backup"
-    a = copy_folder(day1, parent / day1.name)
+    copy_folder(day1, parent / day1.name)
     b = copy_folder(day1, parent / ("f" * 40))
     info = (b / "Info.plist").read_bytes().replace(day1.name.upper().encode(), (b"F" * 40))
     (b / "Info.plist").write_bytes(info)

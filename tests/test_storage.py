@@ -1,4 +1,3 @@
-import pytest
 
 from ibsync.storage import LocalStorage, open_storage
 from ibsync.storage.local import TEMP_PREFIX

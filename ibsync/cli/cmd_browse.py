@@ -1,7 +1,7 @@
 """Browsing snapshots by iOS domain and path: ls, find, extract, diff.
 
 Paths are ``Domain/relative/path`` as in Manifest.db; patterns are globs (see
-``ibsync.reader.manifest.PathPattern``).
+``ibsync.reader.paths.PathPattern``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _device_option(func: Callable) -> Callable:
 def _keyring(password_file: str | None):
     """Keybags unlocked on demand: the password is only looked for when an encrypted iOS
     backup is met, and asked for at most once."""
-    from ..reader.manifest import BackupKeyring
+    from ..reader.ios_crypto import BackupKeyring
 
     def password() -> str:
         if password_file:
@@ -115,7 +115,8 @@ def ls_cmd(app: App, snapshot: str, pattern: str | None, device: str | None, bac
       ibsync ls latest 'CameraRollDomain/Media/DCIM/**'
       ibsync ls latest 'HomeDomain/Library/SMS'
     """
-    from ..reader.manifest import PathPattern, SnapshotManifest
+    from ..reader.manifest import SnapshotManifest
+    from ..reader.paths import PathPattern
 
     repo = app.open_repo()
     snap = repo.find_snapshot(snapshot, device)
@@ -175,7 +176,8 @@ def find_cmd(app: App, pattern: str, device: str | None, backup_password_file: s
     previous snapshot's), unchanged, or removed (gone from that snapshot on). PATTERN is a glob
     as for 'ls'; a bare file name such as sms.db matches anywhere.
     """
-    from ..reader.manifest import PathPattern, SnapshotManifest
+    from ..reader.manifest import SnapshotManifest
+    from ..reader.paths import PathPattern
 
     pat = PathPattern(pattern)
     repo = app.open_repo()
@@ -329,7 +331,8 @@ def extract_cmd(
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..reader.manifest import PathPattern, SnapshotManifest
+    from ..reader.manifest import SnapshotManifest
+    from ..reader.paths import PathPattern
 
     out = out.expanduser()
     repo = app.open_repo()

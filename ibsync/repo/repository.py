@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Callable, Iterable, Iterator
 
 from .. import __version__
-from ..errors import AlreadyExists, InvalidData, NotFound, RepoError, UnsupportedVersion, UserError, WrongPassword
+from ..errors import InvalidData, NotFound, RepoError, UnsupportedVersion, UserError, WrongPassword
 from ..format import index as index_format
 from ..format.chunker import Chunker, ChunkingPolicy, default_policy
 from ..format.compress import Compressor
@@ -28,7 +28,7 @@ from ..format.crypto import (
     storage_name,
 )
 from ..format.objects import open_object, seal_object
-from ..format.pack import BlobType, PackedBlob, blob_aad, parse_header
+from ..format.pack import PackedBlob, blob_aad, parse_header
 from ..model import Node, Snapshot, decode_tree, decode_tree_entries, utc_iso
 from ..storage import Kind, Storage
 from .index import BlobLocation, MasterIndex
