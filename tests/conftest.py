@@ -54,6 +54,26 @@ def run_subprocess(args: list[str], env: dict, **kw) -> subprocess.CompletedProc
     return subprocess.run([sys.executable, "-m", "ibsync", *map(str, args)], env=env, capture_output=True, text=True, **kw)
 
 
+def one_line_error(err: str, *needles: str) -> None:
+    """Bad input's promise: one line on stderr, 'ibsync: error: ...', no traceback."""
+    lines = [l for l in err.strip().splitlines() if l]
+    assert len(lines) == 1, f"expected one line, got:\n{err}"
+    assert lines[0].startswith("ibsync: error:"), lines[0]
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+
+
+def open_repo(path: Path):
+    """The repository at ``path``, opened with the test password, index loaded."""
+    from ibsync.repo.repository import Repository
+    from ibsync.storage import LocalStorage
+
+    repo = Repository.open(LocalStorage(path), lambda: PASSWORD)
+    repo.load_index()
+    return repo
+
+
 def tree_state(root: Path) -> dict[str, tuple]:
     """Every entry below root: bytes (files), mode and mtime (ns)."""
     st = root.stat()

@@ -5,7 +5,7 @@ import plistlib
 
 import pytest
 
-from conftest import MIT_BACKUP, PASSWORD, copy_folder, run_subprocess
+from conftest import MIT_BACKUP, PASSWORD, copy_folder, one_line_error, run_subprocess
 
 
 def _finished(path):
@@ -15,13 +15,6 @@ def _finished(path):
     return path
 
 
-def _one_line_error(err: str, *needles: str) -> None:
-    lines = [l for l in err.strip().splitlines() if l]
-    assert len(lines) == 1, f"expected one line, got:\n{err}"
-    assert lines[0].startswith("ibsync: error:"), lines[0]
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
 
 
 @pytest.fixture
@@ -69,20 +62,20 @@ def test_bad_backup_folder(repo_env, tmp_path, case):
     make(path)
     r = run_subprocess(["import", path], repo_env)
     assert r.returncode != 0
-    _one_line_error(r.stderr, needle)
+    one_line_error(r.stderr, needle)
     assert not list((tmp_path / "repo" / "snapshots").glob("*")) if (tmp_path / "repo" / "snapshots").exists() else True
 
 
 def test_wrong_password(repo_env, tmp_path):
     r = run_subprocess(["snapshots"], {**repo_env, "IBSYNC_PASSWORD": "not it"})
     assert r.returncode != 0
-    _one_line_error(r.stderr, "wrong password")
+    one_line_error(r.stderr, "wrong password")
 
 
 def test_no_password_without_terminal(repo_env):
     e = {k: v for k, v in repo_env.items() if k != "IBSYNC_PASSWORD"}
     r = run_subprocess(["snapshots"], e, stdin=open(os.devnull))
-    _one_line_error(r.stderr, "no password given")
+    one_line_error(r.stderr, "no password given")
 
 
 def test_password_file_and_command(repo_env, tmp_path):
@@ -93,33 +86,33 @@ def test_password_file_and_command(repo_env, tmp_path):
     assert run_subprocess(["snapshots"], {**e, "IBSYNC_PASSWORD_FILE": str(pw)}).returncode == 0
     assert run_subprocess(["snapshots", "--password-command", f"cat {pw}"], e).returncode == 0
     r = run_subprocess(["snapshots", "--password-file", tmp_path / "nope"], e)
-    _one_line_error(r.stderr, "cannot read password file")
+    one_line_error(r.stderr, "cannot read password file")
 
 
 def test_not_a_repository(tmp_path):
     r = run_subprocess(["snapshots", "--repo", tmp_path / "empty"], {**os.environ, "IBSYNC_PASSWORD": "x"})
-    _one_line_error(r.stderr, "not an ibsync repository", "ibsync init")
+    one_line_error(r.stderr, "not an ibsync repository", "ibsync init")
 
 
 def test_no_repository_given(tmp_path):
     e = {k: v for k, v in os.environ.items() if k != "IBSYNC_REPO"}
     r = run_subprocess(["snapshots"], e)
-    _one_line_error(r.stderr, "no repository given")
+    one_line_error(r.stderr, "no repository given")
 
 
 def test_init_refuses_existing_or_nonempty(repo_env, tmp_path):
     r = run_subprocess(["init"], repo_env)
-    _one_line_error(r.stderr, "already holds an ibsync repository")
+    one_line_error(r.stderr, "already holds an ibsync repository")
     other = tmp_path / "other"
     other.mkdir()
     (other / "photo.jpg").write_bytes(b"x")
     r = run_subprocess(["init", "--repo", other], repo_env)
-    _one_line_error(r.stderr, "not empty")
+    one_line_error(r.stderr, "not empty")
 
 
 def test_unknown_snapshot(repo_env):
     r = run_subprocess(["restore", "deadbeef", "/tmp/nowhere"], repo_env)
-    _one_line_error(r.stderr, "no snapshot with id")
+    one_line_error(r.stderr, "no snapshot with id")
 
 
 def test_newer_repository_format(repo_env, tmp_path):
@@ -130,7 +123,7 @@ def test_newer_repository_format(repo_env, tmp_path):
     d["version"] = 99
     cfg.write_text(json.dumps(d))
     r = run_subprocess(["snapshots"], repo_env)
-    _one_line_error(r.stderr, "upgrade ibsync")
+    one_line_error(r.stderr, "upgrade ibsync")
 
 
 def test_tampered_config_is_refused(repo_env, tmp_path):
@@ -141,9 +134,9 @@ def test_tampered_config_is_refused(repo_env, tmp_path):
     d["encryption"] = "none"  # an attacker trying to make clients write plaintext
     cfg.write_text(json.dumps(d))
     r = run_subprocess(["snapshots"], repo_env)
-    _one_line_error(r.stderr, "tampered")
+    one_line_error(r.stderr, "tampered")
     d["encryption"] = "aes-256-gcm"
     d["pack_size"] = 1
     cfg.write_text(json.dumps(d))
     r = run_subprocess(["snapshots"], repo_env)
-    _one_line_error(r.stderr, "altered")
+    one_line_error(r.stderr, "altered")

@@ -15,7 +15,7 @@ from ibsync.repo.repository import Repository
 from ibsync.storage import LocalStorage
 from ibsync.testing.generator import generate
 
-from conftest import FAST_KDF, PASSWORD, run_subprocess, tree_state
+from conftest import FAST_KDF, PASSWORD, open_repo, run_subprocess, tree_state
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +28,12 @@ def big_folder(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("big"), seed=12, size_bytes=160 << 20)
 
 
-def _open(repo_path) -> Repository:
-    repo = Repository.open(LocalStorage(repo_path), lambda: PASSWORD)
-    repo.load_index()
-    return repo
 
 
 def test_flipped_byte_is_found_by_check_and_refused_by_restore(env, cli, folder, tmp_path):
     cli("init")
     cli("import", folder)
-    repo = _open(env)
+    repo = open_repo(env)
     snap = repo.snapshots()[-1]
     # pick a data blob used by exactly one file, and damage one byte in the middle of it
     users: dict[bytes, list[str]] = {}
@@ -181,7 +177,7 @@ def test_read_data_subsets_cover_every_pack(env, cli, folder, tmp_path):
     _, err = cli("check", "--read-data-subset", "4/3", expect=2)
     assert "n/t" in err
     # a damaged data pack is found by the subset that holds it, and only by that one
-    repo = _open(env)
+    repo = open_repo(env)
     tree_packs = {loc.pack_id.hex() for _, loc in repo.index.entries() if loc.type == BlobType.TREE}
     victim = next(p for p in (env / "packs").rglob("*") if p.is_file() and p.name not in tree_packs)
     data = bytearray(victim.read_bytes())

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import FAST_KDF, MIT_BACKUP, PASSWORD, copy_folder, run_subprocess, tree_state
+from conftest import FAST_KDF, MIT_BACKUP, PASSWORD, copy_folder, one_line_error, run_subprocess, tree_state
 from ibsync.errors import UserError
 from ibsync.repo.keys import add_key, change_password, list_keys, remove_key
 from ibsync.repo.repository import Repository
@@ -16,13 +16,6 @@ OTHER = "another password, for the laptop"
 THIRD = "a third one"
 
 
-def _one_line_error(err: str, *needles: str) -> None:
-    lines = [l for l in err.strip().splitlines() if l]
-    assert len(lines) == 1, f"expected one line, got:\n{err}"
-    assert lines[0].startswith("ibsync: error:"), lines[0]
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
 
 
 def _keys(cli) -> list[dict]:
@@ -78,7 +71,7 @@ def test_add_list_remove(env, cli, monkeypatch, tmp_path):
     out, _ = cli("key", "remove", first[0]["id"][:6], "-p", pw_file)
     assert f"removed key {first[0]['id'][:8]}" in out
     err = _opens(cli, monkeypatch, PASSWORD, expect=1)
-    _one_line_error(err, "wrong password")
+    one_line_error(err, "wrong password")
     _opens(cli, monkeypatch, OTHER)
     assert [k["id"] for k in _keys(cli)] == [added]
 
@@ -87,15 +80,15 @@ def test_remove_refuses_current_and_last_key(env, cli, monkeypatch):
     cli("init")
     (only,) = _keys(cli)
     _, err = cli("key", "remove", only["id"][:8], expect=2)
-    _one_line_error(err, "only key")
+    one_line_error(err, "only key")
 
     added = _add(cli, monkeypatch, OTHER)
     _, err = cli("key", "remove", only["id"], expect=2)
-    _one_line_error(err, "your password opened", "key passwd")
+    one_line_error(err, "your password opened", "key passwd")
 
     monkeypatch.setenv("IBSYNC_PASSWORD", OTHER)
     _, err = cli("key", "remove", added[:8], expect=2)
-    _one_line_error(err, "your password opened")
+    one_line_error(err, "your password opened")
     assert len(_keys(cli)) == 2
 
 
@@ -103,15 +96,15 @@ def test_remove_unknown_and_ambiguous_ids(env, cli, monkeypatch):
     cli("init")
     _add(cli, monkeypatch, OTHER)
     _, err = cli("key", "remove", "zz", expect=2)
-    _one_line_error(err, "no key with id")
+    one_line_error(err, "no key with id")
     _, err = cli("key", "remove", "", expect=2)
-    _one_line_error(err, "no key with id")
+    one_line_error(err, "no key with id")
     # two key files sharing a prefix (a crafted name: listing does not check names)
     (only,) = [k for k in _keys(cli) if k["current"]]
     twin = only["id"][:4] + ("0" * 60 if only["id"][4] != "0" else "1" * 60)
     (env / "keys" / twin).write_bytes((env / "keys" / only["id"]).read_bytes())
     _, err = cli("key", "remove", only["id"][:4], expect=2)
-    _one_line_error(err, "ambiguous", only["id"][:12], twin[:12])
+    one_line_error(err, "ambiguous", only["id"][:12], twin[:12])
     (env / "keys" / twin).unlink()
     assert len(_keys(cli)) == 2
 
@@ -129,7 +122,7 @@ def test_passwd_keeps_data(env, cli, monkeypatch, tmp_path):
     assert "password changed" in out
 
     err = _opens(cli, monkeypatch, PASSWORD, expect=1)
-    _one_line_error(err, "wrong password")
+    one_line_error(err, "wrong password")
     _opens(cli, monkeypatch, THIRD)
     (new_key,) = _keys(cli)
     assert new_key["id"] != old_key["id"] and new_key["current"]
@@ -143,7 +136,7 @@ def test_passwd_json_and_same_password(env, cli, monkeypatch):
     cli("init")
     monkeypatch.setenv("IBSYNC_NEW_PASSWORD", PASSWORD)
     _, err = cli("key", "passwd", expect=2)
-    _one_line_error(err, "same as the current")
+    one_line_error(err, "same as the current")
     monkeypatch.setenv("IBSYNC_NEW_PASSWORD", OTHER)
     out, _ = cli("key", "passwd", "--json")
     result = json.loads(out)
@@ -158,13 +151,13 @@ def test_new_password_needed(env, cli, tmp_path, monkeypatch):
     monkeypatch.setattr("sys.stdin.isatty", lambda: False, raising=False)
     for sub in ("add", "passwd"):
         _, err = cli("key", sub, expect=2)
-        _one_line_error(err, "no new password given", "--new-password-file")
+        one_line_error(err, "no new password given", "--new-password-file")
     empty = tmp_path / "empty"
     empty.write_text("")
     _, err = cli("key", "add", "--new-password-file", empty, expect=2)
-    _one_line_error(err, "is empty")
+    one_line_error(err, "is empty")
     _, err = cli("key", "add", "--new-password-file", tmp_path / "missing", expect=2)
-    _one_line_error(err, "cannot read password file")
+    one_line_error(err, "cannot read password file")
     assert len(_keys(cli)) == 1
 
 
@@ -175,7 +168,7 @@ def test_interactive_new_password(env, cli, monkeypatch):
     answers = iter([OTHER, "typo"])
     monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
     _, err = cli("key", "add", expect=2)
-    _one_line_error(err, "do not match")
+    one_line_error(err, "do not match")
     answers = iter([OTHER, OTHER])
     cli("key", "add")
     _opens(cli, monkeypatch, OTHER)
@@ -187,7 +180,7 @@ def test_unencrypted_repository_has_no_keys(env, cli, monkeypatch):
     cli("init", "--no-encryption")
     for args in (["list"], ["list", "--json"], ["add"], ["remove", "abcd"], ["passwd"]):
         _, err = cli("key", *args, expect=2)
-        _one_line_error(err, "the repository is not encrypted; it has no keys")
+        one_line_error(err, "the repository is not encrypted; it has no keys")
     assert not (env / "keys").exists() or not any((env / "keys").iterdir())
 
 
@@ -228,14 +221,14 @@ def test_as_a_user_runs_it(env, cli):
     e.pop("IBSYNC_DEBUG", None)
     r = run_subprocess(["key", "passwd"], e, stdin=subprocess.DEVNULL)
     assert r.returncode == 1
-    _one_line_error(r.stderr, "wrong password")
+    one_line_error(r.stderr, "wrong password")
     e["IBSYNC_PASSWORD"] = PASSWORD
     # the subprocess does not see the test's fast KDF, so it pays the real Argon2 cost once
     r = run_subprocess(["key", "passwd"], e, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert "password changed" in r.stdout and not r.stderr
     r = run_subprocess(["key", "list"], e, stdin=subprocess.DEVNULL)
-    _one_line_error(r.stderr, "wrong password")
+    one_line_error(r.stderr, "wrong password")
     e["IBSYNC_PASSWORD"] = OTHER
     r = run_subprocess(["key", "list", "--json"], e, stdin=subprocess.DEVNULL)
     (key,) = json.loads(r.stdout)

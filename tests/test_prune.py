@@ -12,11 +12,9 @@ import pytest
 
 from ibsync.reader.walk import collect_blobs
 from ibsync.repo.lock import RepoLock
-from ibsync.repo.repository import Repository
-from ibsync.storage import LocalStorage
 from ibsync.testing.generator import generate, mutate_folder
 
-from conftest import PASSWORD, copy_folder, run_subprocess, tree_state
+from conftest import copy_folder, open_repo, run_subprocess, tree_state
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +22,6 @@ def day1(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("day1"), seed=21, size_bytes=24 << 20)
 
 
-def _open(path) -> Repository:
-    repo = Repository.open(LocalStorage(path), lambda: PASSWORD)
-    repo.load_index()
-    return repo
 
 
 def _repo_bytes(path) -> int:
@@ -45,7 +39,7 @@ def test_prune_after_forget_frees_exactly_the_unused_data(env, cli, day1, tmp_pa
     live = copy_folder(day1, tmp_path / "live" / day1.name)
     cli("init", "--pack-size", "4")
     first, second = _two_days(cli, live)
-    repo = _open(env)
+    repo = open_repo(env)
     used_first, used_second = set(), set()
     collect_blobs(repo, repo.load_snapshot(first).tree, used_first)
     collect_blobs(repo, repo.load_snapshot(second).tree, used_second)
@@ -65,7 +59,7 @@ def test_prune_after_forget_frees_exactly_the_unused_data(env, cli, day1, tmp_pa
     assert result["bytes_freed"] > 0
     # everything only the forgotten snapshot used is gone; index and pack headers move the total a little
     assert abs(freed - unused_bytes) < 0.05 * unused_bytes + (64 << 10), (freed, unused_bytes)
-    repo = _open(env)
+    repo = open_repo(env)
     assert not any(repo.index.has(b) for b in only_first)
     cli("check", "--read-data")
     cli("restore", "latest", tmp_path / "out")
@@ -103,7 +97,7 @@ def test_prune_and_import_never_run_together(env, cli, day1, tmp_path):
     cli("init", "--pack-size", "4")
     first, _ = _two_days(cli, live)
     (env / "snapshots" / first).unlink()
-    repo = _open(env)
+    repo = open_repo(env)
     with RepoLock(repo, exclusive=False, command="import"):  # an import is running
         _, err = cli("prune", expect=3)
         assert "in use" in err

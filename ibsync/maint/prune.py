@@ -26,9 +26,6 @@ from ..reader.walk import collect_blobs
 from ..repo.repository import Repository
 from ..storage import Kind
 
-INDEX_ENTRIES_PER_OBJECT = 100_000
-
-
 @dataclass
 class PrunePlan:
     used_blobs: int = 0
@@ -126,17 +123,7 @@ def execute_prune(repo: Repository, plan: PrunePlan, *, progress: Progress = NUL
                 progress.advance(blob.length)
     result.packs_written = session.stats.packs_written
     # 2. index objects for every pack that stays
-    packs = [PackIndex(bytes.fromhex(name), blobs) for name, blobs in sorted(plan.keep.items())]
-    batch: list[PackIndex] = []
-    count = 0
-    for p in packs:
-        batch.append(p)
-        count += len(p.blobs)
-        if count >= INDEX_ENTRIES_PER_OBJECT:
-            repo.save_index(batch)
-            batch, count = [], 0
-    if batch:
-        repo.save_index(batch)
+    repo.save_full_index(PackIndex(bytes.fromhex(name), blobs) for name, blobs in sorted(plan.keep.items()))
     # 3. the index objects read at the start are superseded
     for name in plan.old_index:
         try:

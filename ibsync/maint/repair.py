@@ -14,7 +14,6 @@ from ..format.pack import pack_name, parse_header
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
 from ..storage import Kind
-from .prune import INDEX_ENTRIES_PER_OBJECT
 
 TAIL_GUESS = 64 << 10  # one read gets the header of a pack of up to ~1,500 blobs
 
@@ -63,16 +62,7 @@ def rebuild_index(repo: Repository, *, progress: Progress = NULL_PROGRESS, dry_r
     progress.finish()
     if dry_run:
         return result
-    batch: list[PackIndex] = []
-    count = 0
-    for p in packs:
-        batch.append(p)
-        count += len(p.blobs)
-        if count >= INDEX_ENTRIES_PER_OBJECT:
-            repo.save_index(batch)
-            batch, count = [], 0
-    if batch:
-        repo.save_index(batch)
+    repo.save_full_index(packs)
     for name in old:
         try:
             repo.storage.delete(Kind.INDEX, name)

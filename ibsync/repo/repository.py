@@ -41,6 +41,8 @@ MAX_PACK_SIZE = 128 << 20
 DEFAULT_ZSTD_LEVEL = 3
 # Readers fetch packs in ranges of at most this much: few requests, bounded memory.
 READ_SPAN = 8 << 20
+# Index objects written by prune and repair hold about this many blobs (a few MB each).
+INDEX_ENTRIES_PER_OBJECT = 100_000
 
 PasswordSource = Callable[[], str]
 
@@ -179,6 +181,20 @@ class Repository:
         for pack_id, records in index_format.iter_index(self.load_object(Kind.INDEX, name)):
             self.index.add_records(pack_id, records)
         self.loaded_index.add(name)
+
+    def save_full_index(self, packs: Iterable[index_format.PackIndex]) -> None:
+        """Write index objects for many packs, about INDEX_ENTRIES_PER_OBJECT blobs each (prune
+        and repair rewrite the whole index this way)."""
+        batch: list[index_format.PackIndex] = []
+        count = 0
+        for p in packs:
+            batch.append(p)
+            count += len(p.blobs)
+            if count >= INDEX_ENTRIES_PER_OBJECT:
+                self.save_index(batch)
+                batch, count = [], 0
+        if batch:
+            self.save_index(batch)
 
     def save_index(self, packs: list[index_format.PackIndex]) -> tuple[str, int]:
         name, size = self.save_object(Kind.INDEX, index_format.encode_index(packs))
