@@ -129,3 +129,25 @@ def test_forget_with_prune(env, cli, day1, tmp_path):
     cli("check", "--read-data")
     cli("restore", "latest", tmp_path / "out")
     assert tree_state(tmp_path / "out" / live.name) == tree_state(live)
+
+
+def test_prune_started_during_a_running_import_refuses(env, cli, tmp_path):
+    """A real import process holds its shared lock while it runs: a prune started meanwhile
+    refuses and deletes nothing; the import completes and restores exactly."""
+    folder = generate(tmp_path / "src", seed=23, size_bytes=96 << 20)
+    cli("init", "--pack-size", "4")
+    e = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, "-m", "ibsync", "import", str(folder), "-q"], env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not ((env / "locks").exists() and any((env / "locks").iterdir())):  # the import holds its lock
+        assert proc.poll() is None and time.monotonic() < deadline, "the import ended before prune could start"
+        time.sleep(0.005)
+    r = run_subprocess(["prune", "--repack-threshold", "0"], e)
+    assert r.returncode == 3 and "in use" in r.stderr and "import" in r.stderr
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    cli("prune")
+    cli("check", "--read-data")
+    cli("restore", "latest", tmp_path / "out")
+    assert tree_state(tmp_path / "out" / folder.name) == tree_state(folder)
