@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..progress import NULL_PROGRESS, Progress
 
 
-def _read_password_file(path: str) -> str:
+def read_password_file(path: str) -> str:
     try:
         with open(os.path.expanduser(path), encoding="utf-8") as f:
             pw = f.read().rstrip("\r\n")
@@ -43,13 +43,13 @@ class App:
     def password(self, *, confirm: bool = False) -> str:
         """The repository password from the options, the environment, or a prompt."""
         if self.password_file:
-            return _read_password_file(self.password_file)
+            return read_password_file(self.password_file)
         if self.password_command:
             return self._run_password_command(self.password_command)
         if os.environ.get("IBSYNC_PASSWORD"):
             return os.environ["IBSYNC_PASSWORD"]
         if os.environ.get("IBSYNC_PASSWORD_FILE"):
-            return _read_password_file(os.environ["IBSYNC_PASSWORD_FILE"])
+            return read_password_file(os.environ["IBSYNC_PASSWORD_FILE"])
         if os.environ.get("IBSYNC_PASSWORD_COMMAND"):
             return self._run_password_command(os.environ["IBSYNC_PASSWORD_COMMAND"])
         if not sys.stdin.isatty():

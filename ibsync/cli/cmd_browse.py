@@ -19,7 +19,7 @@ import click
 from ..errors import IbsyncError, UserError
 from ..model import Snapshot, utc_iso
 from ..ui.text import size, table, when
-from .app import App, _read_password_file, common_options
+from .app import App, common_options, read_password_file
 
 BACKUP_PASSWORD_ENV = "IBSYNC_BACKUP_PASSWORD"
 EXTRACT_WORKERS = 4
@@ -49,7 +49,7 @@ def _keyring(password_file: str | None):
 
     def password() -> str:
         if password_file:
-            return _read_password_file(password_file)
+            return read_password_file(password_file)
         if os.environ.get(BACKUP_PASSWORD_ENV):
             return os.environ[BACKUP_PASSWORD_ENV]
         if not sys.stdin.isatty():

@@ -8,7 +8,7 @@ import click
 from ..errors import UserError
 from ..model import parse_iso
 from ..ui.text import table, when
-from .app import App, _read_password_file, common_options
+from .app import App, common_options, read_password_file
 
 NEW_PASSWORD_FILE_HELP = "Read the new password from FILE (also $IBSYNC_NEW_PASSWORD; else a prompt)."
 
@@ -41,7 +41,7 @@ class _Session:
 
 def _new_password(path: str | None) -> str:
     if path:
-        return _read_password_file(path)
+        return read_password_file(path)
     if os.environ.get("IBSYNC_NEW_PASSWORD"):
         return os.environ["IBSYNC_NEW_PASSWORD"]
     if not sys.stdin.isatty():
