@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -29,23 +30,51 @@ def read_password_file(path: str) -> str:
 
 @dataclass
 class App:
-    repo_url: str | None
+    repo_url: str | None  # a URL, a path, or the name of a repository in the config file
     password_file: str | None
     password_command: str | None
     json: bool
     quiet: bool
+    config_path: str | None = None
+    _repo: Any = None  # the resolved RepoConfig
+
+    def repo_config(self):
+        """The repository the options name, resolved through the config file."""
+        if self._repo is None:
+            from ..config import load_config, resolve_repo
+
+            if not self.repo_url:
+                raise UserError("no repository given: pass --repo URL|NAME or set IBSYNC_REPO")
+            self._repo = resolve_repo(self.repo_url, load_config(Path(self.config_path) if self.config_path else None))
+        return self._repo
 
     def require_repo(self) -> str:
-        if not self.repo_url:
-            raise UserError("no repository given: pass --repo URL or set IBSYNC_REPO")
-        return self.repo_url
+        return self.repo_config().url
+
+    def storage(self):
+        from ..config import expand_secrets
+        from ..storage import open_storage
+
+        rc = self.repo_config()
+        where = f"repository '{rc.name}'" if rc.name else "repository"
+        return open_storage(rc.url, expand_secrets(rc.options, where) if rc.options else None)
 
     def password(self, *, confirm: bool = False) -> str:
-        """The repository password from the options, the environment, or a prompt."""
+        """The repository password: the options, then the config file's source for this
+        repository, then the environment, then a prompt."""
         if self.password_file:
             return read_password_file(self.password_file)
         if self.password_command:
             return self._run_password_command(self.password_command)
+        rc = self.repo_config() if self.repo_url else None
+        if rc is not None and rc.password_file:
+            return read_password_file(rc.password_file)
+        if rc is not None and rc.password_command:
+            return self._run_password_command(rc.password_command)
+        if rc is not None and rc.password_env:
+            if not os.environ.get(rc.password_env):
+                raise UserError(f"repository '{rc.name}': environment variable {rc.password_env} is not set")
+            return os.environ[rc.password_env]
         if os.environ.get("IBSYNC_PASSWORD"):
             return os.environ["IBSYNC_PASSWORD"]
         if os.environ.get("IBSYNC_PASSWORD_FILE"):
@@ -81,9 +110,8 @@ class App:
         ends, and load its index."""
         from ..repo.lock import RepoLock
         from ..repo.repository import Repository
-        from ..storage import open_storage
 
-        repo = Repository.open(open_storage(self.require_repo()), self.password)
+        repo = Repository.open(self.storage(), self.password)
         if lock != "none":
             ctx = click.get_current_context()
             held = RepoLock(repo, exclusive=lock == "exclusive", command=ctx.command_path.removeprefix("ibsync ")).acquire()
@@ -109,15 +137,17 @@ class App:
 def common_options(func: Callable) -> Callable:
     """--repo, password options, --json and --quiet on every command."""
 
-    @click.option("--repo", "-r", "repo_url", envvar="IBSYNC_REPO", metavar="URL",
-                  help="Repository: a path or any fsspec URL (s3://, sftp://, ...). Default: $IBSYNC_REPO.")
+    @click.option("--repo", "-r", "repo_url", envvar="IBSYNC_REPO", metavar="URL|NAME",
+                  help="Repository: a path, any fsspec URL (s3://, sftp://, ...), or a name from the config file. Default: $IBSYNC_REPO.")
+    @click.option("--config", "config_path", envvar="IBSYNC_CONFIG", metavar="FILE",
+                  help="Config file naming repositories (default: the platform's user config folder, ibsync/config.toml).")
     @click.option("--password-file", "-p", metavar="FILE", help="Read the repository password from FILE (also $IBSYNC_PASSWORD_FILE).")
     @click.option("--password-command", metavar="CMD", help="Run CMD and use what it prints as the password (also $IBSYNC_PASSWORD_COMMAND).")
     @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of text.")
     @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors; no progress bars.")
     @functools.wraps(func)
-    def wrapper(repo_url, password_file, password_command, as_json, quiet, **kwargs):
-        app = App(repo_url, password_file, password_command, as_json, quiet)
+    def wrapper(repo_url, config_path, password_file, password_command, as_json, quiet, **kwargs):
+        app = App(repo_url, password_file, password_command, as_json, quiet, config_path)
         return func(app, **kwargs)
 
     return wrapper

@@ -13,9 +13,8 @@ from .app import App, common_options
 def init_cmd(app: App, no_encryption: bool, pack_size: int) -> None:
     """Create a new, empty repository."""
     from ..repo.repository import Repository
-    from ..storage import open_storage
 
-    storage = open_storage(app.require_repo())
+    storage = app.storage()
     password = None if no_encryption else app.password(confirm=True)
     repo = Repository.init(storage, password, pack_size=pack_size << 20)
     if app.json:

@@ -20,7 +20,6 @@ class _Session:
     def __init__(self, app: App) -> None:
         from ..repo.keys import require_encrypted
         from ..repo.repository import Repository
-        from ..storage import open_storage
 
         self.password: str | None = None
 
@@ -29,7 +28,7 @@ class _Session:
             return self.password
 
         # Keys need neither the index nor the snapshots: open the config and keys only.
-        self.repo = Repository.open(open_storage(app.require_repo()), password)
+        self.repo = Repository.open(app.storage(), password)
         require_encrypted(self.repo)
 
     def new_password(self, path: str | None) -> str:

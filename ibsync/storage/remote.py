@@ -8,12 +8,18 @@ constructor (credentials, endpoints). Instances are never shared with other code
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tempfile
 from typing import Any, Iterator, Sequence
 
 from ..errors import AlreadyExists, NotFound, StorageError
 from .base import FANNED_OUT, Kind, ObjectInfo, Properties, join_pieces, object_path
+
+def redact_url(url: str) -> str:
+    """``scheme://user:secret@host/...`` -> ``scheme://user:***@host/...``."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", url)
+
 
 # Object stores have no folders and PUT is atomic; on the others a write goes to a temporary
 # name first and is moved into place, so a reader never sees half an object.
@@ -63,7 +69,7 @@ class FsspecStorage:
             cls = fsspec.get_filesystem_class(protocol)
         except (ImportError, ValueError) as e:
             raise StorageError(f"{url}: no storage backend for '{protocol}://' ({e})") from e
-        self.url = url
+        self.url = redact_url(url)  # what messages show: never a password from the URL
         self.protocol = protocol
         self.fs = cls(skip_instance_cache=True, **(options or {}))
         self.root = cls._strip_protocol(url).rstrip("/")
