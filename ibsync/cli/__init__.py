@@ -23,6 +23,7 @@ COMMANDS = {
     "extract": "cmd_browse:extract_cmd",
     "diff": "cmd_browse:diff_cmd",
     "forget": "cmd_forget:forget_cmd",
+    "copy": "cmd_copy:copy_cmd",
     "prune": "cmd_prune:prune_cmd",
     "check": "cmd_check:check_cmd",
     "repair": "cmd_repair:repair_group",

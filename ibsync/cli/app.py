@@ -36,6 +36,7 @@ class App:
     json: bool
     quiet: bool
     config_path: str | None = None
+    env_prefix: str = "IBSYNC_"  # IBSYNC_FROM_ for the source of `copy`
     _repo: Any = None  # the resolved RepoConfig
 
     def repo_config(self):
@@ -75,19 +76,21 @@ class App:
             if not os.environ.get(rc.password_env):
                 raise UserError(f"repository '{rc.name}': environment variable {rc.password_env} is not set")
             return os.environ[rc.password_env]
-        if os.environ.get("IBSYNC_PASSWORD"):
-            return os.environ["IBSYNC_PASSWORD"]
-        if os.environ.get("IBSYNC_PASSWORD_FILE"):
-            return read_password_file(os.environ["IBSYNC_PASSWORD_FILE"])
-        if os.environ.get("IBSYNC_PASSWORD_COMMAND"):
-            return self._run_password_command(os.environ["IBSYNC_PASSWORD_COMMAND"])
+        env = self.env_prefix
+        if os.environ.get(f"{env}PASSWORD"):
+            return os.environ[f"{env}PASSWORD"]
+        if os.environ.get(f"{env}PASSWORD_FILE"):
+            return read_password_file(os.environ[f"{env}PASSWORD_FILE"])
+        if os.environ.get(f"{env}PASSWORD_COMMAND"):
+            return self._run_password_command(os.environ[f"{env}PASSWORD_COMMAND"])
         if not sys.stdin.isatty():
             raise UserError(
-                "no password given: use --password-file, IBSYNC_PASSWORD, IBSYNC_PASSWORD_FILE or run interactively"
+                f"no password given for {self.repo_url}: use a password option, {env}PASSWORD, "
+                f"{env}PASSWORD_FILE, the config file, or run interactively"
             )
         import getpass
 
-        pw = getpass.getpass("repository password: ")
+        pw = getpass.getpass(f"password of {self.repo_url}: ")
         if confirm and getpass.getpass("repeat the password: ") != pw:
             raise UserError("the passwords do not match")
         if not pw:
