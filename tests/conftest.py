@@ -23,6 +23,7 @@ def env(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     monkeypatch.setenv("IBSYNC_REPO", str(repo))
     monkeypatch.setenv("IBSYNC_PASSWORD", PASSWORD)
+    monkeypatch.setenv("IBSYNC_CACHE_DIR", str(tmp_path / "cache"))  # never the user's own cache
     monkeypatch.delenv("IBSYNC_PASSWORD_FILE", raising=False)
     monkeypatch.setattr("ibsync.format.crypto.DEFAULT_KDF", FAST_KDF)
     return repo

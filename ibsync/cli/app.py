@@ -115,6 +115,10 @@ class App:
         from ..repo.repository import Repository
 
         repo = Repository.open(self.storage(), self.password)
+        if not repo.storage.properties.local and not os.environ.get("IBSYNC_NO_CACHE"):
+            from ..repo.cache import default_cache_dir
+
+            repo.use_cache(Path(os.environ.get("IBSYNC_CACHE_DIR") or default_cache_dir()))
         if lock != "none":
             ctx = click.get_current_context()
             held = RepoLock(repo, exclusive=lock == "exclusive", command=ctx.command_path.removeprefix("ibsync ")).acquire()

@@ -31,6 +31,7 @@ from ..format.objects import open_object, seal_object
 from ..format.pack import PackedBlob, blob_aad, parse_header
 from ..model import Node, Snapshot, decode_tree, decode_tree_entries, utc_iso
 from ..storage import Kind, Storage
+from .cache import CACHED_KINDS, ObjectCache
 from .index import BlobLocation, MasterIndex
 
 FORMAT_NAME = "ibsync-repository"
@@ -71,6 +72,7 @@ class Repository:
         self.pack_size = int(config["pack_size"])
         self.index = MasterIndex()
         self.loaded_index: set[str] = set()
+        self.cache = None  # an ObjectCache for remote repositories (use_cache)
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._trees_lock = threading.Lock()
 
@@ -160,19 +162,32 @@ class Repository:
         stored = seal_object(body, kind.value, self.cipher, self.compressor)
         name = storage_name(stored)
         self.storage.put(kind, name, stored)
+        if self.cache is not None and kind in CACHED_KINDS:
+            self.cache.put(kind, name, stored)  # what we wrote we need not read back
         return name, len(stored)
 
+    def use_cache(self, root) -> None:
+        """Keep index and snapshot objects in a local cache folder (for remote storage)."""
+        self.cache = ObjectCache(root, self.id)
+
     def load_object(self, kind: Kind, name: str) -> bytes:
-        stored = self.storage.get(kind, name)
-        if storage_name(stored) != name:
-            raise InvalidData(f"{kind.value}/{name[:12]}: content does not match its name (damaged)")
+        stored = self.cache.get(kind, name) if self.cache is not None and kind in CACHED_KINDS else None
+        if stored is None:
+            stored = self.storage.get(kind, name)
+            if storage_name(stored) != name:
+                raise InvalidData(f"{kind.value}/{name[:12]}: content does not match its name (damaged)")
+            if self.cache is not None and kind in CACHED_KINDS:
+                self.cache.put(kind, name, stored)
         return open_object(stored, kind.value, self.cipher, self.compressor)
 
     # ---- index -----------------------------------------------------------------------------
 
     def load_index(self) -> None:
         """Load every index object not loaded yet."""
-        for info in self.storage.list(Kind.INDEX):
+        listed = list(self.storage.list(Kind.INDEX))
+        if self.cache is not None:
+            self.cache.retain(Kind.INDEX, {info.name for info in listed})
+        for info in listed:
             if info.name in self.loaded_index:
                 continue
             self.add_index_object(info.name)
@@ -298,7 +313,10 @@ class Repository:
 
     def snapshots(self) -> list[Snapshot]:
         """Every snapshot, oldest backup first."""
-        snaps = [self.load_snapshot(info.name) for info in self.storage.list(Kind.SNAPSHOTS)]
+        listed = list(self.storage.list(Kind.SNAPSHOTS))
+        if self.cache is not None:
+            self.cache.retain(Kind.SNAPSHOTS, {info.name for info in listed})
+        snaps = [self.load_snapshot(info.name) for info in listed]
         return sorted(snaps, key=Snapshot.sort_key)
 
     def find_snapshot(self, spec: str, device: str | None = None, snapshots: Iterable[Snapshot] | None = None) -> Snapshot:
