@@ -11,23 +11,17 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
 from pathlib import Path
 
 from ..format.crypto import storage_name
 from ..storage import Kind
+from ..userdirs import user_dir
 
 CACHED_KINDS = frozenset({Kind.INDEX, Kind.SNAPSHOTS})
 
 
 def default_cache_dir() -> Path:
-    if sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    elif sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "ibsync"
+    return user_dir("cache")
 
 
 class ObjectCache:
