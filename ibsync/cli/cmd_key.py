@@ -17,8 +17,9 @@ class _Session:
     """The repository opened with the current password, which is remembered so that a new
     password equal to it can be refused."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, *, exclusive: bool = False) -> None:
         from ..repo.keys import require_encrypted
+        from ..repo.lock import RepoLock
         from ..repo.repository import Repository
 
         self.password: str | None = None
@@ -30,6 +31,11 @@ class _Session:
         # Keys need neither the index nor the snapshots: open the config and keys only.
         self.repo = Repository.open(app.storage(), password)
         require_encrypted(self.repo)
+        if exclusive:
+            # two removals racing could each see the other's key still there and delete both
+            ctx = click.get_current_context()
+            held = RepoLock(self.repo, exclusive=True, command=ctx.command_path.removeprefix("ibsync ")).acquire()
+            ctx.call_on_close(held.release)
 
     def new_password(self, path: str | None) -> str:
         pw = _new_password(path)
@@ -125,7 +131,7 @@ def key_remove_cmd(app: App, key_id: str) -> None:
     """
     from ..repo.keys import remove_key
 
-    name = remove_key(_Session(app).repo, key_id)
+    name = remove_key(_Session(app, exclusive=True).repo, key_id)
     if app.json:
         app.emit_json({"removed": name})
     else:
@@ -139,7 +145,7 @@ def key_passwd_cmd(app: App, new_password_file: str | None) -> None:
     """Change the password: add a key for the new password, then remove the key the current one opened."""
     from ..repo.keys import change_password
 
-    session = _Session(app)
+    session = _Session(app, exclusive=True)
     old = session.repo.key_name
     new = change_password(session.repo, session.new_password(new_password_file))
     if app.json:
