@@ -158,6 +158,10 @@ class Snapshot:
             id=id,
         )
 
+    def of_device(self, device: str | None) -> bool:
+        """Whether this is a snapshot of ``device`` (its UDID or name); None matches all."""
+        return device is None or device in (self.device.udid, self.device.name)
+
     @property
     def folder_name(self) -> str:
         return self.folder or self.device.udid

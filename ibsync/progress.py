@@ -12,10 +12,6 @@ class Progress(Protocol):
 
     def advance(self, nbytes: int = 0, files: int = 0) -> None: ...
 
-    def add_total(self, nbytes: int = 0, files: int = 0) -> None: ...
-
-    def message(self, text: str) -> None: ...
-
     def finish(self) -> None: ...
 
 
@@ -26,12 +22,6 @@ class NullProgress:
         pass
 
     def advance(self, nbytes: int = 0, files: int = 0) -> None:
-        pass
-
-    def add_total(self, nbytes: int = 0, files: int = 0) -> None:
-        pass
-
-    def message(self, text: str) -> None:
         pass
 
     def finish(self) -> None:

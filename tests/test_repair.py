@@ -80,3 +80,19 @@ def test_repair_index_leaves_out_a_damaged_pack(env, cli, day1):
     victim.write_bytes(bytes(data))
     out, _ = cli("repair", "index", "--json")
     assert list(json.loads(out)["damaged_packs"]) == [victim.name]
+
+
+def test_check_reports_and_repair_replaces_a_damaged_index_object(env, cli, day1, tmp_path):
+    cli("init", "--pack-size", "4")
+    cli("import", day1)
+    obj = next((env / "index").iterdir())
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 1
+    obj.chmod(0o644)
+    obj.write_bytes(bytes(data))
+    out, err = cli("check", "--json", expect=1)  # a report, not a failure to open
+    assert any(obj.name[:12] in e for e in json.loads(out)["errors"])
+    cli("repair", "index")
+    cli("check", "--read-data")
+    cli("restore", "latest", tmp_path / "out")
+    assert tree_state(tmp_path / "out" / day1.name) == tree_state(day1)

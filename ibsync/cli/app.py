@@ -108,9 +108,10 @@ class App:
             raise UserError("password command printed nothing")
         return pw
 
-    def open_repo(self, *, lock: str = "shared"):
+    def open_repo(self, *, lock: str = "shared", load_index: bool = True):
         """Open the repository, lock it ("shared", "exclusive" or "none") until the command
-        ends, and load its index."""
+        ends, and load its index (check and repair load it themselves: a damaged index object
+        is what they are there to report or replace)."""
         from ..repo.lock import RepoLock
         from ..repo.repository import Repository
 
@@ -123,7 +124,8 @@ class App:
             ctx = click.get_current_context()
             held = RepoLock(repo, exclusive=lock == "exclusive", command=ctx.command_path.removeprefix("ibsync ")).acquire()
             ctx.call_on_close(held.release)
-        repo.load_index()
+        if load_index:
+            repo.load_index()
         return repo
 
     def progress(self, description: str) -> Progress:

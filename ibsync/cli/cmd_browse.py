@@ -183,7 +183,7 @@ def find_cmd(app: App, pattern: str, device: str | None, backup_password_file: s
     repo = app.open_repo()
     snaps = repo.snapshots()
     if device:
-        snaps = [s for s in snaps if device in (s.device.udid, s.device.name)]
+        snaps = [s for s in snaps if s.of_device(device)]
         if not snaps:
             raise UserError(f"no snapshot of a device '{device}'")
     keyring = _keyring(backup_password_file)

@@ -21,7 +21,7 @@ def check_cmd(app: App, read_data: bool, subset_text: str | None) -> None:
     from ..maint.check import Subset, check
 
     subset = Subset.parse(subset_text) if subset_text else None
-    repo = app.open_repo()
+    repo = app.open_repo(load_index=False)
     result = check(repo, read_data=read_data, subset=subset, progress=app.progress("check"))
     if app.json:
         app.emit_json(

@@ -35,7 +35,7 @@ def copy_cmd(app: App, snapshots: tuple[str, ...], from_repo: str, from_password
         raise UserError("--from-repo and --repo are the same repository")
     chosen = src.snapshots()
     if device:
-        chosen = [s for s in chosen if device in (s.device.udid, s.device.name)]
+        chosen = [s for s in chosen if s.of_device(device)]
     if snapshots:
         chosen = list({s.id: s for s in (src.find_snapshot(spec, device, snapshots=chosen) for spec in snapshots)}.values())
     result = copy_snapshots(src, dst, chosen, progress=app.progress("copy"))

@@ -146,7 +146,7 @@ def forget_cmd(
     repo = app.open_repo(lock="exclusive" if prune else "shared")
     snaps = repo.snapshots()
     if device:
-        snaps = [s for s in snaps if device in (s.device.udid, s.device.name)]
+        snaps = [s for s in snaps if s.of_device(device)]
         if not snaps:
             raise UserError(f"no snapshot of a device '{device}'")
 

@@ -21,7 +21,7 @@ def repair_index_cmd(app: App, dry_run: bool) -> None:
     """
     from ..maint.repair import rebuild_index
 
-    repo = app.open_repo(lock="exclusive")
+    repo = app.open_repo(lock="exclusive", load_index=False)
     result = rebuild_index(repo, progress=app.progress("repair index"), dry_run=dry_run)
     if app.json:
         app.emit_json({"packs": result.packs, "blobs": result.blobs, "damaged_packs": result.damaged,

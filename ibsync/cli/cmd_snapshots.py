@@ -33,7 +33,7 @@ def snapshots_cmd(app: App, device: str | None) -> None:
     repo = app.open_repo()
     snaps = repo.snapshots()
     if device:
-        snaps = [s for s in snaps if device in (s.device.udid, s.device.name)]
+        snaps = [s for s in snaps if s.of_device(device)]
     if app.json:
         app.emit_json([snapshot_dict(s) for s in snaps])
         return

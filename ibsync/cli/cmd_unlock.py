@@ -16,7 +16,7 @@ def unlock_cmd(app: App, remove_all: bool) -> None:
     """
     from ..repo.lock import remove_locks
 
-    repo = app.open_repo(lock="none")
+    repo = app.open_repo(lock="none", load_index=False)
     removed = remove_locks(repo, all_locks=remove_all)
     if app.json:
         app.emit_json({"removed": [lk.name for lk in removed]})

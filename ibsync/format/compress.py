@@ -37,9 +37,6 @@ class Compressor:
             return None
         return out
 
-    def compress_always(self, data: bytes) -> bytes:
-        return self._c().compress(data)
-
     def decompress(self, data: bytes | memoryview, raw_length: int) -> bytes:
         try:
             out = self._d().decompress(data, max_output_size=raw_length)

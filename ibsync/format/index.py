@@ -62,25 +62,8 @@ def iter_index(data: bytes) -> Iterator[tuple[bytes, list[tuple[int, int, bytes,
 
 
 def decode_index(data: bytes) -> list[PackIndex]:
-    try:
-        magic, version, count = _HEAD.unpack_from(data, 0)
-        if magic != MAGIC or version != VERSION:
-            raise InvalidData("not an ibsync index object")
-        pos, packs = _HEAD.size, []
-        for _ in range(count):
-            pack_id, n = _PACK.unpack_from(data, pos)
-            pos += _PACK.size
-            end = pos + n * _ENTRY.size
-            blobs = [
-                PackedBlob(BlobType(t), bid, off, length, raw, bool(flags & FLAG_ZSTD))
-                for t, flags, bid, off, length, raw in _ENTRY.iter_unpack(data[pos:end])
-            ]
-            if len(blobs) != n:
-                raise InvalidData("index object truncated")
-            packs.append(PackIndex(pack_id, blobs))
-            pos = end
-    except struct.error as e:
-        raise InvalidData(f"index object truncated: {e}") from e
-    if pos != len(data):
-        raise InvalidData("index object has trailing bytes")
-    return packs
+    return [
+        PackIndex(pack_id, [PackedBlob(BlobType(t), bid, off, length, raw, bool(flags & FLAG_ZSTD))
+                            for t, flags, bid, off, length, raw in records])
+        for pack_id, records in iter_index(data)
+    ]

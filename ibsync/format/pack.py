@@ -127,12 +127,3 @@ def parse_header(tail: bytes, cipher: Cipher) -> list[PackedBlob]:
         offset += length
     return blobs
 
-
-def header_bytes_hint(cipher: Cipher, count: int) -> int:
-    """Length of a pack's header with its length field (to read just the tail of a pack)."""
-    return cipher.overhead + _HEAD.size + count * _ENTRY.size + _TAIL.size
-
-
-def tail_length(pack_tail: bytes) -> int:
-    (hlen,) = _TAIL.unpack_from(pack_tail, len(pack_tail) - _TAIL.size)
-    return hlen + _TAIL.size

@@ -79,10 +79,10 @@ def stats(repo: Repository, snapshots: list[Snapshot] | None = None) -> RepoStat
         ds.logical_bytes += snap.summary.total_bytes
         ds.latest_bytes = snap.summary.total_bytes
         ds.name = snap.device.name or ds.name
-        collect_blobs(repo, snap.tree, blobs)
         out.logical_bytes += snap.summary.total_bytes
         own: set[bytes] = set()
         collect_blobs(repo, snap.tree, own)
+        blobs |= own
         out.snapshot_stats.append(
             SnapshotStats(
                 snap.id, snap.device.udid, utc_iso(snap.backup_date) if snap.backup_date else None,

@@ -52,9 +52,6 @@ class MasterIndex:
     def pack_count(self) -> int:
         return len(self._packs)
 
-    def memory_bytes(self) -> int:
-        return sum(len(b) for b in self._buckets if b) + 80 * len(self._packs)
-
     def _find(self, blob_id: bytes) -> tuple[bytearray, int] | None:
         bucket = self._buckets[(blob_id[0] << 8) | blob_id[1]]
         if bucket is None:

@@ -323,7 +323,7 @@ class Repository:
         """Resolve 'latest' or an id prefix; ``device`` (UDID or name) narrows 'latest'."""
         snaps = list(snapshots) if snapshots is not None else self.snapshots()
         if device:
-            snaps = [s for s in snaps if device in (s.device.udid, s.device.name)]
+            snaps = [s for s in snaps if s.of_device(device)]
             if not snaps:
                 raise UserError(f"no snapshot of a device '{device}'")
         if spec == "latest":

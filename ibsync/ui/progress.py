@@ -49,21 +49,6 @@ class TerminalProgress:
             if nbytes:
                 self._bar.update(nbytes)
 
-    def add_total(self, nbytes: int = 0, files: int = 0) -> None:
-        if self._bar is None:
-            return
-        with self._lock:
-            if nbytes:
-                self._bar.total = (self._bar.total or 0) + nbytes
-            if files and self._total_files is not None:
-                self._total_files += files
-
-    def message(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr)
-
     def finish(self) -> None:
         if self._bar is not None:
             self._bar.close()
