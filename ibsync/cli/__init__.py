@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -72,11 +73,24 @@ def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C, so uploaded packs
     raise KeyboardInterrupt
 
 
+def _log_to_stderr() -> None:
+    """Warnings from the library (a storage retrying after a dropped connection) as one line
+    each on stderr; set once per process, whatever number of times main() runs."""
+    logger = logging.getLogger("ibsync")
+    if not any(getattr(h, "ibsync_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("ibsync: %(message)s"))
+        handler.ibsync_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..errors import IbsyncError
 
     debug = bool(os.environ.get("IBSYNC_DEBUG"))
     signal.signal(signal.SIGTERM, _terminate)
+    _log_to_stderr()
     try:
         cli.main(args=argv, prog_name="ibsync", standalone_mode=False)
         return 0

@@ -12,13 +12,23 @@ _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
 def open_storage(url: str, options: dict[str, Any] | None = None) -> Storage:
-    """A plain path or file:// URL is a local folder; any other URL goes to fsspec by scheme."""
+    """A plain path or file:// URL is a local folder; s3, sftp, smb and webdav have their own
+    backends; any other URL goes to fsspec by scheme."""
     m = _SCHEME.match(url)
     if m is None or m.group(1) == "file":
         return LocalStorage(url[len("file://"):] if m else url)
-    from .remote import FsspecStorage
-
-    return FsspecStorage(url, options)
+    scheme = m.group(1).lower()
+    if scheme in ("s3", "s3a"):
+        from .s3 import S3Storage as backend
+    elif scheme in ("sftp", "ssh"):
+        from .sftp import SftpStorage as backend
+    elif scheme == "smb":
+        from .smb import SmbStorage as backend
+    elif scheme in ("webdav+http", "webdav+https"):
+        from .webdav import WebdavStorage as backend
+    else:
+        from .remote import FsspecStorage as backend
+    return backend(url, options)
 
 
 __all__ = ["Kind", "ObjectInfo", "Properties", "Storage", "LocalStorage", "object_path", "open_storage"]

@@ -26,7 +26,12 @@ def check_empty(s: Storage) -> None:
             assert list(s.list(kind)) == [], f"nothing listed under {kind.value}"
     _expect(NotFound, s.get, Kind.SNAPSHOTS, "00" * 32)
     _expect(NotFound, s.stat, Kind.SNAPSHOTS, "00" * 32)
-    _expect(NotFound, s.delete, Kind.SNAPSHOTS, "00" * 32)
+    # Deleting a missing object: NotFound where the backend can tell, silence on object stores
+    # (an S3 DELETE of a missing key succeeds); never another error.
+    try:
+        s.delete(Kind.SNAPSHOTS, "00" * 32)
+    except NotFound:
+        pass
 
 
 def check_put_get(s: Storage) -> None:
