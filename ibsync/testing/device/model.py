@@ -1,0 +1,264 @@
+"""What a simulated iOS device holds and how it is told to misbehave.
+
+The device's data is modelled the way a backup sees it, not as a filesystem: one
+:class:`~ibsync.testing.generator.BackupFile` per Manifest.db row (domain, relative path, flags,
+mtime, mode, size, payload, symlink target), keyed by its file id ``sha1(domain-relativePath)``.
+That is the generator's row type, so a generated :class:`~ibsync.testing.generator.DeviceContent`
+becomes a device without conversion and the Manifest.db the device uploads is built by the
+generator's own helpers.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import plistlib
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..generator import (
+    FLAG_DIR,
+    FLAG_FILE,
+    MODE_DIR,
+    MODE_FILE,
+    BackupFile,
+    DeviceContent,
+    files_signature,
+    mutate_content,
+)
+from .crypto import UnlockedBackup
+from .metadata import read_manifest_db
+
+KIB = 1 << 10
+MIB = 1 << 20
+
+
+def file_id(domain: str, relative_path: str) -> str:
+    """The name a backup gives a file: ``sha1(f"{domain}-{relative_path}")``."""
+    return hashlib.sha1(f"{domain}-{relative_path}".encode()).hexdigest()
+
+
+class LegacyMessage(enum.Enum):
+    """DeviceLink messages pymobiledevice3 11.45.0 has no handler for (its ``dl_loop`` raises
+    ``KeyError``). libimobiledevice treats MoveFiles/RemoveFiles like the Items messages and ends its
+    loop on Disconnect."""
+
+    MOVE_FILES = "DLMessageMoveFiles"  # sent instead of DLMessageMoveItems
+    REMOVE_FILES = "DLMessageRemoveFiles"  # sent instead of DLMessageRemoveItems
+    PING = "DLMessagePing"  # sent once when a backup starts; the device expects no answer (inferred)
+    DISCONNECT = "DLMessageDisconnect"  # ends the backup instead of the final DLMessageProcessMessage
+
+
+@dataclass(frozen=True)
+class PasscodePrompt:
+    """iOS 16.1+ asks for the passcode on the device when a backup starts, and the backup waits.
+
+    The device relays ``com.apple.LocalAuthentication.ui.presented`` to every notification_proxy
+    connection observing it, waits until :meth:`SimLockdown.enter_passcode` is called (or
+    ``auto_enter_after`` seconds have passed), then relays ``...ui.dismissed`` and goes on."""
+
+    auto_enter_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Misbehaviour:
+    """Ways the device departs from a clean run. The default is a well-behaved device."""
+
+    #: File ids whose read fails on the device: the upload of each carries CODE_ERROR_REMOTE instead of
+    #: its data (as iOS 17 betas did for backup_manifest.db). The row stays in Manifest.db, so the host
+    #: is left with an empty payload for it, as real hosts are.
+    fail_read: frozenset[str] = frozenset()
+    #: The device closes the connection halfway through sending the payload with this index (0-based,
+    #: in upload order) of a backup.
+    drop_during_upload: int | None = None
+    #: Free bytes the device demands on the host before uploading, instead of its usual
+    #: ``upload size + 128 MiB``: set it above what the host has and the host "reports too little",
+    #: the device asks it to purge and then ends with ErrorCode 105.
+    required_free_space: int | None = None
+    legacy_messages: frozenset[LegacyMessage] = frozenset()
+    #: End every backup with this (ErrorCode, ErrorDescription) instead of ErrorCode 0, after the data
+    #: has been sent.
+    final_error: tuple[int, str] | None = None
+    passcode_prompt: PasscodePrompt | None = None
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """How the device paces uploads. Plausible values, not captured from BackupAgent2."""
+
+    frame_size: int = 32 * KIB  # data frame of an upload; the size Apple's DeviceLink uses for downloads
+    batch_files: int = 128  # files per DLMessageUploadFiles
+    batch_bytes: int = 16 * MIB  # payload bytes per DLMessageUploadFiles
+    download_batch_files: int = 128  # payloads per DLMessageDownloadFiles during a restore
+
+
+def _serial_of(udid: str) -> str:
+    alphabet = "0123456789CDFGHJKLMNPQRTVWXY"
+    h = int(hashlib.sha1(f"simdevice-serial:{udid}".encode()).hexdigest(), 16)
+    out = []
+    for _ in range(10):
+        h, r = divmod(h, len(alphabet))
+        out.append(alphabet[r])
+    return "F" + "".join(out) + "X"
+
+
+@dataclass
+class SimDevice:
+    """A simulated iPhone: identity, backup-visible data, backup encryption and misbehaviours.
+
+    ``files`` maps file id -> row; directory rows (``flags == 2``) and symlinks (``4``) are kept too,
+    since a device's Manifest.db lists them. ``media`` is what AFC shows (``/iTunes_Control/...``,
+    ``/Books/...``): absolute path -> bytes."""
+
+    udid: str
+    name: str = "Simulated iPhone"
+    product_type: str = "iPhone15,2"
+    product_version: str = "17.5.1"
+    build_version: str = "21F90"
+    serial_number: str = ""
+    files: dict[str, BackupFile] = field(default_factory=dict, repr=False)
+    media: dict[str, bytes] = field(default_factory=dict, repr=False)
+    encrypted: bool = False
+    password: str = ""
+    #: PBKDF2-SHA256 rounds of the backup keybag (DPIC). Real devices use 10,000,000 (about 2 s here);
+    #: tests pass a small number, which decryptors read from the keybag like any other value.
+    keybag_rounds: int = 10_000_000
+    misbehave: Misbehaviour = field(default_factory=Misbehaviour)
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+
+    def __post_init__(self) -> None:
+        if not self.serial_number:
+            self.serial_number = _serial_of(self.udid)
+        if self.encrypted and not self.password:
+            raise ValueError("an encrypted device needs its backup password")
+
+    # ---- building -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_content(cls, content: DeviceContent, **kwargs) -> SimDevice:
+        """The phone a generator :class:`DeviceContent` describes (its rows must carry payloads)."""
+        missing = [f.relative_path for f in content.files if f.flags == FLAG_FILE and f.data is None]
+        if missing:
+            raise ValueError(f"{len(missing)} files of the content have no payload (e.g. {missing[0]})")
+        return cls(udid=content.udid, name=content.device_name, product_type=content.product_type,
+                   product_version=content.product_version, build_version=content.build_version,
+                   serial_number=content.serial_number, files={f.file_id: f for f in content.files}, **kwargs)
+
+    @classmethod
+    def from_backup_folder(cls, device_dir: Path, *, password: str = "", **kwargs) -> SimDevice:
+        """The phone an existing backup folder (``<udid>/`` with Manifest.db) was taken from.
+
+        Encrypted folders need ``password``; the device then keeps backing up encrypted with it."""
+        device_dir = Path(device_dir)
+        manifest = plistlib.loads((device_dir / "Manifest.plist").read_bytes())
+        image = (device_dir / "Manifest.db").read_bytes()
+        unlocked = None
+        if manifest.get("IsEncrypted"):
+            if not password:
+                raise ValueError(f"{device_dir} is an encrypted backup: its password is needed")
+            unlocked = UnlockedBackup.open(manifest, password)
+            image = unlocked.decrypt_manifest_db(image)
+        files = {}
+        for row in read_manifest_db(image):
+            data = None
+            if row.flags == FLAG_FILE:
+                data = (device_dir / row.file_id[:2] / row.file_id).read_bytes()
+                if unlocked is not None:
+                    data = unlocked.decrypt_file(data, row.encryption_key, row.size)
+            files[row.file_id] = row.to_backup_file(data)
+        lock = manifest.get("Lockdown", {})
+        identity = {"udid": lock.get("UniqueDeviceID", device_dir.name), "name": lock.get("DeviceName", "iPhone"),
+                    "product_type": lock.get("ProductType", "iPhone15,2"),
+                    "product_version": lock.get("ProductVersion", "17.5.1"),
+                    "build_version": lock.get("BuildVersion", ""), "serial_number": lock.get("SerialNumber", "")}
+        if unlocked is not None:
+            identity.update(encrypted=True, password=password)
+        identity.update(kwargs)
+        return cls(files=files, **identity)
+
+    # ---- looking ----------------------------------------------------------------------------------------------
+
+    def file(self, domain: str, relative_path: str) -> BackupFile | None:
+        return self.files.get(file_id(domain, relative_path))
+
+    def payloads(self) -> dict[str, bytes]:
+        """File id -> bytes of every regular file: what a backup folder's ``xx/<fileID>`` must hold
+        (decrypted)."""
+        return {fid: f.data or b"" for fid, f in self.files.items() if f.flags == FLAG_FILE}
+
+    def signature(self) -> str:
+        """A digest of every row's metadata (not the payloads): equal signatures, equal Manifest.db rows."""
+        return files_signature(self.files.values())
+
+    def installed_apps(self) -> list[str]:
+        """Bundle ids of the user apps: those with an ``AppDomain-<bundle id>`` domain."""
+        return sorted({f.domain[len("AppDomain-"):] for f in self.files.values() if f.domain.startswith("AppDomain-")})
+
+    def lockdown_values(self) -> dict:
+        """lockdownd's GetValue without a domain: what pymobiledevice3 keeps as ``all_values``."""
+        h = hashlib.sha1(f"simdevice-ecid:{self.udid}".encode()).digest()
+        return {
+            "BuildVersion": self.build_version,
+            "DeviceClass": "iPad" if self.product_type.startswith("iPad") else "iPhone",
+            "DeviceName": self.name,
+            "HardwareModel": "D74AP",
+            "ProductName": "iPhone OS",
+            "ProductType": self.product_type,
+            "ProductVersion": self.product_version,
+            "SerialNumber": self.serial_number,
+            "UniqueChipID": int.from_bytes(h[:7], "big"),
+            "UniqueDeviceID": self.udid,
+        }
+
+    def to_content(self, backup_date: datetime | None = None) -> DeviceContent:
+        """The generator's view of this device (to write a folder directly, or to mutate it)."""
+        files = sorted(self.files.values(), key=lambda f: (f.domain, f.relative_path))
+        return DeviceContent(udid=self.udid, device_name=self.name, product_type=self.product_type,
+                             product_version=self.product_version, build_version=self.build_version,
+                             serial_number=self.serial_number, files=files,
+                             backup_date=backup_date or datetime.now(UTC))
+
+    # ---- changing ---------------------------------------------------------------------------------------------
+
+    def write_file(self, domain: str, relative_path: str, data: bytes, *, mtime: int | None = None,
+                   mode: int = MODE_FILE) -> BackupFile:
+        """Create or change a regular file, with a row for each missing parent directory.
+
+        A changed file's mtime moves forward by at least a second: the device (like a real one, as far
+        as is known) notices changes by their metadata, not by reading every file."""
+        old = self.file(domain, relative_path)
+        if mtime is None:
+            mtime = int(time.time())
+            if old is not None:
+                mtime = max(mtime, old.mtime + 1)
+        row = BackupFile(domain, relative_path, FLAG_FILE, mtime, mode, len(data), bytes(data))
+        self.files[row.file_id] = row
+        self._add_parents(row)
+        return row
+
+    def delete(self, domain: str, relative_path: str) -> list[BackupFile]:
+        """Remove a file, symlink or directory (with everything below it); returns the rows removed."""
+        prefix = relative_path + "/" if relative_path else ""
+        gone = [f for f in self.files.values() if f.domain == domain
+                and (f.relative_path == relative_path or f.relative_path.startswith(prefix))]
+        if not gone:
+            raise KeyError(f"{domain}-{relative_path}: no such file on the device")
+        for f in gone:
+            del self.files[f.file_id]
+        return gone
+
+    def next_day(self, *, seed: int = 1) -> None:
+        """Apply the generator's "next day" (rewritten, deleted and new files, edited databases)."""
+        content = mutate_content(self.to_content(), seed=seed)
+        self.files = {f.file_id: f for f in content.files}
+
+    def _add_parents(self, row: BackupFile) -> None:
+        parts = row.relative_path.split("/")
+        for k in range(len(parts)):
+            parent = "/".join(parts[:k])
+            fid = file_id(row.domain, parent)
+            if fid not in self.files:
+                self.files[fid] = BackupFile(row.domain, parent, FLAG_DIR, row.mtime, MODE_DIR, 0)
+
