@@ -21,6 +21,7 @@ import re
 import secrets
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from ..errors import AlreadyExists, IbsyncError, NotFound, StorageError
@@ -145,6 +146,7 @@ class FsspecStorage:
                 pass  # the next attempt fails again and is retried or reported
 
     def _run(self, what: str, fn: Callable[[], T]) -> T:
+        started = time.monotonic()
         try:
             return self.retry.call(fn, what=f"{self.url}: {what}", on_retry=self._reconnect)
         except IbsyncError:
@@ -155,7 +157,7 @@ class FsspecStorage:
             raise StorageError(f"{self.url}: {what}: {one_line(e)}") from e
         except Exception as e:  # every client library raises its own types
             if is_transient(e):
-                raise StorageError(f"{self.url}: {what}: {one_line(e)} (still failing after {self.retry.seconds:.0f} s of retries)") from e
+                raise StorageError(f"{self.url}: {what}: {one_line(e)} (still failing after {time.monotonic() - started:.0f} s of retries)") from e
             raise StorageError(f"{self.url}: {what}: {one_line(e)}") from e
 
     def _path(self, kind: Kind, name: str) -> str:

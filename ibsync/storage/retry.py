@@ -52,6 +52,8 @@ _TRANSIENT_CLASSES = frozenset(
         "aiohttp.ServerTimeoutError",
         "asyncssh.DisconnectError",  # ConnectionLost, ...
         "asyncssh.ChannelOpenError",
+        "asyncssh.SFTPNoConnection",  # a channel on a connection that has gone
+        "asyncssh.SFTPConnectionLost",
         "smbprotocol.SMBConnectionClosed",
         "httpx.TransportError",  # ConnectError, ReadError, RemoteProtocolError, timeouts
         "httpcore.ConnectError",

@@ -8,8 +8,8 @@
   ``init`` both write; Repository.init reads the config back and notices (design.md §25).
 - Listings are strongly consistent on AWS since 2020 and on every server tested; lock objects
   rely on that.
-- Transient errors: botocore's own retries (standard mode: 5xx, throttling, connection errors)
-  inside each request, then ibsync's time budget around the whole operation (retry.py).
+- Transient errors: botocore's own retries (standard mode, 3 attempts: 5xx, SlowDown, connection
+  errors) inside each request, then ibsync's time budget around the whole operation (retry.py).
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ class S3Storage(FsspecStorage):
 
         options = dict(self._options)
         config = dict(options.pop("config_kwargs", {}) or {})
-        config.setdefault("retries", {"max_attempts": 5, "mode": "standard"})
+        # botocore's standard mode retries throttling and 5xx within a request (with its retry
+        # quota); s3fs's own loop would multiply that, so it makes one try, and retry.py's time
+        # budget covers longer outages
+        config.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
         fs = s3fs.S3FileSystem(skip_instance_cache=True, config_kwargs=config, **options)
+        fs.retries = 1  # a class attribute in s3fs, not a constructor option
         root = s3fs.S3FileSystem._strip_protocol(self._url).rstrip("/")
         if not root:
             raise StorageError(f"{self.url}: no bucket in the URL (s3://BUCKET/PATH)")
