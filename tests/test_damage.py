@@ -76,8 +76,18 @@ def test_missing_pack_is_reported(env, cli, folder, tmp_path):
 def _start_import(env_vars, folder):
     return subprocess.Popen(
         [sys.executable, "-m", "ibsync", "import", str(folder), "--quiet"],
-        env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env_vars, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+def _finish(proc, timeout=60):
+    """communicate(); if the process hangs, its threads' stacks (faulthandler on SIGABRT) go in the failure."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        raise AssertionError(f"the import did not end within {timeout} s:\n{err}") from None
 
 
 def _wait_for_objects(repo_path, kind: str, n: int, proc, timeout=60.0) -> None:
@@ -102,7 +112,7 @@ def test_interrupted_import_keeps_data_and_recovers(env, big_folder, tmp_path, h
     proc = _start_import(e, big_folder)
     _wait_for_objects(env, "index", 1, proc)  # at least 8 packs are indexed
     proc.send_signal(getattr(signal, how))
-    _, err = proc.communicate(timeout=60)
+    _, err = _finish(proc)
     assert proc.returncode != 0
     if how != "SIGKILL":
         assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err

@@ -4,15 +4,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from ibsync.repo.lock import Locked, RepoLock, list_locks
+from ibsync.repo.lock import Locked, LockLost, RepoLock, list_locks
 from ibsync.repo.repository import Repository
 from ibsync.storage import Kind, LocalStorage
 
-from conftest import FAST_KDF, PASSWORD
+from conftest import FAST_KDF, PASSWORD, one_line_error
 
 
 @pytest.fixture
@@ -65,3 +66,34 @@ def test_lock_objects_are_sealed(repo, env):
     with RepoLock(repo, exclusive=False, command="import"):
         raw = b"".join(p.read_bytes() for p in (env / "locks").iterdir())
     assert b"import" not in raw and os.uname().nodename.encode() not in raw
+
+
+def test_a_lock_not_refreshed_in_time_stops_the_commit(env, cli, tmp_path, monkeypatch):
+    """A holder whose lock may have looked stale to others (storage unreachable, laptop asleep
+    for half an hour) must not write a snapshot: a prune may have removed data it relies on."""
+    from ibsync.testing.generator import generate
+
+    folder = generate(tmp_path / "src", seed=5, size_bytes=2 << 20)
+    cli("init")
+    monkeypatch.setattr("ibsync.repo.lock.LOST_AFTER", -1.0)  # as if the last refresh was long ago
+    _, err = cli("import", folder, expect=1)
+    one_line_error(err, "could not refresh its repository lock", "Run it again")
+    out, _ = cli("snapshots", "--json")
+    assert json.loads(out) == []
+    monkeypatch.setattr("ibsync.repo.lock.LOST_AFTER", 25 * 60.0)
+    out, _ = cli("import", folder, "--json")
+    assert json.loads(out)["snapshots"][0]["status"] == "created"
+
+
+def test_a_lost_lock_stays_lost_after_a_late_refresh(repo):
+    lock = RepoLock(repo, exclusive=True, command="prune").acquire()
+    try:
+        lock._refreshed -= 26 * 60  # asleep for 26 minutes
+        with pytest.raises(LockLost):
+            repo.check_lock()
+        lock._refreshed = time.time()  # a refresh that comes late does not make it good again
+        with pytest.raises(LockLost):
+            repo.check_lock()
+    finally:
+        lock.release()
+    repo.check_lock()  # released: nothing to check

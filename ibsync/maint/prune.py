@@ -126,12 +126,14 @@ def execute_prune(repo: Repository, plan: PrunePlan, *, progress: Progress = NUL
     repo.save_full_index(PackIndex(bytes.fromhex(name), blobs) for name, blobs in sorted(plan.keep.items()))
     # 3. the index objects read at the start are superseded
     for name in plan.old_index:
+        repo.check_lock()
         try:
             repo.storage.delete(Kind.INDEX, name)
         except IbsyncError:
             pass  # already gone: another run of prune got here first
     # 4. packs no index lists any more
     for name, size in [*plan.delete.items(), *plan.repack_sizes.items()]:
+        repo.check_lock()
         try:
             repo.storage.delete(Kind.PACKS, name)
         except IbsyncError:

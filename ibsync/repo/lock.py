@@ -27,6 +27,10 @@ from ..storage import Kind
 
 STALE_AFTER = timedelta(minutes=30)
 REFRESH_EVERY = 5 * 60.0
+# A holder that could not refresh for this long (storage unreachable, laptop asleep) assumes
+# others may already see its lock as stale, and stops before it writes an index or snapshot or
+# deletes anything: the 5 minutes left cover the time to the next write and some clock skew.
+LOST_AFTER = (STALE_AFTER - timedelta(minutes=5)).total_seconds()
 EXCLUSIVE_SETTLE = 0.2  # seconds an exclusive locker waits before its second listing
 
 
@@ -34,6 +38,10 @@ class Locked(RepoError):
     """Another process holds a conflicting lock."""
 
     exit_code = 3
+
+
+class LockLost(RepoError):
+    """Our own lock was not refreshed in time; others may have ignored it meanwhile."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,8 @@ class RepoLock:
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._refreshed = 0.0  # wall clock: a suspended machine's monotonic clock stands still
+        self._lost = False
 
     def _write(self) -> str:
         body = {
@@ -133,14 +143,20 @@ class RepoLock:
         if conflicts:
             self.release()
             raise self._refuse(conflicts)
+        self._refreshed = time.time()
+        self.repo.lock = self
         self._refresher = threading.Thread(target=self._refresh_loop, name="ibsync-lock", daemon=True)
         self._refresher.start()
         return self
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(REFRESH_EVERY):
+            if time.time() - self._refreshed > LOST_AFTER:
+                self._lost = True  # a fresh lock now would hide that we were gone; stay lost
+                return
             try:
                 new = self._write()
+                self._refreshed = time.time()
                 with self._lock:
                     old, self.name = self.name, new
                 if old:
@@ -148,8 +164,22 @@ class RepoLock:
             except IbsyncError:
                 pass  # tried again at the next interval; the lock stays valid for 30 minutes
 
+    def check(self) -> None:
+        """Raise LockLost if the lock may have looked stale to others at some point."""
+        gap = time.time() - self._refreshed
+        if self._lost or gap > LOST_AFTER:
+            self._lost = True
+            raise LockLost(
+                f"this command could not refresh its repository lock for {gap / 60:.0f} minutes"
+                " (storage unreachable or the computer asleep), so another command may have changed the"
+                " repository meanwhile; it stopped without committing. Run it again: data already"
+                " uploaded is reused"
+            )
+
     def release(self) -> None:
         self._stop.set()
+        if getattr(self.repo, "lock", None) is self:
+            self.repo.lock = None
         with self._lock:
             name, self.name = self.name, None
         if name:

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Callable, Iterable, Iterator
 
 from .. import __version__
-from ..errors import InvalidData, NotFound, RepoError, UnsupportedVersion, UserError, WrongPassword
+from ..errors import AlreadyExists, InvalidData, NotFound, RepoError, UnsupportedVersion, UserError, WrongPassword
 from ..format import index as index_format
 from ..format.chunker import Chunker, ChunkingPolicy, default_policy
 from ..format.compress import Compressor
@@ -73,6 +73,7 @@ class Repository:
         self.index = MasterIndex()
         self.loaded_index: set[str] = set()
         self.cache = None  # an ObjectCache for remote repositories (use_cache)
+        self.lock = None  # the RepoLock this process holds on the repository, if any
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._trees_lock = threading.Lock()
 
@@ -109,7 +110,17 @@ class Repository:
             storage.put(Kind.KEYS, key_name, key, exclusive=True)
             config["mac"] = master.mac(_canonical(config))
         # The config is written last: a repository exists once its config does.
-        storage.put(Kind.CONFIG, "config", json.dumps(config, indent=1).encode(), exclusive=True)
+        raw = json.dumps(config, indent=1).encode()
+        try:
+            storage.put(Kind.CONFIG, "config", raw, exclusive=True)
+        except AlreadyExists:
+            pass  # ours, from an attempt whose answer was lost, or another init's: read it back
+        # A server that ignores conditional writes lets two racing inits both "win"; the config
+        # that stays decides, and the loser must not go on with a master key nobody can open.
+        if storage.get(Kind.CONFIG, "config") != raw:
+            if key_name is not None:
+                storage.delete(Kind.KEYS, key_name)  # it opens a master key the config does not use
+            raise UserError(f"{storage.url}: another 'ibsync init' created a repository here at the same time")
         return cls(storage, config, master, key_name)
 
     @classmethod
@@ -159,6 +170,8 @@ class Repository:
 
     def save_object(self, kind: Kind, body: bytes) -> tuple[str, int]:
         """Store an unpacked object; returns its name and stored size."""
+        if kind in (Kind.INDEX, Kind.SNAPSHOTS):
+            self.check_lock()  # what these reference must not have been pruned meanwhile
         stored = seal_object(body, kind.value, self.cipher, self.compressor)
         name = storage_name(stored)
         self.storage.put(kind, name, stored)
@@ -191,6 +204,11 @@ class Repository:
             if info.name in self.loaded_index:
                 continue
             self.add_index_object(info.name)
+
+    def check_lock(self) -> None:
+        """Before a write others rely on or a deletion: is our lock still good?"""
+        if self.lock is not None:
+            self.lock.check()
 
     def add_index_object(self, name: str) -> None:
         for pack_id, records in index_format.iter_index(self.load_object(Kind.INDEX, name)):

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..errors import StorageError
+from ..errors import IbsyncError, StorageError
 from ..format.index import PackIndex
 from ..format.pack import BlobType, PackWriter
 from ..storage import Kind
@@ -149,7 +149,7 @@ class WriteSession:
             if due:
                 self._write_index()
         except BaseException as e:
-            self._error = e if isinstance(e, StorageError) else StorageError(f"writing a pack failed: {e}")
+            self._error = e if isinstance(e, IbsyncError) else StorageError(f"writing a pack failed: {e}")
             raise
         finally:
             self._inflight.release()
