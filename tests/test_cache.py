@@ -53,3 +53,34 @@ def test_second_open_reads_no_index_or_snapshot_objects(tmp_path):
     repo, storage = _open(url, tmp_path / "cache")
     assert repo.snapshots() == []
     assert not any((tmp_path / "cache" / repo.id / "snapshots").iterdir())
+
+
+def test_tree_packs_are_fetched_whole_once_and_checked_on_use(tmp_path):
+    from ibsync.reader.walk import walk
+
+    url = f"memory://ibsync-cache-{uuid.uuid4().hex}"
+    Repository.init(FsspecStorage(url), PASSWORD, kdf=FAST_KDF)
+    repo, _ = _open(url, tmp_path / "cache")
+    import_folder(repo, copy_folder(MIT_BACKUP, tmp_path / "a" / "sample_backup"), allow_unfinished=True)
+
+    def walk_all(repo):
+        snap = repo.snapshots()[0]
+        return [path for path, _ in walk(repo, snap.tree)]
+
+    repo, storage = _open(url, tmp_path / "cache")
+    paths = walk_all(repo)
+    pack_reads = [g for g in storage.gets if g[0] == "packs"]
+    assert len(pack_reads) == len(set(pack_reads)) >= 1  # whole tree packs, each once
+
+    repo, storage = _open(url, tmp_path / "cache")
+    assert walk_all(repo) == paths
+    assert [g for g in storage.gets if g[0] == "packs"] == []  # every tree from the cache
+
+    # a damaged cached pack fails authentication, is dropped, and the trees come from the repository
+    for p in (tmp_path / "cache" / repo.id / "packs").iterdir():
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 1
+        p.write_bytes(bytes(data))
+    repo, storage = _open(url, tmp_path / "cache")
+    assert walk_all(repo) == paths
+    assert any(g[0] == "packs" for g in storage.gets)

@@ -43,4 +43,8 @@ def import_cmd(app: App, path: Path, allow_unfinished: bool, force: bool) -> Non
         else:
             app.say(f"{folder}: unchanged since snapshot {snap.short_id}; nothing to do")
     if app.json:
-        app.emit_json({"snapshots": [r.to_dict() for r in results]})
+        report = {"snapshots": [r.to_dict() for r in results]}
+        requests = getattr(repo.storage, "requests", None)  # remote storage counts its operations
+        if requests is not None:
+            report["storage_operations"] = {"total": sum(requests.values()), **dict(sorted(requests.items()))}
+        app.emit_json(report)

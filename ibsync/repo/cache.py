@@ -1,8 +1,9 @@
-"""A local cache of a remote repository's index and snapshot objects.
+"""A local cache of a remote repository's index and snapshot objects, and its tree packs.
 
-Their names are the BLAKE3 of their stored bytes, so a cached copy is verified by hashing it
-before use (a damaged or altered cache entry is simply fetched again): the cache is never
-trusted blindly. Which objects exist is always asked of the repository (one listing per kind);
+Index and snapshot names are the BLAKE3 of their stored bytes, so a cached copy is verified by
+hashing it before use (a damaged or altered cache entry is simply fetched again): the cache is
+never trusted blindly. Tree packs are read by range; every blob read from one is authenticated
+and checked against its id as it is decoded, and a pack that fails is dropped and fetched again. Which objects exist is always asked of the repository (one listing per kind);
 cached objects the listing no longer has are dropped. The cache holds the objects as stored,
 still encrypted, in ``<cache dir>/<repository id>/<kind>/<name>``.
 """
@@ -53,6 +54,27 @@ class ObjectCache:
             tmp = folder / f".tmp-{secrets.token_hex(6)}"
             tmp.write_bytes(data)
             os.replace(tmp, folder / name)
+        except OSError:
+            pass
+
+    def read_range(self, kind: Kind, name: str, offset: int, length: int) -> bytes | None:
+        """Part of a cached object, not verified here (the caller authenticates what it reads)."""
+        try:
+            with open(self._path(kind, name), "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+        except OSError:
+            self.misses += 1
+            return None
+        if len(data) != length:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return data
+
+    def drop(self, kind: Kind, name: str) -> None:
+        try:
+            self._path(kind, name).unlink()
         except OSError:
             pass
 

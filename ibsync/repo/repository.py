@@ -28,7 +28,7 @@ from ..format.crypto import (
     storage_name,
 )
 from ..format.objects import open_object, seal_object
-from ..format.pack import PackedBlob, blob_aad, parse_header
+from ..format.pack import BlobType, PackedBlob, blob_aad, parse_header
 from ..model import Node, Snapshot, decode_tree, decode_tree_entries, utc_iso
 from ..storage import Kind, Storage
 from .cache import CACHED_KINDS, ObjectCache
@@ -76,6 +76,7 @@ class Repository:
         self.lock = None  # the RepoLock this process holds on the repository, if any
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._trees_lock = threading.Lock()
+        self._tree_pack_lock = threading.Lock()
 
     # ---- creating and opening -------------------------------------------------------------
 
@@ -204,6 +205,8 @@ class Repository:
             if info.name in self.loaded_index:
                 continue
             self.add_index_object(info.name)
+        if self.cache is not None:  # tree packs that prune removed or repacked
+            self.cache.retain(Kind.PACKS, {p.hex() for p in self.index.packs()})
 
     def check_lock(self) -> None:
         """Before a write others rely on or a deletion: is our lock still good?"""
@@ -261,8 +264,32 @@ class Repository:
 
     def load_blob(self, blob_id: bytes) -> bytes:
         loc = self.locate(blob_id)
+        if self.cache is not None and loc.type is BlobType.TREE:
+            data = self._load_tree_blob_cached(blob_id, loc)
+            if data is not None:
+                return data
         stored = self.storage.get(Kind.PACKS, loc.pack_id.hex(), loc.offset, loc.length)
         return self.decode_blob(loc.as_packed(blob_id), stored)
+
+    def _load_tree_blob_cached(self, blob_id: bytes, loc) -> bytes | None:
+        """Remote repositories keep whole tree packs in the local cache (as restic does):
+        walking a snapshot then costs one GET per tree pack, not one per folder. None if the
+        cached copy fails to authenticate (it is dropped; the caller reads the blob remotely)."""
+        assert self.cache is not None
+        name = loc.pack_id.hex()
+        stored = self.cache.read_range(Kind.PACKS, name, loc.offset, loc.length)
+        if stored is None:
+            with self._tree_pack_lock:  # one fetch per pack, however many threads want it
+                stored = self.cache.read_range(Kind.PACKS, name, loc.offset, loc.length)
+                if stored is None:
+                    pack = self.storage.get(Kind.PACKS, name)
+                    self.cache.put(Kind.PACKS, name, pack)
+                    stored = pack[loc.offset : loc.offset + loc.length]
+        try:
+            return self.decode_blob(loc.as_packed(blob_id), stored)
+        except InvalidData:
+            self.cache.drop(Kind.PACKS, name)
+            return None
 
     def read_pack_blobs(
         self, pack_id: bytes, blobs: list[PackedBlob], *, max_read: int = READ_SPAN

@@ -22,6 +22,7 @@ import secrets
 import tempfile
 import threading
 import time
+from collections import Counter
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from ..errors import AlreadyExists, IbsyncError, NotFound, StorageError
@@ -81,6 +82,9 @@ class FsspecStorage:
         self.properties = Properties(connections=4, local=False)
         self._dirs: set[str] = set()  # folders known to exist, so each is created once
         self._reconnect_lock = threading.Lock()
+        # storage operations tried, by kind (retries included): one request each on S3, except
+        # listings, which take one per 1,000 objects; `import --json` reports them
+        self.requests: Counter[str] = Counter()
         self.fs, self.root = self._connect()
         self.object_store = self._url.split("://", 1)[0] in OBJECT_STORES
 
@@ -145,10 +149,15 @@ class FsspecStorage:
             except Exception:
                 pass  # the next attempt fails again and is retried or reported
 
-    def _run(self, what: str, fn: Callable[[], T]) -> T:
+    def _run(self, op: str, what: str, fn: Callable[[], T]) -> T:
         started = time.monotonic()
+
+        def counted() -> T:
+            self.requests[op] += 1  # a Counter's += is not atomic, but a miscount here is harmless
+            return fn()
+
         try:
-            return self.retry.call(fn, what=f"{self.url}: {what}", on_retry=self._reconnect)
+            return self.retry.call(counted, what=f"{self.url}: {what}", on_retry=self._reconnect)
         except IbsyncError:
             raise
         except OSError as e:
@@ -188,7 +197,7 @@ class FsspecStorage:
             except FileExistsError:
                 raise AlreadyExists(f"{object_path(kind, name)} already exists") from None
 
-        self._run(object_path(kind, name), attempt)
+        self._run("put", object_path(kind, name), attempt)
 
     # -- the Storage interface -----------------------------------------------------------------
 
@@ -203,14 +212,14 @@ class FsspecStorage:
 
     def get(self, kind: Kind, name: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(kind, name)
-        data = self._run(object_path(kind, name), lambda: self._read(path, offset, length))
+        data = self._run("get", object_path(kind, name), lambda: self._read(path, offset, length))
         if length is not None and len(data) != length:
             raise StorageError(f"short read of {object_path(kind, name)}: {len(data)} of {length} bytes at {offset}")
         return data
 
     def stat(self, kind: Kind, name: str) -> ObjectInfo:
         path = self._path(kind, name)
-        info = self._run(object_path(kind, name), lambda: self.fs.info(path))
+        info = self._run("stat", object_path(kind, name), lambda: self.fs.info(path))
         return ObjectInfo(name, int(info.get("size") or 0))
 
     def _list_entries(self, folder: str, recursive: bool) -> list[tuple[str, int]]:
@@ -236,7 +245,7 @@ class FsspecStorage:
             except FileNotFoundError:
                 return []
 
-        for name, size in self._run(f"listing {kind.value}", attempt):
+        for name, size in self._run("list", f"listing {kind.value}", attempt):
             if not name.startswith("."):  # temporary names of writes in progress
                 yield ObjectInfo(name, size)
 
@@ -253,10 +262,10 @@ class FsspecStorage:
                 if attempts == 1:
                     raise  # gone before we came; on a retry, gone because our first try worked
 
-        self._run(object_path(kind, name), attempt)
+        self._run("delete", object_path(kind, name), attempt)
 
     def exists(self) -> bool:
-        return bool(self._run("config", lambda: self.fs.exists(f"{self.root}/config")))
+        return bool(self._run("stat", "config", lambda: self.fs.exists(f"{self.root}/config")))
 
     def is_empty(self) -> bool:
         def attempt() -> bool:
@@ -266,7 +275,7 @@ class FsspecStorage:
             except FileNotFoundError:
                 return True
 
-        return self._run("listing the repository", attempt)
+        return self._run("list", "listing the repository", attempt)
 
     def close(self) -> None:
         pass
