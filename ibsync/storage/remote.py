@@ -4,7 +4,7 @@
 listings that never come from a stale cache, error translation. Each protocol's module
 (``s3``, ``sftp``, ``smb``, ``webdav``) overrides the few primitives whose semantics differ
 between servers: how an object appears atomically, how an exclusive create is decided, how a
-range is read. docs/design.md §25 gives the reasoning per backend.
+range is read. docs/design.md §24 gives the reasoning per backend.
 
 Two ways to make a write atomic:
 - object stores (S3): a PUT is atomic by itself, and ``If-None-Match: *`` makes it exclusive;

@@ -85,7 +85,8 @@ def is_transient(e: BaseException) -> bool:
         if isinstance(x, OSError) and x.errno in _TRANSIENT_ERRNOS:
             return True
         status = _http_status(x)
-        if status is not None and (status >= 500 or status in (408, 429)):
+        # 423 Locked: WebDAV servers (rclone) answer it to concurrent MKCOLs of one folder
+        if status is not None and (status >= 500 or status in (408, 423, 429)):
             return True
         for cls in type(x).__mro__:
             if f"{cls.__module__.split('.')[0]}.{cls.__name__}" in _TRANSIENT_CLASSES:

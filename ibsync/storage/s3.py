@@ -5,7 +5,7 @@
   GCS and moto honour. Some servers reject it with a 412 that lacks the ``<Condition>`` element
   (SeaweedFS), which s3fs turns into ``OSError(EINVAL)`` instead of ``FileExistsError``; both
   mean "already there". A server that ignores the header (rclone serve s3) lets two racing
-  ``init`` both write; Repository.init reads the config back and notices (design.md §25).
+  ``init`` both write; Repository.init reads the config back and notices (design.md §24).
 - Listings are strongly consistent on AWS since 2020 and on every server tested; lock objects
   rely on that.
 - Transient errors: botocore's own retries (standard mode, 3 attempts: 5xx, SlowDown, connection

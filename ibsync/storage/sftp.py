@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .remote import FsspecStorage
@@ -30,6 +31,11 @@ class SftpStorage(FsspecStorage):
             if parts.get(key):
                 kwargs[key] = parts[key]
         kwargs.update(self._options)
+        # a config file says "~/.ssh/id_ed25519"; asyncssh opens the path as given
+        if isinstance(kwargs.get("client_keys"), list):
+            kwargs["client_keys"] = [os.path.expanduser(k) if isinstance(k, str) else k for k in kwargs["client_keys"]]
+        if isinstance(kwargs.get("known_hosts"), str):
+            kwargs["known_hosts"] = os.path.expanduser(kwargs["known_hosts"])
         fs = SSHFileSystem(parts["host"], skip_instance_cache=True, **kwargs)
         return fs, parts["path"].rstrip("/") or "/"
 

@@ -5,7 +5,7 @@
   turned into the tuple httpx wants).
 - Writes: one PUT to ``.tmp-<random>``, then a server-side MOVE; ``Overwrite: T`` replaces
   atomically, ``Overwrite: F`` is refused with 412 if the target exists, which makes exclusive
-  creates atomic on servers that check it inside the MOVE (design.md §25 notes which do).
+  creates atomic on servers that check it inside the MOVE (design.md §24 notes which do).
 - webdav4's own ``pipe_file`` sends three PROPFINDs and a MKCOL per write, each listing the whole
   folder, so thousands of packs cost O(n²); this backend creates each folder once and PUTs
   directly with the client.
