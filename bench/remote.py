@@ -37,14 +37,6 @@ PASSWORD = "ibsync-bench-password"
 MAX_OBJECTS_PER_GIB = 70
 
 
-def toml_value(v: Any) -> str:
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return json.dumps(v)
-
-
 def count_objects(options: dict, prefix: str) -> tuple[int, int]:
     import s3fs
 
@@ -75,8 +67,7 @@ def one_rep(rep: int, server, day1: Path, day2: Path, work: Path) -> dict[str, d
     # ibsync: a named repository in a config file, as a user would set it up
     prefix = f"ibsync-{rep}-{time.monotonic_ns()}"
     config = work / f"config-{rep}.toml"
-    options = "\n".join(f"{k} = {toml_value(v)}" for k, v in server.options.items())
-    config.write_text(f'[repositories.bench]\nurl = "s3://{BUCKET}/{prefix}"\n[repositories.bench.options]\n{options}\n')
+    config.write_text(server.config_toml("bench", f"s3://{BUCKET}/{prefix}"))
     env = {**clean_env(), "IBSYNC_CONFIG": str(config), "IBSYNC_PASSWORD": PASSWORD,
            "IBSYNC_CACHE_DIR": str(work / f"cache-{rep}")}
     exe = [sys.executable, "-m", "ibsync"]

@@ -53,3 +53,11 @@ def server_fixture(kind: str, name: str | None = None) -> Callable[..., Iterator
             yield server
 
     return fixture
+
+
+def configure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: Server, name: str, url: str) -> None:
+    """Name a repository on ``server`` in a config file (appended to), as a user would."""
+    path = tmp_path / "config.toml"
+    with open(path, "a") as f:
+        f.write(server.config_toml(name, url))
+    monkeypatch.setenv("IBSYNC_CONFIG", str(path))

@@ -13,7 +13,7 @@ from ibsync.storage.testing import run_conformance
 from ibsync.testing.generator import generate, mutate_folder
 
 from conftest import copy_folder, tree_state
-from servers_fixture import server_fixture
+from servers_fixture import configure, server_fixture
 
 seaweedfs_server = server_fixture("seaweedfs")
 moto_server = server_fixture("moto")
@@ -27,23 +27,6 @@ BACKENDS = ["seaweedfs", "moto", "sshd", "samba", "rclone-webdav", "wsgidav"]
 
 def server_of(request, kind: str):
     return request.getfixturevalue(f"{kind.replace('-', '_')}_server")
-
-
-def toml_value(v) -> str:
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return json.dumps(v)  # strings, numbers and booleans are written alike in JSON and TOML
-
-
-def configure(tmp_path, monkeypatch, name: str, url: str, options: dict) -> None:
-    """A config file naming the repository, as a user would write it."""
-    path = tmp_path / "config.toml"
-    table = "\n".join(f"{k} = {toml_value(v)}" for k, v in options.items())
-    with open(path, "a") as f:
-        f.write(f'[repositories.{name}]\nurl = "{url}"\n[repositories.{name}.options]\n{table}\n\n')
-    monkeypatch.setenv("IBSYNC_CONFIG", str(path))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +43,7 @@ def test_conformance(request, kind):
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_round_trip(request, kind, env, cli, day1, tmp_path, monkeypatch):
     server = server_of(request, kind)
-    configure(tmp_path, monkeypatch, "remote", server.new_url("roundtrip"), server.options)
+    configure(tmp_path, monkeypatch, server, "remote", server.new_url("roundtrip"))
     live = copy_folder(day1, tmp_path / "live" / day1.name)
     cli("init", "--repo", "remote")
     out, _ = cli("import", live, "--json", "--repo", "remote")

@@ -16,8 +16,7 @@ from ibsync.storage import Kind, open_storage
 from ibsync.testing.generator import generate
 
 from conftest import PASSWORD, copy_folder, run_subprocess, tree_state
-from servers_fixture import server_fixture
-from test_backends import configure
+from servers_fixture import configure, server_fixture
 
 seaweedfs_server = server_fixture("seaweedfs")
 sshd_server = server_fixture("sshd")
@@ -34,7 +33,7 @@ def remote(request, env, tmp_path, monkeypatch, cli):
 
     def make(server, name: str, *init_args: str):
         url = server.new_url(name)
-        configure(tmp_path, monkeypatch, "remote", url, server.options)
+        configure(tmp_path, monkeypatch, server, "remote", url)
         cli("init", "--repo", "remote", *init_args)
         return open_storage(url, server.options)
 
@@ -140,7 +139,7 @@ def test_two_devices_import_at_once(request, kind, remote, cli, folder, tmp_path
 def test_copy_local_to_s3_then_restore_from_s3(seaweedfs_server, env, cli, folder, tmp_path, monkeypatch):
     cli("init")
     cli("import", folder)
-    configure(tmp_path, monkeypatch, "offsite", seaweedfs_server.new_url("offsite"), seaweedfs_server.options)
+    configure(tmp_path, monkeypatch, seaweedfs_server, "offsite", seaweedfs_server.new_url("offsite"))
     monkeypatch.setenv("IBSYNC_FROM_PASSWORD", PASSWORD)
     monkeypatch.setenv("IBSYNC_PASSWORD", "another password for the off-site copy")
     cli("init", "--repo", "offsite")

@@ -123,6 +123,11 @@ class Server:
         self._names.add(unique)
         return f"{self.root}/{unique}"
 
+    def config_toml(self, name: str, url: str) -> str:
+        """A ``[repositories.NAME]`` table of ibsync's config file for ``url`` on this server."""
+        options = "\n".join(f"{k} = {_toml_value(v)}" for k, v in self.options.items())
+        return f'[repositories.{name}]\nurl = "{url}"\n[repositories.{name}.options]\n{options}\n\n'
+
     def start(self, timeout: float = READY_TIMEOUT) -> None:
         """(Re)start on the same ports and data, and wait until it serves requests."""
         if self.running:
@@ -183,6 +188,14 @@ class Server:
         except OSError:
             lines = []
         return f"last lines of {self.log_path}:\n" + "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)  # strings, numbers and booleans are written alike in JSON and TOML
 
 
 # --- process and port helpers -------------------------------------------------------------------------------------
