@@ -147,7 +147,7 @@ def common_options(func: Callable) -> Callable:
     """--repo, password options, --json and --quiet on every command."""
 
     @click.option("--repo", "-r", "repo_url", envvar="IBSYNC_REPO", metavar="URL|NAME",
-                  help="Repository: a path, any fsspec URL (s3://, sftp://, ...), or a name from the config file. Default: $IBSYNC_REPO.")
+                  help="Repository: a path; s3://BUCKET/PATH, sftp://USER@HOST/PATH, smb://HOST/SHARE/PATH, webdav+https://HOST/PATH or another fsspec URL; or a name from the config file (README: storage options). Default: $IBSYNC_REPO.")
     @click.option("--config", "config_path", envvar="IBSYNC_CONFIG", metavar="FILE",
                   help="Config file naming repositories (default: the platform's user config folder, ibsync/config.toml).")
     @click.option("--password-file", "-p", metavar="FILE", help="Read the repository password from FILE (also $IBSYNC_PASSWORD_FILE).")
