@@ -1,3 +1,34 @@
-"""ibsync: back up iPhones and iPads to storage you own, with history, deduplication and encryption."""
+"""ibsync: back up iPhones and iPads to storage you own, with history, deduplication and encryption.
+
+Library use: :func:`backup_device` / :func:`backup_device_async` back up a connected device
+(a pymobiledevice3 lockdown provider) into a repository (path, URL or config name). They are
+imported on first use, so the command line does not pay for pymobiledevice3 at start-up.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .capture.backup import CaptureOutcome
+
+
+def backup_device(provider: Any, repo: Any, **options: Any) -> "CaptureOutcome":
+    """Back up a device into a repository, from code without a running event loop.
+
+    Options: ``password``, ``password_file`` (else the environment, as the CLI), ``full``,
+    ``allow_partial``, ``progress``, ``notify``. See ``ibsync.capture.api.backup_device_async``;
+    inside an event loop, ``await backup_device_async(...)`` instead."""
+    from .capture.api import backup_device as run
+
+    return run(provider, repo, **options)
+
+
+async def backup_device_async(provider: Any, repo: Any, **options: Any) -> "CaptureOutcome":
+    """:func:`backup_device` as a coroutine, for callers running an event loop (pymobiledevice3
+    is asyncio: a lockdown client made in a loop is used in that loop)."""
+    from .capture.api import backup_device_async as run
+
+    return await run(provider, repo, **options)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 from pyfastcdc.cy import FastCDC
 
@@ -20,6 +20,8 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # Files up to this size are read whole and cut in memory; larger ones are streamed.
 WHOLE_READ_LIMIT = 8 << 20
+# A ChunkStream cuts what it holds once it holds this many max-size chunks' worth.
+STREAM_WINDOW_CHUNKS = 2
 
 
 @dataclass(frozen=True)
@@ -104,3 +106,89 @@ class Chunker:
         else:
             for chunk in self._cdc().cut_stream(f):
                 yield chunk.data
+
+    def stream(self) -> "ChunkStream":
+        """A chunker for bytes that arrive piece by piece (a file received from a device): the
+        chunks are exactly those ``split`` gives for the whole content."""
+        return ChunkStream(self)
+
+
+class ChunkStream:
+    """Cuts a file fed in pieces of any size, holding at most about two max-size chunks.
+
+    FastCDC decides a cut point from the bytes after the chunk's start only, and never looks
+    further than ``max_size``: a chunk that starts with at least ``max_size`` bytes held is cut
+    exactly where cutting the whole file would cut it. So the held bytes are cut when they
+    reach a window of a few max-size chunks, the chunks that started early enough are given
+    out, and the rest waits for more bytes (or ``finish``). Sqlite databases (the first 16
+    bytes decide, as in ``split``) go out in fixed blocks as soon as a block is complete.
+
+    Not thread-safe: one stream per file, fed by one thread. Each chunk given out is a view of
+    an immutable buffer of its own, valid as long as the caller keeps it.
+    """
+
+    def __init__(self, chunker: Chunker) -> None:
+        self._chunker = chunker
+        self._parts: list[bytes] = []
+        self._held = 0
+        self._sqlite: bool | None = None  # unknown until 16 bytes have arrived
+        policy = chunker.policy
+        self._block = policy.sqlite_block
+        self._max = policy.default.max_size
+        self._window = STREAM_WINDOW_CHUNKS * self._max
+
+    def feed(self, data: bytes) -> Iterable[memoryview]:
+        """Take the next piece of the file; returns the chunks complete so far (often none)."""
+        if not data:
+            return ()
+        self._parts.append(data)
+        self._held += len(data)
+        if self._sqlite is None:
+            if self._held < 16:
+                return ()
+            head = self._parts[0] if len(self._parts[0]) >= 16 else b"".join(self._parts)
+            self._sqlite = head[:16] == SQLITE_MAGIC
+        if self._sqlite:
+            return self._blocks(final=False) if self._held >= self._block else ()
+        return self._cut(final=False) if self._held >= self._window else ()
+
+    def finish(self) -> Iterable[memoryview]:
+        """The file is complete: the remaining chunks."""
+        if not self._held:
+            return ()
+        if self._sqlite:
+            return self._blocks(final=True)
+        return self._cut(final=True)
+
+    def _take(self) -> bytes:
+        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        self._parts = []
+        self._held = 0
+        return data
+
+    def _keep(self, rest: memoryview) -> None:
+        if len(rest):
+            self._parts = [bytes(rest)]
+            self._held = len(rest)
+
+    def _blocks(self, final: bool) -> list[memoryview]:
+        view = memoryview(self._take())
+        end = len(view) if final else len(view) - len(view) % self._block
+        out = [view[i : i + self._block] for i in range(0, end, self._block)]
+        self._keep(view[end:])
+        return out
+
+    def _cut(self, final: bool) -> list[memoryview]:
+        view = memoryview(self._take())
+        if len(view) <= self._chunker.policy.default.min_size:
+            return [view]  # as split(): FastCDC would not cut it either
+        out: list[memoryview] = []
+        start = 0
+        for chunk in self._chunker._cdc().cut_buf(view):
+            if not final and len(view) - chunk.offset < self._max:
+                break  # this cut could still move with more bytes: wait for them
+            out.append(chunk.data)
+            start = chunk.offset + chunk.length
+        if not final:
+            self._keep(view[start:])
+        return out

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from ..format.pack import BlobType
 from ..model import DeviceInfo, Snapshot, Summary, encode_tree
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
+from ..repo.session import WriteSession
 from ..source.folder import SourceEntry
 
 # Outstanding tasks handed to workers; bounds memory while keeping both cores fed.
@@ -112,17 +114,24 @@ class Archiver:
         snapshot_state: str | None,
         parent: Snapshot | None,
         folder: str = "",
+        session: WriteSession | None = None,
+        started: float | None = None,
     ) -> tuple[Snapshot, bool]:
         """Store ``source``; returns the snapshot and whether it is new (False when the source
-        is exactly the parent snapshot, in which case nothing is written)."""
-        started = time.monotonic()
+        is exactly the parent snapshot, in which case nothing is written).
+
+        ``session``: a write session the caller opened and closes (capture stores the files
+        through it before the walk); by default one of the archiver's own. ``started``: the
+        monotonic time the summary's duration counts from (default: now)."""
+        started = time.monotonic() if started is None else started
         folder_mode, folder_mtime_ns = source.root_stat()
         if self.progress.active:
             total, files = source.measure()
             self.progress.start(total, files)
         self.source = source
-        session = self.repo.write_session()
-        with session:
+        own = session is None
+        session = self.repo.write_session() if session is None else session
+        with session if own else nullcontext(session):
             self.session = session
             pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="ibsync-ingest")
             self._lister = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ibsync-list")
@@ -136,6 +145,8 @@ class Archiver:
             finally:
                 self._lister.shutdown(wait=True, cancel_futures=True)
             pool.shutdown(wait=True)
+            if not own:
+                session.flush()  # the snapshot may refer only to indexed blobs
         self.progress.finish()
         assert root.tree_id is not None
         stats = session.stats
@@ -207,6 +218,9 @@ class Archiver:
             else:
                 self.summary.files += 1
                 self.summary.total_bytes += e.size
+                if e.content is not None:
+                    d.entries.append(self._stored_entry(rel, e, old))
+                    continue
                 if not self.force and _unchanged(old, e) and has_all(old["content"]):  # type: ignore[index]
                     assert old is not None
                     d.entries.append(old)
@@ -231,6 +245,24 @@ class Archiver:
         self._queue.append(d)
         self._drain(block=False)
         return d
+
+    def _stored_entry(self, rel: str, e: SourceEntry, old: Entry | None) -> Entry:
+        """The entry of a file whose blobs are already stored (``SourceEntry.content``): listed,
+        never read. Same content as the parent's entry: that entry is kept as it was (its mtime
+        too), so a folder whose files all came back unchanged keeps its tree."""
+        content = e.content
+        assert content is not None
+        if not self.repo.index.has_all_hex(content):
+            raise SourceError(f"{rel}/{e.name}: its data is missing from the repository")
+        self.progress.advance(e.size, files=1)
+        if old is not None and old["type"] == "file" and old["size"] == e.size and old["content"] == content:
+            self.summary.files_unmodified += 1
+            return old
+        if old is None:
+            self.summary.files_new += 1
+        else:
+            self.summary.files_changed += 1
+        return {"name": e.name, "type": "file", "mode": e.mode, "mtime_ns": e.mtime_ns, "size": e.size, "content": content}
 
     def _submit(self, pool: ThreadPoolExecutor, d: _Dir, files: list[tuple[str, int, Entry]]) -> None:
         self._window.acquire()

@@ -20,6 +20,9 @@ class SourceEntry(NamedTuple):
     mtime_ns: int
     size: int = 0
     target: str | None = None
+    # blob ids (hex) of a file whose content is already in the repository (captured from a
+    # device): the archiver lists it without reading it
+    content: list[str] | None = None
 
 
 # Entries listed ahead by ``prefetch``; past this many, folders are listed when walked.

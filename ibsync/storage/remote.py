@@ -85,6 +85,7 @@ class FsspecStorage:
         # storage operations tried, by kind (retries included): one request each on S3, except
         # listings, which take one per 1,000 objects; `import --json` reports them
         self.requests: Counter[str] = Counter()
+        self._count_lock = threading.Lock()
         self.fs, self.root = self._connect()
         self.object_store = self._url.split("://", 1)[0] in OBJECT_STORES
 
@@ -153,7 +154,8 @@ class FsspecStorage:
         started = time.monotonic()
 
         def counted() -> T:
-            self.requests[op] += 1  # a Counter's += is not atomic, but a miscount here is harmless
+            with self._count_lock:  # uploader threads count at once; += alone can lose counts
+                self.requests[op] += 1
             return fn()
 
         try:
