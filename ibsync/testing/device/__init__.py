@@ -9,8 +9,15 @@ own) can back it up and restore it::
         asyncio.run(Mobilebackup2Service(lockdown).backup(full=True, backup_directory=tmp))
     device.write_file("HomeDomain", "Library/Notes/new.txt", b"...")   # then back up again: incremental
 
+One level deeper, ``usbmuxd`` (a usbmuxd on a UNIX socket) with ``lockdownd`` behind it (pairing,
+TLS sessions, StartService) lets pymobiledevice3's own discovery and lockdown code, or a separate
+process such as the ``ibsync`` CLI, find the device through ``USBMUXD_SOCKET_ADDRESS`` alone::
+
+    with run_sim_usbmuxd([device], tmp) as mux:
+        subprocess.run(["ibsync", "devices"], env={**os.environ, **mux.env(home=tmp / "home")})
+
 Modules: ``model`` (what the device holds, how it misbehaves), ``provider`` (pymobiledevice3's
-LockdownServiceProvider), ``services`` (service name + socket -> a running service), one module per
+LockdownServiceProvider), ``usbmuxd`` and ``lockdownd`` (the socket level), ``services`` (service name + socket -> a running service), one module per
 service, ``backup``/``restore`` (the mobilebackup2 requests), ``devicelink`` and ``wire`` (framing),
 ``metadata`` and ``crypto`` (the files and keys a backup carries), ``errors`` (how requests fail),
 ``runtime`` (shared state and log).
@@ -28,6 +35,7 @@ from .model import (
 from .provider import SimLockdown
 from .runtime import DeviceLog, DeviceRuntime
 from .services import SERVICES, start_service
+from .usbmuxd import SimUsbmuxd, run_sim_usbmuxd
 
 __all__ = [
     "SERVICES",
@@ -38,6 +46,8 @@ __all__ = [
     "Misbehaviour",
     "PasscodePrompt",
     "SimDevice",
+    "SimUsbmuxd",
+    "run_sim_usbmuxd",
     "SimLockdown",
     "TransferSettings",
     "UnlockedBackup",

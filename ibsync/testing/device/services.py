@@ -1,6 +1,6 @@
 """The simulated device's services by name: the entry point anything that hands the device a connected
-socket uses (:class:`~.provider.SimLockdown` today; a fake lockdownd behind a fake usbmuxd later, which
-would call :func:`start_service` once a host connects to the port its StartService reply named).
+socket uses: :class:`~.provider.SimLockdown` (socket pairs), and :class:`~.usbmuxd.SimUsbmuxd`, which
+calls :func:`start_service` once a host connects to the port its lockdownd's StartService reply named.
 """
 
 from __future__ import annotations
