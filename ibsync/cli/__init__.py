@@ -15,6 +15,7 @@ from .. import __version__
 # (or --help lists them): every command pays start-up time, an unchanged re-import is about
 # half start-up.
 COMMANDS = {
+    "devices": "cmd_devices:devices_cmd",
     "init": "cmd_init:init_cmd",
     "import": "cmd_import:import_cmd",
     "snapshots": "cmd_snapshots:snapshots_cmd",

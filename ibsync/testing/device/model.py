@@ -142,9 +142,10 @@ class SimDevice:
         missing = [f.relative_path for f in content.files if f.flags == FLAG_FILE and f.data is None]
         if missing:
             raise ValueError(f"{len(missing)} files of the content have no payload (e.g. {missing[0]})")
-        return cls(udid=content.udid, name=content.device_name, product_type=content.product_type,
-                   product_version=content.product_version, build_version=content.build_version,
-                   serial_number=content.serial_number, files={f.file_id: f for f in content.files}, **kwargs)
+        identity = dict(udid=content.udid, name=content.device_name, product_type=content.product_type,
+                        product_version=content.product_version, build_version=content.build_version,
+                        serial_number=content.serial_number)
+        return cls(files={f.file_id: f for f in content.files}, **{**identity, **kwargs})  # kwargs override
 
     @classmethod
     def from_backup_folder(cls, device_dir: Path, *, password: str = "", **kwargs) -> SimDevice:
