@@ -1,0 +1,8 @@
+"""Capture: back up a live device over mobilebackup2 straight into the repository.
+
+Modules: ``vtree`` (the backup folder the device sees: the previous snapshot with this session's
+changes over it, and the archiver's Source for it), ``store`` (received files chunked and stored
+as they arrive), ``devicelink`` (the host side of the DeviceLink message loop), ``backup`` (one
+capture: pymobiledevice3's session set-up, the loop, the commit rule), ``api`` (the
+``ibsync.backup_device`` entry points: repository by URL, sync and async).
+"""

@@ -1,0 +1,117 @@
+"""``ibsync.backup_device``: capture a device into a repository named by URL, path or name.
+
+pymobiledevice3 is asyncio throughout, so the work is a coroutine, :func:`backup_device_async`,
+for callers that run an event loop (``await ibsync.backup_device_async(lockdown, repo)``).
+:func:`backup_device` runs it with ``asyncio.run`` for plain scripts, and refuses to run
+inside a running loop (blocking it would stall the device's connections, which live in that
+loop). A pymobiledevice3 lockdown client belongs to the loop it was created in: sync callers
+pass a coroutine function that makes one (``create_using_usbmux``), which is then created,
+used and closed in the loop ``backup_device`` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from pathlib import Path
+from pymobiledevice3.lockdown_service_provider import LockdownServiceProvider
+
+from ..errors import UserError
+from ..progress import NULL_PROGRESS, Progress
+from ..repo.repository import Repository
+from .backup import CaptureOutcome, Notify, _log_warning, capture
+
+ProviderArg = LockdownServiceProvider | Callable[[], Awaitable[LockdownServiceProvider]]
+RepoArg = str | os.PathLike | Repository
+
+
+def open_repository(url: str | os.PathLike, *, password: str | None = None,
+                    password_file: str | None = None) -> Repository:
+    """Open a repository as the CLI does, without locking it or loading its index.
+
+    ``url``: a path, any storage URL, or a repository name from the config file. The password:
+    ``password``, else ``password_file``, else the config file's source for this repository,
+    else ``IBSYNC_PASSWORD`` / ``IBSYNC_PASSWORD_FILE`` / ``IBSYNC_PASSWORD_COMMAND``, else a
+    prompt on a terminal (the CLI's own resolution, ``cli.app.App``, reused)."""
+    from ..cli.app import App
+
+    app = App(str(url), password_file, None, json=False, quiet=True)
+    repo = Repository.open(app.storage(), (lambda: password) if password else app.password)
+    if not repo.storage.properties.local and not os.environ.get("IBSYNC_NO_CACHE"):
+        from ..repo.cache import default_cache_dir
+
+        repo.use_cache(Path(os.environ.get("IBSYNC_CACHE_DIR") or default_cache_dir()))
+    return repo
+
+
+async def backup_device_async(
+    provider: ProviderArg,
+    repo: RepoArg,
+    *,
+    password: str | None = None,
+    password_file: str | None = None,
+    full: bool = False,
+    allow_partial: bool = False,
+    progress: Progress = NULL_PROGRESS,
+    notify: Notify = _log_warning,
+) -> CaptureOutcome:
+    """Back up a connected device into a repository; returns the new snapshot and transfer
+    figures, or raises ``CaptureFailed`` (one line: why) with nothing committed.
+
+    ``provider``: a pymobiledevice3 ``LockdownServiceProvider`` (``await create_using_usbmux()``),
+    or a coroutine function returning one (created here, and closed when done).
+    ``repo``: a repository path, URL or config name (opened with ``password``/``password_file``
+    or the environment, as the CLI does, and locked shared for the duration), or an open
+    ``Repository`` (the caller's to lock and close).
+    ``full``: ask the device for a full backup (default: incremental against the last
+    snapshot of this device, when there is one). ``allow_partial``: commit even if the device
+    could not read some files (listed in the outcome). ``notify``: messages for the user while
+    it runs (default: logged as warnings on the ``ibsync`` logger), e.g. to unlock the device.
+
+    Local disk used: at most about ``(storage connections + 3) * pack size`` of staged packs;
+    nothing of the backup itself is copied locally.
+    """
+    from ..repo.lock import RepoLock
+
+    opened = not isinstance(repo, Repository)
+    if opened:
+        repo = await asyncio.to_thread(open_repository, repo, password=password, password_file=password_file)
+    assert isinstance(repo, Repository)
+    lock = None
+    created = None
+    try:
+        if opened:
+            lock = await asyncio.to_thread(RepoLock(repo, exclusive=False, command="backup-device").acquire)
+        await asyncio.to_thread(repo.load_index)
+        if not isinstance(provider, LockdownServiceProvider):
+            provider = created = await provider()
+        return await capture(provider, repo, full=full, allow_partial=allow_partial, progress=progress, notify=notify)
+    finally:
+        if created is not None:
+            await _close(created)
+        if lock is not None:
+            lock.release()
+        if opened:
+            repo.close()
+
+
+def backup_device(provider: ProviderArg, repo: RepoArg, **options) -> CaptureOutcome:
+    """:func:`backup_device_async` for code without an event loop (same arguments)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(backup_device_async(provider, repo, **options))
+    raise UserError("backup_device() was called inside a running event loop; use 'await backup_device_async(...)'")
+
+
+async def _close(provider: object) -> None:
+    close = getattr(provider, "close", None)
+    if close is None:
+        return
+    with suppress(Exception):
+        result = close()
+        if inspect.isawaitable(result):
+            await result

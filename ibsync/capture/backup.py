@@ -1,0 +1,365 @@
+"""Back up a connected device straight into the repository (mobilebackup2, no local copy).
+
+One capture:
+
+1. the previous snapshot of the device (same UDID) becomes the virtual backup folder the
+   device sees, so the device backs up incrementally against it; with ``full``, or without a
+   usable previous snapshot, the folder starts empty and the request says ``ForceFullBackup``;
+2. pymobiledevice3 opens mobilebackup2 and does what it does for its own backups: the
+   DeviceLink version exchange and Hello, the notification_proxy + AFC sync lock, Info.plist
+   from installation_proxy/springboard/AFC (its helpers, reused);
+3. ibsync's :class:`~.devicelink.DeviceLinkHost` answers the device; uploads are chunked and
+   stored as they arrive;
+4. the snapshot is committed only if the device ended with ErrorCode 0, the Status.plist it
+   left says ``SnapshotState = finished`` (and is new: the previous one must not pass for
+   it), and no file failed (unless ``allow_partial``). The folder is then stored by the same
+   Archiver that imports folders, through the same write session.
+
+Anything else raises :class:`CaptureFailed` with one line saying why; the last good snapshot is
+untouched, and what was uploaded stays in the repository (indexed), so the next run sends the
+same data at no storage cost.
+
+Local disk: nothing of the backup is written locally except the packs being written (the
+session's staged packs: at most ``connections + 1`` shipped and uploading plus the open ones,
+one per writing thread, so about ``(connections + 3) * pack_size``: 140 MiB for a remote
+repository with 4 connections and the default 20 MiB packs; for a local repository they are
+the repository's own files); memory holds at most about two max-size chunks of the file being
+received (8 MiB) plus the overlay of this session's changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import plistlib
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pymobiledevice3.exceptions import ConnectionTerminatedError, PyMobileDevice3Exception
+from pymobiledevice3.lockdown_service_provider import LockdownServiceProvider
+from pymobiledevice3.safe_paths import validate_device_filename
+from pymobiledevice3.services.afc import AfcService
+from pymobiledevice3.services.mobilebackup2 import (
+    NP_LOCAL_AUTH_DISMISSED,
+    NP_LOCAL_AUTH_PRESENTED,
+    NP_SYNC_CANCEL_REQUEST,
+    Mobilebackup2Service,
+)
+from pymobiledevice3.services.notification_proxy import NotificationProxyService
+
+from ..errors import DeviceError
+from ..ingest.archiver import Archiver
+from ..model import DeviceInfo, Snapshot, utc_iso
+from ..progress import NULL_PROGRESS, Progress
+from ..repo.repository import Repository
+from ..repo.session import WriteSession
+from .devicelink import DeviceLinkHost, FailedUpload, SessionEnd, TransferStats
+from .store import FileStore
+from .vtree import VirtualTree
+
+logger = logging.getLogger("ibsync.capture")
+
+# What GetFreeDiskSpace answers for a repository on remote storage. The device only checks that
+# the host has more than its upload size (every clone and hardlink counted in full) + 128 MiB;
+# a bucket or a NAS share has no meaningful "free space", and what the repository really grows
+# by is far less (deduplication, compression). 64 TiB is above any device's demand.
+REMOTE_FREE_SPACE = 64 << 40
+MB_ERROR_NOT_ENOUGH_SPACE = 105
+INCREMENTAL_NEEDS = ("Status.plist", "Manifest.plist", "Manifest.db")
+
+Notify = Callable[[str], None]
+
+
+class CaptureFailed(DeviceError):
+    """The device did not complete the backup; nothing was committed."""
+
+
+@dataclass
+class CaptureOutcome:
+    snapshot: Snapshot
+    full: bool  # whether a full backup was asked for
+    files_received: int
+    bytes_received: int
+    failed: list[FailedUpload] = field(default_factory=list)  # only with allow_partial
+
+    def to_dict(self) -> dict:
+        s = self.snapshot
+        return {
+            "id": s.id,
+            "udid": s.device.udid,
+            "device_name": s.device.name,
+            "backup_date": utc_iso(s.backup_date) if s.backup_date else None,
+            "ios_encrypted": s.ios_encrypted,
+            "parent": s.parent,
+            "mode": "full" if self.full else "incremental",
+            "files_received": self.files_received,
+            "bytes_received": self.bytes_received,
+            "failed": [asdict(f) for f in self.failed],
+            "summary": asdict(s.summary),
+        }
+
+
+def _log_warning(text: str) -> None:
+    logger.warning("%s", text)
+
+
+async def capture(
+    provider: LockdownServiceProvider,
+    repo: Repository,
+    *,
+    full: bool = False,
+    allow_partial: bool = False,
+    progress: Progress = NULL_PROGRESS,
+    notify: Notify = _log_warning,
+) -> CaptureOutcome:
+    """Back up the device behind ``provider`` into ``repo`` (opened, index loaded, locked by
+    the caller) and commit a snapshot; CaptureFailed if the device did not finish.
+
+    ``allow_partial``: commit even if the device could not read some files (each keeps its
+    previous version, or is absent); they are listed in the outcome. ``notify`` gets messages
+    for the user while the backup runs (the passcode prompt).
+
+    Local disk used: the staged packs of the write session only, at most about
+    ``(storage connections + 3) * pack size``; no file of the backup is written locally.
+    """
+    started = time.monotonic()
+    udid = validate_device_filename(provider.udid or "")
+    parent = _previous_snapshot(repo, udid)
+    base = None if full or parent is None else _incremental_base(repo, parent)
+    full = base is None
+    session = repo.write_session()
+    try:
+        tree = VirtualTree(repo, udid, base, before_read=session.flush)
+        store = FileStore(session, repo.chunker)
+        progress.start(None, None)  # the device announces its total batch by batch, not up front
+        try:
+            end, stats = await _device_session(provider, udid, tree, store, full=full,
+                                               free_space=lambda: _free_space(repo), progress=progress, notify=notify)
+        finally:
+            progress.finish()
+        _check_finished(tree, udid, base, end, stats, allow_partial)
+        meta = _describe(tree, udid)
+        archiver = Archiver(repo)
+        archiver.summary.bytes_read = stats.bytes_received
+        origin: dict[str, Any] = {"kind": "device", "udid": udid, "mode": "full" if full else "incremental"}
+        if stats.failed:  # allow_partial: recorded, and the next capture of the device is full (see _incremental_base)
+            origin["failed"] = sorted(f.device_name for f in stats.failed)
+        snapshot, _ = await asyncio.to_thread(
+            archiver.archive, tree.source(origin),
+            device=meta.device, backup_date=meta.backup_date, ios_encrypted=meta.ios_encrypted,
+            snapshot_state=meta.snapshot_state, parent=parent, folder=udid, session=session, started=started)
+    except BaseException as e:
+        _keep_uploaded(session)
+        session.__exit__(type(e), e, e.__traceback__)  # stops its uploader; never raises
+        if isinstance(e, ConnectionTerminatedError):
+            raise CaptureFailed(f"the connection to the device was lost during the backup; nothing was committed "
+                                f"({_kept(session)})") from e
+        if isinstance(e, PyMobileDevice3Exception):
+            raise CaptureFailed(f"the backup failed: {e or e.__class__.__name__}; nothing was committed "
+                                f"({_kept(session)})") from e
+        raise
+    session.__exit__(None, None, None)  # the archiver flushed it; this stops its uploader
+    return CaptureOutcome(snapshot, full, stats.files_received, stats.bytes_received, list(stats.failed))
+
+
+# ---- the device session ------------------------------------------------------------------------
+
+
+async def _device_session(provider: LockdownServiceProvider, udid: str, tree: VirtualTree, store: FileStore, *,
+                          full: bool, free_space: Callable[[], int], progress: Progress,
+                          notify: Notify) -> tuple[SessionEnd, TransferStats]:
+    """Open mobilebackup2, take the sync lock, write Info.plist, request the backup, serve the
+    device until it ends the request."""
+    mb2 = Mobilebackup2Service(provider)
+    try:
+        await mb2.connect()
+        link = DeviceLinkHost(mb2.service, tree, store, free_space=free_space, progress=progress)  # type: ignore[arg-type]
+        await link.version_exchange()
+        try:
+            await mb2.version_exchange(link)  # Hello: pymobiledevice3's, through our link  # type: ignore[arg-type]
+        except (AssertionError, KeyError, IndexError) as e:  # how pmd3 checks the answer
+            raise CaptureFailed("the device does not speak mobilebackup2 protocol version 2.0 or 2.1") from e
+        try:
+            # pymobiledevice3's sync lock: syncWillStart, the AFC lock on /com.apple.itunes.lock_sync
+            # (retried 10 s), syncDidStart; syncDidFinish and unlock on the way out
+            async with (NotificationProxyService(provider) as np, AfcService(provider) as afc,
+                        mb2._backup_lock(afc, np)):
+                await mb2._observe_backup_notifications(np)
+                watcher = asyncio.create_task(_watch_notifications(np, notify))
+                try:
+                    info = await mb2.init_mobile_backup_factory_info(afc)
+                    tree.put_file(f"{udid}/Info.plist", *store.store_bytes(plistlib.dumps(info)))
+                    request: dict[str, Any] = {"MessageName": "Backup", "TargetIdentifier": udid}
+                    if full:
+                        request["Options"] = {"ForceFullBackup": True}
+                    await link.send_process_message(request)
+                    end = await link.run()
+                finally:
+                    watcher.cancel()
+                    with suppress(asyncio.CancelledError, Exception):
+                        await watcher
+        finally:
+            # the device may have dropped the link already (often why we are here); a failed
+            # Disconnect must not replace that error
+            with suppress(ConnectionTerminatedError, OSError):
+                await link.disconnect()
+    finally:
+        with suppress(Exception):
+            await mb2.close()
+    return end, link.stats
+
+
+async def _watch_notifications(np: NotificationProxyService, notify: Notify) -> None:
+    async for event in np.receive_notification():
+        name = event.get("Name")
+        if name == NP_LOCAL_AUTH_PRESENTED:
+            notify("the device is asking for its passcode: unlock it and enter the passcode to let the backup go on")
+        elif name == NP_LOCAL_AUTH_DISMISSED:
+            logger.info("the device's passcode prompt was dismissed")
+        elif name == NP_SYNC_CANCEL_REQUEST:
+            notify("the backup was cancelled on the device")
+
+
+# ---- deciding ----------------------------------------------------------------------------------
+
+
+def _previous_snapshot(repo: Repository, udid: str) -> Snapshot | None:
+    # Info.plist spells the UDID in capitals, lockdown (and the folder) as the device does
+    key = udid.upper()
+    snaps = [s for s in repo.snapshots() if s.device.udid.upper() == key]
+    return snaps[-1] if snaps else None
+
+
+def _incremental_base(repo: Repository, parent: Snapshot) -> bytes | None:
+    """The parent's root tree if the device can back up incrementally against it: a finished
+    backup with the three files the device downloads to compare against, and no file missing
+    (a partial capture's Manifest.db lists files it does not hold in that version: only a full
+    backup makes the device send them again)."""
+    if parent.snapshot_state != "finished" or parent.source.get("failed") or not repo.index.has(parent.tree):
+        return None
+    root = {e["name"]: e for e in repo.load_tree_entries(parent.tree)}
+    for name in INCREMENTAL_NEEDS:
+        e = root.get(name)
+        if e is None or e["type"] != "file" or not e["size"] or not repo.index.has_all_hex(e["content"]):
+            return None
+    return parent.tree
+
+
+def _free_space(repo: Repository) -> int:
+    """GetFreeDiskSpace: the free space of the filesystem holding a local repository (the
+    device refuses when it looks too small, as with any host); a fixed large figure for
+    remote storage, which has no such number (REMOTE_FREE_SPACE)."""
+    root = getattr(repo.storage, "root", None)
+    if repo.storage.properties.local and root is not None:
+        with suppress(OSError):
+            return shutil.disk_usage(root).free
+    return REMOTE_FREE_SPACE
+
+
+def _check_finished(tree: VirtualTree, udid: str, base: bytes | None, end: SessionEnd, stats: TransferStats,
+                    allow_partial: bool) -> None:
+    if end.error_code is None:
+        raise CaptureFailed(f"the device ended the backup without a result ({end.description}); nothing was committed")
+    if end.error_code == MB_ERROR_NOT_ENOUGH_SPACE:
+        raise CaptureFailed(f"the device refused the backup: not enough free space on the target ({end.description})")
+    if end.error_code != 0:
+        raise CaptureFailed(f"the device reported error {end.error_code}: {end.description or 'no description'}; "
+                            "nothing was committed")
+    status_path = f"{udid}/Status.plist"
+    status = _plist(tree.read_bytes(status_path))
+    state = status.get("SnapshotState") if status is not None else None
+    if state != "finished":
+        shown = f"says SnapshotState = {state}" if status is not None else "is missing or unreadable"
+        raise CaptureFailed(f"the device reported success but the backup's Status.plist {shown}; nothing was committed")
+    if base is not None and _content_of(tree, status_path) == _base_content(tree, base, "Status.plist"):
+        raise CaptureFailed("the device reported success but did not write a new Status.plist; nothing was committed")
+    if stats.failed and not allow_partial:
+        f = stats.failed[0]
+        more = f" and {len(stats.failed) - 1} more" if len(stats.failed) > 1 else ""
+        raise CaptureFailed(f"the device could not read {f.device_name} ({f.reason}){more}; nothing was committed "
+                            "(allow_partial stores the rest, keeping the previous version of such files)")
+
+
+def _content_of(tree: VirtualTree, path: str) -> list[str] | None:
+    with suppress(OSError):
+        return tree.file(path)["content"]
+    return None
+
+
+def _base_content(tree: VirtualTree, base: bytes, name: str) -> list[str] | None:
+    e = {x["name"]: x for x in tree.repo.load_tree_entries(base)}.get(name)
+    return e["content"] if e is not None else None
+
+
+def _plist(data: bytes | None) -> dict | None:
+    if not data:
+        return None
+    try:
+        value = plistlib.loads(data)
+    except Exception:  # plistlib raises whatever its XML or binary parser hits
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# ---- the snapshot's metadata -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Meta:
+    device: DeviceInfo
+    backup_date: datetime | None
+    ios_encrypted: bool
+    snapshot_state: str | None
+
+
+def _describe(tree: VirtualTree, udid: str) -> _Meta:
+    """What an import of the same folder records (``source.backup_folder.read_backup_folder``:
+    the same fields, from the same plists, in the same order of preference)."""
+    info = _plist(tree.read_bytes(f"{udid}/Info.plist")) or {}
+    manifest = _plist(tree.read_bytes(f"{udid}/Manifest.plist")) or {}
+    status = _plist(tree.read_bytes(f"{udid}/Status.plist")) or {}
+    lockdown = manifest.get("Lockdown") if isinstance(manifest.get("Lockdown"), dict) else {}
+    device = DeviceInfo(
+        udid=str(info.get("Unique Identifier") or info.get("Target Identifier")
+                 or lockdown.get("UniqueDeviceID") or udid),
+        name=str(info.get("Device Name") or info.get("Display Name") or lockdown.get("DeviceName") or ""),
+        product_type=str(info.get("Product Type") or lockdown.get("ProductType") or ""),
+        ios_version=str(info.get("Product Version") or lockdown.get("ProductVersion") or ""),
+        build_version=str(info.get("Build Version") or lockdown.get("BuildVersion") or ""),
+        serial_number=str(info.get("Serial Number") or lockdown.get("SerialNumber") or ""),
+    )
+    backup_date = _date(status.get("Date")) or _date(manifest.get("Date")) or _date(info.get("Last Backup Date"))
+    if backup_date is None:
+        backup_date = datetime.now(timezone.utc)
+    return _Meta(device, backup_date, bool(manifest.get("IsEncrypted", False)), status.get("SnapshotState"))
+
+
+def _date(value: object) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return None
+
+
+# ---- on the way out of a failure -----------------------------------------------------------------
+
+
+def _keep_uploaded(session: WriteSession) -> None:
+    """Index what was uploaded so far, so the next run does not store it again; never mask the
+    error that got us here."""
+    try:
+        session.flush()
+    except Exception as e:  # the storage may be what failed
+        logger.warning("could not index the data uploaded before the failure: %s", e)
+
+
+def _kept(session: WriteSession) -> str:
+    s = session.stats
+    if not s.blobs_added:
+        return "no data was stored"
+    return f"{s.raw_bytes_added} bytes already stored are kept for the next run"
+

@@ -1,0 +1,369 @@
+"""The backup folder a device sees during one capture, kept as an overlay on a snapshot.
+
+mobilebackup2 has the host keep a backup folder (``<UDID>/Info.plist``, ``Manifest.db``,
+``xx/<fileID>``, ...) that the device reads, lists, writes, moves and deletes in. Here there is
+no such folder on disk: the folder starts as the previous snapshot of the device (or empty, for
+a full backup) and every change of this session is an entry in an overlay:
+
+* each folder is a :class:`VDir`: the previous snapshot's tree it starts as (``base``, loaded
+  only when something looks inside it) plus ``changes`` (name -> new folder, new file entry,
+  or ``None`` for removed). A phone has ~1M files in ~256 ``xx`` folders; an incremental
+  backup touches a few of them, and nothing but the changes is held in memory;
+* files are tree entries (``Node.to_dict`` form) whose ``content`` lists blob ids already in
+  the repository: moving, copying or removing one never touches its bytes. Entries are never
+  changed in place (a rename makes a new dict), so copies may share them.
+
+Reading a file's bytes (the device downloads the previous ``Status.plist``, ``Manifest.plist``
+and ``Manifest.db``) streams its blobs from the repository.
+
+:meth:`VirtualTree.source` gives the device folder as the archiver's ``Source``, so the same
+Archiver that imports folders writes the snapshot: its files carry their blob ids
+(``SourceEntry.content``) and are never read.
+
+Paths are plain ``/``-separated strings relative to the backup root, as the device sends them
+(``<UDID>/Snapshot/3d/3d0d7e...``); they are split, not resolved: nothing here touches the
+local filesystem, so the only check needed is that no component is empty, ``.`` or ``..``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from ..model import Node
+from ..reader.files import read_file
+from ..repo.repository import Repository
+from ..source.folder import SourceEntry
+
+Entry = dict[str, Any]  # a file or symlink, or a folder of the base tree, in tree-entry form
+
+DIR_MODE = 0o040755
+FILE_MODE = 0o100644
+# Base trees kept decoded for lookups (a device's moves and removals hit the same xx folders)
+BASE_CACHE = 16
+_BAD_PARTS = frozenset({"", ".", ".."})
+
+
+class VTreeError(OSError):
+    """A path the device named does not work in the backup folder (errno as a filesystem
+    would set it, so DeviceLink answers can map it to the device's error codes)."""
+
+    def __init__(self, code: int, path: str) -> None:
+        super().__init__(code, os.strerror(code), path)
+
+
+@dataclass(eq=False)
+class VDir:
+    """A folder: a base tree (None: started empty) with this session's changes over it."""
+
+    mode: int
+    mtime_ns: int
+    base: bytes | None = None
+    changes: dict[str, VDir | Entry | None] = field(default_factory=dict)
+
+    def copy(self) -> VDir:
+        return VDir(self.mode, self.mtime_ns, self.base,
+                    {k: v.copy() if isinstance(v, VDir) else v for k, v in self.changes.items()})
+
+
+def _split(path: str) -> list[str]:
+    parts = path.rstrip("/").split("/")
+    for p in parts:
+        if p in _BAD_PARTS or "\0" in p or "\\" in p:
+            raise VTreeError(errno.EINVAL, path)
+    return parts
+
+
+def _dir_of_entry(e: Entry) -> VDir:
+    sub = e.get("subtree")
+    return VDir(e["mode"], e["mtime_ns"], bytes.fromhex(sub) if sub else None)
+
+
+class VirtualTree:
+    """The backup root: one folder per device (``folder``), as the device addresses it."""
+
+    def __init__(self, repo: Repository, folder: str, base: bytes | None, *,
+                 before_read: Callable[[], None] | None = None,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        """``base``: the root tree of the snapshot the device folder starts as (None: empty).
+        ``before_read`` is called before reading blobs that are not indexed yet (written in
+        this session: the session must flush its open packs first)."""
+        self.repo = repo
+        self.folder = folder
+        self._clock = clock
+        self._before_read = before_read
+        now = clock()
+        self._root = VDir(DIR_MODE, now, None, {folder: VDir(DIR_MODE, now, base)})
+        self._bases: OrderedDict[bytes, dict[str, Entry]] = OrderedDict()
+        self._bases_lock = threading.Lock()
+
+    @property
+    def device(self) -> VDir:
+        """The device folder (the device could remove and recreate it: looked up each time)."""
+        node = self._root.changes.get(self.folder)
+        if not isinstance(node, VDir):
+            raise VTreeError(errno.ENOENT, self.folder)
+        return node
+
+    # ---- looking up ------------------------------------------------------------------------
+
+    def _base_entries(self, tree_id: bytes) -> dict[str, Entry]:
+        with self._bases_lock:
+            found = self._bases.get(tree_id)
+            if found is not None:
+                self._bases.move_to_end(tree_id)
+                return found
+        found = {e["name"]: e for e in self.repo.load_tree_entries(tree_id)}
+        with self._bases_lock:
+            self._bases[tree_id] = found
+            if len(self._bases) > BASE_CACHE:
+                self._bases.popitem(last=False)
+        return found
+
+    def _child(self, d: VDir, name: str) -> VDir | Entry | None:
+        node = d.changes.get(name, d)  # d: not changed in this session
+        if node is not d:
+            return node  # type: ignore[return-value]
+        return self._base_entries(d.base).get(name) if d.base is not None else None
+
+    def _lookup(self, parts: list[str], path: str) -> VDir | Entry:
+        """The node at ``parts`` (folders of the base come back as transient VDirs)."""
+        node: VDir | Entry = self._root
+        for name in parts:
+            if not isinstance(node, VDir):
+                raise VTreeError(errno.ENOTDIR, path)
+            child = self._child(node, name)
+            if child is None:
+                raise VTreeError(errno.ENOENT, path)
+            node = _dir_of_entry(child) if not isinstance(child, VDir) and child["type"] == "dir" else child
+        return node
+
+    def _writable_dir(self, parts: list[str], path: str, *, create: bool) -> VDir:
+        """The folder at ``parts``, made part of the overlay (so changes inside it stick);
+        missing folders are created when ``create`` (mkdir -p), else ENOENT."""
+        d = self._root
+        for name in parts:
+            child = self._child(d, name)
+            if isinstance(child, VDir):  # already part of the overlay
+                d = child
+                continue
+            if child is None:
+                if not create:
+                    raise VTreeError(errno.ENOENT, path)
+                new = VDir(DIR_MODE, self._clock())
+                self._set(d, name, new)
+            elif child["type"] == "dir":
+                new = _dir_of_entry(child)  # taken over from the base, unchanged until written in
+                d.changes[name] = new
+            else:
+                raise VTreeError(errno.ENOTDIR, path)
+            d = new
+        return d
+
+    def _set(self, d: VDir, name: str, node: VDir | Entry | None) -> None:
+        if node is None and d.base is None:
+            d.changes.pop(name, None)  # nothing below to hide
+        else:
+            d.changes[name] = node
+        d.mtime_ns = self._clock()
+
+    # ---- what the device does --------------------------------------------------------------
+
+    def mkdir(self, path: str) -> None:
+        """Create a folder and its missing parents; an existing folder is fine."""
+        self._writable_dir(_split(path), path, create=True)
+
+    def put_file(self, path: str, size: int, content: list[str]) -> None:
+        """Place a file whose blobs are stored (replacing whatever is at ``path``)."""
+        parts = _split(path)
+        parent = self._writable_dir(parts[:-1], path, create=True)
+        name = parts[-1]
+        now = self._clock()
+        self._set(parent, name, {"name": name, "type": "file", "mode": FILE_MODE, "mtime_ns": now,
+                                 "size": size, "content": content})
+
+    def remove(self, path: str) -> bool:
+        """Remove a file or a folder with everything in it; False if there was nothing."""
+        parts = _split(path)
+        try:
+            parent = self._writable_dir(parts[:-1], path, create=False)
+        except VTreeError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return False
+            raise
+        if self._child(parent, parts[-1]) is None:
+            return False
+        self._set(parent, parts[-1], None)
+        return True
+
+    def move(self, src: str, dst: str) -> bool:
+        """Rename ``src`` to ``dst``, replacing what ``dst`` was (as libimobiledevice does:
+        remove the destination, then rename). Missing parents of ``dst`` are created. False,
+        and nothing changes, when ``src`` does not exist (an upload the device failed)."""
+        sparts, dparts = _split(src), _split(dst)
+        if sparts == dparts:
+            return True
+        if dparts[: len(sparts)] == sparts:
+            raise VTreeError(errno.EINVAL, dst)  # a folder into itself
+        try:
+            sparent = self._writable_dir(sparts[:-1], src, create=False)
+        except VTreeError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+        node = self._child(sparent, sparts[-1])
+        if node is None:
+            return False
+        dparent = self._writable_dir(dparts[:-1], dst, create=True)
+        self._set(sparent, sparts[-1], None)
+        self._set(dparent, dparts[-1], self._renamed(node, dparts[-1]))
+        return True
+
+    def copy(self, src: str, dst: str) -> None:
+        """Copy a file or a folder (recursively) to ``dst``, replacing what was there."""
+        sparts, dparts = _split(src), _split(dst)
+        node = self._lookup(sparts, src)
+        if dparts[: len(sparts)] == sparts:
+            raise VTreeError(errno.EINVAL, dst)
+        dparent = self._writable_dir(dparts[:-1], dst, create=True)
+        self._set(dparent, dparts[-1], self._renamed(node.copy() if isinstance(node, VDir) else node, dparts[-1]))
+
+    @staticmethod
+    def _renamed(node: VDir | Entry, name: str) -> VDir | Entry:
+        if isinstance(node, VDir):
+            return node
+        if node["type"] == "dir":
+            return _dir_of_entry(node)
+        return node if node["name"] == name else {**node, "name": name}
+
+    # ---- what the device reads -------------------------------------------------------------
+
+    def listdir(self, path: str) -> dict[str, VDir | Entry]:
+        """A folder's entries by name (folders of the base as entries with a ``subtree``)."""
+        node = self._lookup(_split(path), path)
+        if not isinstance(node, VDir):
+            raise VTreeError(errno.ENOTDIR, path)
+        return self._merged(node)
+
+    def _merged(self, d: VDir, *, cached: bool = True) -> dict[str, VDir | Entry]:
+        if d.base is None:
+            out: dict[str, VDir | Entry] = {}
+        elif cached:
+            out = dict(self._base_entries(d.base))
+        else:  # the archiver's walk: each folder once, from several threads; no need to keep it
+            out = {e["name"]: e for e in self.repo.load_tree_entries(d.base)}
+        for name, node in d.changes.items():
+            if node is None:
+                out.pop(name, None)
+            else:
+                out[name] = node
+        return out
+
+    def file(self, path: str) -> Entry:
+        """The entry of a regular file; ENOENT, or EISDIR for a folder."""
+        node = self._lookup(_split(path), path)
+        if isinstance(node, VDir):
+            raise VTreeError(errno.EISDIR, path)
+        if node["type"] != "file":
+            raise VTreeError(errno.EINVAL, path)
+        return node
+
+    def read(self, entry: Entry) -> Iterator[bytes]:
+        """A file's bytes, blob by blob, from the repository."""
+        if self._before_read is not None and not self.repo.index.has_all_hex(entry["content"]):
+            self._before_read()
+        return read_file(self.repo, Node.from_dict(entry))
+
+    def read_bytes(self, path: str) -> bytes | None:
+        """A small file's whole content (the plists); None if there is no such file."""
+        try:
+            entry = self.file(path)
+        except VTreeError:
+            return None
+        return b"".join(self.read(entry))
+
+    def source(self, origin: dict) -> TreeSource:
+        return TreeSource(self, origin)
+
+
+class TreeSource:
+    """The device folder of a :class:`VirtualTree` as the archiver's ``Source``."""
+
+    def __init__(self, tree: VirtualTree, origin: dict) -> None:
+        self.tree = tree
+        self.origin = origin
+
+    def _dir(self, rel: str) -> VDir:
+        path = f"{self.tree.folder}/{rel}" if rel else self.tree.folder
+        node = self.tree._lookup(_split(path), path)
+        if not isinstance(node, VDir):
+            raise VTreeError(errno.ENOTDIR, path)
+        return node
+
+    def scan(self, rel: str) -> list[SourceEntry]:
+        out = []
+        for name, node in sorted(self.tree._merged(self._dir(rel), cached=False).items()):
+            if isinstance(node, VDir):
+                out.append(SourceEntry(name, "dir", node.mode, node.mtime_ns))
+            elif node["type"] == "dir":
+                out.append(SourceEntry(name, "dir", node["mode"], node["mtime_ns"]))
+            elif node["type"] == "file":
+                out.append(SourceEntry(name, "file", node["mode"], node["mtime_ns"], node["size"], None,
+                                       node["content"]))
+            else:
+                out.append(SourceEntry(name, node["type"], node["mode"], node["mtime_ns"], 0, node.get("target")))
+        return out
+
+    def open_file(self, rel: str) -> BinaryIO:
+        # the archiver never needs this for a captured folder (every file carries its blobs);
+        # here for the protocol's sake
+        entry = self.tree.file(f"{self.tree.folder}/{rel}")
+        return _BlobReader(lambda: self.tree.read(entry))  # type: ignore[return-value]
+
+    def measure(self) -> tuple[int, int]:
+        return 0, 0  # unknown without walking every base tree; capture reports its own progress
+
+    def root_stat(self) -> tuple[int, int]:
+        return self.tree.device.mode, self.tree.device.mtime_ns
+
+
+class _BlobReader:
+    """A file-like ``read`` over a stored file's blobs (for ``Source.open_file``); ``seek(0)``
+    starts again (the chunker peeks at a large file's first bytes)."""
+
+    def __init__(self, open_pieces: Callable[[], Iterator[bytes]]) -> None:
+        self._open = open_pieces
+        self._pieces = open_pieces()
+        self._buf = b""
+
+    def seek(self, pos: int) -> int:
+        if pos != 0:
+            raise OSError(errno.ESPIPE, "only seek(0) is supported")
+        self._pieces = self._open()
+        self._buf = b""
+        return 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            out = self._buf + b"".join(self._pieces)
+            self._buf = b""
+            return out
+        while len(self._buf) < n:
+            piece = next(self._pieces, None)
+            if piece is None:
+                break
+            self._buf += piece
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def __enter__(self) -> _BlobReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
