@@ -4,5 +4,6 @@ Modules: ``vtree`` (the backup folder the device sees: the previous snapshot wit
 changes over it, and the archiver's Source for it), ``store`` (received files chunked and stored
 as they arrive), ``devicelink`` (the host side of the DeviceLink message loop), ``backup`` (one
 capture: pymobiledevice3's session set-up, the loop, the commit rule), ``api`` (the
-``ibsync.backup_device`` entry points: repository by URL, sync and async).
+``ibsync.backup_device`` entry points: repository by URL, sync and async), ``discovery``
+(finding connected devices and opening a lockdown session, for the command line).
 """
