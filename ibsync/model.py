@@ -159,8 +159,9 @@ class Snapshot:
         )
 
     def of_device(self, device: str | None) -> bool:
-        """Whether this is a snapshot of ``device`` (its UDID or name); None matches all."""
-        return device is None or device in (self.device.udid, self.device.name)
+        """Whether this is a snapshot of ``device`` (its UDID in either case, as Info.plist and
+        folder names differ, or its name); None matches all."""
+        return device is None or device.upper() == self.device.udid.upper() or device == self.device.name
 
     @property
     def folder_name(self) -> str:

@@ -16,6 +16,7 @@ from .. import __version__
 # half start-up.
 COMMANDS = {
     "devices": "cmd_devices:devices_cmd",
+    "backup": "cmd_backup:backup_cmd",
     "init": "cmd_init:init_cmd",
     "import": "cmd_import:import_cmd",
     "snapshots": "cmd_snapshots:snapshots_cmd",

@@ -389,7 +389,8 @@ class Repository:
         return matches[0]
 
     def latest_of_device(self, udid: str) -> Snapshot | None:
-        snaps = [s for s in self.snapshots() if s.device.udid == udid]
+        # the case of a UDID differs between Info.plist, folder names and lockdown
+        snaps = [s for s in self.snapshots() if s.device.udid.upper() == udid.upper()]
         return snaps[-1] if snaps else None
 
     def write_session(self, *, rewrite: bool = False):

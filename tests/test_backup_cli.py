@@ -1,0 +1,85 @@
+"""`ibsync backup` as a user runs it: a separate process that finds the simulated device through
+usbmuxd, pairs over pymobiledevice3's lockdown/TLS, and writes straight into the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ibsync.testing.device import Misbehaviour, SimDevice, run_sim_usbmuxd
+from ibsync.testing.generator import generate_content
+
+from conftest import one_line_error, run_subprocess
+from test_simdevice import assert_folder_matches
+
+
+def _device(seed: int, **kw) -> SimDevice:
+    return SimDevice.from_content(generate_content(seed=seed, size_bytes=2 << 20), **kw)
+
+
+def _backup(env, *args, expect=0):
+    r = run_subprocess(["backup", "--json", *args], env)
+    assert r.returncode == expect, r.stderr
+    return json.loads(r.stdout) if expect == 0 else r
+
+
+def test_backup_then_incremental_then_restore(env, cli, tmp_path):
+    cli("init")
+    phone = _device(3)
+    with run_sim_usbmuxd([phone], tmp_path / "mux", paired=False) as mux:  # first contact pairs
+        e = {**os.environ, **mux.env(home=tmp_path / "home")}
+        [first] = _backup(e)["snapshots"]
+        assert first["mode"] == "full" and first["udid"] == phone.udid.upper()
+        sent_before = len(phone.files)
+        phone.write_file("HomeDomain", "Library/Notes/today.txt", b"bought milk")
+        [second] = _backup(e)["snapshots"]
+        assert second["mode"] == "incremental" and second["parent"] == first["id"]
+        # the new file and the device's three metadata files, not the whole phone again
+        assert second["files_received"] <= 4 < sent_before
+    cli("restore", first["id"][:10], tmp_path / "one")
+    cli("restore", "latest", tmp_path / "two")
+    assert_folder_matches(tmp_path / "two" / phone.udid, phone)
+    out, _ = cli("snapshots", "--json")
+    assert [s["id"] for s in json.loads(out)] == [first["id"], second["id"]]
+    cli("check", "--read-data")
+
+
+def test_several_devices_need_a_choice_or_all(env, cli, tmp_path):
+    cli("init")
+    a, b = _device(4, name="Alice's iPhone"), _device(5, name="Bob's iPad")
+    with run_sim_usbmuxd([a, b], tmp_path / "mux") as mux:
+        e = {**os.environ, **mux.env(home=tmp_path / "home")}
+        r = _backup(e, expect=2)
+        one_line_error(r.stderr, "several devices are connected", "--device", "--all")
+        [one] = _backup(e, "--device", "Bob's iPad")["snapshots"]
+        assert one["udid"] == b.udid.upper()
+        both = _backup(e, "--all")
+        assert {s["udid"] for s in both["snapshots"]} == {a.udid.upper(), b.udid.upper()} and both["failed"] == []
+    cli("restore", "latest", "--device", a.udid, tmp_path / "a")
+    assert_folder_matches(tmp_path / "a" / a.udid, a)
+
+
+def test_a_device_that_fails_leaves_the_last_snapshot_and_says_why(env, cli, tmp_path):
+    cli("init")
+    phone = _device(6)
+    with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
+        e = {**os.environ, **mux.env(home=tmp_path / "home")}
+        [good] = _backup(e)["snapshots"]
+        phone.misbehave = Misbehaviour(final_error=(207, "simulated failure"))
+        r = _backup(e, expect=1)
+        assert "Traceback" not in r.stderr and "207" in r.stderr and r.stderr.strip().splitlines()[-1].startswith("ibsync: error:")
+        out, _ = cli("snapshots", "--json")
+        assert [s["id"] for s in json.loads(out)] == [good["id"]]
+        phone.misbehave = Misbehaviour()
+        [again] = _backup(e)["snapshots"]
+        assert again["parent"] == good["id"]
+    cli("restore", "latest", tmp_path / "out")
+    assert_folder_matches(tmp_path / "out" / phone.udid, phone)
+
+
+def test_backup_without_devices_is_one_line(env, cli, tmp_path):
+    cli("init")
+    with run_sim_usbmuxd([], tmp_path / "mux") as mux:
+        r = run_subprocess(["backup"], {**os.environ, **mux.env(home=tmp_path / "home")})
+    assert r.returncode == 1
+    one_line_error(r.stderr, "no device connected")
