@@ -129,7 +129,7 @@ async def capture(
     """
     started = time.monotonic()
     udid = validate_device_filename(provider.udid or "")
-    parent = _previous_snapshot(repo, udid)
+    parent = repo.latest_of_device(udid)  # Info.plist capitalises the UDID; lockdown may not
     base = None if full or parent is None else _incremental_base(repo, parent)
     full = base is None
     session = repo.write_session()
@@ -226,13 +226,6 @@ async def _watch_notifications(np: NotificationProxyService, notify: Notify) -> 
 
 
 # ---- deciding ----------------------------------------------------------------------------------
-
-
-def _previous_snapshot(repo: Repository, udid: str) -> Snapshot | None:
-    # Info.plist spells the UDID in capitals, lockdown (and the folder) as the device does
-    key = udid.upper()
-    snaps = [s for s in repo.snapshots() if s.device.udid.upper() == key]
-    return snaps[-1] if snaps else None
 
 
 def _incremental_base(repo: Repository, parent: Snapshot) -> bytes | None:
