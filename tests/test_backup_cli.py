@@ -83,3 +83,36 @@ def test_backup_without_devices_is_one_line(env, cli, tmp_path):
         r = run_subprocess(["backup"], {**os.environ, **mux.env(home=tmp_path / "home")})
     assert r.returncode == 1
     one_line_error(r.stderr, "no device connected")
+
+
+def test_backup_interrupted_by_the_user_keeps_data_and_the_next_run_completes(env, cli, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cli("init", "--pack-size", "4")
+    phone = SimDevice.from_content(generate_content(seed=8, size_bytes=48 << 20))
+    with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
+        e = {**os.environ, **mux.env(home=tmp_path / "home")}
+        proc = subprocess.Popen([sys.executable, "-m", "ibsync", "backup", "--quiet"], env=e,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(list((env / "packs").glob("*/*"))) < 2:  # some data is stored: the capture is under way
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no pack appeared"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+        out, _ = cli("snapshots", "--json")
+        assert json.loads(out) == []  # nothing half-committed
+        assert list((env / "index").iterdir()), "Ctrl-C indexes what was already stored"
+        _backup(e)
+    # what the interrupted run stored was used, not stored a second time: nothing to prune
+    out, _ = cli("prune", "--dry-run", "--json")
+    plan = json.loads(out)
+    assert plan["bytes_to_delete"] == 0 and plan["unused_bytes_kept"] + plan["bytes_to_repack"] < (1 << 20), plan
+    cli("restore", "latest", tmp_path / "out")
+    assert_folder_matches(tmp_path / "out" / phone.udid, phone)
+    cli("check", "--read-data")
