@@ -23,6 +23,10 @@ Differences from pymobiledevice3 11.45.0's ``DeviceLink``, on purpose:
   content or stays absent, and the failure is recorded for the caller.
 * MoveItems replaces the destination (libimobiledevice's remove-then-rename) rather than
   ``shutil.move``'s move-into-folder.
+
+For a restore (``capture.restore``) the host is built without a store: the device only
+downloads, and an upload, should one come, is read off the stream and recorded as failed.
+``count_downloads`` reports the bytes and files sent to the progress.
 """
 
 from __future__ import annotations
@@ -149,6 +153,8 @@ class SessionEnd:
 class TransferStats:
     files_received: int = 0
     bytes_received: int = 0
+    files_sent: int = 0  # downloads: repository -> device
+    bytes_sent: int = 0
     failed: list[FailedUpload] = field(default_factory=list)
     messages: Counter = field(default_factory=Counter)  # DeviceLink messages by name
     device_progress: float = 0.0  # the percentage the device last announced
@@ -157,13 +163,17 @@ class TransferStats:
 class DeviceLinkHost:
     """Serves one mobilebackup2 DeviceLink session; call :meth:`run` after the request."""
 
-    def __init__(self, conn: ServiceConnection, tree: VirtualTree, store: FileStore, *,
-                 free_space: Callable[[], int], progress: Progress = NULL_PROGRESS) -> None:
+    def __init__(self, conn: ServiceConnection, tree: VirtualTree, store: FileStore | None, *,
+                 free_space: Callable[[], int], progress: Progress = NULL_PROGRESS,
+                 count_downloads: bool = False) -> None:
+        """``store``: where uploads go; None (a restore) refuses them. ``count_downloads``:
+        advance ``progress`` by what is sent (else by what is received)."""
         self.conn = conn
         self.tree = tree
         self.store = store
         self.free_space = free_space
         self.progress = progress
+        self.count_downloads = count_downloads
         self.stats = TransferStats()
         self._in = _Input(conn)
         self._handlers: dict[str, Callable[[list], Awaitable[None]]] = {
@@ -249,13 +259,14 @@ class DeviceLinkHost:
                 break  # end of the batch
             device_name = (await inp.exactly(n)).decode()
             file_name = (await inp.exactly(await inp.u32())).decode()
-            incoming = self.store.begin()
+            incoming = self.store.begin() if self.store is not None else None
             size, code = await inp.head()
             received = 0
             while code == CODE_FILE_DATA:
                 if size > 1:
                     data = await inp.exactly(size - 1)
-                    incoming.write(data)
+                    if incoming is not None:
+                        incoming.write(data)
                     received += len(data)
                     self.progress.advance(len(data))
                 size, code = await inp.head()
@@ -269,6 +280,10 @@ class DeviceLinkHost:
                 reason = tail.decode(errors="replace") or f"code {code:#x}"
                 stats.failed.append(FailedUpload(device_name, file_name, reason))
                 logger.warning("the device could not send %s: %s", device_name, reason)
+                continue
+            if incoming is None:
+                stats.failed.append(FailedUpload(device_name, file_name, "uploads are not accepted in this session"))
+                logger.warning("the device uploaded %s during a restore; ignored", device_name)
                 continue
             size, content = incoming.close()
             try:
@@ -286,12 +301,16 @@ class DeviceLinkHost:
         self._note_progress(msg, 3)
         failed: dict[str, dict] = {}
         out = bytearray()
+        stats = self.stats
         for path in msg[1] if len(msg) > 1 else ():
             raw = str(path).encode()
             out += _U32.pack(len(raw)) + raw
             try:
                 entry = self.tree.file(path)
                 for piece in self.tree.read(entry):
+                    stats.bytes_sent += len(piece)
+                    if self.count_downloads:
+                        self.progress.advance(len(piece))
                     view = memoryview(piece)
                     for off in range(0, len(view), DOWNLOAD_FRAME):
                         frame = view[off : off + DOWNLOAD_FRAME]
@@ -301,6 +320,9 @@ class DeviceLinkHost:
                             await self.conn.sendall(bytes(out))
                             out.clear()
                 out += _HEAD.pack(1, CODE_SUCCESS)
+                stats.files_sent += 1
+                if self.count_downloads:
+                    self.progress.advance(files=1)
             except (VTreeError, IbsyncError) as e:
                 if isinstance(e, VTreeError):
                     err = e

@@ -1,0 +1,279 @@
+"""Restore a snapshot onto a connected device, served straight from the repository.
+
+The device pulls a restore from the host: after the ``Restore`` request it asks for
+``<source>/Status.plist``, ``Manifest.plist``, ``Manifest.db`` and then the payloads
+(``<source>/xx/<fileID>``) with ``DLMessageDownloadFiles``. Here the backup folder it reads is a
+:class:`~.vtree.VirtualTree` over the snapshot's tree: every file is streamed from the
+repository's blobs as the device asks for it, and nothing of the backup is written locally.
+Whatever the device changes in that folder during the session (moves, removals, copies) lives in
+the tree's in-memory overlay and is dropped at the end: the snapshot is never modified, which
+is what ``copy`` (restore from a copy of the backup) asks for anyway.
+
+The session is opened as pymobiledevice3 11.45.0's ``Mobilebackup2Service.restore`` does it
+(DeviceLink version exchange and Hello, the notification_proxy + AFC sync lock, the request with
+the same ``Options``, ``/iTunesRestore/RestoreApplications.plist`` from the snapshot's
+``Info.plist`` over AFC so the device reinstalls its apps), with ibsync's
+:class:`~.devicelink.DeviceLinkHost` answering the device. The device's final ProcessMessage
+decides: ErrorCode 0 is success, anything else raises :class:`RestoreFailed` (one line).
+
+A snapshot of another device may be restored: the request's ``SourceIdentifier`` is the
+snapshot's UDID (the backup folder's name), ``TargetIdentifier`` the connected device's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import plistlib
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+from pymobiledevice3.exceptions import ConnectionTerminatedError, PyMobileDevice3Exception
+from pymobiledevice3.lockdown_service_provider import LockdownServiceProvider
+from pymobiledevice3.services.afc import AfcService
+from pymobiledevice3.services.mobilebackup2 import Mobilebackup2Service
+from pymobiledevice3.services.notification_proxy import NotificationProxyService
+
+from ..errors import DeviceError, UserError
+from ..model import Snapshot
+from ..progress import NULL_PROGRESS, Progress
+from ..repo.repository import Repository
+from .api import ProviderArg, RepoArg
+from .backup import Notify, _free_space, _log_warning, _plist, _watch_notifications
+from .devicelink import DeviceLinkHost, SessionEnd, TransferStats
+from .vtree import VirtualTree, VTreeError
+
+logger = logging.getLogger("ibsync.capture")
+
+RESTORE_NEEDS = ("Info.plist", "Manifest.plist", "Manifest.db", "Status.plist")
+RESTORE_APPLICATIONS = "/iTunesRestore/RestoreApplications.plist"
+
+
+class RestoreFailed(DeviceError):
+    """The device did not complete the restore (or it could not be started)."""
+
+
+@dataclass
+class RestoreOutcome:
+    snapshot: Snapshot
+    target_udid: str  # the device restored onto
+    source_udid: str  # the SourceIdentifier sent: the snapshot's device folder
+    files_sent: int
+    bytes_sent: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {
+            "snapshot": self.snapshot.id,
+            "source_udid": self.source_udid,
+            "target_udid": self.target_udid,
+            "files_sent": self.files_sent,
+            "bytes_sent": self.bytes_sent,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def source_identifier(snapshot: Snapshot) -> str:
+    """The name of the snapshot's device folder as the device addresses it: the folder it was
+    captured or imported as when that is its UDID (lockdown's spelling), else the UDID."""
+    udid = snapshot.device.udid
+    if snapshot.folder and (not udid or snapshot.folder.upper() == udid.upper()):
+        return snapshot.folder
+    return udid or snapshot.folder
+
+
+async def restore(
+    provider: LockdownServiceProvider,
+    repo: Repository,
+    snapshot: Snapshot,
+    *,
+    system: bool = False,
+    reboot: bool = True,
+    copy: bool = True,
+    settings: bool = False,
+    remove: bool = False,
+    password: str | None = None,
+    progress: Progress = NULL_PROGRESS,
+    notify: Notify = _log_warning,
+) -> RestoreOutcome:
+    """Restore ``snapshot`` of ``repo`` (opened, index loaded, locked by the caller) onto the
+    device behind ``provider``; RestoreFailed (one line) unless the device reports success."""
+    started = time.monotonic()
+    if snapshot.snapshot_state != "finished":
+        raise RestoreFailed(f"snapshot {snapshot.short_id} is not a finished backup "
+                            f"(SnapshotState {snapshot.snapshot_state!r}); the device would refuse it")
+    if snapshot.source.get("failed"):
+        raise RestoreFailed(f"snapshot {snapshot.short_id} is a partial capture (files the device could not read "
+                            "are missing); restore another snapshot")
+    source = source_identifier(snapshot)
+    if not source:
+        raise RestoreFailed(f"snapshot {snapshot.short_id} names no device folder to restore from")
+    tree = VirtualTree(repo, source, snapshot.tree)
+    for name in RESTORE_NEEDS:
+        try:
+            tree.file(f"{source}/{name}")
+        except VTreeError as e:
+            raise RestoreFailed(f"snapshot {snapshot.short_id} has no {name}; it is not a restorable backup") from e
+    info = _plist(await asyncio.to_thread(tree.read_bytes, f"{source}/Info.plist")) or {}
+    manifest = _plist(await asyncio.to_thread(tree.read_bytes, f"{source}/Manifest.plist"))
+    if manifest is None:
+        raise RestoreFailed(f"snapshot {snapshot.short_id}: its Manifest.plist is unreadable")
+    encrypted = bool(manifest.get("IsEncrypted", False))
+    if encrypted and not password:
+        raise RestoreFailed(f"snapshot {snapshot.short_id} is an encrypted iOS backup: the restore needs its "
+                            "backup password")
+    options: dict[str, Any] = {
+        "RestoreShouldReboot": reboot,
+        "RestoreDontCopyBackup": not copy,
+        "RestorePreserveSettings": settings,
+        "RestoreSystemFiles": system,
+        "RemoveItemsNotRestored": remove,
+    }
+    if encrypted:
+        options["Password"] = password
+    target = provider.udid or ""
+    request = {"MessageName": "Restore", "TargetIdentifier": target, "SourceIdentifier": source, "Options": options}
+    progress.start(snapshot.summary.total_bytes or None, snapshot.summary.files or None)  # at most: the device asks for what it needs
+    try:
+        end, stats = await _device_session(provider, tree, request, info.get("Applications"),
+                                           free_space=lambda: _free_space(repo), progress=progress, notify=notify)
+    except ConnectionTerminatedError as e:
+        raise RestoreFailed("the connection to the device was lost during the restore") from e
+    except PyMobileDevice3Exception as e:
+        raise RestoreFailed(f"the restore failed: {e or e.__class__.__name__}") from e
+    finally:
+        progress.finish()
+    _check_finished(end, encrypted)
+    return RestoreOutcome(snapshot, target, source, stats.files_sent, stats.bytes_sent, time.monotonic() - started)
+
+
+async def _device_session(provider: LockdownServiceProvider, tree: VirtualTree, request: dict,
+                          applications: Any, *, free_space: Callable[[], int], progress: Progress,
+                          notify: Notify) -> tuple[SessionEnd, TransferStats]:
+    mb2 = Mobilebackup2Service(provider)
+    try:
+        await mb2.connect()
+        link = DeviceLinkHost(mb2.service, tree, None, free_space=free_space, progress=progress,  # type: ignore[arg-type]
+                              count_downloads=True)
+        await link.version_exchange()
+        try:
+            await mb2.version_exchange(link)  # type: ignore[arg-type]
+        except (AssertionError, KeyError, IndexError) as e:
+            raise RestoreFailed("the device does not speak mobilebackup2 protocol version 2.0 or 2.1") from e
+        try:
+            async with (NotificationProxyService(provider) as np, AfcService(provider) as afc,
+                        mb2._backup_lock(afc, np)):
+                await mb2._observe_backup_notifications(np)
+                watcher = asyncio.create_task(_watch_notifications(np, notify))
+                try:
+                    await link.send_process_message(request)
+                    if applications is not None:
+                        # as pymobiledevice3 does: the device reinstalls these apps once the restore is done
+                        await afc.makedirs("/iTunesRestore")
+                        await afc.set_file_contents(RESTORE_APPLICATIONS, plistlib.dumps(applications))
+                    end = await link.run()
+                finally:
+                    watcher.cancel()
+                    with suppress(asyncio.CancelledError, Exception):
+                        await watcher
+        finally:
+            with suppress(ConnectionTerminatedError, OSError):
+                await link.disconnect()
+    finally:
+        with suppress(Exception):
+            await mb2.close()
+    return end, link.stats
+
+
+def _check_finished(end: SessionEnd, encrypted: bool) -> None:
+    if end.error_code is None:
+        raise RestoreFailed(f"the device ended the restore without a result ({end.description})")
+    if end.error_code != 0:
+        why = (end.description or "no description").rstrip(".")
+        hint = ""
+        if encrypted and "password" in why.lower():
+            hint = " (check the iOS backup password)"
+        raise RestoreFailed(f"the device refused the restore: error {end.error_code}: {why}{hint}")
+
+
+def resolve_snapshot(repo: Repository, snapshot: Snapshot | str) -> Snapshot:
+    """A Snapshot as is, or an id, a unique id prefix or 'latest' (one device only)."""
+    if isinstance(snapshot, Snapshot):
+        return snapshot
+    if not isinstance(snapshot, str):
+        raise UserError("snapshot: give a Snapshot, or an id, id prefix or 'latest'")
+    return repo.find_snapshot(snapshot)
+
+
+# ---- the library entry points (as ibsync.backup_device) ----------------------------------------
+
+
+async def restore_to_device_async(
+    provider: ProviderArg,
+    repo: RepoArg,
+    snapshot: Snapshot | str,
+    *,
+    system: bool = False,
+    reboot: bool = True,
+    copy: bool = True,
+    settings: bool = False,
+    remove: bool = False,
+    password: str | None = None,
+    repo_password: str | None = None,
+    repo_password_file: str | None = None,
+    progress: Progress = NULL_PROGRESS,
+    notify: Notify = _log_warning,
+) -> RestoreOutcome:
+    """Restore a snapshot onto a connected device, its files streamed from the repository
+    (nothing written locally); returns what was sent, or raises ``RestoreFailed`` (one line).
+
+    ``provider``: a pymobiledevice3 ``LockdownServiceProvider`` or a coroutine function
+    returning one (created here and closed when done). ``repo``: a repository path, URL or
+    config name (opened with ``repo_password``/``repo_password_file`` or the environment, as
+    the CLI does, and locked shared for the duration), or an open ``Repository`` (the caller's
+    to lock and close). ``snapshot``: a ``Snapshot`` of that repository, or an id, unique id
+    prefix or 'latest'; it may be of another device (its UDID is sent as the source).
+    ``password``: the iOS backup password, needed for an encrypted snapshot.
+    ``system``/``reboot``/``copy``/``settings``/``remove``: the Restore request's options, as
+    pymobiledevice3's ``restore()`` (RestoreSystemFiles, RestoreShouldReboot, not
+    RestoreDontCopyBackup, RestorePreserveSettings, RemoveItemsNotRestored).
+    ``notify``: messages for the user while it runs (default: logged as warnings).
+    """
+    from ..repo.lock import RepoLock
+    from .api import _close, open_repository
+
+    opened = not isinstance(repo, Repository)
+    if opened:
+        repo = await asyncio.to_thread(open_repository, repo, password=repo_password, password_file=repo_password_file)
+    assert isinstance(repo, Repository)
+    lock = None
+    created = None
+    try:
+        if opened:
+            lock = await asyncio.to_thread(RepoLock(repo, exclusive=False, command="restore-device").acquire)
+        await asyncio.to_thread(repo.load_index)
+        snap = await asyncio.to_thread(resolve_snapshot, repo, snapshot)
+        if not isinstance(provider, LockdownServiceProvider):
+            provider = created = await provider()
+        return await restore(provider, repo, snap, system=system, reboot=reboot, copy=copy, settings=settings,
+                             remove=remove, password=password, progress=progress, notify=notify)
+    finally:
+        if created is not None:
+            await _close(created)
+        if lock is not None:
+            lock.release()
+        if opened:
+            repo.close()
+
+
+def restore_to_device(provider: ProviderArg, repo: RepoArg, snapshot: Snapshot | str, **options) -> RestoreOutcome:
+    """:func:`restore_to_device_async` for code without an event loop (same arguments)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(restore_to_device_async(provider, repo, snapshot, **options))
+    raise UserError("restore_to_device() was called inside a running event loop; "
+                    "use 'await restore_to_device_async(...)'")
