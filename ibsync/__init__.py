@@ -41,8 +41,8 @@ def restore_to_device(provider: Any, repo: Any, snapshot: Any, **options: Any) -
     files served straight from the repository, from code without a running event loop.
 
     Options: ``system``, ``reboot``, ``copy``, ``settings``, ``remove`` (the Restore request's),
-    ``password`` (the iOS backup password of an encrypted snapshot), ``repo_password``,
-    ``repo_password_file`` (else the environment, as the CLI), ``progress``, ``notify``. See
+    ``backup_password`` (the iOS backup password of an encrypted snapshot), ``password``,
+    ``password_file`` (the repository's, else the environment, as the CLI), ``progress``, ``notify``. See
     ``ibsync.capture.restore.restore_to_device_async``; inside an event loop,
     ``await restore_to_device_async(...)`` instead."""
     from .capture.restore import restore_to_device as run

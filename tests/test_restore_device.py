@@ -123,11 +123,11 @@ def test_encrypted_snapshot_needs_its_password(device, connect, repo):
     assert "\n" not in str(e.value)
     lockdown = connect(blank)
     with pytest.raises(RestoreFailed, match="device refused the restore: error 4: .*password is wrong") as e:
-        ibsync.restore_to_device(lockdown, repo, snap, password="not it")
+        ibsync.restore_to_device(lockdown, repo, snap, backup_password="not it")
     assert "\n" not in str(e.value) and blank.files == {}
     assert lockdown.log.operations[-1] == ("Restore", 4)
 
-    ibsync.restore_to_device(connect(blank), repo, snap, password=DEVICE_PASSWORD)
+    ibsync.restore_to_device(connect(blank), repo, snap, backup_password=DEVICE_PASSWORD)
     assert blank.files == device.files and blank.encrypted and blank.password == DEVICE_PASSWORD
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-from collections.abc import Awaitable, Callable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import Any
 from pathlib import Path
 from pymobiledevice3.lockdown_service_provider import LockdownServiceProvider
 
@@ -74,6 +75,16 @@ async def backup_device_async(
     Local disk used: at most about ``(storage connections + 3) * pack size`` of staged packs;
     nothing of the backup itself is copied locally.
     """
+    async with session_for(provider, repo, password, password_file, "backup-device") as (lockdown, repository):
+        return await capture(lockdown, repository, full=full, allow_partial=allow_partial, progress=progress, notify=notify)
+
+
+@asynccontextmanager
+async def session_for(provider: ProviderArg, repo: RepoArg, password: str | None, password_file: str | None,
+                      command: str) -> AsyncIterator[tuple[LockdownServiceProvider, Repository]]:
+    """What the library entry points share: the repository opened (if given by URL or name),
+    locked shared and its index loaded; the lockdown provider made (if given as a coroutine
+    function); all of it released at the end, whatever happens."""
     from ..repo.lock import RepoLock
 
     opened = not isinstance(repo, Repository)
@@ -84,11 +95,11 @@ async def backup_device_async(
     created = None
     try:
         if opened:
-            lock = await asyncio.to_thread(RepoLock(repo, exclusive=False, command="backup-device").acquire)
+            lock = await asyncio.to_thread(RepoLock(repo, exclusive=False, command=command).acquire)
         await asyncio.to_thread(repo.load_index)
         if not isinstance(provider, LockdownServiceProvider):
             provider = created = await provider()
-        return await capture(provider, repo, full=full, allow_partial=allow_partial, progress=progress, notify=notify)
+        yield provider, repo
     finally:
         if created is not None:
             await _close(created)
@@ -98,13 +109,20 @@ async def backup_device_async(
             repo.close()
 
 
-def backup_device(provider: ProviderArg, repo: RepoArg, **options) -> CaptureOutcome:
-    """:func:`backup_device_async` for code without an event loop (same arguments)."""
+def run_sync(coro_fn: Callable[..., Awaitable[Any]], *args: Any, **options: Any) -> Any:
+    """Run a library coroutine from code without an event loop (refused inside one: blocking it
+    would stall the device's connections, which live in that loop)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(backup_device_async(provider, repo, **options))
-    raise UserError("backup_device() was called inside a running event loop; use 'await backup_device_async(...)'")
+        return asyncio.run(coro_fn(*args, **options))
+    raise UserError(f"{coro_fn.__name__.removesuffix('_async')}() was called inside a running event loop; "
+                    f"use 'await {coro_fn.__name__}(...)'")
+
+
+def backup_device(provider: ProviderArg, repo: RepoArg, **options) -> CaptureOutcome:
+    """:func:`backup_device_async` for code without an event loop (same arguments)."""
+    return run_sync(backup_device_async, provider, repo, **options)
 
 
 async def _close(provider: object) -> None:

@@ -41,7 +41,7 @@ from ..errors import DeviceError, UserError
 from ..model import Snapshot
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
-from .api import ProviderArg, RepoArg
+from .api import ProviderArg, RepoArg, run_sync, session_for
 from .backup import Notify, _free_space, _log_warning, _plist, _watch_notifications
 from .devicelink import DeviceLinkHost, SessionEnd, TransferStats
 from .vtree import VirtualTree, VTreeError
@@ -221,9 +221,9 @@ async def restore_to_device_async(
     copy: bool = True,
     settings: bool = False,
     remove: bool = False,
+    backup_password: str | None = None,
     password: str | None = None,
-    repo_password: str | None = None,
-    repo_password_file: str | None = None,
+    password_file: str | None = None,
     progress: Progress = NULL_PROGRESS,
     notify: Notify = _log_warning,
 ) -> RestoreOutcome:
@@ -232,48 +232,23 @@ async def restore_to_device_async(
 
     ``provider``: a pymobiledevice3 ``LockdownServiceProvider`` or a coroutine function
     returning one (created here and closed when done). ``repo``: a repository path, URL or
-    config name (opened with ``repo_password``/``repo_password_file`` or the environment, as
+    config name (opened with ``password``/``password_file`` or the environment, as
     the CLI does, and locked shared for the duration), or an open ``Repository`` (the caller's
     to lock and close). ``snapshot``: a ``Snapshot`` of that repository, or an id, unique id
     prefix or 'latest'; it may be of another device (its UDID is sent as the source).
-    ``password``: the iOS backup password, needed for an encrypted snapshot.
+    ``backup_password``: the iOS backup password, needed for an encrypted snapshot (``password``
+    is the repository's, as for ``backup_device``).
     ``system``/``reboot``/``copy``/``settings``/``remove``: the Restore request's options, as
     pymobiledevice3's ``restore()`` (RestoreSystemFiles, RestoreShouldReboot, not
     RestoreDontCopyBackup, RestorePreserveSettings, RemoveItemsNotRestored).
     ``notify``: messages for the user while it runs (default: logged as warnings).
     """
-    from ..repo.lock import RepoLock
-    from .api import _close, open_repository
-
-    opened = not isinstance(repo, Repository)
-    if opened:
-        repo = await asyncio.to_thread(open_repository, repo, password=repo_password, password_file=repo_password_file)
-    assert isinstance(repo, Repository)
-    lock = None
-    created = None
-    try:
-        if opened:
-            lock = await asyncio.to_thread(RepoLock(repo, exclusive=False, command="restore-device").acquire)
-        await asyncio.to_thread(repo.load_index)
-        snap = await asyncio.to_thread(resolve_snapshot, repo, snapshot)
-        if not isinstance(provider, LockdownServiceProvider):
-            provider = created = await provider()
-        return await restore(provider, repo, snap, system=system, reboot=reboot, copy=copy, settings=settings,
-                             remove=remove, password=password, progress=progress, notify=notify)
-    finally:
-        if created is not None:
-            await _close(created)
-        if lock is not None:
-            lock.release()
-        if opened:
-            repo.close()
+    async with session_for(provider, repo, password, password_file, "restore-device") as (lockdown, repository):
+        snap = await asyncio.to_thread(resolve_snapshot, repository, snapshot)
+        return await restore(lockdown, repository, snap, system=system, reboot=reboot, copy=copy, settings=settings,
+                             remove=remove, password=backup_password, progress=progress, notify=notify)
 
 
 def restore_to_device(provider: ProviderArg, repo: RepoArg, snapshot: Snapshot | str, **options) -> RestoreOutcome:
     """:func:`restore_to_device_async` for code without an event loop (same arguments)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(restore_to_device_async(provider, repo, snapshot, **options))
-    raise UserError("restore_to_device() was called inside a running event loop; "
-                    "use 'await restore_to_device_async(...)'")
+    return run_sync(restore_to_device_async, provider, repo, snapshot, **options)

@@ -29,7 +29,7 @@ class ExtractIncomplete(IbsyncError):
     pass
 
 
-def _backup_password_option(func: Callable) -> Callable:
+def backup_password_option(func: Callable) -> Callable:
     return click.option(
         "--backup-password-file",
         metavar="FILE",
@@ -42,10 +42,9 @@ def _device_option(func: Callable) -> Callable:
     return click.option("--device", metavar="UDID|NAME", help="With 'latest': the latest snapshot of this device.")(func)
 
 
-def _keyring(password_file: str | None):
-    """Keybags unlocked on demand: the password is only looked for when an encrypted iOS
-    backup is met, and asked for at most once."""
-    from ..reader.ios_crypto import BackupKeyring
+def backup_password_source(password_file: str | None) -> Callable[[], str]:
+    """Where the iOS backup password comes from: FILE, else $IBSYNC_BACKUP_PASSWORD, else a
+    prompt on a terminal; looked for only when called."""
 
     def password() -> str:
         if password_file:
@@ -64,7 +63,15 @@ def _keyring(password_file: str | None):
             raise UserError("no iOS backup password given")
         return pw
 
-    return BackupKeyring(password)
+    return password
+
+
+def _keyring(password_file: str | None):
+    """Keybags unlocked on demand: the password is only looked for when an encrypted iOS
+    backup is met, and asked for at most once."""
+    from ..reader.ios_crypto import BackupKeyring
+
+    return BackupKeyring(backup_password_source(password_file))
 
 
 def _ts(seconds: int) -> datetime:
@@ -100,7 +107,7 @@ def _entry_dict(e) -> dict[str, Any]:
 @click.argument("snapshot")
 @click.argument("pattern", required=False)
 @_device_option
-@_backup_password_option
+@backup_password_option
 @common_options
 def ls_cmd(app: App, snapshot: str, pattern: str | None, device: str | None, backup_password_file: str | None) -> None:
     """List a snapshot's domains, or its files matching PATTERN.
@@ -166,7 +173,7 @@ class _History:
 @click.command("find")
 @click.argument("pattern")
 @click.option("--device", metavar="UDID|NAME", help="Only snapshots of this device.")
-@_backup_password_option
+@backup_password_option
 @common_options
 def find_cmd(app: App, pattern: str, device: str | None, backup_password_file: str | None) -> None:
     """Which snapshots hold the files matching PATTERN, and when they changed.
@@ -305,7 +312,7 @@ def _safe_relative(domain: str, relative_path: str) -> PurePosixPath | None:
 @click.argument("out", type=click.Path(path_type=Path))
 @_device_option
 @click.option("--overwrite", is_flag=True, help="Replace files that already exist in OUT.")
-@_backup_password_option
+@backup_password_option
 @common_options
 def extract_cmd(
     app: App,
@@ -444,7 +451,7 @@ class _DomainDiff:
 @click.argument("snapshot_b")
 @_device_option
 @click.option("--files", "list_files", is_flag=True, help="Also list each added (+), removed (-) and changed (M) file.")
-@_backup_password_option
+@backup_password_option
 @common_options
 def diff_cmd(
     app: App,

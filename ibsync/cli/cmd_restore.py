@@ -7,7 +7,7 @@ import click
 from ..errors import IbsyncError
 from ..ui.text import size
 from .app import App, common_options
-from .cmd_browse import _backup_password_option, _keyring
+from .cmd_browse import backup_password_option, backup_password_source
 
 
 class RestoreIncomplete(IbsyncError):
@@ -26,7 +26,7 @@ class RestoreIncomplete(IbsyncError):
 @click.option("--no-copy", is_flag=True, help="With --to-device: send RestoreDontCopyBackup (no copy of the backup made before restoring).")
 @click.option("--settings", is_flag=True, help="With --to-device: keep the device's current settings.")
 @click.option("--remove", is_flag=True, help="With --to-device: remove files on the device that the snapshot does not have.")
-@_backup_password_option
+@backup_password_option
 @common_options
 def restore_cmd(app: App, snapshot: str, target: Path | None, device: str | None, overwrite: bool,
                 to_device: str | None, system: bool, no_reboot: bool, no_copy: bool, settings: bool, remove: bool,
@@ -105,8 +105,7 @@ def _restore_to_device(app: App, snapshot: str, device: str | None, to_device: s
     snap = repo.find_snapshot(snapshot, device)
     password = None
     if snap.ios_encrypted:
-        # browse's resolution: the file, else $IBSYNC_BACKUP_PASSWORD, else a prompt on a terminal
-        password = _keyring(backup_password_file)._password_source()
+        password = backup_password_source(backup_password_file)()
     target = choose(run(list_connected()), to_device)
     label = f"{target.name or target.udid} ({target.udid})"
 
