@@ -15,7 +15,7 @@ import pytest
 from ibsync.storage import Kind, open_storage
 from ibsync.testing.generator import generate
 
-from conftest import PASSWORD, copy_folder, run_subprocess, tree_state
+from conftest import PASSWORD, copy_folder, tree_state
 from servers_fixture import configure, server_fixture
 
 seaweedfs_server = server_fixture("seaweedfs")

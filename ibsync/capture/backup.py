@@ -34,8 +34,8 @@ import logging
 import plistlib
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -173,32 +173,46 @@ async def capture(
 async def _device_session(provider: LockdownServiceProvider, udid: str, tree: VirtualTree, store: FileStore, *,
                           full: bool, free_space: Callable[[], int], progress: Progress,
                           notify: Notify) -> tuple[SessionEnd, TransferStats]:
-    """Open mobilebackup2, take the sync lock, write Info.plist, request the backup, serve the
+    """Open mobilebackup2 under the sync lock, write Info.plist, request the backup, serve the
     device until it ends the request."""
+    async with mobilebackup2_session(provider, tree, store, free_space=free_space, progress=progress, notify=notify,
+                                     failure=CaptureFailed) as (mb2, link, afc):
+        info = await mb2.init_mobile_backup_factory_info(afc)
+        tree.put_file(f"{udid}/Info.plist", *store.store_bytes(plistlib.dumps(info)))
+        request: dict[str, Any] = {"MessageName": "Backup", "TargetIdentifier": udid}
+        if full:
+            request["Options"] = {"ForceFullBackup": True}
+        await link.send_process_message(request)
+        end = await link.run()
+    return end, link.stats
+
+
+@asynccontextmanager
+async def mobilebackup2_session(provider: LockdownServiceProvider, tree: VirtualTree, store: FileStore | None, *,
+                                free_space: Callable[[], int], progress: Progress, notify: Notify,
+                                failure: type[DeviceError], count_downloads: bool = False,
+                                ) -> AsyncIterator[tuple[Mobilebackup2Service, DeviceLinkHost, AfcService]]:
+    """What a backup and a restore share: mobilebackup2 opened, our DeviceLink host on it, the
+    version exchange and Hello, pymobiledevice3's sync lock held (syncWillStart, the AFC lock on
+    /com.apple.itunes.lock_sync retried 10 s, syncDidStart; syncDidFinish and unlock on the
+    way out) and the device's notifications watched (passcode prompt, cancel)."""
     mb2 = Mobilebackup2Service(provider)
     try:
         await mb2.connect()
-        link = DeviceLinkHost(mb2.service, tree, store, free_space=free_space, progress=progress)  # type: ignore[arg-type]
+        link = DeviceLinkHost(mb2.service, tree, store, free_space=free_space, progress=progress,  # type: ignore[arg-type]
+                              count_downloads=count_downloads)
         await link.version_exchange()
         try:
             await mb2.version_exchange(link)  # Hello: pymobiledevice3's, through our link  # type: ignore[arg-type]
         except (AssertionError, KeyError, IndexError) as e:  # how pmd3 checks the answer
-            raise CaptureFailed("the device does not speak mobilebackup2 protocol version 2.0 or 2.1") from e
+            raise failure("the device does not speak mobilebackup2 protocol version 2.0 or 2.1") from e
         try:
-            # pymobiledevice3's sync lock: syncWillStart, the AFC lock on /com.apple.itunes.lock_sync
-            # (retried 10 s), syncDidStart; syncDidFinish and unlock on the way out
             async with (NotificationProxyService(provider) as np, AfcService(provider) as afc,
                         mb2._backup_lock(afc, np)):
                 await mb2._observe_backup_notifications(np)
                 watcher = asyncio.create_task(_watch_notifications(np, notify))
                 try:
-                    info = await mb2.init_mobile_backup_factory_info(afc)
-                    tree.put_file(f"{udid}/Info.plist", *store.store_bytes(plistlib.dumps(info)))
-                    request: dict[str, Any] = {"MessageName": "Backup", "TargetIdentifier": udid}
-                    if full:
-                        request["Options"] = {"ForceFullBackup": True}
-                    await link.send_process_message(request)
-                    end = await link.run()
+                    yield mb2, link, afc
                 finally:
                     watcher.cancel()
                     with suppress(asyncio.CancelledError, Exception):
@@ -211,7 +225,6 @@ async def _device_session(provider: LockdownServiceProvider, udid: str, tree: Vi
     finally:
         with suppress(Exception):
             await mb2.close()
-    return end, link.stats
 
 
 async def _watch_notifications(np: NotificationProxyService, notify: Notify) -> None:

@@ -27,23 +27,19 @@ import logging
 import plistlib
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
 from pymobiledevice3.exceptions import ConnectionTerminatedError, PyMobileDevice3Exception
 from pymobiledevice3.lockdown_service_provider import LockdownServiceProvider
-from pymobiledevice3.services.afc import AfcService
-from pymobiledevice3.services.mobilebackup2 import Mobilebackup2Service
-from pymobiledevice3.services.notification_proxy import NotificationProxyService
 
 from ..errors import DeviceError, UserError
 from ..model import Snapshot
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
 from .api import ProviderArg, RepoArg, run_sync, session_for
-from .backup import Notify, _free_space, _log_warning, _plist, _watch_notifications
-from .devicelink import DeviceLinkHost, SessionEnd, TransferStats
+from .backup import Notify, _free_space, _log_warning, _plist, mobilebackup2_session
+from .devicelink import SessionEnd, TransferStats
 from .vtree import VirtualTree, VTreeError
 
 logger = logging.getLogger("ibsync.capture")
@@ -153,38 +149,14 @@ async def restore(
 async def _device_session(provider: LockdownServiceProvider, tree: VirtualTree, request: dict,
                           applications: Any, *, free_space: Callable[[], int], progress: Progress,
                           notify: Notify) -> tuple[SessionEnd, TransferStats]:
-    mb2 = Mobilebackup2Service(provider)
-    try:
-        await mb2.connect()
-        link = DeviceLinkHost(mb2.service, tree, None, free_space=free_space, progress=progress,  # type: ignore[arg-type]
-                              count_downloads=True)
-        await link.version_exchange()
-        try:
-            await mb2.version_exchange(link)  # type: ignore[arg-type]
-        except (AssertionError, KeyError, IndexError) as e:
-            raise RestoreFailed("the device does not speak mobilebackup2 protocol version 2.0 or 2.1") from e
-        try:
-            async with (NotificationProxyService(provider) as np, AfcService(provider) as afc,
-                        mb2._backup_lock(afc, np)):
-                await mb2._observe_backup_notifications(np)
-                watcher = asyncio.create_task(_watch_notifications(np, notify))
-                try:
-                    await link.send_process_message(request)
-                    if applications is not None:
-                        # as pymobiledevice3 does: the device reinstalls these apps once the restore is done
-                        await afc.makedirs("/iTunesRestore")
-                        await afc.set_file_contents(RESTORE_APPLICATIONS, plistlib.dumps(applications))
-                    end = await link.run()
-                finally:
-                    watcher.cancel()
-                    with suppress(asyncio.CancelledError, Exception):
-                        await watcher
-        finally:
-            with suppress(ConnectionTerminatedError, OSError):
-                await link.disconnect()
-    finally:
-        with suppress(Exception):
-            await mb2.close()
+    async with mobilebackup2_session(provider, tree, None, free_space=free_space, progress=progress, notify=notify,
+                                     failure=RestoreFailed, count_downloads=True) as (_, link, afc):
+        await link.send_process_message(request)
+        if applications is not None:
+            # as pymobiledevice3 does: the device reinstalls these apps once the restore is done
+            await afc.makedirs("/iTunesRestore")
+            await afc.set_file_contents(RESTORE_APPLICATIONS, plistlib.dumps(applications))
+        end = await link.run()
     return end, link.stats
 
 
