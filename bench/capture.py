@@ -79,8 +79,10 @@ def build_device(scenario: str, args: argparse.Namespace):
                               rnd.randbytes(half) + text, mtime=t + i)
     else:
         for i in range(args.large_count):
-            device.write_file("CameraRollDomain", f"Media/DCIM/100APPLE/IMG_{i:04d}.MOV",
-                              rnd.randbytes(args.large_mib * MiB), mtime=t + i)
+            # randbytes() takes at most 2**31 bits per call
+            data = b"".join(rnd.randbytes(16 * MiB) for _ in range(args.large_mib // 16))
+            data += rnd.randbytes(args.large_mib * MiB - len(data))
+            device.write_file("CameraRollDomain", f"Media/DCIM/100APPLE/IMG_{i:04d}.MOV", data, mtime=t + i)
     return device
 
 
@@ -302,8 +304,9 @@ def report(data: dict[str, Any]) -> None:
         m_rate = [dmb / (r["ibsync"]["wall_s"] - r["ibsync_base"]["wall_s"]) for r in recs]
         print(f"  ibsync baseline (the 256 KiB phone alone, {dev['base_files']} files): "
               f"wall {spread(col('ibsync_base', lambda r: r['wall_s']))} s, CPU {spread(col('ibsync_base', lambda r: r['cpu_s']))} s")
+        m_cpu_mb = [(r["ibsync"]["cpu_s"] - r["ibsync_base"]["cpu_s"]) / dmb * 1e3 for r in recs]
         print(f"  ibsync marginal, scenario minus baseline ({dfiles} files, {dmb:.1f} MB): "
-              f"CPU {spread(m_us, '{:.0f}')} us/file, {spread(m_rate, '{:.0f}')} MB/s")
+              f"CPU {spread(m_us, '{:.0f}')} us/file = {spread(m_cpu_mb, '{:.2f}')} ms/MB, {spread(m_rate, '{:.0f}')} MB/s")
         bad = [r["ibsync"]["files_received"] for r in recs if r["ibsync"]["files_received"] < files]
         if bad:
             verdicts.append(("FAIL", f"{scenario}: ibsync received fewer files than the device has ({bad} < {files})"))
@@ -372,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: str(v) for k, v in vars(args).items()}, "ibsync_cmd": ibsync,
         "restic": cmd_output(["restic", "version"]), "scenarios": {},
     }
+    results_dir = BENCH / "results"
+    results_dir.mkdir(exist_ok=True)
+    out = results_dir / f"capture-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if quick else ''}.json"
     for scenario in args.scenarios.split(","):
         log(f"{scenario}: building the device in its own process ...")
         proc, dev = start_device(scenario, args, work)
@@ -390,10 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             dproc = stop_device(proc)
         data["scenarios"][scenario] = {"device": dev, "device_process": dproc, "records": records}
+        out.write_text(json.dumps(data, indent=1, default=str))  # kept if a later scenario fails
     data["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    results_dir = BENCH / "results"
-    results_dir.mkdir(exist_ok=True)
-    out = results_dir / f"capture-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if quick else ''}.json"
     out.write_text(json.dumps(data, indent=1, default=str))
     report(data)
     log(f"results: {out}")
