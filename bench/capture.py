@@ -16,7 +16,9 @@ that child) is the host's only; the device's work is in the server process. Per 
 * restic:  ``restic backup --compression auto D/<udid>`` into a fresh repository (init untimed,
   repository version 2, RESTIC_PASSWORD), its cache in the run folder;
 
-then everything is deleted. ``sync`` runs (untimed) before each step. Local disk: the two-step
+and, for ibsync's fixed cost, ``ibsync backup`` of a second device on the same usbmuxd holding only the
+256 KiB base phone (its CPU and wall are subtracted for the "marginal" figures). Then everything is
+deleted. ``sync`` runs (untimed) before each step. Local disk: the two-step
 workflow's peak is the pmd3 folder plus the restic repository (and cache), all present at the end of
 its second step (``du -sb``); ibsync's is the repository (sampled while it runs, and ``du -sb`` at the
 end) plus its TMPDIR (a private, sampled folder). Prints medians, ranges and PASS/FAIL lines for the
@@ -332,9 +334,14 @@ def report(data: dict[str, Any]) -> None:
         verdicts.append(("PASS" if wall_i < wall_2 else "FAIL",
                          f"{scenario}: ibsync one step faster than pmd3 backup + restic backup "
                          f"({wall_i:.2f} s vs {wall_2:.2f} s)"))
-        verdicts.append(("PASS" if disk_i < 0.5 * disk_2 else "FAIL",
-                         f"{scenario}: ibsync peak local disk far below the two-step's (< 50%: "
-                         f"{disk_i / 1e6:.1f} MB vs {disk_2 / 1e6:.1f} MB)"))
+        # "far less": the two-step keeps a whole local copy of the backup (the pmd3 folder) beside its
+        # repository; ibsync must save at least 90% of that copy (for incompressible data both repositories
+        # hold about the backup's size, so the ratio cannot go much below 50%)
+        folder = statistics.median(col("pmd3", lambda r: r["folder_bytes"]))
+        verdicts.append(("PASS" if disk_i <= disk_2 - 0.9 * folder else "FAIL",
+                         f"{scenario}: ibsync peak local disk {disk_i / 1e6:.1f} MB vs pmd3 folder + restic "
+                         f"{disk_2 / 1e6:.1f} MB ({disk_i / disk_2:.0%}; saves {(disk_2 - disk_i) / folder:.0%} "
+                         f"of the {folder / 1e6:.1f} MB local copy, needs >= 90%)"))
     print("\n  (+) restic repository + cache; the two-step's disk is the pmd3 folder + restic repository + cache.")
     print("  MB/s: decimal megabytes of the device's file payloads per second of the step's wall time.\n")
     for v, text in verdicts:
