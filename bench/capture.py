@@ -40,7 +40,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from run import BENCH, MiB, ROOT, clean_env, cmd_output, du_bytes, log, resolve_ibsync, rmtree, sync_disks, timed
+from run import (
+    BENCH,
+    ROOT,
+    MiB,
+    clean_env,
+    cmd_output,
+    du_bytes,
+    log,
+    resolve_ibsync,
+    rmtree,
+    sync_disks,
+    timed,
+)
 
 PASSWORD = "ibsync-bench-password"
 MAX_CPU_US_PER_FILE = 100.0
