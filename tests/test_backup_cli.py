@@ -109,10 +109,11 @@ def test_backup_interrupted_by_the_user_keeps_data_and_the_next_run_completes(en
         assert json.loads(out) == []  # nothing half-committed
         assert list((env / "index").iterdir()), "Ctrl-C indexes what was already stored"
         _backup(e)
-    # what the interrupted run stored was used, not stored a second time: nothing to prune
+    # what the interrupted run stored (two packs of 4 MiB or more) was used, not stored a second
+    # time: prune finds only that run's own Info.plist (a few KiB, new in every backup) unused
     out, _ = cli("prune", "--dry-run", "--json")
     plan = json.loads(out)
-    assert plan["bytes_to_delete"] == 0 and plan["unused_bytes_kept"] + plan["bytes_to_repack"] < (1 << 20), plan
+    assert plan["bytes_to_delete"] + plan["unused_bytes_kept"] + plan["bytes_to_repack"] < (64 << 10), plan
     cli("restore", "latest", tmp_path / "out")
     assert_folder_matches(tmp_path / "out" / phone.udid, phone)
     cli("check", "--read-data")

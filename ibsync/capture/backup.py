@@ -141,6 +141,7 @@ async def capture(
             end, stats = await _device_session(provider, udid, tree, store, full=full,
                                                free_space=lambda: _free_space(repo), progress=progress, notify=notify)
         finally:
+            store.close()  # the storing thread finishes what it was given, whatever happened
             progress.finish()
         _check_finished(tree, udid, base, end, stats, allow_partial)
         meta = _describe(tree, udid)

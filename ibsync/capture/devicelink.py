@@ -31,6 +31,7 @@ downloads, and an upload, should one come, is read off the stream and recorded a
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import logging
@@ -253,6 +254,9 @@ class DeviceLinkHost:
         self._note_progress(msg, 2)
         inp = self._in
         stats = self.stats
+        # files are stored on the FileStore's worker thread; each goes into the tree once it is,
+        # all before the batch is acknowledged (the device's next message may move them)
+        stored: list[tuple[str, str, asyncio.Future]] = []
         while True:
             n = await inp.u32()
             if n == 0:
@@ -266,7 +270,7 @@ class DeviceLinkHost:
                 if size > 1:
                     data = await inp.exactly(size - 1)
                     if incoming is not None:
-                        incoming.write(data)
+                        await incoming.write(data)
                     received += len(data)
                     self.progress.advance(len(data))
                 size, code = await inp.head()
@@ -285,7 +289,9 @@ class DeviceLinkHost:
                 stats.failed.append(FailedUpload(device_name, file_name, "uploads are not accepted in this session"))
                 logger.warning("the device uploaded %s during a restore; ignored", device_name)
                 continue
-            size, content = incoming.close()
+            stored.append((device_name, file_name, asyncio.wrap_future(incoming.close())))
+        for device_name, file_name, result in stored:
+            size, content = await result
             try:
                 self.tree.put_file(file_name, size, content)
             except VTreeError as e:
