@@ -10,6 +10,7 @@ from ibsync.testing.device import Misbehaviour, SimDevice, run_sim_usbmuxd
 from ibsync.testing.generator import generate_content
 
 from conftest import one_line_error, run_subprocess
+from servers_fixture import configure, server_fixture
 from test_simdevice import assert_folder_matches
 
 
@@ -117,3 +118,23 @@ def test_backup_interrupted_by_the_user_keeps_data_and_the_next_run_completes(en
     cli("restore", "latest", tmp_path / "out")
     assert_folder_matches(tmp_path / "out" / phone.udid, phone)
     cli("check", "--read-data")
+
+
+seaweedfs_server = server_fixture("seaweedfs")
+
+
+def test_backup_straight_into_s3(seaweedfs_server, env, cli, tmp_path, monkeypatch):
+    """The device's backup goes to an S3 repository named in the config file, with nothing of it on
+    local disk; incremental the second time; restores exactly from S3."""
+    configure(tmp_path, monkeypatch, seaweedfs_server, "offsite", seaweedfs_server.new_url("capture"))
+    cli("init", "--repo", "offsite")
+    phone = _device(9)
+    with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
+        e = {**os.environ, **mux.env(home=tmp_path / "home")}
+        [first] = _backup(e, "--repo", "offsite")["snapshots"]
+        phone.write_file("HomeDomain", "Library/Notes/s3.txt", b"off-site")
+        [second] = _backup(e, "--repo", "offsite")["snapshots"]
+        assert first["mode"] == "full" and second["mode"] == "incremental" and second["files_received"] <= 4
+    cli("restore", "latest", tmp_path / "out", "--repo", "offsite")
+    assert_folder_matches(tmp_path / "out" / phone.udid, phone)
+    cli("check", "--read-data", "--repo", "offsite")
