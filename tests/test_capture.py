@@ -205,6 +205,9 @@ def test_encrypted_device_stored_as_is_and_decrypts(device, connect, repo, cli, 
     assert (ours / fid[:2] / fid).read_bytes() != device.files[fid].data  # ciphertext, as the device sent it
     read = {e.file_id: e.read_bytes() for e in Backup.from_path(ours, DEVICE_PASSWORD).iter_files()}
     assert read == device.payloads()
+    # and byte for byte what pymobiledevice3 writes for the same encrypted device
+    theirs = pmd3_backup(lockdown, tmp_path / "pmd3", full=True)
+    assert_same_backup(ours, theirs)
 
 
 # ---- misbehaving devices: nothing committed, a clear error, the next run completes ------------------
