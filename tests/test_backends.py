@@ -59,3 +59,13 @@ def test_round_trip(request, kind, env, cli, day1, tmp_path, monkeypatch):
     assert tree_state(tmp_path / "two" / live.name) == tree_state(live)
     out, _ = cli("check", "--read-data", "--json", "--repo", "remote")
     assert json.loads(out)["errors"] == []
+
+
+@pytest.mark.parametrize("kind", ["seaweedfs", "moto"])
+def test_init_creates_a_missing_bucket(request, kind, env, cli, tmp_path, monkeypatch):
+    server = server_of(request, kind)
+    url = f"s3://ibsync-new-{kind}/iphone"
+    configure(tmp_path, monkeypatch, server, "fresh", url)
+    cli("init", "--repo", "fresh")
+    cli("snapshots", "--repo", "fresh")
+    assert open_storage(url, server.options).exists()

@@ -62,12 +62,20 @@ class S3Storage(FsspecStorage):
             if not _no_such_bucket(e):
                 raise
             # first write of `init` into a bucket that does not exist yet, as restic does
-            self.fs.mkdir(path.split("/", 1)[0])
+            self._create_bucket(path.split("/", 1)[0])
             self._put(path, payload, local, mode)
         except OSError as e:
             if exclusive and (e.errno == errno.EINVAL or isinstance(e, FileExistsError)) and _precondition_failed(e):
                 raise FileExistsError(path) from e
             raise
+
+    def _create_bucket(self, bucket: str) -> None:
+        # not fs.mkdir: it sends LocationConstraint=us-east-1 when that is the region, which AWS
+        # (and moto) reject; us-east-1 is the one region that must be left out
+        region = (self._options.get("client_kwargs") or {}).get("region_name")
+        config = {"CreateBucketConfiguration": {"LocationConstraint": region}} if region and region != "us-east-1" else {}
+        self.fs.call_s3("create_bucket", Bucket=bucket, **config)
+        self.fs.invalidate_cache()
 
     def _put(self, path: str, payload: bytes | None, local: str | None, mode: str) -> None:
         if local is not None:
