@@ -8,7 +8,6 @@ import os
 import plistlib
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,11 +24,11 @@ from ibsync.testing.device import LegacyMessage, Misbehaviour, PasscodePrompt, S
 from ibsync.testing.generator import FLAG_FILE, generate_content
 
 from conftest import PASSWORD, open_repo, tree_state
+from simdevice_fixtures import FAST_ROUNDS, connect, repo  # noqa: F401  (pytest fixtures)
 
 SEED = 5
 SIZE = 1 << 20  # about 300 files, 3.6 MB of payloads, 740 Manifest.db rows
 DEVICE_PASSWORD = "device backup password"
-FAST_ROUNDS = 1_000
 # Differ between two backups of the same content, and why: the device dates each backup
 # (Manifest.plist and Status.plist Date) and names it (Status.plist UUID); the host writes a
 # random GUID into Info.plist.
@@ -44,26 +43,6 @@ def content():
 @pytest.fixture
 def device(content) -> SimDevice:
     return SimDevice.from_content(content)
-
-
-@pytest.fixture
-def connect() -> Iterator:
-    opened: list[SimLockdown] = []
-
-    def make(device: SimDevice) -> SimLockdown:
-        opened.append(SimLockdown(device))
-        return opened[-1]
-
-    yield make
-    for lockdown in opened:
-        lockdown.close()
-        assert lockdown.log.errors == [], "\n".join(lockdown.log.errors)
-
-
-@pytest.fixture
-def repo(env, cli) -> str:
-    cli("init")
-    return str(env)
 
 
 def pmd3_backup(lockdown: SimLockdown, parent: Path, *, full: bool) -> Path:

@@ -8,7 +8,6 @@ import json
 import os
 import plistlib
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,11 +17,11 @@ from ibsync.testing.device import SimDevice, SimLockdown, run_sim_usbmuxd
 from ibsync.testing.generator import generate_content
 
 from conftest import one_line_error, open_repo, run_subprocess
+from simdevice_fixtures import FAST_ROUNDS, connect, repo  # noqa: F401  (pytest fixtures)
 from test_simdevice import change_add_delete
 
 SIZE = 1 << 20
 DEVICE_PASSWORD = "device backup password"
-FAST_ROUNDS = 1_000
 
 
 @pytest.fixture(scope="module")
@@ -33,26 +32,6 @@ def content():
 @pytest.fixture
 def device(content) -> SimDevice:
     return SimDevice.from_content(content)
-
-
-@pytest.fixture
-def connect() -> Iterator:
-    opened: list[SimLockdown] = []
-
-    def make(device: SimDevice) -> SimLockdown:
-        opened.append(SimLockdown(device))
-        return opened[-1]
-
-    yield make
-    for lockdown in opened:
-        lockdown.close()
-        assert lockdown.log.errors == [], "\n".join(lockdown.log.errors)
-
-
-@pytest.fixture
-def repo(env, cli) -> str:
-    cli("init")
-    return str(env)
 
 
 def restored_onto(connect, repo: str, snapshot, udid: str = "0" * 40, **options) -> tuple[SimDevice, SimLockdown, RestoreOutcome]:

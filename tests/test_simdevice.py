@@ -6,7 +6,6 @@ import asyncio
 import logging
 import plistlib
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,10 +32,11 @@ from ibsync.testing.device import (
 )
 from ibsync.testing.generator import FLAG_FILE, generate, generate_content
 
+from simdevice_fixtures import FAST_ROUNDS, connect  # noqa: F401  (pytest fixtures)
+
 SEED = 5
 SIZE = 1 << 20  # the generator's floor: about 300 files, 3.6 MB of payloads, 740 Manifest.db rows
 PASSWORD = "correct horse battery staple"
-FAST_ROUNDS = 1_000  # keybag PBKDF2 rounds (real devices: 10,000,000, about 2 s)
 
 
 @pytest.fixture(scope="module")
@@ -47,21 +47,6 @@ def content():
 @pytest.fixture
 def device(content) -> SimDevice:
     return SimDevice.from_content(content)
-
-
-@pytest.fixture
-def connect() -> Iterator:
-    """SimLockdown(device), closed after the test, which also fails if a device thread crashed."""
-    opened: list[SimLockdown] = []
-
-    def make(device: SimDevice) -> SimLockdown:
-        opened.append(SimLockdown(device))
-        return opened[-1]
-
-    yield make
-    for lockdown in opened:
-        lockdown.close()
-        assert lockdown.log.errors == [], "\n".join(lockdown.log.errors)
 
 
 async def _backup(lockdown: SimLockdown, parent: Path, full: bool) -> None:
