@@ -54,6 +54,7 @@ from pymobiledevice3.services.notification_proxy import NotificationProxyService
 
 from ..errors import DeviceError
 from ..ingest.archiver import Archiver
+from ..source.backup_folder import describe_backup
 from ..model import DeviceInfo, Snapshot, utc_iso
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
@@ -325,31 +326,12 @@ class _Meta:
 
 
 def _describe(tree: VirtualTree, udid: str) -> _Meta:
-    """What an import of the same folder records (``source.backup_folder.read_backup_folder``:
-    the same fields, from the same plists, in the same order of preference)."""
+    """What an import of the same folder records (the same fields, from the same plists)."""
     info = _plist(tree.read_bytes(f"{udid}/Info.plist")) or {}
     manifest = _plist(tree.read_bytes(f"{udid}/Manifest.plist")) or {}
     status = _plist(tree.read_bytes(f"{udid}/Status.plist")) or {}
-    lockdown = manifest.get("Lockdown") if isinstance(manifest.get("Lockdown"), dict) else {}
-    device = DeviceInfo(
-        udid=str(info.get("Unique Identifier") or info.get("Target Identifier")
-                 or lockdown.get("UniqueDeviceID") or udid),
-        name=str(info.get("Device Name") or info.get("Display Name") or lockdown.get("DeviceName") or ""),
-        product_type=str(info.get("Product Type") or lockdown.get("ProductType") or ""),
-        ios_version=str(info.get("Product Version") or lockdown.get("ProductVersion") or ""),
-        build_version=str(info.get("Build Version") or lockdown.get("BuildVersion") or ""),
-        serial_number=str(info.get("Serial Number") or lockdown.get("SerialNumber") or ""),
-    )
-    backup_date = _date(status.get("Date")) or _date(manifest.get("Date")) or _date(info.get("Last Backup Date"))
-    if backup_date is None:
-        backup_date = datetime.now(timezone.utc)
-    return _Meta(device, backup_date, bool(manifest.get("IsEncrypted", False)), status.get("SnapshotState"))
-
-
-def _date(value: object) -> datetime | None:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return None
+    device, backup_date, encrypted = describe_backup(info, manifest, status, udid)
+    return _Meta(device, backup_date or datetime.now(timezone.utc), encrypted, status.get("SnapshotState"))
 
 
 # ---- on the way out of a failure -----------------------------------------------------------------

@@ -110,6 +110,24 @@ def check_sqlite_file(path: Path) -> dict[str, int]:
     return counts
 
 
+def describe_backup(info: dict, manifest: dict, status: dict, folder_name: str) -> tuple[DeviceInfo, datetime | None, bool]:
+    """The device, the backup's date and whether iOS encrypted it, from the three plists of a
+    backup folder (an import reads them from disk, a capture from its virtual folder): each
+    field from the first plist that has it."""
+    lockdown = manifest.get("Lockdown") if isinstance(manifest.get("Lockdown"), dict) else {}
+    device = DeviceInfo(
+        udid=str(info.get("Unique Identifier") or info.get("Target Identifier") or lockdown.get("UniqueDeviceID")
+                 or folder_name),
+        name=str(info.get("Device Name") or info.get("Display Name") or lockdown.get("DeviceName") or ""),
+        product_type=str(info.get("Product Type") or lockdown.get("ProductType") or ""),
+        ios_version=str(info.get("Product Version") or lockdown.get("ProductVersion") or ""),
+        build_version=str(info.get("Build Version") or lockdown.get("BuildVersion") or ""),
+        serial_number=str(info.get("Serial Number") or lockdown.get("SerialNumber") or ""),
+    )
+    backup_date = _date(status.get("Date")) or _date(manifest.get("Date")) or _date(info.get("Last Backup Date"))
+    return device, backup_date, bool(manifest.get("IsEncrypted", False))
+
+
 def read_backup_folder(path: Path, *, allow_unfinished: bool = False) -> BackupFolderInfo:
     """Read what a device folder says about itself; SourceError for anything not restorable."""
     if (path / "Manifest.mbdb").is_file() and not (path / "Manifest.db").is_file():
@@ -129,22 +147,9 @@ def read_backup_folder(path: Path, *, allow_unfinished: bool = False) -> BackupF
             "a backup cut short cannot be restored. Use --allow-unfinished to store it anyway"
         )
 
-    lockdown = manifest.get("Lockdown") if isinstance(manifest.get("Lockdown"), dict) else {}
-    udid = str(
-        info.get("Unique Identifier") or info.get("Target Identifier") or lockdown.get("UniqueDeviceID") or path.name
-    )
-    device = DeviceInfo(
-        udid=udid,
-        name=str(info.get("Device Name") or info.get("Display Name") or lockdown.get("DeviceName") or ""),
-        product_type=str(info.get("Product Type") or lockdown.get("ProductType") or ""),
-        ios_version=str(info.get("Product Version") or lockdown.get("ProductVersion") or ""),
-        build_version=str(info.get("Build Version") or lockdown.get("BuildVersion") or ""),
-        serial_number=str(info.get("Serial Number") or lockdown.get("SerialNumber") or ""),
-    )
-    backup_date = _date(status.get("Date")) or _date(manifest.get("Date")) or _date(info.get("Last Backup Date"))
+    device, backup_date, encrypted = describe_backup(info, manifest, status, path.name)
     if backup_date is None:
         backup_date = datetime.fromtimestamp(os.stat(path / "Status.plist").st_mtime, timezone.utc)
-    encrypted = bool(manifest.get("IsEncrypted", False))
 
     db = path / "Manifest.db"
     if encrypted:
