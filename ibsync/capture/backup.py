@@ -54,7 +54,7 @@ from pymobiledevice3.services.notification_proxy import NotificationProxyService
 
 from ..errors import DeviceError
 from ..ingest.archiver import Archiver
-from ..source.backup_folder import describe_backup
+from ..source.backup_folder import describe_backup, plist_dict
 from ..model import DeviceInfo, Snapshot, utc_iso
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
@@ -279,7 +279,7 @@ def _check_finished(tree: VirtualTree, udid: str, base: bytes | None, end: Sessi
         raise CaptureFailed(f"the device reported error {end.error_code}: {end.description or 'no description'}; "
                             "nothing was committed")
     status_path = f"{udid}/Status.plist"
-    status = _plist(tree.read_bytes(status_path))
+    status = plist_dict(tree.read_bytes(status_path))
     state = status.get("SnapshotState") if status is not None else None
     if state != "finished":
         shown = f"says SnapshotState = {state}" if status is not None else "is missing or unreadable"
@@ -304,16 +304,6 @@ def _base_content(tree: VirtualTree, base: bytes, name: str) -> list[str] | None
     return e["content"] if e is not None else None
 
 
-def _plist(data: bytes | None) -> dict | None:
-    if not data:
-        return None
-    try:
-        value = plistlib.loads(data)
-    except Exception:  # plistlib raises whatever its XML or binary parser hits
-        return None
-    return value if isinstance(value, dict) else None
-
-
 # ---- the snapshot's metadata -------------------------------------------------------------------
 
 
@@ -327,9 +317,9 @@ class _Meta:
 
 def _describe(tree: VirtualTree, udid: str) -> _Meta:
     """What an import of the same folder records (the same fields, from the same plists)."""
-    info = _plist(tree.read_bytes(f"{udid}/Info.plist")) or {}
-    manifest = _plist(tree.read_bytes(f"{udid}/Manifest.plist")) or {}
-    status = _plist(tree.read_bytes(f"{udid}/Status.plist")) or {}
+    info = plist_dict(tree.read_bytes(f"{udid}/Info.plist")) or {}
+    manifest = plist_dict(tree.read_bytes(f"{udid}/Manifest.plist")) or {}
+    status = plist_dict(tree.read_bytes(f"{udid}/Status.plist")) or {}
     device, backup_date, encrypted = describe_backup(info, manifest, status, udid)
     return _Meta(device, backup_date or datetime.now(timezone.utc), encrypted, status.get("SnapshotState"))
 

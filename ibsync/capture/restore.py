@@ -38,7 +38,8 @@ from ..model import Snapshot
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
 from .api import ProviderArg, RepoArg, run_sync, session_for
-from .backup import Notify, _free_space, _log_warning, _plist, mobilebackup2_session
+from ..source.backup_folder import plist_dict
+from .backup import Notify, _free_space, _log_warning, mobilebackup2_session
 from .devicelink import SessionEnd, TransferStats
 from .vtree import VirtualTree, VTreeError
 
@@ -113,8 +114,8 @@ async def restore(
             tree.file(f"{source}/{name}")
         except VTreeError as e:
             raise RestoreFailed(f"snapshot {snapshot.short_id} has no {name}; it is not a restorable backup") from e
-    info = _plist(await asyncio.to_thread(tree.read_bytes, f"{source}/Info.plist")) or {}
-    manifest = _plist(await asyncio.to_thread(tree.read_bytes, f"{source}/Manifest.plist"))
+    info = plist_dict(await asyncio.to_thread(tree.read_bytes, f"{source}/Info.plist")) or {}
+    manifest = plist_dict(await asyncio.to_thread(tree.read_bytes, f"{source}/Manifest.plist"))
     if manifest is None:
         raise RestoreFailed(f"snapshot {snapshot.short_id}: its Manifest.plist is unreadable")
     encrypted = bool(manifest.get("IsEncrypted", False))

@@ -146,19 +146,26 @@ def _decode_mbfile_fast(blob: bytes) -> tuple[int, int, int, bytes | None]:
     return size, mtime, mode, key
 
 
+def mbfile_fields(blob: bytes) -> dict:
+    """Every field of an MBFile NSKeyedArchiver blob, references resolved (``EncryptionKey`` as
+    bytes, ``Target`` as str where present); plistlib's errors pass through."""
+    archive = plistlib.loads(blob)
+    objects = archive["$objects"]
+
+    def deref(v):
+        return objects[v.data] if isinstance(v, plistlib.UID) else v
+
+    fields = {k: deref(v) for k, v in deref(archive["$top"]["root"]).items()}
+    key = fields.get("EncryptionKey")
+    if isinstance(key, dict):
+        key = deref(key.get("NS.data"))
+    fields["EncryptionKey"] = bytes(key) if isinstance(key, (bytes, bytearray)) else None
+    return fields
+
+
 def _decode_mbfile_plistlib(blob: bytes) -> tuple[int, int, int, bytes | None]:
     try:
-        archive = plistlib.loads(blob)
-        objects = archive["$objects"]
-
-        def deref(v):
-            return objects[v.data] if isinstance(v, plistlib.UID) else v
-
-        mb = deref(archive["$top"]["root"])
-        key = deref(mb.get("EncryptionKey"))
-        if isinstance(key, dict):
-            key = deref(key.get("NS.data"))
-        return (int(mb.get("Size", 0)), int(mb.get("LastModified", 0)), int(mb.get("Mode", 0)),
-                bytes(key) if isinstance(key, (bytes, bytearray)) else None)
+        mb = mbfile_fields(blob)
+        return int(mb.get("Size", 0)), int(mb.get("LastModified", 0)), int(mb.get("Mode", 0)), mb["EncryptionKey"]
     except Exception as e:
         raise InvalidData(f"a Manifest.db row's file metadata is unreadable ({e.__class__.__name__}: {e})") from None

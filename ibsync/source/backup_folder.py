@@ -55,6 +55,17 @@ def find_device_folders(path: Path) -> list[Path]:
     return found
 
 
+def plist_dict(data: bytes | None) -> dict | None:
+    """A plist dictionary from bytes, or None when missing, empty, damaged or not a dictionary."""
+    if not data:
+        return None
+    try:
+        value = plistlib.loads(data)
+    except Exception:  # plistlib raises whatever its XML or binary parser hits
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _load_plist(path: Path) -> dict:
     try:
         with open(path, "rb") as f:

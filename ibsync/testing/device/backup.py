@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..generator import FLAG_FILE, BackupFile
+from ...source.backup_folder import plist_dict
 from . import errors
 from .crypto import DeviceKeys
 from .devicelink import EMPTY, DeviceLinkEndpoint, DroppedByDevice, Status, Upload
@@ -34,7 +35,6 @@ from .errors import Refusal
 from .metadata import (
     SQLITE_MAGIC,
     ManifestRow,
-    load_plist,
     manifest_db,
     manifest_plist,
     read_manifest_db,
@@ -61,7 +61,7 @@ def wants_full_backup(status: bytes | None) -> bool:
     """Whether the host's Status.plist leaves only a full backup (inferred rule, reference §4): it is
     missing or unreadable, says the last backup did not finish, or has ``IsFullBackup`` set
     (pymobiledevice3 writes that to ask for a full backup; devices themselves write ``false``)."""
-    st = load_plist(status)
+    st = plist_dict(status)
     return st is None or st.get("SnapshotState") != "finished" or bool(st.get("IsFullBackup", True))
 
 
@@ -72,7 +72,7 @@ def previous_rows(device: SimDevice, keys: DeviceKeys, manifest: bytes | None,
     A Manifest.plist that is missing, empty or unreadable ends the request with ErrorCode 205, as
     devices do (observed, pymobiledevice3 #1709). A Manifest.db that is missing, unreadable, of another
     device or encrypted differently from what the device does now gives a full backup (inferred)."""
-    props = load_plist(manifest)
+    props = plist_dict(manifest)
     if props is None:
         raise Refusal(errors.BAD_BACKUP_PROPERTIES, f"Error reading backup properties for {device.udid}")
     if props.get("Lockdown", {}).get("UniqueDeviceID", device.udid) != device.udid:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import plistlib
+
+from ...reader.mbfile import mbfile_fields
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,32 +52,12 @@ class ManifestRow:
                                                                               f.target)
 
 
-def load_plist(data: bytes | None) -> dict | None:
-    """A plist dictionary the host sent, or ``None`` when it is missing, empty, damaged or not a dict."""
-    if not data:
-        return None
-    try:
-        value = plistlib.loads(data)
-    except Exception:  # plistlib raises whatever its XML or binary parser hits
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def _decode_mbfile(blob: bytes) -> tuple[int, int, int, str | None, bytes | None]:
     """(LastModified, Mode, Size, Target, EncryptionKey) of an MBFile NSKeyedArchiver blob."""
-    archive = plistlib.loads(blob)
-    objects = archive["$objects"]
-
-    def deref(v):
-        return objects[v.data] if isinstance(v, plistlib.UID) else v
-
-    mb = deref(archive["$top"]["root"])
-    key = deref(mb.get("EncryptionKey"))
-    if isinstance(key, dict):
-        key = deref(key.get("NS.data"))
-    target = deref(mb.get("Target"))
+    mb = mbfile_fields(blob)
+    target = mb.get("Target")
     return (int(mb["LastModified"]), int(mb["Mode"]), int(mb["Size"]),
-            target if isinstance(target, str) else None, bytes(key) if key else None)
+            target if isinstance(target, str) else None, mb["EncryptionKey"])
 
 
 def read_manifest_db(image: bytes) -> list[ManifestRow]:

@@ -11,11 +11,12 @@ kept unless ``RemoveItemsNotRestored`` is set; system domains are restored whate
 from __future__ import annotations
 
 from ..generator import FLAG_FILE
+from ...source.backup_folder import plist_dict
 from . import errors
 from .crypto import UnlockedBackup, WrongPassword
 from .devicelink import DeviceLinkEndpoint
 from .errors import Refusal
-from .metadata import SQLITE_MAGIC, load_plist, read_manifest_db
+from .metadata import SQLITE_MAGIC, read_manifest_db
 from .runtime import DeviceRuntime
 
 
@@ -42,11 +43,11 @@ class RestoreOperation:
     def _restore(self) -> None:
         root = self.source
         status = self._fetch([f"{root}/Status.plist"], 0.0)[f"{root}/Status.plist"]
-        state = (load_plist(status) or {}).get("SnapshotState")
+        state = (plist_dict(status) or {}).get("SnapshotState")
         if state != "finished":
             raise Refusal(errors.BAD_BACKUP, f"the backup is not finished (SnapshotState {state!r})")
         meta = self._fetch([f"{root}/Manifest.plist", f"{root}/Manifest.db"], 0.0)
-        manifest = load_plist(meta[f"{root}/Manifest.plist"])
+        manifest = plist_dict(meta[f"{root}/Manifest.plist"])
         if manifest is None:
             raise Refusal(errors.BAD_BACKUP, "Manifest.plist is unreadable")
         image = meta[f"{root}/Manifest.db"]
