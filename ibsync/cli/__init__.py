@@ -75,20 +75,36 @@ def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C, so uploaded packs
     raise KeyboardInterrupt
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Warnings often name a path or device from a backup: escape what a terminal would obey."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from ..ui.text import printable
+
+        return printable(super().format(record))
+
+
 def _log_to_stderr() -> None:
     """Warnings from the library (a storage retrying after a dropped connection) as one line
     each on stderr; set once per process, whatever number of times main() runs."""
     logger = logging.getLogger("ibsync")
     if not any(getattr(h, "ibsync_cli", False) for h in logger.handlers):
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("ibsync: %(message)s"))
+        handler.setFormatter(_PrintableFormatter("ibsync: %(message)s"))
         handler.ibsync_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.setLevel(logging.WARNING)
 
 
+# Exit statuses (README "Exit codes"): 0 done, 1 failed, 2 bad input, 3 repository locked (try
+# again later), 4 internal error (a bug), 130 interrupted. A script must be able to tell "retry
+# later" from a crash, so the two never share a number.
+EXIT_INTERNAL = 4
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..errors import IbsyncError
+    from ..ui.text import printable
 
     debug = bool(os.environ.get("IBSYNC_DEBUG"))
     signal.signal(signal.SIGTERM, _terminate)
@@ -111,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except IbsyncError as e:
         if debug:
             raise
-        click.echo(f"ibsync: error: {e}", err=True)
+        click.echo(f"ibsync: error: {printable(e)}", err=True)
         return e.exit_code
     except KeyboardInterrupt:
         click.echo(INTERRUPTED, err=True)
@@ -122,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         click.echo(
-            f"ibsync: internal error: {e.__class__.__name__}: {e} (set IBSYNC_DEBUG=1 for details, and please report it)",
+            f"ibsync: internal error: {e.__class__.__name__}: {printable(e)} (set IBSYNC_DEBUG=1 for details, and please report it)",
             err=True,
         )
-        return 3
+        return EXIT_INTERNAL
 
 
 def run() -> None:

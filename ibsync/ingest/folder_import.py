@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..model import Snapshot, utc_iso
@@ -17,6 +17,7 @@ class ImportOutcome:
     folder: Path
     snapshot: Snapshot
     created: bool
+    skipped: list[str] = field(default_factory=list)  # FIFOs, sockets, devices: not stored
 
     def to_dict(self) -> dict:
         s = self.snapshot
@@ -30,6 +31,7 @@ class ImportOutcome:
             "ios_encrypted": s.ios_encrypted,
             "parent": s.parent,
             "summary": asdict(s.summary),
+            "skipped": self.skipped,
         }
 
 
@@ -58,4 +60,4 @@ def import_folder(
         parent=parent,
         folder=folder.name,
     )
-    return ImportOutcome(folder, snapshot, created)
+    return ImportOutcome(folder, snapshot, created, sorted(source.skipped))

@@ -6,13 +6,16 @@ pymobiledevice3 write:
 
 from __future__ import annotations
 
+import errno
 import os
 import plistlib
 import sqlite3
+import stat
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import quote
 
 from ..errors import SourceError
@@ -20,6 +23,9 @@ from ..model import DeviceInfo
 
 REQUIRED = ("Info.plist", "Manifest.plist", "Status.plist", "Manifest.db")
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# A backup's plists are read whole into memory. Real ones are at most tens of MB (Info.plist and
+# Manifest.plist list the installed apps, with icons); past this, the folder is not a backup.
+MAX_PLIST_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -66,12 +72,44 @@ def plist_dict(data: bytes | None) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _load_plist(path: Path) -> dict:
+def open_regular(path: Path | str) -> BinaryIO:
+    """Open a file of a backup folder for reading, refusing anything but a regular file: a
+    symlink is stored as a link and never followed, and a FIFO or device would block the read
+    or never end. O_NONBLOCK makes opening a FIFO return at once; regular files ignore it."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        with open(path, "rb") as f:
-            value = plistlib.load(f)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise SourceError(f"{path}: missing") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SourceError(f"{path}: is a symbolic link, not a file") from None
+        raise SourceError(f"{path}: cannot read ({e.strerror})") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise SourceError(f"{path}: not a regular file ({_kind(st.st_mode)})")
+    return os.fdopen(fd, "rb", buffering=0)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "an unknown kind of file"
+
+
+def _load_plist(path: Path) -> dict:
+    try:
+        with open_regular(path) as f:
+            data = f.read(MAX_PLIST_BYTES + 1)
+        if len(data) > MAX_PLIST_BYTES:
+            raise SourceError(f"{path}: larger than {MAX_PLIST_BYTES >> 20} MiB; not a backup's plist")
+        value = plistlib.loads(data)
+    except SourceError:
+        raise
     except OSError as e:
         raise SourceError(f"{path}: cannot read ({e.strerror})") from e
     except Exception as e:  # plistlib raises whatever its XML or binary parser hits
@@ -91,7 +129,7 @@ def check_sqlite_file(path: Path) -> dict[str, int]:
     """Validate an unencrypted Manifest.db without writing next to it; count its Files rows."""
     try:
         size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             header = f.read(100)
     except OSError as e:
         raise SourceError(f"{path}: cannot read ({e.strerror})") from e
@@ -146,6 +184,11 @@ def read_backup_folder(path: Path, *, allow_unfinished: bool = False) -> BackupF
     missing = [name for name in REQUIRED if not (path / name).is_file()]
     if missing:
         raise SourceError(f"{path}: incomplete backup folder, missing {', '.join(missing)}")
+    for name in REQUIRED:
+        # Stored as a link, a linked Manifest.db could never be browsed or restored from the
+        # snapshot: refuse now rather than keep a backup that only looks complete.
+        if (path / name).is_symlink():
+            raise SourceError(f"{path / name}: is a symbolic link; a backup folder must hold the file itself")
     info = _load_plist(path / "Info.plist")
     manifest = _load_plist(path / "Manifest.plist")
     status = _load_plist(path / "Status.plist")

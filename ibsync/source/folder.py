@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import stat as stat_mod
 import threading
@@ -9,7 +10,9 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from ..errors import SourceError
-from .backup_folder import BackupFolderInfo, read_backup_folder
+from .backup_folder import BackupFolderInfo, open_regular, read_backup_folder
+
+log = logging.getLogger("ibsync")
 
 
 class SourceEntry(NamedTuple):
@@ -37,6 +40,8 @@ class FolderSource:
         self._taken: set[str] = set()  # folders the walk has asked for: not worth prefetching
         self._lock = threading.Lock()
         self._prefetcher: threading.Thread | None = None
+        # entries that are neither file, folder nor link (FIFOs, sockets, devices): not stored
+        self.skipped: list[str] = []
 
     @classmethod
     def open(cls, path: Path, *, allow_unfinished: bool = False) -> "FolderSource":
@@ -100,17 +105,26 @@ class FolderSource:
                         out.append(SourceEntry(e.name, "dir", st.st_mode, st.st_mtime_ns))
                     elif fmt == stat_mod.S_IFLNK:
                         out.append(SourceEntry(e.name, "symlink", st.st_mode, st.st_mtime_ns, 0, os.readlink(e.path)))
-                    # sockets and fifos have no place in a backup folder
+                    else:
+                        self._skip(f"{rel}/{e.name}" if rel else e.name, fmt)
         except OSError as e:
             raise SourceError(f"{self._abs(rel)}: cannot read folder ({e.strerror})") from e
         out.sort(key=lambda x: x.name)
         return out
 
+    def _skip(self, rel: str, fmt: int) -> None:
+        # A device never writes these; reading one would block or never end. The snapshot will
+        # lack a path Manifest.db may list, so say so rather than skip in silence.
+        kind = {stat_mod.S_IFIFO: "a FIFO", stat_mod.S_IFSOCK: "a socket", stat_mod.S_IFCHR: "a character device",
+                stat_mod.S_IFBLK: "a block device"}.get(fmt, "not a file, folder or link")
+        with self._lock:
+            self.skipped.append(rel)
+        log.warning("%s: skipped, %s has no place in a backup folder (the snapshot will not hold it)",
+                    self._abs(rel), kind)
+
     def open_file(self, rel: str) -> BinaryIO:
-        try:
-            return open(self._abs(rel), "rb", buffering=0)
-        except OSError as e:
-            raise SourceError(f"{self._abs(rel)}: cannot read ({e.strerror})") from e
+        # listed as a regular file, but it may have been replaced since: never block on a FIFO
+        return open_regular(self._abs(rel))
 
     def root_stat(self) -> tuple[int, int]:
         """Mode and mtime (ns) of the device folder itself."""
