@@ -84,12 +84,25 @@ class _PrintableFormatter(logging.Formatter):
         return printable(super().format(record))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each warning, not the one at set-up:
+    main() may run many times in one process (tests, embedding) with stderr redirected."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _log_to_stderr() -> None:
     """Warnings from the library (a storage retrying after a dropped connection) as one line
     each on stderr; set once per process, whatever number of times main() runs."""
     logger = logging.getLogger("ibsync")
     if not any(getattr(h, "ibsync_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(_PrintableFormatter("ibsync: %(message)s"))
         handler.ibsync_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

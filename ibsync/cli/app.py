@@ -97,6 +97,40 @@ class App:
             raise UserError("an empty password is not allowed; use 'init --no-encryption' for no encryption")
         return pw
 
+    def password_given(self) -> bool:
+        """Whether a password is configured for this repository (an option, the config file or
+        the environment), known without reading it or prompting: an unencrypted repository is
+        then refused as a likely downgrade (Repository.open)."""
+        if self.password_file or self.password_command:
+            return True
+        rc = self.repo_config() if self.repo_url else None
+        if rc is not None and (rc.password_file or rc.password_command or rc.password_env):
+            return True
+        return any(os.environ.get(f"{self.env_prefix}{v}") for v in ("PASSWORD", "PASSWORD_FILE", "PASSWORD_COMMAND"))
+
+    @staticmethod
+    def known():
+        """What this user remembers of repositories (repo/known.py), in the cache folder root."""
+        from ..repo.cache import cache_root
+        from ..repo.known import KnownRepositories
+
+        return KnownRepositories(cache_root())
+
+    def open_unlocked(self, password: Callable[[], str] | None = None, *, password_given: bool = False):
+        """Open the repository, neither locked nor with its index loaded: every command and the
+        library entry points open through here, so all of them get the downgrade checks.
+        ``password``: a source replacing this App's own (which is then still consulted for
+        whether a password is given); ``password_given``: the caller has one of its own."""
+        from ..repo.repository import Repository
+
+        repo = Repository.open(self.storage(), password or self.password,
+                               password_given=password_given or self.password_given(), known=self.known())
+        if not repo.storage.properties.local and not os.environ.get("IBSYNC_NO_CACHE"):
+            from ..repo.cache import cache_root
+
+            repo.use_cache(cache_root())
+        return repo
+
     @staticmethod
     def _run_password_command(command: str) -> str:
         try:
@@ -113,13 +147,8 @@ class App:
         ends, and load its index (check and repair load it themselves: a damaged index object
         is what they are there to report or replace)."""
         from ..repo.lock import RepoLock
-        from ..repo.repository import Repository
 
-        repo = Repository.open(self.storage(), self.password)
-        if not repo.storage.properties.local and not os.environ.get("IBSYNC_NO_CACHE"):
-            from ..repo.cache import default_cache_dir
-
-            repo.use_cache(Path(os.environ.get("IBSYNC_CACHE_DIR") or default_cache_dir()))
+        repo = self.open_unlocked()
         if lock != "none":
             ctx = click.get_current_context()
             held = RepoLock(repo, exclusive=lock == "exclusive", command=ctx.command_path.removeprefix("ibsync ")).acquire()

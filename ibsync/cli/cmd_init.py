@@ -17,6 +17,8 @@ def init_cmd(app: App, no_encryption: bool, pack_size: int) -> None:
     storage = app.storage()
     password = None if no_encryption else app.password(confirm=True)
     repo = Repository.init(storage, password, pack_size=pack_size << 20)
+    # A new repository replaces what this location held before, encrypted or not.
+    app.known().remember(storage.url, repo.id, repo.encrypted, repo.key_name)
     if app.json:
         app.emit_json({"id": repo.id, "repository": storage.url, "encryption": repo.config["encryption"]})
     else:

@@ -20,7 +20,6 @@ class _Session:
     def __init__(self, app: App, *, exclusive: bool = False) -> None:
         from ..repo.keys import require_encrypted
         from ..repo.lock import RepoLock
-        from ..repo.repository import Repository
 
         self.password: str | None = None
 
@@ -29,7 +28,7 @@ class _Session:
             return self.password
 
         # Keys need neither the index nor the snapshots: open the config and keys only.
-        self.repo = Repository.open(app.storage(), password)
+        self.repo = app.open_unlocked(password)
         require_encrypted(self.repo)
         if exclusive:
             # two removals racing could each see the other's key still there and delete both
@@ -148,6 +147,7 @@ def key_passwd_cmd(app: App, new_password_file: str | None) -> None:
     session = _Session(app, exclusive=True)
     old = session.repo.key_name
     new = change_password(session.repo, session.new_password(new_password_file))
+    app.known().remember(session.repo.storage.url, session.repo.id, True, new)  # try the new key first next time
     if app.json:
         app.emit_json({"added": new, "removed": old})
     else:

@@ -25,6 +25,11 @@ def default_cache_dir() -> Path:
     return user_dir("cache")
 
 
+def cache_root() -> Path:
+    """The cache folder root: $IBSYNC_CACHE_DIR, else the platform's user cache folder."""
+    return Path(os.environ.get("IBSYNC_CACHE_DIR") or default_cache_dir()).expanduser()
+
+
 class ObjectCache:
     def __init__(self, root: Path, repo_id: str) -> None:
         self.root = Path(root).expanduser() / repo_id

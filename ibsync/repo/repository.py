@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
+import re
 import socket
 import threading
 from collections import OrderedDict
@@ -17,13 +19,15 @@ from ..format import index as index_format
 from ..format.chunker import Chunker, ChunkingPolicy, default_policy
 from ..format.compress import Compressor
 from ..format.crypto import (
+    MAX_KEY_FILE_SIZE,
     Cipher,
     IdHasher,
+    KeyFile,
+    MalformedKey,
     MasterKey,
     NullCipher,
     keyed_id_hasher,
     make_key_file,
-    open_key_file,
     plain_id_hasher,
     storage_name,
 )
@@ -33,6 +37,9 @@ from ..model import Node, Snapshot, decode_tree, decode_tree_entries, utc_iso
 from ..storage import Kind, Storage
 from .cache import CACHED_KINDS, ObjectCache
 from .index import BlobLocation, MasterIndex
+from .known import KnownRepositories
+
+log = logging.getLogger("ibsync")
 
 FORMAT_NAME = "ibsync-repository"
 FORMAT_VERSION = 1
@@ -44,6 +51,12 @@ DEFAULT_ZSTD_LEVEL = 3
 READ_SPAN = 8 << 20
 # Index objects written by prune and repair hold about this many blobs (a few MB each).
 INDEX_ENTRIES_PER_OBJECT = 100_000
+
+# Key files tried per open, as restic does since 0.14: planted key files must not multiply the
+# cost of every command. Those the remembered key and the cheapest parameters come first.
+MAX_KEYS_TRIED = 20
+ENCRYPTIONS = {"aes-256-gcm": "blake3-keyed", "none": "blake3"}  # encryption -> its id hash
+_REPO_ID = re.compile(r"[0-9a-f]{32}")
 
 PasswordSource = Callable[[], str]
 
@@ -72,6 +85,7 @@ class Repository:
         self.pack_size = int(config["pack_size"])
         self.index = MasterIndex()
         self.loaded_index: set[str] = set()
+        self.index_damage: dict[str, str] = {}  # index objects load_index skipped -> why
         self.cache = None  # an ObjectCache for remote repositories (use_cache)
         self.lock = None  # the RepoLock this process holds on the repository, if any
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
@@ -116,6 +130,11 @@ class Repository:
             storage.put(Kind.CONFIG, "config", raw, exclusive=True)
         except AlreadyExists:
             pass  # ours, from an attempt whose answer was lost, or another init's: read it back
+        except BaseException:
+            # No config, no repository: a key file left behind would only make the next
+            # 'init' refuse the folder as not empty.
+            _discard_key(storage, key_name)
+            raise
         # A server that ignores conditional writes lets two racing inits both "win"; the config
         # that stays decides, and the loser must not go on with a master key nobody can open.
         if storage.get(Kind.CONFIG, "config") != raw:
@@ -125,46 +144,29 @@ class Repository:
         return cls(storage, config, master, key_name)
 
     @classmethod
-    def open(cls, storage: Storage, password: PasswordSource) -> "Repository":
-        try:
-            raw = storage.get(Kind.CONFIG, "config")
-        except NotFound:
-            raise RepoError(f"{storage.url} is not an ibsync repository (no config); run 'ibsync init' first") from None
-        try:
-            config = json.loads(raw)
-            if config.get("format") != FORMAT_NAME:
-                raise ValueError("not an ibsync config")
-            version = int(config["version"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise RepoError(f"{storage.url}: unreadable repository config ({e})") from e
-        if version > FORMAT_VERSION:
-            raise UnsupportedVersion(
-                f"{storage.url} has repository format {version}; this ibsync reads up to {FORMAT_VERSION}: upgrade ibsync"
-            )
-        keys = list(storage.list(Kind.KEYS))
-        if config.get("encryption") == "none":
-            if keys:
-                # A config rewritten to "none" must not make us write plaintext into an encrypted repository.
-                raise RepoError(f"{storage.url}: config says unencrypted but key files exist; the config was tampered with")
-            return cls(storage, config, None)
-        if not keys:
-            raise RepoError(f"{storage.url}: encrypted repository without key files")
-        pw = password()
-        master = None
-        key_name = None
-        for info in keys:
-            try:
-                master = open_key_file(storage.get(Kind.KEYS, info.name), pw)
-                key_name = info.name
-                break
-            except WrongPassword:
-                continue
-        if master is None:
-            raise WrongPassword("wrong password: no key in the repository opens with it")
-        mac = config.pop("mac", None)
-        if mac != master.mac(_canonical(config)):
-            raise RepoError(f"{storage.url}: the repository config does not match its key; it was altered")
-        config["mac"] = mac
+    def open(cls, storage: Storage, password: PasswordSource, *, password_given: bool = False,
+             known: KnownRepositories | None = None) -> "Repository":
+        """Open a repository. ``password`` is asked only if the repository is encrypted.
+        ``password_given``: the caller has a password configured (an option, a file, a command,
+        the environment): an unencrypted repository is then refused as a likely downgrade.
+        ``known``: what this user remembers of repositories (refuses a remembered encrypted
+        repository that now claims not to be; tries the key that opened it last time first)."""
+        config = _read_config(storage)
+        repo_id = config["id"]
+        if config["encryption"] == "none":
+            _refuse_downgrade(storage, config, password_given, known)
+            repo = cls._build(storage, config, None, None)
+        else:
+            hint = known.key_hint(repo_id) if known is not None else None
+            master, key_name = _unlock(storage, config, password, hint)
+            repo = cls._build(storage, config, master, key_name)
+        if known is not None:
+            known.remember(storage.url, repo_id, repo.encrypted, repo.key_name)
+        return repo
+
+    @classmethod
+    def _build(cls, storage: Storage, config: dict, master: MasterKey | None, key_name: str | None) -> "Repository":
+        _check_settings(storage.url, config)  # after the MAC: a forged setting says "altered"
         return cls(storage, config, master, key_name)
 
     # ---- unpacked objects ------------------------------------------------------------------
@@ -202,9 +204,15 @@ class Repository:
         if self.cache is not None:
             self.cache.retain(Kind.INDEX, {info.name for info in listed})
         for info in listed:
-            if info.name in self.loaded_index:
+            if info.name in self.loaded_index or info.name in self.index_damage:
                 continue
-            self.add_index_object(info.name)
+            try:
+                self.add_index_object(info.name)
+            except InvalidData as e:
+                # One damaged object must not block every restore: what it listed is reported
+                # as missing by whoever needs it, and 'repair index' rebuilds it from the packs.
+                self.index_damage[info.name] = str(e)
+                log.warning(f"index object {info.name[:12]} skipped: {e}; run 'ibsync repair index'")
         if self.cache is not None:  # tree packs that prune removed or repacked
             self.cache.retain(Kind.PACKS, {p.hex() for p in self.index.packs()})
 
@@ -214,7 +222,9 @@ class Repository:
             self.lock.check()
 
     def add_index_object(self, name: str) -> None:
-        for pack_id, records in index_format.iter_index(self.load_object(Kind.INDEX, name)):
+        # parsed whole before anything is added: a bad object adds nothing
+        packs = list(index_format.iter_index(self.load_object(Kind.INDEX, name)))
+        for pack_id, records in packs:
             self.index.add_records(pack_id, records)
         self.loaded_index.add(name)
 
@@ -354,15 +364,38 @@ class Repository:
         return snapshot.id
 
     def load_snapshot(self, name: str) -> Snapshot:
-        return Snapshot.from_json(self.load_object(Kind.SNAPSHOTS, name), id=name)
+        body = self.load_object(Kind.SNAPSHOTS, name)
+        try:
+            return Snapshot.from_json(body, id=name)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            # authentic only in name in an unencrypted repository: anyone can write one
+            raise InvalidData(f"snapshots/{name[:12]}: not a snapshot ({e.__class__.__name__})") from None
 
     def snapshots(self) -> list[Snapshot]:
-        """Every snapshot, oldest backup first."""
+        """Every snapshot that loads, oldest backup first; each one that does not is named in
+        a warning (one junk object must not hide all the others)."""
+        snaps, damaged = self.snapshots_with_damage()
+        for name, why in damaged.items():
+            log.warning(f"snapshot object {name[:12]} skipped: {why}; 'ibsync repair snapshots' removes it")
+        return snaps
+
+    def snapshots_with_damage(self) -> tuple[list[Snapshot], dict[str, str]]:
+        """The snapshots that load, sorted as snapshots() sorts them, and {object name: reason}
+        for the snapshot objects that fail to load, authenticate or parse. A storage failure
+        other than a vanished object still raises: it says nothing about the object."""
         listed = list(self.storage.list(Kind.SNAPSHOTS))
         if self.cache is not None:
             self.cache.retain(Kind.SNAPSHOTS, {info.name for info in listed})
-        snaps = [self.load_snapshot(info.name) for info in listed]
-        return sorted(snaps, key=Snapshot.sort_key)
+        snaps: list[Snapshot] = []
+        damaged: dict[str, str] = {}
+        for info in listed:
+            try:
+                snaps.append(self.load_snapshot(info.name))
+            except NotFound:
+                continue  # forgotten since the listing
+            except InvalidData as e:
+                damaged[info.name] = str(e)
+        return sorted(snaps, key=Snapshot.sort_key), damaged
 
     def find_snapshot(self, spec: str, device: str | None = None, snapshots: Iterable[Snapshot] | None = None) -> Snapshot:
         """Resolve 'latest' or an id prefix; ``device`` (UDID or name) narrows 'latest'."""
@@ -404,3 +437,148 @@ class Repository:
 
 def _canonical(config: dict) -> bytes:
     return json.dumps({k: v for k, v in config.items() if k != "mac"}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _discard_key(storage: Storage, key_name: str | None) -> None:
+    if key_name is None:
+        return
+    try:
+        storage.delete(Kind.KEYS, key_name)
+    except Exception as e:  # the error that stopped init is the one to report
+        log.warning(f"could not remove key file keys/{key_name[:8]} of the failed init: {e}")
+
+
+def _read_config(storage: Storage) -> dict:
+    """The config, as far as it must be read before the key: a JSON object of our format, of a
+    version we read, with a repository id and a known encryption. RepoError otherwise."""
+    try:
+        raw = storage.get(Kind.CONFIG, "config")
+    except NotFound:
+        raise RepoError(f"{storage.url} is not an ibsync repository (no config); run 'ibsync init' first") from None
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise RepoError(f"{storage.url}: unreadable repository config (not JSON: {e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise RepoError(f"{storage.url}: unreadable repository config (not an ibsync config)")
+    version = config.get("version")
+    if type(version) is not int or version < 1:
+        raise RepoError(f"{storage.url}: unreadable repository config (version is not a positive integer)")
+    if version > FORMAT_VERSION:
+        raise UnsupportedVersion(
+            f"{storage.url} has repository format {version}; this ibsync reads up to {FORMAT_VERSION}: upgrade ibsync"
+        )
+    if not isinstance(config.get("id"), str) or not _REPO_ID.fullmatch(config["id"]):
+        raise RepoError(f"{storage.url}: unreadable repository config (id is not 32 hex digits)")
+    if config.get("encryption") not in ENCRYPTIONS:
+        raise RepoError(f"{storage.url}: unreadable repository config (unknown encryption)")
+    if "mac" in config and not isinstance(config["mac"], str):
+        raise RepoError(f"{storage.url}: unreadable repository config (mac is not a string)")
+    return config
+
+
+def _check_settings(url: str, config: dict) -> None:
+    """The settings a Repository is built from, each of the right type and within bounds."""
+    problem = _settings_problem(config)
+    if problem:
+        raise RepoError(f"{url}: unreadable repository config ({problem})")
+
+
+def _settings_problem(config: dict) -> str | None:
+    if config.get("id_hash") != ENCRYPTIONS[config["encryption"]]:
+        return "id_hash does not fit the encryption"
+    compression = config.get("compression")
+    if not isinstance(compression, dict) or compression.get("algorithm") != "zstd":
+        return "compression is not zstd"
+    if not _int_in(compression.get("level"), -7, 22):
+        return "compression level is not an integer in -7..22"
+    if not _int_in(config.get("pack_size"), MIN_PACK_SIZE, MAX_PACK_SIZE):
+        return f"pack_size is not an integer in {MIN_PACK_SIZE}..{MAX_PACK_SIZE}"
+    return _chunking_problem(config.get("chunking"))
+
+
+def _chunking_problem(chunking: object) -> str | None:
+    if not isinstance(chunking, dict) or chunking.get("algorithm") != "fastcdc2020":
+        return "chunking is not fastcdc2020"
+    profile = chunking.get("default")
+    if not isinstance(profile, dict) or set(profile) != {"min_size", "avg_size", "max_size"}:
+        return "chunking.default is not a chunk size profile"
+    lo, avg, hi = profile["min_size"], profile["avg_size"], profile["max_size"]
+    # pyfastcdc's own limits; chunks are held in memory, so no more than 64 MiB
+    if not (_int_in(lo, 64, 64 << 20) and _int_in(avg, 256, 64 << 20) and _int_in(hi, 1024, 64 << 20) and lo <= avg <= hi):
+        return "chunk sizes out of range"
+    block = chunking.get("sqlite_block")
+    if not _int_in(block, 512, 16 << 20) or block & (block - 1):
+        return "sqlite_block is not a power of two in 512..16 MiB"
+    return None
+
+
+def _int_in(value: object, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value <= hi
+
+
+def _refuse_downgrade(storage: Storage, config: dict, password_given: bool, known: KnownRepositories | None) -> None:
+    """An unencrypted config is believed only if nothing says the repository was encrypted:
+    no password was given for it, this user never saw it encrypted, and it has no key files."""
+    if password_given:
+        raise RepoError(
+            f"{storage.url}: the repository claims to be unencrypted although a password is set; it may have been "
+            "tampered with (for a repository made with 'init --no-encryption', give no password)"
+        )
+    if known is not None:
+        known.check(storage.url, config["id"], encrypted=False)
+    if any(True for _ in storage.list(Kind.KEYS)):
+        # A config rewritten to "none" must not make us write plaintext into an encrypted repository.
+        raise RepoError(f"{storage.url}: config says unencrypted but key files exist; the config was tampered with")
+
+
+def _usable_keys(storage: Storage, hint: str | None) -> list[tuple[str, KeyFile]]:
+    """Every key file that parses within the accepted bounds, in the order to try them: the
+    one that opened the repository last time, then the cheapest to derive. Malformed ones are
+    skipped with a warning: one junk file must not lock the owner out."""
+    found: list[tuple[str, KeyFile]] = []
+    for info in sorted(storage.list(Kind.KEYS), key=lambda i: i.name):
+        try:
+            if info.size > MAX_KEY_FILE_SIZE:
+                raise MalformedKey(f"{info.size} bytes, more than a key file can be")
+            found.append((info.name, KeyFile.parse(storage.get(Kind.KEYS, info.name))))
+        except NotFound:
+            continue  # removed since the listing
+        except MalformedKey as e:
+            log.warning(f"key file keys/{info.name[:8]} skipped: malformed ({e}); "
+                        f"'ibsync key remove {info.name[:8]}' removes it")
+    found.sort(key=lambda nk: (nk[0] != hint, nk[1].kdf.work, nk[0]))
+    return found
+
+
+def _unlock(storage: Storage, config: dict, password: PasswordSource, hint: str | None) -> tuple[MasterKey, str]:
+    """The master key and the name of the key file that opened it; the key must also
+    authenticate the config (a key left by a failed init opens a master key nobody uses)."""
+    keys = _usable_keys(storage, hint)
+    if not keys:
+        raise RepoError(f"{storage.url}: encrypted repository without usable key files")
+    pw = password()
+    mismatch = False
+    for name, key in keys[:MAX_KEYS_TRIED]:
+        try:
+            master = key.unwrap(pw)
+        except WrongPassword:
+            continue
+        except MalformedKey as e:
+            log.warning(f"key file keys/{name[:8]} skipped: {e}")
+            continue
+        if _config_mac_ok(config, master):
+            return master, name
+        mismatch = True
+    if mismatch:
+        raise RepoError(f"{storage.url}: the repository config does not match its key; it was altered")
+    if len(keys) > MAX_KEYS_TRIED:
+        raise WrongPassword(
+            f"wrong password: none of the {MAX_KEYS_TRIED} key files tried opens with it (ibsync tries at most "
+            f"{MAX_KEYS_TRIED}; this repository has {len(keys)}, more than anyone needs: check keys/ for planted files)"
+        )
+    raise WrongPassword("wrong password: no key in the repository opens with it")
+
+
+def _config_mac_ok(config: dict, master: MasterKey) -> bool:
+    return config.get("mac") == master.mac(_canonical(config))
