@@ -7,7 +7,7 @@ import click
 from ..errors import NotFound, UserError
 from ..maint.forget import UNLIMITED, Decision, Duration, RetentionPolicy, apply_policy_by_device, group_by_device, snapshot_timestamp
 from ..model import Snapshot, utc_iso
-from ..ui.text import size, table, when
+from ..ui.text import printable, size, table, when
 from .app import App, common_options
 
 PRUNE_NOTE = "their data stays in the repository until 'ibsync prune' reclaims it"
@@ -79,7 +79,7 @@ def _rows(snaps: list[Snapshot], reasons: dict[str, list[str]] | None) -> str:
 
 def _device_title(snaps: list[Snapshot]) -> str:
     d = snaps[0].device
-    return f"snapshots of {d.name} ({d.udid}):" if d.name else f"snapshots of {d.udid}:"
+    return printable(f"snapshots of {d.name} ({d.udid}):" if d.name else f"snapshots of {d.udid}:")
 
 
 @click.command("forget")
@@ -215,6 +215,10 @@ def forget_cmd(
         if pruned is not None:
             doc["prune"] = pruned
         app.emit_json(doc)
+    if pruned is not None:
+        from .cmd_prune import PRUNE_AGAIN, fail_if_undeleted
+
+        fail_if_undeleted(pruned.get("failed", {}), PRUNE_AGAIN)
 
 
 def _group_json(group: dict) -> dict:

@@ -12,19 +12,32 @@ Order, so that an interruption at any instant loses nothing (design.md §13):
   4. removal of the packs no longer listed.
 Interrupted before 3, blobs are listed twice (harmless); before 4, some packs are listed
 nowhere (the next prune removes them).
+
+A pack listed in no index is deleted only if its own header authenticates (its name is the hash
+of its tail, the header opens with the repository key): anything else in packs/ may be someone
+else's file, so it is reported and left. A deletion that fails is reported by name, never passed
+over; the repository stays valid (what was not deleted is unused, and the next prune tries
+again). While an old index object could not be deleted, the packs are kept: it still lists them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
-from ..errors import IbsyncError, RepoError
+from ..errors import IbsyncError, NotFound, RepoError
 from ..format.index import PackIndex
 from ..format.pack import PackedBlob
 from ..progress import NULL_PROGRESS, Progress
 from ..reader.walk import collect_blobs
 from ..repo.repository import Repository
 from ..storage import Kind
+from .repair import delete_objects, read_pack_header
+
+# A write in progress keeps touching its temporary file; one untouched this long was left by a
+# killed process. The margin covers a holder that lost its lock (asleep) and resumes writing.
+STALE_TEMPORARY_AFTER = timedelta(hours=6)
+
 
 @dataclass
 class PrunePlan:
@@ -35,6 +48,7 @@ class PrunePlan:
     keep: dict[str, list[PackedBlob]] = field(default_factory=dict)  # pack name -> every blob it holds
     unused_kept_bytes: int = 0  # unused bytes left in packs below the threshold
     old_index: list[str] = field(default_factory=list)
+    junk: dict[str, str] = field(default_factory=dict)  # name in packs/ -> why it is not an ibsync pack: left alone
 
     @property
     def delete_bytes(self) -> int:
@@ -55,15 +69,31 @@ class PruneResult:
     packs_deleted: int = 0
     packs_written: int = 0
     bytes_freed: int = 0  # deleted packs minus the packs written for moved blobs
+    failed: dict[str, str] = field(default_factory=dict)  # object path -> why it could not be deleted
+    temporary_removed: int = 0  # .tmp-* files of interrupted writes
+    packs_left_listed: int = 0  # packs kept because an old index object that lists them could not be deleted
 
 
 def plan_prune(repo: Repository, *, repack_threshold: float = 0.5, ignore: set[str] = frozenset()) -> PrunePlan:
     """Decide what to delete and repack. ``repack_threshold``: the unused share of a pack's
     bytes from which it is repacked (0: any unused byte; 1.0: never repack, only delete wholly
     unused packs)."""
+    # What prune cannot read it must not judge: a snapshot object that does not authenticate
+    # may still be the only record of data, and an index object skipped as damaged may list
+    # packs a snapshot needs. restic's prune refuses in both cases too.
+    if repo.index_damage:
+        raise RepoError(
+            f"{len(repo.index_damage)} index object(s) cannot be read; nothing was pruned. Run 'ibsync repair index' first"
+        )
+    snapshots, damaged = repo.snapshots_with_damage()
+    if damaged:
+        raise RepoError(
+            f"{len(damaged)} snapshot object(s) cannot be read; nothing was pruned. "
+            "Run 'ibsync repair snapshots' first (it lists and removes them)"
+        )
     plan = PrunePlan(old_index=sorted(repo.loaded_index))
     used: set[bytes] = set()
-    for snap in repo.snapshots():
+    for snap in snapshots:
         if snap.id not in ignore:
             collect_blobs(repo, snap.tree, used)
     plan.used_blobs = len(used)
@@ -87,7 +117,7 @@ def plan_prune(repo: Repository, *, repack_threshold: float = 0.5, ignore: set[s
     for name, size in stored.items():
         entries = blobs_of.get(name)
         if not entries:
-            plan.delete[name] = size  # left by an interrupted run, or already emptied
+            _plan_unindexed(repo, plan, name, size)
             continue
         used_bytes = sum(b.length for b, u in entries if u)
         total = sum(b.length for b, _ in entries)
@@ -99,7 +129,7 @@ def plan_prune(repo: Repository, *, repack_threshold: float = 0.5, ignore: set[s
         else:
             plan.keep[name] = [b for b, _ in entries]
             plan.unused_kept_bytes += total - used_bytes
-    gone = {bytes.fromhex(n) for n in blobs_of} - {bytes.fromhex(n) for n in stored}
+    gone = set(blobs_of) - set(stored)
     if gone:
         raise RepoError(
             f"{len(gone)} pack(s) in the index are missing from the repository; nothing was pruned. "
@@ -108,8 +138,30 @@ def plan_prune(repo: Repository, *, repack_threshold: float = 0.5, ignore: set[s
     return plan
 
 
+def _plan_unindexed(repo: Repository, plan: PrunePlan, name: str, size: int) -> None:
+    """A pack no index lists: left by an interrupted run (delete it), or not ibsync's (leave it)."""
+    try:
+        read_pack_header(repo, name, size)
+    except NotFound:
+        return  # gone since the listing
+    except IbsyncError as e:
+        plan.junk[name] = str(e)
+        return
+    plan.delete[name] = size
+
+
+def remove_stale_temporary(repo: Repository, result: PruneResult) -> None:
+    """Remove what killed writes left (only under the exclusive lock: no write of ours runs)."""
+    repo.check_lock()
+    try:
+        result.temporary_removed = repo.storage.remove_stale_temporary(STALE_TEMPORARY_AFTER.total_seconds())
+    except IbsyncError as e:
+        result.failed[".tmp-* (temporary files of interrupted writes)"] = str(e)
+
+
 def execute_prune(repo: Repository, plan: PrunePlan, *, progress: Progress = NULL_PROGRESS) -> PruneResult:
     result = PruneResult(plan)
+    remove_stale_temporary(repo, result)
     if plan.nothing_to_do:
         return result
     # 1. move the used blobs of packs being repacked; a damaged blob stops everything
@@ -124,21 +176,20 @@ def execute_prune(repo: Repository, plan: PrunePlan, *, progress: Progress = NUL
     result.packs_written = session.stats.packs_written
     # 2. index objects for every pack that stays
     repo.save_full_index(PackIndex(bytes.fromhex(name), blobs) for name, blobs in sorted(plan.keep.items()))
-    # 3. the index objects read at the start are superseded
-    for name in plan.old_index:
-        repo.check_lock()
-        try:
-            repo.storage.delete(Kind.INDEX, name)
-        except IbsyncError:
-            pass  # already gone: another run of prune got here first
+    # 3. the index objects read at the start (so authenticated) are superseded
+    index_failed: dict[str, str] = {}
+    delete_objects(repo, Kind.INDEX, plan.old_index, index_failed)
+    result.failed.update(index_failed)
+    if index_failed:
+        # an old index object that stays still lists the packs below (a repacked blob's old
+        # place among them): deleting them would break lookups; the next prune deletes them
+        result.packs_left_listed = len(plan.delete) + len(plan.repack_sizes)
+        result.bytes_freed -= session.stats.stored_bytes_added
+        return result
     # 4. packs no index lists any more
-    for name, size in [*plan.delete.items(), *plan.repack_sizes.items()]:
-        repo.check_lock()
-        try:
-            repo.storage.delete(Kind.PACKS, name)
-        except IbsyncError:
-            continue
+    sizes = {**plan.delete, **plan.repack_sizes}
+    for name in delete_objects(repo, Kind.PACKS, sizes, result.failed):
         result.packs_deleted += 1
-        result.bytes_freed += size
+        result.bytes_freed += sizes[name]
     result.bytes_freed -= session.stats.stored_bytes_added
     return result

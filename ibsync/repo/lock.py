@@ -9,19 +9,28 @@ proceeds. An exclusive locker also waits a moment before its second listing, for
 listings lag behind writes. Holders refresh their lock every few minutes (a new object, then
 the old one removed); a lock not refreshed for 30 minutes, or left by a dead process on this
 host, is stale and ignored, and `ibsync unlock` removes it.
+
+Only objects that authenticate (their name is the hash of their content and they decrypt with
+the repository key) are locks. Anything else in ``locks/`` is junk: anyone with write access to
+the storage could put it there, so it neither blocks anyone nor is ever deleted; it is reported.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import Callable
 
-from ..errors import IbsyncError, NotFound, RepoError
+from ..errors import IbsyncError, InvalidData, NotFound, RepoError
+from ..format.crypto import storage_name
+from ..format.objects import open_object
 from ..model import parse_iso, utc_iso
 from ..storage import Kind
 
@@ -32,6 +41,10 @@ REFRESH_EVERY = 5 * 60.0
 # deletes anything: the 5 minutes left cover the time to the next write and some clock skew.
 LOST_AFTER = (STALE_AFTER - timedelta(minutes=5)).total_seconds()
 EXCLUSIVE_SETTLE = 0.2  # seconds an exclusive locker waits before its second listing
+# A lock is a few hundred bytes; a bigger object is junk, and is not read into memory.
+MAX_LOCK_SIZE = 64 << 10
+
+log = logging.getLogger("ibsync")
 
 
 class Locked(RepoError):
@@ -58,39 +71,141 @@ class LockInfo:
         now = now or datetime.now(timezone.utc)
         if now - self.time > STALE_AFTER:
             return True
-        return self.hostname == socket.gethostname() and not _pid_alive(self.pid)
+        return self.hostname == socket.gethostname() and not pid_alive(self.pid)
 
     def describe(self) -> str:
         kind = "exclusive" if self.exclusive else "shared"
         return f"{kind} lock by '{self.command}' (PID {self.pid} on {self.hostname}, since {self.time:%Y-%m-%d %H:%M:%S} UTC)"
 
 
-def _pid_alive(pid: int) -> bool:
+# ---- is a process of this host alive? ---------------------------------------------------------
+
+
+def _pid_alive_posix(pid: int) -> bool:
+    if pid <= 0:
+        return False  # 0 and negatives name process groups, never a lock's holder
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return True  # exists, owned by someone else
+    except (OverflowError, OSError):
+        return False  # no such PID can exist
     return True
 
 
-def list_locks(repo) -> list[LockInfo]:
-    out = []
+def _pid_alive_windows(pid: int) -> bool:
+    # os.kill(pid, 0) on Windows calls TerminateProcess: it would kill the lock's holder.
+    import ctypes
+    from ctypes import wintypes
+
+    process_query_limited_information = 0x1000
+    error_access_denied = 5
+    still_active = 259
+    if pid <= 0 or pid > 0xFFFFFFFF:
+        return False
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    kernel32.OpenProcess.restype = wintypes.HANDLE
+    kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
+    kernel32.GetExitCodeProcess.argtypes = (wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD))
+    kernel32.CloseHandle.argtypes = (wintypes.HANDLE,)
+    handle = kernel32.OpenProcess(process_query_limited_information, False, pid)
+    if not handle:
+        return ctypes.get_last_error() == error_access_denied  # exists, owned by someone else
+    try:
+        code = wintypes.DWORD()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True  # cannot tell: keep honouring the lock
+        return code.value == still_active
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def liveness_check(platform: str) -> Callable[[int], bool]:
+    """The way to ask whether a PID is alive on ``platform`` (a ``sys.platform`` value)."""
+    return _pid_alive_windows if platform == "win32" else _pid_alive_posix
+
+
+def pid_alive(pid: int) -> bool:
+    return liveness_check(sys.platform)(pid)
+
+
+# ---- reading the locks ------------------------------------------------------------------------
+
+
+class _NotALock(Exception):
+    """An object in locks/ that does not authenticate: not ibsync's, whoever put it there."""
+
+
+@dataclass
+class LockScan:
+    locks: list[LockInfo] = field(default_factory=list)
+    junk: dict[str, str] = field(default_factory=dict)  # object name -> why it is not a lock
+
+
+def _open_lock(repo, name: str, size: int) -> bytes:
+    """The plaintext of lock ``name``; _NotALock if it does not authenticate."""
+    if size > MAX_LOCK_SIZE:
+        raise _NotALock(f"{size} bytes, far more than a lock")
+    stored = repo.storage.get(Kind.LOCKS, name)
+    if storage_name(stored) != name:
+        raise _NotALock("its content does not match its name")
+    try:
+        return open_object(stored, Kind.LOCKS.value, repo.cipher, repo.compressor)
+    except InvalidData:
+        try:
+            repo.cipher.open(stored, Kind.LOCKS.value.encode())
+        except InvalidData:
+            raise _NotALock("it does not decrypt with this repository's key") from None
+        raise  # written with our key, in an envelope we cannot read: a newer ibsync's
+
+
+def _unknown_lock(name: str) -> LockInfo:
+    # Written with the repository key (so by an ibsync, maybe a newer one) but not readable
+    # here: honour it as a live exclusive lock; 'unlock --remove-all' removes it.
+    return LockInfo(name, datetime.now(timezone.utc), True, "?", "?", 0, "unknown (unreadable lock)")
+
+
+def _parse_lock(name: str, body: bytes) -> LockInfo:
+    try:
+        d = json.loads(body)
+        return LockInfo(name, parse_iso(d["time"]), bool(d["exclusive"]), str(d.get("hostname", "")),
+                        str(d.get("username", "")), int(d.get("pid", 0)), str(d.get("command", "")))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return _unknown_lock(name)
+
+
+def scan_locks(repo) -> LockScan:
+    """Every lock in the repository, and the junk (objects that do not authenticate) beside them.
+    A lock that cannot be read for a storage failure raises: it may well be a live one."""
+    scan = LockScan()
     for info in repo.storage.list(Kind.LOCKS):
         try:
-            d = json.loads(repo.load_object(Kind.LOCKS, info.name))
+            body = _open_lock(repo, info.name, info.size)
         except NotFound:
             continue  # removed while we listed
-        except IbsyncError:
-            # unreadable: treat as a live exclusive lock of unknown origin rather than ignore it
-            out.append(LockInfo(info.name, datetime.now(timezone.utc), True, "?", "?", 0, "unknown (unreadable lock)"))
+        except _NotALock as e:
+            scan.junk[info.name] = str(e)
             continue
-        out.append(
-            LockInfo(info.name, parse_iso(d["time"]), bool(d["exclusive"]), d.get("hostname", ""),
-                     d.get("username", ""), int(d.get("pid", 0)), d.get("command", ""))
-        )
-    return out
+        except InvalidData:
+            scan.locks.append(_unknown_lock(info.name))
+            continue
+        scan.locks.append(_parse_lock(info.name, body))
+    return scan
+
+
+def list_locks(repo) -> list[LockInfo]:
+    return scan_locks(repo).locks
+
+
+def junk_warning(name: str, why: str) -> str:
+    from ..ui.text import printable
+
+    return f"ignoring locks/{printable(name)}: not a lock of this repository ({why}); it is left in place"
+
+
+# ---- holding a lock ---------------------------------------------------------------------------
 
 
 class RepoLock:
@@ -103,9 +218,12 @@ class RepoLock:
         self.name: str | None = None
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
+        # Held for a whole refresh and by release: a refresh either completes before release
+        # (which then deletes the new object) or sees the stop and writes nothing.
         self._lock = threading.Lock()
         self._refreshed = 0.0  # wall clock: a suspended machine's monotonic clock stands still
         self._lost = False
+        self._warned: set[str] = set()
 
     def _write(self) -> str:
         body = {
@@ -120,8 +238,13 @@ class RepoLock:
         return name
 
     def _conflicts(self) -> list[LockInfo]:
+        scan = scan_locks(self.repo)
+        for name, why in scan.junk.items():
+            if name not in self._warned:  # once per locker, not at each of its listings
+                self._warned.add(name)
+                log.warning(junk_warning(name, why))
         return [
-            lk for lk in list_locks(self.repo)
+            lk for lk in scan.locks
             if lk.name != self.name and (self.exclusive or lk.exclusive) and not lk.stale()
         ]
 
@@ -137,9 +260,13 @@ class RepoLock:
         if conflicts:
             raise self._refuse(conflicts)
         self.name = self._write()
-        if self.exclusive:
-            time.sleep(EXCLUSIVE_SETTLE)
-        conflicts = self._conflicts()
+        try:
+            if self.exclusive:
+                time.sleep(EXCLUSIVE_SETTLE)
+            conflicts = self._conflicts()
+        except BaseException:
+            self.release()  # a failed re-check (storage error, Ctrl-C) must not strand our lock
+            raise
         if conflicts:
             self.release()
             raise self._refuse(conflicts)
@@ -151,18 +278,28 @@ class RepoLock:
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(REFRESH_EVERY):
+            if not self.refresh():
+                return
+
+    def refresh(self) -> bool:
+        """Replace our lock object with a fresh one; False once the lock is lost or released."""
+        with self._lock:
+            if self._stop.is_set() or self.name is None:
+                return False
             if time.time() - self._refreshed > LOST_AFTER:
                 self._lost = True  # a fresh lock now would hide that we were gone; stay lost
-                return
+                return False
             try:
                 new = self._write()
-                self._refreshed = time.time()
-                with self._lock:
-                    old, self.name = self.name, new
-                if old:
-                    self.repo.storage.delete(Kind.LOCKS, old)
             except IbsyncError:
-                pass  # tried again at the next interval; the lock stays valid for 30 minutes
+                return True  # tried again at the next interval; the lock stays valid for 30 minutes
+            self._refreshed = time.time()
+            old, self.name = self.name, new
+            try:
+                self.repo.storage.delete(Kind.LOCKS, old)
+            except IbsyncError:
+                pass  # left behind, it goes stale by itself and is never mistaken for a live one
+            return True
 
     def check(self) -> None:
         """Raise LockLost if the lock may have looked stale to others at some point."""
@@ -180,8 +317,10 @@ class RepoLock:
         self._stop.set()
         if getattr(self.repo, "lock", None) is self:
             self.repo.lock = None
-        with self._lock:
+        with self._lock:  # waits for a refresh under way, so the name below is the last one written
             name, self.name = self.name, None
+        if self._refresher is not None and self._refresher is not threading.current_thread():
+            self._refresher.join()  # it sees the stop at once: nothing of it survives release
         if name:
             try:
                 self.repo.storage.delete(Kind.LOCKS, name)
@@ -195,14 +334,29 @@ class RepoLock:
         self.release()
 
 
-def remove_locks(repo, *, all_locks: bool = False) -> list[LockInfo]:
-    """Remove stale locks (or every lock); returns what was removed."""
-    removed = []
-    for lk in list_locks(repo):
-        if all_locks or lk.stale():
-            try:
-                repo.storage.delete(Kind.LOCKS, lk.name)
-            except NotFound:
-                continue
-            removed.append(lk)
-    return removed
+# ---- unlock -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Unlocked:
+    removed: list[LockInfo] = field(default_factory=list)
+    junk: dict[str, str] = field(default_factory=dict)  # left in place: not ibsync's to delete
+    failed: dict[str, str] = field(default_factory=dict)  # lock name -> why it could not be deleted
+
+
+def remove_locks(repo, *, all_locks: bool = False) -> Unlocked:
+    """Remove stale locks (or every lock). Only objects that authenticate are removed."""
+    scan = scan_locks(repo)
+    out = Unlocked(junk=scan.junk)
+    for lk in scan.locks:
+        if not (all_locks or lk.stale()):
+            continue
+        try:
+            repo.storage.delete(Kind.LOCKS, lk.name)
+        except NotFound:
+            continue
+        except IbsyncError as e:
+            out.failed[lk.name] = str(e)
+            continue
+        out.removed.append(lk)
+    return out
