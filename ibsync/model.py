@@ -7,6 +7,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from .errors import RepoError
+
+# A name longer than this does not fit one component of the filesystems a restore writes to
+# (ext4, APFS, NTFS: 255 bytes or UTF-16 units); refusing it up front names the entry instead of
+# failing mid-restore with ENAMETOOLONG.
+MAX_NAME_BYTES = 255
+NODE_TYPES = frozenset({"file", "dir", "symlink"})
+_INT64 = 1 << 63
 
 def utc_iso(dt: datetime) -> str:
     if dt.tzinfo is None:
@@ -67,18 +75,146 @@ class Node:
         )
 
 
+class MalformedTree(RepoError):
+    """A tree blob that authenticates but is not a tree (only a writer of the repository, with
+    the password or of an unencrypted one, can store such a thing)."""
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be one entry of a folder on disk, or None when it can.
+
+    A tree names its entries; every reader joins those names to a folder of its own (restore's
+    target, extract's output). Anyone who can write a snapshot chooses them, so a name must be
+    exactly one path component: ``..``, ``a/../..`` or an absolute name would land outside (and
+    pathlib drops the left side of a join for an absolute name). Both separators are refused so
+    a snapshot restores the same way on Windows."""
+    if not isinstance(name, str):
+        return "its name is not text"
+    if name in ("", ".", ".."):
+        return "its name is empty" if not name else f"its name is '{name}'"
+    if "/" in name or "\\" in name:
+        return "its name holds a path separator"
+    if "\0" in name:
+        return "its name holds a NUL character"
+    try:
+        # surrogateescape: a name imported from a non-UTF-8 folder on Linux is legitimate
+        length = len(name.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        return "its name is not valid Unicode"
+    if length > MAX_NAME_BYTES:
+        return f"its name is {length} bytes long (a folder entry holds at most {MAX_NAME_BYTES})"
+    return None
+
+
+def _is_int(v: object, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v < high
+
+
+def _is_hex(v: object) -> bool:
+    if not isinstance(v, str):
+        return False
+    try:
+        bytes.fromhex(v)
+    except ValueError:
+        return False
+    return True
+
+
+def entry_problem(d: object) -> str | None:
+    """Why the tree entry ``d`` (``Node.to_dict`` form) cannot be restored as it says, or None.
+    The name first (see :func:`name_problem`), then the fields a restore hands to the system."""
+    if not isinstance(d, dict):
+        return "it is not a tree entry"
+    problem = name_problem(d.get("name"))
+    if problem:
+        return problem
+    kind = d.get("type")
+    if kind not in NODE_TYPES:
+        return f"its type {str(kind)[:20]!r} is unknown"
+    if not _is_int(d.get("mode"), 0, 1 << 32) or not _is_int(d.get("mtime_ns"), -_INT64, _INT64):
+        return "its mode or time is malformed"
+    if kind == "file":
+        content = d.get("content", [])
+        if not _is_int(d.get("size", 0), 0, _INT64) or not isinstance(content, list) or not all(map(_is_hex, content)):
+            return "its size or content is malformed"
+    elif kind == "dir":
+        if d.get("subtree") is not None and not _is_hex(d["subtree"]):
+            return "its tree id is malformed"
+    else:
+        target = d.get("target")
+        if not isinstance(target, str) or not target or "\0" in target:
+            return "its link target is empty or malformed"
+    return None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A tree entry no reader uses: ``name`` as printable text (the entry's own when it has
+    one), why, and the entry as stored (for ``collect_blobs``, which must keep its data)."""
+
+    name: str
+    reason: str
+    entry: Any = field(compare=False, repr=False)
+
+
+def split_entries(entries: list[Any]) -> tuple[list[dict[str, Any]], list[Rejected]]:
+    """The entries a folder on disk can hold, and the others with why. A name stored more than
+    once is refused in every copy: no reader may pick one silently (a symlink and a folder of
+    one name would otherwise let a restore write under the link)."""
+    seen: dict[object, int] = {}
+    for d in entries:
+        if isinstance(d, dict) and isinstance(d.get("name"), str):
+            seen[d["name"]] = seen.get(d["name"], 0) + 1
+    good: list[dict[str, Any]] = []
+    rejected: list[Rejected] = []
+    for i, d in enumerate(entries):
+        problem = entry_problem(d)
+        if problem is None and seen[d["name"]] > 1:
+            problem = f"its name appears {seen[d['name']]} times in its folder"
+        if problem is None:
+            good.append(d)
+        elif not isinstance(d, dict):
+            rejected.append(Rejected(f"<entry {i + 1} of the folder>", problem, d))
+        else:
+            name = d.get("name")
+            rejected.append(Rejected(name if isinstance(name, str) else repr(name)[:60], problem, d))
+    return good, rejected
+
+
+def reports(rejected: list[Rejected]) -> list[tuple[str, str]]:
+    """(name, reason) of refused entries, each once (the copies of a twice-stored name are one report)."""
+    return list(dict.fromkeys((r.name, r.reason) for r in rejected))
+
+
+class Tree(list):  # list[Node]
+    """A decoded tree: the entries every reader may use, in name order, as a list; the ones it
+    must not (``rejected``) kept aside so restore and check can name them."""
+
+    def __init__(self, nodes: list[Node], rejected: list[Rejected]) -> None:
+        super().__init__(nodes)
+        self.rejected = rejected
+
+
 def encode_tree(entries: list[dict[str, Any]]) -> bytes:
     """Serialise a folder's entries (``Node.to_dict`` form), sorted by name."""
     entries = sorted(entries, key=lambda d: d["name"])
     return json.dumps({"nodes": entries}, separators=(",", ":")).encode()
 
 
-def decode_tree_entries(data: bytes) -> list[dict[str, Any]]:
-    return json.loads(data)["nodes"]
+def decode_tree_entries(data: bytes) -> list[Any]:
+    """A tree's stored entries as they are (each checked by :func:`split_entries` before use)."""
+    try:
+        nodes = json.loads(data)["nodes"]
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise MalformedTree(f"a tree blob is not a tree ({e.__class__.__name__})") from None
+    if not isinstance(nodes, list):
+        raise MalformedTree("a tree blob is not a tree (its entries are not a list)")
+    return nodes
 
 
-def decode_tree(data: bytes) -> list[Node]:
-    return [Node.from_dict(d) for d in decode_tree_entries(data)]
+def decode_tree(data: bytes) -> Tree:
+    good, rejected = split_entries(decode_tree_entries(data))
+    return Tree([Node.from_dict(d) for d in good], rejected)
 
 
 @dataclass

@@ -16,6 +16,10 @@ the same ``Options``, ``/iTunesRestore/RestoreApplications.plist`` from the snap
 :class:`~.devicelink.DeviceLinkHost` answering the device. The device's final ProcessMessage
 decides: ErrorCode 0 is success, anything else raises :class:`RestoreFailed` (one line).
 
+A snapshot holding names no folder may hold (``..``, a separator, a name stored twice: see
+``model.split_entries``), or whose device folder name is such a name, is refused before the
+device is asked anything, naming them.
+
 A snapshot of another device may be restored: the request's ``SourceIdentifier`` is the
 snapshot's UDID (the backup folder's name), ``TargetIdentifier`` the connected device's.
 """
@@ -34,8 +38,9 @@ from pymobiledevice3.exceptions import ConnectionTerminatedError, PyMobileDevice
 from pymobiledevice3.lockdown_service_provider import LockdownServiceProvider
 
 from ..errors import DeviceError, UserError
-from ..model import Snapshot
+from ..model import Snapshot, name_problem
 from ..progress import NULL_PROGRESS, Progress
+from ..reader.walk import rejected_entries
 from ..repo.repository import Repository
 from .api import ProviderArg, RepoArg, run_sync, session_for
 from ..source.backup_folder import plist_dict
@@ -108,6 +113,7 @@ async def restore(
     source = source_identifier(snapshot)
     if not source:
         raise RestoreFailed(f"snapshot {snapshot.short_id} names no device folder to restore from")
+    await asyncio.to_thread(_refuse_unsafe, repo, snapshot, source)
     tree = VirtualTree(repo, source, snapshot.tree)
     for name in RESTORE_NEEDS:
         try:
@@ -145,6 +151,24 @@ async def restore(
         progress.finish()
     _check_finished(end, encrypted)
     return RestoreOutcome(snapshot, target, source, stats.files_sent, stats.bytes_sent, time.monotonic() - started)
+
+
+def _refuse_unsafe(repo: Repository, snapshot: Snapshot, source: str) -> None:
+    """Refuse, before the device is asked anything, a snapshot whose folder name or entries no
+    folder may hold. The device would never be served them (the virtual tree leaves them out),
+    but a restore replaces the device's data: better none than one silently missing files.
+    This reads every tree once more; next to streaming every payload, that is little."""
+    problem = name_problem(source)
+    if problem:
+        raise RestoreFailed(f"snapshot {snapshot.short_id}: refusing to restore: its device folder "
+                            f"'{source[:300]}' is unsafe ({problem})")
+    rejected = rejected_entries(repo, snapshot.tree)
+    if rejected:
+        named = "; ".join(f"'{path[:300]}': {why}" for path, why in rejected[:3])
+        more = f" (and {len(rejected) - 3} more)" if len(rejected) > 3 else ""
+        raise RestoreFailed(f"snapshot {snapshot.short_id}: refusing to restore: {len(rejected)} entr"
+                            f"{'y' if len(rejected) == 1 else 'ies'} cannot be restored: {named}{more}; "
+                            "'ibsync check' lists them")
 
 
 async def _device_session(provider: LockdownServiceProvider, tree: VirtualTree, request: dict,

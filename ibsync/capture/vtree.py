@@ -23,6 +23,8 @@ Archiver that imports folders writes the snapshot: its files carry their blob id
 Paths are plain ``/``-separated strings relative to the backup root, as the device sends them
 (``<UDID>/Snapshot/3d/3d0d7e...``); they are split, not resolved: nothing here touches the
 local filesystem, so the only check needed is that no component is empty, ``.`` or ``..``.
+The snapshot's own entries are held to the rule every reader applies (``model.split_entries``):
+one whose name is not one path component, or that shares its name, is not part of the folder.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from ..model import Node
+from ..model import Node, split_entries
 from ..reader.files import read_file
 from ..repo.repository import Repository
 from ..source.folder import SourceEntry
@@ -119,12 +121,19 @@ class VirtualTree:
             if found is not None:
                 self._bases.move_to_end(tree_id)
                 return found
-        found = {e["name"]: e for e in self.repo.load_tree_entries(tree_id)}
+        found = self._usable_entries(tree_id)
         with self._bases_lock:
             self._bases[tree_id] = found
             if len(self._bases) > BASE_CACHE:
                 self._bases.popitem(last=False)
         return found
+
+    def _usable_entries(self, tree_id: bytes) -> dict[str, Entry]:
+        # Entries no folder may hold (unsafe or twice-stored names, malformed fields) are never
+        # listed, served or carried into a new snapshot: restore() refuses a snapshot holding
+        # any before the device asks, and a capture over such a base simply leaves them out.
+        good, _ = split_entries(self.repo.load_tree_entries(tree_id))
+        return {e["name"]: e for e in good}
 
     def _child(self, d: VDir, name: str) -> VDir | Entry | None:
         node = d.changes.get(name, d)  # d: not changed in this session
@@ -257,7 +266,7 @@ class VirtualTree:
         elif cached:
             out = dict(self._base_entries(d.base))
         else:  # the archiver's walk: each folder once, from several threads; no need to keep it
-            out = {e["name"]: e for e in self.repo.load_tree_entries(d.base)}
+            out = self._usable_entries(d.base)
         for name, node in d.changes.items():
             if node is None:
                 out.pop(name, None)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import click
 
 from ..errors import IbsyncError
-from ..ui.text import size
+from ..ui.text import printable, size
 from .app import App, common_options
 
 
@@ -38,9 +38,9 @@ def check_cmd(app: App, read_data: bool, subset_text: str | None) -> None:
         )
     else:
         for w in result.warnings:
-            click.echo(f"warning: {w}", err=True)
+            click.echo(f"warning: {printable(w)}", err=True)
         for e in result.errors:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {printable(e)}", err=True)  # errors name entries a snapshot chose
         app.say(
             f"checked {result.snapshots} snapshot(s), {result.packs} pack(s), {result.blobs} blob(s)"
             + (f"; read {result.packs_read} pack(s), {size(result.bytes_read)} of data" if result.packs_read else "")

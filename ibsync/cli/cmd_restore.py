@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 
 from ..errors import IbsyncError
-from ..ui.text import size
+from ..ui.text import printable, size
 from .app import App, common_options
 from .cmd_browse import backup_password_option, backup_password_source
 
@@ -84,16 +84,25 @@ def restore_cmd(app: App, snapshot: str, target: Path | None, device: str | None
                 "bytes": result.bytes,
                 "seconds": round(elapsed, 3),
                 "failed": result.failed,
+                "refused": result.refused,
             }
         )
     else:
-        app.say(f"restored snapshot {snap.short_id}: {result.files} files, {size(result.bytes)} to {result.target} in {elapsed:.1f} s")
+        app.say(f"restored snapshot {snap.short_id}: {result.files} files, {size(result.bytes)} to {printable(result.target)} in {elapsed:.1f} s")
     if result.failed:
         for path, reason in sorted(result.failed.items()):
-            click.echo(f"ibsync: cannot restore {path}: {reason}", err=True)
-        raise RestoreIncomplete(
-            f"{len(result.failed)} file(s) could not be restored (damaged or missing data); the folder is incomplete"
-        )
+            click.echo(f"ibsync: cannot restore '{printable(path)}': {printable(reason)}", err=True)
+        raise RestoreIncomplete(_incomplete(len(result.failed), result.refused))
+
+
+def _incomplete(failed: int, refused: int) -> str:
+    parts = []
+    if refused:
+        parts.append(f"{refused} entr{'y' if refused == 1 else 'ies'} of the snapshot refused (unsafe or malformed "
+                     "names or fields: see 'ibsync check')")
+    if failed - refused:
+        parts.append(f"{failed - refused} file(s) could not be restored (damaged or missing data, or not writable)")
+    return "; ".join(parts) + "; the folder is incomplete"
 
 
 def _restore_to_device(app: App, snapshot: str, device: str | None, to_device: str, *, system: bool, reboot: bool,

@@ -1,7 +1,9 @@
 """check: is every snapshot fully readable?
 
-Structure: every index object and snapshot opens, every tree is readable, every blob a snapshot
-references is in the index, and every pack the index names exists and is large enough.
+Structure: every index object and snapshot opens, every tree is readable and holds only entries
+a restore may write (names of one path component, each once per folder; a snapshot's device
+folder name likewise), every blob a snapshot references is in the index, and every pack the
+index names exists and is large enough.
 With ``read_data``, every pack is read whole: its name must be the BLAKE3 of its tail, its
 header must agree with the index, its blobs must fill it up to the header, and every blob must
 decrypt, decompress and match its id. ``subset`` reads a part of the packs the same way, so a
@@ -16,7 +18,9 @@ from dataclasses import dataclass, field
 
 from ..errors import IbsyncError, UserError
 from ..format.pack import BlobType, pack_name, split_tail
+from ..model import name_problem, reports
 from ..progress import NULL_PROGRESS, Progress
+from ..reader.walk import join
 from ..repo.repository import Repository
 from ..storage import Kind
 
@@ -119,6 +123,10 @@ def check(
             result.errors.append(f"snapshot {info.name[:8]}: {e}")
             continue
         result.snapshots += 1
+        problem = name_problem(snap.folder_name)
+        if problem:
+            result.errors.append(f"snapshot {snap.short_id}: its device folder '{str(snap.folder_name)[:300]}' is unsafe "
+                                 f"({problem}); restore refuses it")
         _check_tree(repo, snap.tree, f"snapshot {snap.short_id}", seen_trees, result)
 
     if read_data or subset is not None:
@@ -139,8 +147,11 @@ def _check_tree(repo: Repository, tree_id: bytes, where: str, seen: set[bytes], 
         except IbsyncError as e:
             result.errors.append(f"{where}: tree of '{path or '/'}' unreadable: {e}")
             continue
+        for name, reason in reports(getattr(nodes, "rejected", [])):
+            # restore refuses these by name: a snapshot holding one does not restore whole
+            result.errors.append(f"{where}: '{join(path, name)}' is unusable: {reason}")
         for node in nodes:
-            child = f"{path}/{node.name}" if path else node.name
+            child = join(path, node.name)
             if node.type == "dir":
                 if node.subtree is None:
                     result.errors.append(f"{where}: folder '{child}' has no tree")
