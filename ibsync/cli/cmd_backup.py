@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from ..ui.text import size
+from ..ui.text import printable, size
 from .app import App, common_options
 
 
@@ -38,13 +38,13 @@ def backup_cmd(app: App, device: str | None, all_devices: bool, full: bool, allo
     repo = app.open_repo()
     results, failures = [], []
     for d in chosen:
-        label = f"{d.name or d.udid} ({d.udid})"
+        label = printable(f"{d.name or d.udid} ({d.udid})")  # the device chose its name
 
         async def one():
             lockdown = await open_lockdown(d)
             try:
                 return await capture(lockdown, repo, full=full, allow_partial=allow_partial,
-                                     progress=app.progress(f"backup {(d.name or d.udid)[:16]}"))
+                                     progress=app.progress(f"backup {printable((d.name or d.udid)[:16])}"))
             finally:
                 await lockdown.close()
 
@@ -54,7 +54,7 @@ def backup_cmd(app: App, device: str | None, all_devices: bool, full: bool, allo
             if len(chosen) == 1:
                 raise
             failures.append({"udid": d.udid, "error": str(e)})
-            click.echo(f"ibsync: {label}: {e}", err=True)
+            click.echo(f"ibsync: {label}: {printable(e)}", err=True)
             continue
         results.append(outcome)
         s = outcome.snapshot
@@ -64,7 +64,7 @@ def backup_cmd(app: App, device: str | None, all_devices: bool, full: bool, allo
             f"{s.summary.files} files in the backup, added {size(s.summary.added_bytes)}"
         )
         for f in outcome.failed:
-            click.echo(f"ibsync: warning: the device could not read {f.device_name}: {f.reason}", err=True)
+            click.echo(f"ibsync: warning: the device could not read {printable(f.device_name)}: {printable(f.reason)}", err=True)
     if app.json:
         app.emit_json({"snapshots": [r.to_dict() for r in results], "failed": failures})
     if failures:

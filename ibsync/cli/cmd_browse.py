@@ -11,14 +11,14 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from ..errors import IbsyncError, UserError
 from ..model import Snapshot, utc_iso
-from ..ui.text import size, table, when
+from ..ui.text import printable, size, table, when
 from .app import App, common_options, read_password_file
 
 BACKUP_PASSWORD_ENV = "IBSYNC_BACKUP_PASSWORD"
@@ -27,6 +27,10 @@ EXTRACT_WORKERS = 4
 
 class ExtractIncomplete(IbsyncError):
     pass
+
+
+class UnreadableRows(IbsyncError):
+    """Some Manifest.db rows could not be used: what could be read was shown, these were named."""
 
 
 def backup_password_option(func: Callable) -> Callable:
@@ -100,6 +104,20 @@ def _entry_dict(e) -> dict[str, Any]:
     }
 
 
+def _bad_rows_dicts(bad: list[tuple[Snapshot, Any]]) -> list[dict[str, Any]]:
+    return [{"snapshot": snap.id, "path": b.path, "file_id": b.file_id, "reason": b.reason} for snap, b in bad]
+
+
+def _fail_on_bad_rows(bad: list[tuple[Snapshot, Any]]) -> None:
+    """Name each row that could not be used (escaped: they are the backup's words) and fail."""
+    if not bad:
+        return
+    for snap, b in bad:
+        click.echo(f"ibsync: cannot read the Manifest.db row {printable(b.path)} (snapshot {snap.short_id}): "
+                   f"{printable(b.reason)}", err=True)
+    raise UnreadableRows(f"{len(bad)} row(s) of Manifest.db could not be read")
+
+
 # ---- ls -------------------------------------------------------------------------------------
 
 
@@ -130,6 +148,7 @@ def ls_cmd(app: App, snapshot: str, pattern: str | None, device: str | None, bac
     with SnapshotManifest(repo, snap, _keyring(backup_password_file)) as manifest:
         if pattern is None:
             domains = manifest.domains()
+            bad = [(snap, b) for b in manifest.bad_rows]
             if app.json:
                 app.emit_json(
                     {
@@ -138,22 +157,27 @@ def ls_cmd(app: App, snapshot: str, pattern: str | None, device: str | None, bac
                             {"domain": d, "files": st.files, "dirs": st.dirs, "symlinks": st.symlinks, "bytes": st.bytes}
                             for d, st in domains.items()
                         ],
+                        "unreadable_rows": _bad_rows_dicts(bad),
                     }
                 )
-                return
-            rows = [[d, str(st.files), size(st.bytes)] for d, st in domains.items()]
-            click.echo(table(["Domain", "Files", "Size"], rows, right={1, 2}))
-            files = sum(st.files for st in domains.values())
-            total = sum(st.bytes for st in domains.values())
-            click.echo(f"snapshot {snap.short_id}: {len(domains)} domain(s), {files} file(s), {size(total)}")
+            else:
+                rows = [[d, str(st.files), size(st.bytes)] for d, st in domains.items()]
+                click.echo(table(["Domain", "Files", "Size"], rows, right={1, 2}))
+                files = sum(st.files for st in domains.values())
+                total = sum(st.bytes for st in domains.values())
+                click.echo(f"snapshot {snap.short_id}: {len(domains)} domain(s), {files} file(s), {size(total)}")
+            _fail_on_bad_rows(bad)
             return
         entries = list(manifest.entries(PathPattern(pattern)))
+        bad = [(snap, b) for b in manifest.bad_rows]
     if app.json:
-        app.emit_json({"snapshot": _snap_ref(snap), "pattern": pattern, "files": [_entry_dict(e) for e in entries]})
-        return
-    rows = [[e.domain, e.relative_path, size(e.size), when(_ts(e.mtime))] for e in entries]
-    click.echo(table(["Domain", "Path", "Size", "Modified"], rows, right={2}))
-    click.echo(f"{len(entries)} file(s), {size(sum(e.size for e in entries))}")
+        app.emit_json({"snapshot": _snap_ref(snap), "pattern": pattern, "files": [_entry_dict(e) for e in entries],
+                       "unreadable_rows": _bad_rows_dicts(bad)})
+    else:
+        rows = [[e.domain, e.relative_path, size(e.size), when(_ts(e.mtime))] for e in entries]
+        click.echo(table(["Domain", "Path", "Size", "Modified"], rows, right={2}))
+        click.echo(f"{len(entries)} file(s), {size(sum(e.size for e in entries))}")
+    _fail_on_bad_rows(bad)
 
 
 # ---- find -----------------------------------------------------------------------------------
@@ -195,6 +219,7 @@ def find_cmd(app: App, pattern: str, device: str | None, backup_password_file: s
             raise UserError(f"no snapshot of a device '{device}'")
     keyring = _keyring(backup_password_file)
     histories: dict[tuple[str, str, str], _History] = {}
+    bad: list[tuple[Snapshot, Any]] = []
     earlier: set[str] = set()  # devices with a snapshot already looked at
     for snap in snaps:
         udid = snap.device.udid
@@ -226,6 +251,7 @@ def find_cmd(app: App, pattern: str, device: str | None, backup_password_file: s
                     }
                 )
                 h.last, h.present = content, True
+            bad += [(snap, b) for b in manifest.bad_rows]
         for key, h in histories.items():
             if key[0] == udid and h.present and key not in seen:
                 h.present = False
@@ -256,11 +282,14 @@ def find_cmd(app: App, pattern: str, device: str | None, backup_password_file: s
                     }
                     for h in found
                 ],
+                "unreadable_rows": _bad_rows_dicts(bad),
             }
         )
+        _fail_on_bad_rows(bad)
         return
     if not found:
-        click.echo(f"no snapshot holds a file matching '{pattern}'")
+        click.echo(f"no snapshot holds a file matching '{printable(pattern)}'")
+        _fail_on_bad_rows(bad)
         return
     several = len({h.device for h in found}) > 1
     for n, h in enumerate(found):
@@ -269,7 +298,7 @@ def find_cmd(app: App, pattern: str, device: str | None, backup_password_file: s
         title = f"{h.domain}/{h.relative_path}"
         if several:
             title += f"  ({h.device_name or h.device}, {h.device})"
-        click.echo(title)
+        click.echo(printable(title))
         rows = [
             [
                 v["short_id"],
@@ -283,6 +312,7 @@ def find_cmd(app: App, pattern: str, device: str | None, backup_password_file: s
         click.echo(_indent(table(["Snapshot", "Backup date", "Size", "Modified", "Content"], rows, right={2})))
     versions = sum(len(h.versions) for h in found)
     click.echo(f"\n{len(found)} path(s) in {len(snaps)} snapshot(s); {versions} version row(s)")
+    _fail_on_bad_rows(bad)
 
 
 def _ts_iso(text: str) -> datetime:
@@ -294,16 +324,6 @@ def _indent(text: str) -> str:
 
 
 # ---- extract --------------------------------------------------------------------------------
-
-
-def _safe_relative(domain: str, relative_path: str) -> PurePosixPath | None:
-    """OUT-relative path of an entry, or None if it would leave OUT."""
-    if not domain or "/" in domain or domain in (".", ".."):
-        return None
-    rel = PurePosixPath(relative_path)
-    if rel.is_absolute() or ".." in rel.parts or "\\" in relative_path or "\0" in relative_path:
-        return None
-    return PurePosixPath(domain) / rel
 
 
 @click.command("extract")
@@ -327,8 +347,11 @@ def extract_cmd(
 
     Files get their real names and folders (not the backup's hashed file ids) and their
     modification times; files of an encrypted iOS backup are decrypted (the backup password is
-    needed). Every block read is verified; files that cannot be read are named and the
-    command fails. Existing files are kept unless --overwrite.
+    needed). Every block read is verified. A file that cannot be read or written, and a
+    Manifest.db row that cannot name a file below OUT (an empty, '.' or '..' name, a NUL, a
+    name too long), is named and the command fails after extracting all the others; of rows
+    naming one file, the first (by fileID) is extracted and the others are named. Existing
+    files are kept unless --overwrite; a symlink found in OUT is never followed.
 
     \b
     Examples:
@@ -336,8 +359,8 @@ def extract_cmd(
       ibsync extract 3f2a 'CameraRollDomain/**' ./photos --backup-password-file pw
     """
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
+    from ..reader.extractor import Failure, plan_extract
     from ..reader.manifest import SnapshotManifest
     from ..reader.paths import PathPattern
 
@@ -345,71 +368,19 @@ def extract_cmd(
     repo = app.open_repo()
     snap = repo.find_snapshot(snapshot, device)
     started = time.monotonic()
-    failed: dict[str, str] = {}
-    done_files = 0
-    done_bytes = 0
     with SnapshotManifest(repo, snap, _keyring(backup_password_file)) as manifest:
         entries = list(manifest.entries(PathPattern(pattern)))
-        if not entries:
-            raise UserError(f"no file in snapshot {snap.short_id} matches '{pattern}'")
-        jobs = []
-        existing: list[Path] = []
-        for e in entries:
-            rel = _safe_relative(e.domain, e.relative_path)
-            if rel is None:
-                failed[e.path] = "its path would leave the output folder"
-                continue
-            dest = out.joinpath(*rel.parts)
-            node = manifest.payload(e.file_id)
-            if node is None:
-                failed[e.path] = f"the backup holds no payload for it ({e.file_id[:2]}/{e.file_id} is missing)"
-                continue
-            if dest.exists() or dest.is_symlink():
-                existing.append(dest)
-            jobs.append((e, node, dest))
-        if existing and not overwrite:
-            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-            raise UserError(f"{existing[0]} exists{more}; extract elsewhere or pass --overwrite")
-
-        progress = app.progress(f"extract {snap.short_id}")
-        progress.start(sum(e.size for e, _, _ in jobs), len(jobs))
-        lock = threading.Lock()
-
-        def extract_one(e, node, dest: Path) -> None:
-            nonlocal done_files, done_bytes
-            tmp = dest.with_name(f".{dest.name}.ibsync-tmp")
-            written = 0
-            try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with open(tmp, "wb") as f:
-                    for chunk in manifest.read(e, node):
-                        f.write(chunk)
-                        written += len(chunk)
-                        progress.advance(len(chunk))
-                os.utime(tmp, (e.mtime, e.mtime))
-                os.replace(tmp, dest)
-            except (IbsyncError, OSError, ValueError, OverflowError) as err:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-                with lock:
-                    failed[e.path] = reason
-                return
-            progress.advance(0, files=1)
-            with lock:
-                done_files += 1
-                done_bytes += written
-
-        pool = ThreadPoolExecutor(max_workers=EXTRACT_WORKERS, thread_name_prefix="ibsync-extract")
-        try:
-            for fut in [pool.submit(extract_one, *job) for job in jobs]:
-                fut.result()
-        finally:  # on Ctrl-C, files not started are dropped; those under way finish or are removed
-            pool.shutdown(wait=True, cancel_futures=True)
-            progress.finish()
+        failed = [Failure(b.path, b.file_id, b.reason) for b in manifest.bad_rows]
+        if not entries and not failed:
+            raise UserError(f"no file in snapshot {snap.short_id} matches '{printable(pattern)}'")
+        plan = plan_extract(entries, manifest.payload)
+        failed += plan.failed
+        if not overwrite:
+            _refuse_existing(out, plan.jobs)
+        done_files, done_bytes, write_failed = _write_jobs(app, manifest, plan.jobs, out, f"extract {snap.short_id}")
+        failed += write_failed
     elapsed = time.monotonic() - started
+    failed.sort(key=lambda f: (f.path, f.file_id))
     if app.json:
         app.emit_json(
             {
@@ -419,15 +390,73 @@ def extract_cmd(
                 "files": done_files,
                 "bytes": done_bytes,
                 "seconds": round(elapsed, 3),
-                "failed": dict(sorted(failed.items())),
+                "failed": [{"path": f.path, "file_id": f.file_id, "reason": f.reason} for f in failed],
             }
         )
     else:
-        app.say(f"extracted {done_files} file(s), {size(done_bytes)} from snapshot {snap.short_id} to {out} in {elapsed:.1f} s")
+        app.say(f"extracted {done_files} file(s), {size(done_bytes)} from snapshot {snap.short_id} "
+                f"to {printable(out)} in {elapsed:.1f} s")
     if failed:
-        for path, reason in sorted(failed.items()):
-            click.echo(f"ibsync: cannot extract {path}: {reason}", err=True)
+        for f in failed:
+            click.echo(f"ibsync: cannot extract {printable(f.path)}: {printable(f.reason)}", err=True)
         raise ExtractIncomplete(f"{len(failed)} file(s) could not be extracted")
+
+
+def _refuse_existing(out: Path, jobs) -> None:
+    """Without --overwrite, nothing in OUT is replaced: refuse before writing anything."""
+    from ..reader.extractor import exists_below
+
+    existing = [job for job in jobs if exists_below(str(out), job.parts)]
+    if existing:
+        first = out.joinpath(*existing[0].parts)
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UserError(f"{printable(first)} exists{more}; extract elsewhere or pass --overwrite")
+
+
+def _write_jobs(app: App, manifest, jobs, out: Path, description: str):
+    """Write every job below OUT on EXTRACT_WORKERS threads: ``(files, bytes, failures)``.
+    A job that fails leaves nothing behind and costs only itself."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..reader.extractor import Failure, write_file
+
+    done_files = done_bytes = 0
+    failed: list[Failure] = []
+    if not jobs:
+        return done_files, done_bytes, failed
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        out_fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        raise UserError(f"cannot use {printable(out)} as the output folder ({e.strerror})") from None
+    progress = app.progress(description)
+    progress.start(sum(job.entry.size for job in jobs), len(jobs))
+    lock = threading.Lock()
+
+    def extract_one(job) -> None:
+        nonlocal done_files, done_bytes
+        try:
+            written = write_file(out_fd, str(out), job.parts, manifest.read(job.entry, job.node), job.entry.mtime,
+                                 progress.advance)
+        except (IbsyncError, OSError, ValueError, OverflowError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            with lock:
+                failed.append(Failure(job.entry.path, job.entry.file_id, reason))
+            return
+        progress.advance(0, files=1)
+        with lock:
+            done_files += 1
+            done_bytes += written
+
+    pool = ThreadPoolExecutor(max_workers=EXTRACT_WORKERS, thread_name_prefix="ibsync-extract")
+    try:
+        for fut in [pool.submit(extract_one, job) for job in jobs]:
+            fut.result()
+    finally:  # on Ctrl-C, files not started are dropped; those under way finish or are removed
+        pool.shutdown(wait=True, cancel_futures=True)
+        progress.finish()
+        os.close(out_fd)
+    return done_files, done_bytes, failed
 
 
 # ---- diff -----------------------------------------------------------------------------------
@@ -496,6 +525,7 @@ def diff_cmd(
             e = (ma if kind == "removed" else mb).entry(file_id)
             changes.append((domain, rel, kind, file_id, e.size if e is not None else 0))
         changes.sort(key=lambda c: (c[0], c[1]))
+        bad = [(a, r) for r in ma.bad_rows] + ([(b, r) for r in mb.bad_rows] if b.id != a.id else [])
     for domain, _rel, kind, _fid, n in changes:
         d = per_domain.setdefault(domain, _DomainDiff())
         setattr(d, kind, getattr(d, kind) + 1)
@@ -517,18 +547,22 @@ def diff_cmd(
                 {"status": kind, "domain": domain, "relative_path": rel, "path": f"{domain}/{rel}", "size": n}
                 for domain, rel, kind, _fid, n in changes
             ]
+        result["unreadable_rows"] = _bad_rows_dicts(bad)
         app.emit_json(result)
+        _fail_on_bad_rows(bad)
         return
     click.echo(f"from {a.short_id} ({when(a.backup_date)}) to {b.short_id} ({when(b.backup_date)})")
     if a.device.udid != b.device.udid:
-        click.echo(f"note: different devices ({a.device.name or a.device.udid} and {b.device.name or b.device.udid})")
+        names = f"{a.device.name or a.device.udid} and {b.device.name or b.device.udid}"
+        click.echo(f"note: different devices ({printable(names)})")
     if not per_domain:
         click.echo("no file differs")
+        _fail_on_bad_rows(bad)
         return
     if list_files:
         mark = {"added": "+", "removed": "-", "changed": "M"}
         for domain, rel, kind, _fid, n in changes:
-            click.echo(f"{mark[kind]} {domain}/{rel}  {size(n)}")
+            click.echo(f"{mark[kind]} {printable(domain + '/' + rel)}  {size(n)}")
         click.echo("")
 
     def row(name: str, d: _DomainDiff) -> list[str]:
@@ -537,3 +571,4 @@ def diff_cmd(
     rows = [row(name, d) for name, d in per_domain.items()]
     rows.append(row("total", total))
     click.echo(table(["Domain", "Added", "Size", "Removed", "Size", "Changed", "Size"], rows, right={1, 2, 3, 4, 5, 6}))
+    _fail_on_bad_rows(bad)

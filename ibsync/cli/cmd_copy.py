@@ -3,7 +3,7 @@ from __future__ import annotations
 import click
 
 from ..errors import UserError
-from ..ui.text import size
+from ..ui.text import printable, size
 from .app import App, common_options
 
 
@@ -50,7 +50,7 @@ def copy_cmd(app: App, snapshots: tuple[str, ...], from_repo: str, from_password
         })
         return
     for s, t in result.copied:
-        app.say(f"copied snapshot {s.short_id} of {s.device.name or s.device.udid} as {t.short_id}")
+        app.say(f"copied snapshot {s.short_id} of {printable(s.device.name or s.device.udid)} as {t.short_id}")
     if result.skipped:
         app.say(f"{len(result.skipped)} snapshot(s) already in the target")
     app.say(f"copied {len(result.copied)} snapshot(s): read {result.blobs_read} blobs, sent {result.blobs_sent} "

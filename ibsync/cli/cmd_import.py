@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from ..ui.text import size
+from ..ui.text import printable, size
 from .app import App, common_options
 
 
@@ -31,17 +31,17 @@ def import_cmd(app: App, path: Path, allow_unfinished: bool, force: bool) -> Non
     results = []
     for source in sources:
         folder = source.root
-        outcome = import_folder(repo, source, force=force, progress=app.progress(f"import {folder.name[:12]}"))
+        outcome = import_folder(repo, source, force=force, progress=app.progress(f"import {printable(folder.name[:12])}"))
         results.append(outcome)
         snap, s = outcome.snapshot, outcome.snapshot.summary
         if outcome.created:
             app.say(
-                f"snapshot {snap.short_id} of {snap.device.name or snap.device.udid} ({snap.device.udid}): "
+                f"snapshot {snap.short_id} of {printable(snap.device.name or snap.device.udid)} ({printable(snap.device.udid)}): "
                 f"{s.files} files, {size(s.total_bytes)}; {s.files_new} new, {s.files_changed} changed, "
                 f"{s.files_unmodified} unchanged; added {size(s.added_bytes)} in {s.duration_s:.1f} s"
             )
         else:
-            app.say(f"{folder}: unchanged since snapshot {snap.short_id}; nothing to do")
+            app.say(f"{printable(folder)}: unchanged since snapshot {snap.short_id}; nothing to do")
     if app.json:
         report = {"snapshots": [r.to_dict() for r in results]}
         requests = getattr(repo.storage, "requests", None)  # remote storage counts its operations

@@ -23,8 +23,17 @@ from ..model import Node, Snapshot
 from ..repo.repository import Repository
 from .files import read_file, read_file_bytes
 from .ios_crypto import BackupKeyring, BackupKeys
-from .mbfile import FLAG_FILE, _KIND_OF_FLAGS, ManifestEntry, decode_mbfile, kind_of
-from .paths import PathPattern
+from .mbfile import _KIND_OF_FLAGS, ManifestEntry, decode_mbfile, kind_of
+from .paths import PathPattern, entry_path
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A Manifest.db row that cannot be used: its types lie or its MBFile is unreadable."""
+
+    path: str  # Domain/relative/path as far as the row spells it (raw: escape before printing)
+    file_id: str
+    reason: str
 
 
 @dataclass
@@ -49,6 +58,7 @@ class SnapshotManifest:
         self._root = {n.name: n for n in root}
         self._dirs = {n.name: n for n in root if n.type == "dir" and len(n.name) == 2}
         self._payloads: dict[str, dict[str, Node]] = {}
+        self._bad: dict[tuple[str, str, str], BadRow] = {}  # rows met so far that cannot be used
         db = self._root.get("Manifest.db")
         if db is None or db.type != "file":
             raise UserError(
@@ -77,6 +87,9 @@ class SnapshotManifest:
                     f.write(chunk)
             uri = Path(self._path).absolute().as_uri() + "?mode=ro&immutable=1"
             self._con = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            # a name that is not UTF-8 must not fail the whole query: keep its bytes (an extracted
+            # file gets them back as its name), and escape them where they are printed
+            self._con.text_factory = _text
             try:
                 self._con.execute("SELECT fileID, domain, relativePath, flags, file FROM Files LIMIT 1").fetchall()
             except sqlite3.DatabaseError as e:
@@ -109,72 +122,104 @@ class SnapshotManifest:
             self._path = None
 
     # ---- rows ------------------------------------------------------------------------------
+    #
+    # Every column is checked before use: Manifest.db is input, and a row whose types lie, or
+    # whose MBFile does not decode, is recorded in ``bad_rows`` and skipped, so that one odd row
+    # costs that row, not the command.
 
-    def _query(self, sql: str, pattern: PathPattern | None, extra: str = "") -> sqlite3.Cursor:
+    @property
+    def bad_rows(self) -> list[BadRow]:
+        """Rows met so far that could not be used, in the order met."""
+        return list(self._bad.values())
+
+    def _rows(self, sql: str, params: tuple = ()) -> Iterator[tuple]:
+        """The rows of a query; a database that breaks under it is one clear error."""
         assert self._con is not None, "manifest is closed"
+        try:
+            yield from self._con.execute(sql, params)
+        except sqlite3.DatabaseError as e:
+            raise InvalidData(f"snapshot {self.snapshot.short_id}: its Manifest.db is damaged ({e})") from None
+
+    def _query(self, sql: str, pattern: PathPattern | None, extra: str = "") -> Iterator[tuple]:
         if pattern is not None and pattern.domain is not None:
-            return self._con.execute(f"{sql} WHERE domain = ? {extra}", (pattern.domain,))
-        return self._con.execute(f"{sql} {extra}")
+            return self._rows(f"{sql} WHERE domain = ? {extra}", (pattern.domain,))
+        return self._rows(f"{sql} {extra}")
+
+    def _reject(self, row: tuple, reason: str) -> None:
+        bad = BadRow(_row_path(row[1], row[2]), _as_text(row[0]), reason)
+        self._bad.setdefault((bad.path, bad.file_id, bad.reason), bad)
+
+    def _entry(self, row: tuple, pattern: PathPattern | None, kinds: set[str] | None) -> ManifestEntry | None:
+        """The row as an entry when it matches and is of one of ``kinds``; None when it does not
+        match, or cannot be used (then recorded in ``bad_rows``)."""
+        file_id, domain, rel, flags, blob = row
+        problem = _type_problem(file_id, domain, rel, flags)
+        if problem is not None:
+            if pattern is None or pattern.matches(_as_text(domain), _as_text(rel)):
+                self._reject(row, problem)
+            return None
+        rel = rel or ""
+        flags = flags or 0
+        if pattern is not None and not pattern.matches(domain, rel):
+            return None
+        known = _KIND_OF_FLAGS.get(flags)
+        if kinds is not None and known is not None and known not in kinds:
+            return None
+        try:
+            size, mtime, mode, key = decode_mbfile(blob) if blob else (0, 0, 0, None)
+        except InvalidData as e:
+            self._reject(row, str(e))
+            return None
+        if kinds is not None and known is None and kind_of(flags, mode) not in kinds:
+            return None
+        return ManifestEntry(domain, rel, file_id, flags, size, mtime, mode, key)
 
     def entries(self, pattern: PathPattern | None = None, *, kinds: Iterable[str] | None = ("file",)) -> Iterator[ManifestEntry]:
         """Rows matching ``pattern`` of the given kinds (all kinds for None), ordered by
-        domain and path; only these rows' MBFiles are decoded."""
+        domain, path and fileID; only these rows' MBFiles are decoded. Matching rows that
+        cannot be used go to ``bad_rows``."""
         kinds = set(kinds) if kinds is not None else None
-        cur = self._query("SELECT fileID, domain, relativePath, flags, file FROM Files", pattern,
-                          "ORDER BY domain, relativePath")
-        for file_id, domain, rel, flags, blob in cur:
-            rel = rel or ""
-            if pattern is not None and not pattern.matches(domain, rel):
-                continue
-            known = _KIND_OF_FLAGS.get(flags)
-            if kinds is not None and known is not None and known not in kinds:
-                continue
-            size, mtime, mode, key = decode_mbfile(blob) if blob else (0, 0, 0, None)
-            if kinds is not None and known is None and kind_of(flags, mode) not in kinds:
-                continue
-            yield ManifestEntry(domain, rel, file_id, flags, size, mtime, mode, key)
+        rows = self._query("SELECT fileID, domain, relativePath, flags, file FROM Files", pattern,
+                           "ORDER BY domain, relativePath, fileID")
+        for row in rows:
+            entry = self._entry(row, pattern, kinds)
+            if entry is not None:
+                yield entry
 
     def files_by_id(self) -> Iterator[tuple[str, str, str]]:
         """``(fileID, domain, relative path)`` of every file row, in fileID order (the primary
         key's index: two manifests merge in one pass, in constant memory). Rows whose flags
         say what they are are not decoded."""
-        assert self._con is not None, "manifest is closed"
-        for file_id, domain, rel, flags, blob in self._con.execute(
+        for row in self._rows(
             "SELECT fileID, domain, relativePath, flags, CASE WHEN flags IN (1, 2, 4) THEN NULL ELSE file END "
             "FROM Files ORDER BY fileID"
         ):
-            if flags == FLAG_FILE or (
-                flags not in _KIND_OF_FLAGS and kind_of(flags, decode_mbfile(blob)[2] if blob else 0) == "file"
-            ):
-                yield file_id, domain, rel or ""
+            entry = self._entry(row, None, {"file"})
+            if entry is not None:
+                yield entry.file_id, entry.domain, entry.relative_path
 
     def entry(self, file_id: str) -> ManifestEntry | None:
-        assert self._con is not None, "manifest is closed"
-        row = self._con.execute(
-            "SELECT fileID, domain, relativePath, flags, file FROM Files WHERE fileID = ?", (file_id,)
-        ).fetchone()
-        if row is None:
-            return None
-        size, mtime, mode, key = decode_mbfile(row[4]) if row[4] else (0, 0, 0, None)
-        return ManifestEntry(row[1], row[2] or "", row[0], row[3], size, mtime, mode, key)
+        """The row of ``file_id``, None when there is none or it cannot be used."""
+        for row in self._rows("SELECT fileID, domain, relativePath, flags, file FROM Files WHERE fileID = ?", (file_id,)):
+            return self._entry(row, None, None)
+        return None
 
     def domains(self) -> dict[str, DomainStats]:
         """Files, folders, symlinks and file bytes (MBFile sizes) per domain."""
-        assert self._con is not None, "manifest is closed"
         out: dict[str, DomainStats] = {}
-        for domain, flags, blob in self._con.execute(
-            "SELECT domain, flags, CASE WHEN flags IN (2, 4) THEN NULL ELSE file END FROM Files"
+        for row in self._rows(
+            "SELECT fileID, domain, relativePath, flags, CASE WHEN flags IN (2, 4) THEN NULL ELSE file END FROM Files"
         ):
-            st = out.get(domain)
+            e = self._entry(row, None, None)
+            if e is None:
+                continue
+            st = out.get(e.domain)
             if st is None:
-                st = out[domain] = DomainStats()
-            size, mode = 0, 0
-            if blob:
-                size, _, mode, _ = decode_mbfile(blob)
-            kind = kind_of(flags, mode)
+                st = out[e.domain] = DomainStats()
+            kind = e.kind
             if kind == "file":
                 st.files += 1
-                st.bytes += size
+                st.bytes += e.size
             elif kind == "dir":
                 st.dirs += 1
             else:
@@ -203,6 +248,40 @@ class SnapshotManifest:
         if self.keys is not None and entry.encryption_key:
             return self.keys.decrypt_file(chunks, entry.encryption_key, entry.size)
         return chunks
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _as_text(value: object) -> str:
+    """A column's value as text for naming a row: whatever its type."""
+    if value is None:
+        return "?"
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return str(value)
+
+
+def _row_path(domain: object, rel: object) -> str:
+    return entry_path(_as_text(domain), "" if rel is None else _as_text(rel))
+
+
+def _type_problem(file_id: object, domain: object, rel: object, flags: object) -> str | None:
+    """Why a row's columns cannot be used as they are, or None (the file column is checked by
+    decoding it)."""
+    for name, value, nullable in (("fileID", file_id, False), ("domain", domain, False), ("relativePath", rel, True)):
+        if not isinstance(value, str) and not (nullable and value is None):
+            return f"its {name} is {_kind_of_value(value)}, not text"
+    if flags is not None and (isinstance(flags, bool) or not isinstance(flags, int)):
+        return f"its flags are {_kind_of_value(flags)}, not an integer"
+    return None
+
+
+def _kind_of_value(value: object) -> str:
+    if value is None:
+        return "NULL"
+    return {bytes: "a blob", int: "an integer", float: "a real number", str: "text"}.get(type(value), type(value).__name__)
 
 
 def changed_payloads(a: SnapshotManifest, b: SnapshotManifest) -> set[str]:

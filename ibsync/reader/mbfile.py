@@ -60,6 +60,8 @@ def _key(name: str) -> bytes:  # a short ASCII string as a binary plist writes i
 
 
 _K_OBJECTS, _K_TOP, _K_ROOT = _key("$objects"), _key("$top"), _key("root")
+_WANTED_TEXT = frozenset(("$objects", "$top", "root", "Size", "LastModified", "Mode", "EncryptionKey", "NS.data"))
+_WANTED_LONGEST = max(map(len, _WANTED_TEXT))
 _K_SIZE, _K_MTIME, _K_MODE, _K_ENCKEY, _K_NSDATA = (
     _key("Size"), _key("LastModified"), _key("Mode"), _key("EncryptionKey"), _key("NS.data"))
 
@@ -68,21 +70,52 @@ class _Unexpected(Exception):
     pass
 
 
+# What the fast path may give up with: any of these means "not the usual layout", and plistlib
+# (which reads the whole archive) decides. Nothing else may escape it.
+FAST_PATH_GIVES_UP = (_Unexpected, IndexError, KeyError, ValueError, TypeError, OverflowError, struct.error)
+
+# Bounds a row's fields must keep for the rest of ibsync to use them (a file's length, a time
+# datetime and os.utime accept, a mode the stat macros accept). Anything outside is hostile or
+# damaged, and the row is reported rather than crashing whoever formats it.
+_MAX_SIZE = 2**63 - 1
+_MTIME_RANGE = (-62_135_596_800 + 86_400, 253_402_300_799 - 86_400)  # years 1..9999, a day inside
+_MAX_MODE = 0o177777
+
+
 def decode_mbfile(blob: bytes) -> tuple[int, int, int, bytes | None]:
     """``(Size, LastModified, Mode, EncryptionKey or None)`` of a Manifest.db ``file`` column.
 
     Reads only those fields straight from the binary plist (about 13 µs a row here, against
-    46 µs for ``plistlib.loads``); anything unusual falls back to plistlib."""
+    46 µs for ``plistlib.loads``); anything unusual falls back to plistlib. Raises InvalidData,
+    and nothing else, when the blob is not an MBFile or its fields are missing their type or
+    range (a field that is absent reads as 0)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise InvalidData(f"its file metadata (MBFile) is unreadable: a {type(blob).__name__}, not an archive")
+    blob = bytes(blob)
     try:
-        return _decode_mbfile_fast(blob)
-    except (_Unexpected, IndexError, KeyError, ValueError, TypeError, struct.error):
-        return _decode_mbfile_plistlib(blob)
+        fields = _decode_mbfile_fast(blob)
+    except FAST_PATH_GIVES_UP:
+        fields = _decode_mbfile_plistlib(blob)
+    return checked_fields(*fields)
+
+
+def checked_fields(size: int, mtime: int, mode: int, key: bytes | None) -> tuple[int, int, int, bytes | None]:
+    """The decoded fields, or InvalidData naming the first one out of range."""
+    if not 0 <= size <= _MAX_SIZE:
+        raise InvalidData(f"its MBFile Size is out of range ({size})")
+    if not _MTIME_RANGE[0] <= mtime <= _MTIME_RANGE[1]:
+        raise InvalidData(f"its MBFile LastModified is out of range ({mtime})")
+    if not 0 <= mode <= _MAX_MODE:
+        raise InvalidData(f"its MBFile Mode is out of range ({mode})")
+    return size, mtime, mode, key
 
 
 def _decode_mbfile_fast(blob: bytes) -> tuple[int, int, int, bytes | None]:
     if blob[:8] != b"bplist00":
         raise _Unexpected
     off_size, ref_size, n, top, table = _TRAILER.unpack_from(blob, len(blob) - 32)
+    if n > len(blob) or table > len(blob):  # counts are checked before anything that size is built
+        raise _Unexpected
     offsets = struct.unpack_from(f">{n}{_INT_FORMAT[off_size]}", blob, table)
     ref_format = _INT_FORMAT[ref_size]
 
@@ -96,6 +129,8 @@ def _decode_mbfile_fast(blob: bytes) -> tuple[int, int, int, bytes | None]:
             nb = 1 << (blob[s] & 0xF)
             k = int.from_bytes(blob[s + 1 : s + 1 + nb], "big")
             s += 1 + nb
+        if k > len(blob):
+            raise _Unexpected
         return k, s
 
     def dict_refs(i: int, *wanted: bytes) -> list[int | None]:
@@ -104,7 +139,12 @@ def _decode_mbfile_fast(blob: bytes) -> tuple[int, int, int, bytes | None]:
         found = {}
         for j in range(k):
             o = offsets[refs[j]]
-            found[blob[o : o + 1 + (blob[o] & 0xF)]] = refs[k + j]
+            m = blob[o]
+            if m >> 4 == 0x5 and m & 0xF != 0xF:  # a short ASCII string: the usual key
+                found[blob[o : o + 1 + (m & 0xF)]] = refs[k + j]
+            elif m >> 4 in (0x5, 0x6):  # a long or UTF-16 key might spell a wanted one another way
+                if _string_length(blob, o) <= _WANTED_LONGEST and _string_at(blob, o) in _WANTED_TEXT:
+                    raise _Unexpected
         return [found.get(w) for w in wanted]
 
     def integer(i: int | None) -> int:
@@ -146,6 +186,29 @@ def _decode_mbfile_fast(blob: bytes) -> tuple[int, int, int, bytes | None]:
     return size, mtime, mode, key
 
 
+def _string_length(blob: bytes, o: int) -> int:
+    """The character count of the string object at offset ``o`` (real archives spell
+    LastStatusChange and ProtectionClass with the long form: this keeps them cheap)."""
+    k = blob[o] & 0xF
+    if k == 0xF:
+        nb = 1 << (blob[o + 1] & 0xF)
+        k = int.from_bytes(blob[o + 2 : o + 2 + nb], "big")
+    return k
+
+
+def _string_at(blob: bytes, o: int) -> str:
+    """The ASCII (0x5) or UTF-16 (0x6) string object at offset ``o``, long lengths included."""
+    m = blob[o]
+    k, s = m & 0xF, o + 1
+    if k == 0xF:
+        nb = 1 << (blob[s] & 0xF)
+        k = int.from_bytes(blob[s + 1 : s + 1 + nb], "big")
+        s += 1 + nb
+    if m >> 4 == 0x5:
+        return blob[s : s + k].decode("latin-1")
+    return blob[s : s + 2 * k].decode("utf-16-be", "replace")
+
+
 def mbfile_fields(blob: bytes) -> dict:
     """Every field of an MBFile NSKeyedArchiver blob, references resolved (``EncryptionKey`` as
     bytes, ``Target`` as str where present); plistlib's errors pass through."""
@@ -164,8 +227,29 @@ def mbfile_fields(blob: bytes) -> dict:
 
 
 def _decode_mbfile_plistlib(blob: bytes) -> tuple[int, int, int, bytes | None]:
+    """The reference reading: plistlib parses the archive and the four fields are resolved as
+    NSKeyedUnarchiver would (a field may sit behind a UID); each an integer or absent. Other
+    fields are not looked at, so a dangling reference elsewhere does not fail the row."""
     try:
-        mb = mbfile_fields(blob)
-        return int(mb.get("Size", 0)), int(mb.get("LastModified", 0)), int(mb.get("Mode", 0)), mb["EncryptionKey"]
-    except Exception as e:
-        raise InvalidData(f"a Manifest.db row's file metadata is unreadable ({e.__class__.__name__}: {e})") from None
+        archive = plistlib.loads(blob)
+        objects = archive["$objects"]
+
+        def deref(v):
+            return objects[v.data] if isinstance(v, plistlib.UID) else v
+
+        root = deref(archive["$top"]["root"])
+        mb = {name: deref(root[name]) for name in ("Size", "LastModified", "Mode", "EncryptionKey") if name in root}
+        key = mb.get("EncryptionKey")
+        if isinstance(key, dict):
+            key = deref(key.get("NS.data"))
+        mb["EncryptionKey"] = bytes(key) if isinstance(key, (bytes, bytearray)) else None
+    except Exception as e:  # plistlib raises what it meets (ValueError, TypeError, RecursionError...)
+        raise InvalidData(f"its file metadata (MBFile) is unreadable ({e.__class__.__name__}: {str(e)[:200]})") from None
+    return _integer(mb, "Size"), _integer(mb, "LastModified"), _integer(mb, "Mode"), mb["EncryptionKey"]
+
+
+def _integer(fields: dict, name: str) -> int:
+    value = fields.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidData(f"its MBFile {name} is a {type(value).__name__}, not an integer")
+    return value
