@@ -232,6 +232,22 @@ class Summary:
     duration_s: float = 0.0
 
 
+def _text(d: dict, key: str, default: str = "") -> str:
+    value = d.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' is not text")
+    return value
+
+
+def _int(d: dict, key: str) -> int:
+    value = d.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or not -_INT64 <= value < _INT64:
+        raise ValueError(f"'{key}' is not an integer")
+    return value
+
+
 @dataclass
 class Snapshot:
     time: datetime  # when ibsync stored it
@@ -274,23 +290,44 @@ class Snapshot:
 
     @classmethod
     def from_json(cls, data: bytes, id: str = "") -> "Snapshot":
+        """Parse a snapshot; ValueError (or TypeError) for anything not of the shape §11 gives.
+        Whoever can write a snapshot chooses every field, and readers use them as text, numbers
+        and paths without looking again, so each field's type is checked here, once."""
         d = json.loads(data)
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        device = d.get("device")
+        if not isinstance(device, dict):
+            raise ValueError("'device' is not an object")
+        known = {f for f in DeviceInfo.__dataclass_fields__}
+        dev = {k: _text(device, k) for k in known if k in device}  # newer fields are ignored
+        if not dev.get("udid"):
+            raise ValueError("the device has no UDID")
+        tree = bytes.fromhex(_text(d, "tree"))
+        if len(tree) != 32:
+            raise ValueError("'tree' is not a blob id")
+        summary = d.get("summary", {})
+        if not isinstance(summary, dict):
+            raise ValueError("'summary' is not an object")
+        known_summary = Summary.__dataclass_fields__
+        source = d.get("source", {})
+        parent = d.get("parent")
         return cls(
-            time=parse_iso(d["time"]),
-            tree=bytes.fromhex(d["tree"]),
-            device=DeviceInfo(**d["device"]),
-            backup_date=parse_iso(d["backup_date"]) if d.get("backup_date") else None,
+            time=parse_iso(_text(d, "time")),
+            tree=tree,
+            device=DeviceInfo(**dev),
+            backup_date=parse_iso(_text(d, "backup_date")) if d.get("backup_date") else None,
             ios_encrypted=bool(d.get("ios_encrypted")),
-            source=d.get("source", {}),
-            folder=d.get("folder", ""),
-            folder_mode=d.get("folder_mode", 0),
-            folder_mtime_ns=d.get("folder_mtime_ns", 0),
-            hostname=d.get("hostname", ""),
-            username=d.get("username", ""),
-            parent=d.get("parent"),
-            snapshot_state=d.get("snapshot_state", "finished"),
-            summary=Summary(**d.get("summary", {})),
-            program=d.get("program", ""),
+            source=source if isinstance(source, dict) else {},
+            folder=_text(d, "folder"),
+            folder_mode=_int(d, "folder_mode"),
+            folder_mtime_ns=_int(d, "folder_mtime_ns"),
+            hostname=_text(d, "hostname"),
+            username=_text(d, "username"),
+            parent=parent if isinstance(parent, str) else None,
+            snapshot_state=_text(d, "snapshot_state", "finished"),
+            summary=Summary(**{k: v for k, v in summary.items() if k in known_summary and isinstance(v, (int, float))}),
+            program=_text(d, "program"),
             id=id,
         )
 

@@ -310,3 +310,20 @@ def test_failed_init_removes_its_key_file(env):
         Repository.init(_ConfigWriteFails(storage), PASSWORD, kdf=FAST_KDF)
     assert list(storage.list(Kind.KEYS)) == []
     assert not storage.exists()
+
+
+@pytest.mark.parametrize("field,value", [("device", {"udid": 5}), ("device", {"name": "no udid"}), ("folder", ["a"]),
+                                         ("folder_mode", "x"), ("tree", "00"), ("summary", [1])])
+def test_snapshot_of_the_wrong_shape_is_skipped_not_a_crash(env, cli, backup, monkeypatch, field, value):
+    # Anyone who can write an unencrypted repository writes snapshots: every field is checked once.
+    monkeypatch.delenv("IBSYNC_PASSWORD")
+    cli("init", "--no-encryption")
+    cli("import", "--allow-unfinished", backup)
+    (good,) = list((env / "snapshots").iterdir())
+    repo = Repository.open(LocalStorage(env), lambda: "")
+    doc = json.loads(repo.load_object(Kind.SNAPSHOTS, good.name))
+    doc[field] = value
+    repo.save_object(Kind.SNAPSHOTS, json.dumps(doc).encode())
+    out, err = cli("snapshots", "--json")
+    assert [s["id"] for s in json.loads(out)] == [good.name]
+    cli("restore", good.name[:8], env.parent / "out")
