@@ -391,3 +391,18 @@ def test_prune_keeps_the_data_of_refused_entries(repo_path, cli):
     repo = open_repository(repo_path)
     assert all(repo.index.has(bytes.fromhex(i)) for i in ids)
     assert [b for b in ids if repo.load_blob(bytes.fromhex(b)) is None] == []
+
+
+def test_copy_names_the_entries_it_leaves_out(repo_path, cli, tmp_path, caplog, monkeypatch):
+    save_snapshot(repo_path, lambda w: [w.file("Info.plist", b"kept"), w.file("../escape.txt", b"left out")])
+    target = tmp_path / "copy-target"
+    if os.environ.get("IBSYNC_PASSWORD"):
+        monkeypatch.setenv("IBSYNC_FROM_PASSWORD", os.environ["IBSYNC_PASSWORD"])
+        cli("init", "--repo", target)
+    else:
+        cli("init", "--no-encryption", "--repo", target)
+    with caplog.at_level("WARNING", logger="ibsync"):
+        cli("copy", "--from-repo", repo_path, "--repo", target)
+    assert any("'../escape.txt' of a folder left out of the copy" in r.getMessage() for r in caplog.records)
+    cli("restore", "latest", tmp_path / "out", "--repo", target)
+    assert os.listdir(tmp_path / "out" / FOLDER) == ["Info.plist"]

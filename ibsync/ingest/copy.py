@@ -13,6 +13,7 @@ FastCDC use each repository's secret gear seed, so they deduplicate only with ot
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -22,6 +23,8 @@ from ..model import Snapshot, encode_tree
 from ..progress import NULL_PROGRESS, Progress
 from ..reader.walk import collect_blobs
 from ..repo.repository import Repository
+
+log = logging.getLogger("ibsync")
 
 
 @dataclass
@@ -102,7 +105,11 @@ def _rewrite_tree(src: Repository, tree_id: bytes, session, mapping: dict[bytes,
     if tree_id in mapping:
         return mapping[tree_id]
     entries = []
-    for node in src.load_tree(tree_id):
+    nodes = src.load_tree(tree_id)
+    for rejected in getattr(nodes, "rejected", ()):
+        # a copy never carries an entry no reader may use; say so rather than drop it silently
+        log.warning("entry '%s' of a folder left out of the copy: %s", rejected.name, rejected.reason)
+    for node in nodes:
         d = node.to_dict()
         if node.type == "file":
             d["content"] = [mapping[c].hex() for c in node.content]
