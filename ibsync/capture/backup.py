@@ -12,8 +12,13 @@ One capture:
    stored as they arrive;
 4. the snapshot is committed only if the device ended with ErrorCode 0, the Status.plist it
    left says ``SnapshotState = finished`` (and is new: the previous one must not pass for
-   it), and no file failed (unless ``allow_partial``). The folder is then stored by the same
-   Archiver that imports folders, through the same write session.
+   it), and no file failed (unless ``allow_partial``). Before that check the write session is
+   flushed (every stored blob uploaded and indexed), as a step of its own: the folder is then
+   stored by the same Archiver that imports folders, through the same write session, and the
+   archiver takes each file's blob ids as they are, requiring them indexed.
+
+A device is not trusted: the DeviceLink host checks every message and bounds every length it
+names, and gives up after the idle timeout without a byte from the device (``devicelink``).
 
 Anything else raises :class:`CaptureFailed` with one line saying why; the last good snapshot is
 untouched, and what was uploaded stays in the repository (indexed), so the next run sends the
@@ -59,7 +64,7 @@ from ..model import DeviceInfo, Snapshot, utc_iso
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
 from ..repo.session import WriteSession
-from .devicelink import DeviceLinkHost, FailedUpload, SessionEnd, TransferStats
+from .devicelink import DeviceLinkHost, FailedUpload, SessionEnd, TransferStats, idle_timeout_from_env
 from .store import FileStore
 from .vtree import VirtualTree
 
@@ -144,6 +149,10 @@ async def capture(
         finally:
             store.close()  # the storing thread finishes what it was given, whatever happened
             progress.finish()
+        # The commit, step 1: every blob stored so far in an uploaded, indexed pack. The plists
+        # read next and the archiver's walk (which takes the files' blob ids as they are, and
+        # requires them indexed) must not depend on a read having flushed by chance.
+        await asyncio.to_thread(session.flush)
         _check_finished(tree, udid, base, end, stats, allow_partial)
         meta = _describe(tree, udid)
         archiver = Archiver(repo)
@@ -164,6 +173,8 @@ async def capture(
         if isinstance(e, PyMobileDevice3Exception):
             raise CaptureFailed(f"the backup failed: {e or e.__class__.__name__}; nothing was committed "
                                 f"({_kept(session)})") from e
+        if isinstance(e, DeviceError) and not isinstance(e, CaptureFailed):  # a malformed message, a silent device
+            raise CaptureFailed(f"{e}; nothing was committed ({_kept(session)})") from e
         raise
     session.__exit__(None, None, None)  # the archiver flushed it; this stops its uploader
     return CaptureOutcome(snapshot, full, stats.files_received, stats.bytes_received, list(stats.failed))
@@ -193,20 +204,25 @@ async def _device_session(provider: LockdownServiceProvider, udid: str, tree: Vi
 async def mobilebackup2_session(provider: LockdownServiceProvider, tree: VirtualTree, store: FileStore | None, *,
                                 free_space: Callable[[], int], progress: Progress, notify: Notify,
                                 failure: type[DeviceError], count_downloads: bool = False,
+                                idle_timeout: float | None = None,
                                 ) -> AsyncIterator[tuple[Mobilebackup2Service, DeviceLinkHost, AfcService]]:
     """What a backup and a restore share: mobilebackup2 opened, our DeviceLink host on it, the
     version exchange and Hello, pymobiledevice3's sync lock held (syncWillStart, the AFC lock on
     /com.apple.itunes.lock_sync retried 10 s, syncDidStart; syncDidFinish and unlock on the
-    way out) and the device's notifications watched (passcode prompt, cancel)."""
+    way out) and the device's notifications watched (passcode prompt, cancel).
+
+    ``idle_timeout``: seconds the device may stay silent on DeviceLink (default: 600, or
+    ``IBSYNC_DEVICE_IDLE_TIMEOUT``); longer than the ~3 minutes a passcode prompt can wait."""
+    timeout = idle_timeout_from_env() if idle_timeout is None else idle_timeout
     mb2 = Mobilebackup2Service(provider)
     try:
         await mb2.connect()
         link = DeviceLinkHost(mb2.service, tree, store, free_space=free_space, progress=progress,  # type: ignore[arg-type]
-                              count_downloads=count_downloads)
+                              count_downloads=count_downloads, idle_timeout=timeout)
         await link.version_exchange()
         try:
             await mb2.version_exchange(link)  # Hello: pymobiledevice3's, through our link  # type: ignore[arg-type]
-        except (AssertionError, KeyError, IndexError) as e:  # how pmd3 checks the answer
+        except (AssertionError, KeyError, IndexError, TypeError) as e:  # how pmd3 checks the answer
             raise failure("the device does not speak mobilebackup2 protocol version 2.0 or 2.1") from e
         try:
             async with (NotificationProxyService(provider) as np, AfcService(provider) as afc,

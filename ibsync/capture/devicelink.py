@@ -23,6 +23,16 @@ Differences from pymobiledevice3 11.45.0's ``DeviceLink``, on purpose:
   content or stays absent, and the failure is recorded for the caller.
 * MoveItems replaces the destination (libimobiledevice's remove-then-rename) rather than
   ``shutil.move``'s move-into-folder.
+* Every message is checked before it is acted on: its shape (an array naming it), each
+  argument's presence and plist type, UTF-8 names, lengths within bounds (MAX_MESSAGE for a
+  message, MAX_NAME for a name; a file-data frame of any length is read in pieces of at most
+  READ_SIZE, never whole), and the session's order (a VersionExchange, DeviceReady or
+  StatusResponse inside a request). What fails ends the session with :class:`MalformedMessage`
+  (one line: "the device sent a malformed X message: ..."); pmd3 raises KeyError, TypeError,
+  AssertionError or UnicodeDecodeError there, and buffers whatever length the device names.
+* Each wait for the device is bounded by an idle timeout (DEFAULT_IDLE_TIMEOUT, or the caller's;
+  :class:`DeviceIdle` after it): a hung device must not hold the repository's lock for ever.
+  pmd3 waits without limit.
 
 For a restore (``capture.restore``) the host is built without a store: the device only
 downloads, and an upload, should one come, is read off the stream and recorded as failed.
@@ -35,14 +45,15 @@ import asyncio
 import ctypes
 import errno
 import logging
+import os
 import struct
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pymobiledevice3.exceptions import ConnectionTerminatedError, ProtocolError
+from pymobiledevice3.exceptions import ConnectionTerminatedError
 from pymobiledevice3.service_connection import ServiceConnection, build_plist, parse_plist
 from pymobiledevice3.services.device_link import (
     BULK_OPERATION_ERROR,
@@ -55,7 +66,7 @@ from pymobiledevice3.services.device_link import (
     PURGE_DISK_SPACE_ERROR_STRING,
 )
 
-from ..errors import IbsyncError
+from ..errors import DeviceError, IbsyncError, UserError
 from ..progress import NULL_PROGRESS, Progress
 from .store import FileStore
 from .vtree import VDir, VirtualTree, VTreeError
@@ -67,7 +78,22 @@ EMPTY = "___EmptyParameterString___"  # DeviceLink's placeholder for an empty st
 # memory limit on a big Manifest.db (pmd3 #1165, #1857)
 DOWNLOAD_FRAME = 32 * 1024
 SEND_BUFFER = 256 * 1024  # download frames go out together, a syscall per this many bytes
-READ_SIZE = 1 << 20  # what one read from the connection may take
+READ_SIZE = 1 << 20  # what one read from the connection may take, and one piece of a data frame
+# Bounds on what the device may make the host buffer. A message is a plist naming a request and
+# its arguments; the largest a device sends are RemoveItems/MoveItems lists (about 90 bytes a
+# path: 16 MiB holds some 180,000). pymobiledevice3 allows 128 MiB; parsing that much plist
+# would hold several times as much in Python objects.
+MAX_MESSAGE = 16 << 20
+MAX_NAME = 64 << 10  # a file name in the upload stream (iOS paths are at most 1 KiB)
+MAX_TAIL = 64 << 10  # the text after a file's final code (its error message)
+# The device sends nothing while it shows the passcode prompt (iOS answers ErrorCode 208 after
+# about 3 minutes if nobody types it) or while it compares a big Manifest.db: an idle timeout
+# well above both. IDLE_TIMEOUT_ENV overrides it (seconds; tests, slow devices).
+DEFAULT_IDLE_TIMEOUT = 600.0
+IDLE_TIMEOUT_ENV = "IBSYNC_DEVICE_IDLE_TIMEOUT"
+# After the idle timer fires, how long to look once more for data that arrived while the event
+# loop was busy elsewhere (the timer and the data can become due in the same loop iteration).
+IDLE_GRACE = 1.0
 _U32 = struct.Struct(">I")
 _HEAD = struct.Struct(">IB")  # a file-transfer frame: u32 (len(payload) + 1) | u8 code
 _OK = build_plist(["DLMessageStatusResponse", 0, EMPTY, {}])
@@ -86,26 +112,77 @@ def _naive_utc(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, timezone.utc).replace(tzinfo=None)  # plistlib wants naive UTC
 
 
+class MalformedMessage(DeviceError):
+    """The device sent something DeviceLink does not allow: a message of the wrong shape or
+    argument types, a name that is not UTF-8, a length over ibsync's bounds, a message out of
+    order. The session cannot go on (the stream may be out of step); nothing is committed."""
+
+    def __init__(self, name: str, what: str) -> None:
+        super().__init__(f"the device sent a malformed {name} message: {what}")
+
+
+class DeviceIdle(DeviceError):
+    """The device sent nothing for the idle timeout: it hangs, or the link is gone unnoticed."""
+
+
+def idle_timeout_from_env(environ: Mapping[str, str] = os.environ) -> float:
+    """The idle timeout: IDLE_TIMEOUT_ENV (seconds) if set, else DEFAULT_IDLE_TIMEOUT."""
+    raw = environ.get(IDLE_TIMEOUT_ENV)
+    if not raw:
+        return DEFAULT_IDLE_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise UserError(f"{IDLE_TIMEOUT_ENV}={raw!r}: give a number of seconds above 0")
+    return value
+
+
+def _kind(value: Any) -> str:
+    """A plist value's type as the message says it (for errors)."""
+    return {str: "a string", bytes: "data", int: "an integer", float: "a real", bool: "a boolean",
+            list: "an array", dict: "a dictionary", datetime: "a date"}.get(type(value), type(value).__name__)
+
+
+def _shown(raw: bytes) -> str:
+    return repr(raw[:80])[1:] + ("..." if len(raw) > 80 else "")
+
+
 class _Input:
     """The device's byte stream, buffered here rather than read field by field: a batch of
     small uploaded files is parsed from memory (a dozen awaits per file cost more than
     receiving the file). DeviceLink is request/response, so nothing read ahead belongs to
-    anyone else; every read from the connection goes through here."""
+    anyone else; every read from the connection goes through here, and each waits at most
+    ``idle_timeout`` seconds for the device's next bytes."""
 
-    def __init__(self, conn: ServiceConnection) -> None:
+    def __init__(self, conn: ServiceConnection, idle_timeout: float) -> None:
         self._reader = conn.reader
         self._buf = bytearray()
         self._pos = 0
+        self.idle_timeout = idle_timeout
+
+    async def _read(self, n: int) -> bytes:
+        try:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    return await self._reader.read(n)
+            except TimeoutError:
+                # data that arrived while the loop was busy elsewhere is read at once here
+                async with asyncio.timeout(IDLE_GRACE):
+                    return await self._reader.read(n)
+        except TimeoutError:
+            raise DeviceIdle(f"the device sent nothing for {self.idle_timeout:g} s "
+                             f"(it may be locked, asleep or hung)") from None
+        except OSError as e:
+            raise ConnectionTerminatedError() from e
 
     async def _fill(self, n: int) -> None:
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
         while len(self._buf) < n:
-            try:
-                data = await self._reader.read(max(READ_SIZE, n - len(self._buf)))
-            except OSError as e:
-                raise ConnectionTerminatedError() from e
+            data = await self._read(max(READ_SIZE, n - len(self._buf)))
             if not data:
                 raise ConnectionTerminatedError()
             self._buf += data
@@ -166,9 +243,10 @@ class DeviceLinkHost:
 
     def __init__(self, conn: ServiceConnection, tree: VirtualTree, store: FileStore | None, *,
                  free_space: Callable[[], int], progress: Progress = NULL_PROGRESS,
-                 count_downloads: bool = False) -> None:
+                 count_downloads: bool = False, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         """``store``: where uploads go; None (a restore) refuses them. ``count_downloads``:
-        advance ``progress`` by what is sent (else by what is received)."""
+        advance ``progress`` by what is sent (else by what is received). ``idle_timeout``:
+        seconds the device may stay silent while the host waits for it (DeviceIdle after)."""
         self.conn = conn
         self.tree = tree
         self.store = store
@@ -176,7 +254,7 @@ class DeviceLinkHost:
         self.progress = progress
         self.count_downloads = count_downloads
         self.stats = TransferStats()
-        self._in = _Input(conn)
+        self._in = _Input(conn, idle_timeout)
         self._handlers: dict[str, Callable[[list], Awaitable[None]]] = {
             "DLMessageUploadFiles": self._upload_files,
             "DLMessageDownloadFiles": self._download_files,
@@ -195,12 +273,19 @@ class DeviceLinkHost:
     # ---- session ---------------------------------------------------------------------------
 
     async def receive_message(self) -> list:
+        """The device's next message: a plist array whose first item names it."""
         n = await self._in.u32()
-        if n > self.conn.max_frame_size:
-            raise ProtocolError(f"The device sent a {n}-byte message, over the {self.conn.max_frame_size}-byte limit.")
-        msg = parse_plist(await self._in.exactly(n))
+        if n > MAX_MESSAGE:
+            raise MalformedMessage("DeviceLink", f"it is {n} bytes long, over ibsync's limit of "
+                                                 f"{MAX_MESSAGE >> 20} MiB for one message")
+        raw = await self._in.exactly(n)
+        try:
+            msg = parse_plist(raw)
+        except Exception as e:  # plistlib raises many kinds on bad input (ValueError, OverflowError, ...)
+            raise MalformedMessage("DeviceLink", f"it is not a valid plist ({_shown(raw)})") from e
         if not isinstance(msg, list) or not msg or not isinstance(msg[0], str):
-            raise ProtocolError(f"not a DeviceLink message: {str(msg)[:200]}")
+            shape = _kind(msg) if not isinstance(msg, list) else "an array that does not start with its name"
+            raise MalformedMessage("DeviceLink", f"{shape} instead of an array naming the message")
         return msg
 
     async def send_process_message(self, message: Mapping[str, Any]) -> None:
@@ -209,12 +294,10 @@ class DeviceLinkHost:
     async def version_exchange(self) -> None:
         """The device offers its DeviceLink version; accept it as pymobiledevice3 does."""
         offer = await self.receive_message()
-        if offer[0] != "DLMessageVersionExchange" or len(offer) < 2:
-            raise ProtocolError(f"expected DLMessageVersionExchange, got {offer[0]}")
-        await self.conn.send_plist(["DLMessageVersionExchange", "DLVersionsOk", offer[1]])
-        ready = await self.receive_message()
-        if ready[0] != "DLMessageDeviceReady":
-            raise ProtocolError("The device did not report it was ready to start the session.")
+        _expect(offer, "DLMessageVersionExchange")
+        major = _arg(offer, 1, int, "version")
+        await self.conn.send_plist(["DLMessageVersionExchange", "DLVersionsOk", major])
+        _expect(await self.receive_message(), "DLMessageDeviceReady")
 
     async def disconnect(self) -> None:
         await self.conn.send_plist(["DLMessageDisconnect", EMPTY])
@@ -226,12 +309,11 @@ class DeviceLinkHost:
             name = msg[0]
             self.stats.messages[name] += 1
             if name == "DLMessageProcessMessage":
-                content = msg[1] if len(msg) > 1 and isinstance(msg[1], dict) else {}
-                code = content.get("ErrorCode", -1)
-                return SessionEnd(int(code) if isinstance(code, int) else -1,
-                                  str(content.get("ErrorDescription") or ""), content.get("Content"))
+                return _session_end(msg)
             if name == "DLMessageDisconnect":
                 return SessionEnd(None, "the device ended the session with DLMessageDisconnect")
+            if name in _OUT_OF_ORDER:
+                raise MalformedMessage(name, "it belongs to the start of a session, not to a request in progress")
             handler = self._handlers.get(name)
             if handler is None:
                 logger.warning("the device sent %s, which ibsync does not know; answered with an error", name)
@@ -258,24 +340,28 @@ class DeviceLinkHost:
         # all before the batch is acknowledged (the device's next message may move them)
         stored: list[tuple[str, str, asyncio.Future]] = []
         while True:
-            n = await inp.u32()
-            if n == 0:
+            device_name = await self._name("device-side file name")
+            if not device_name:
                 break  # end of the batch
-            device_name = (await inp.exactly(n)).decode()
-            file_name = (await inp.exactly(await inp.u32())).decode()
+            file_name = await self._name(f"host-side name of {device_name}")
             incoming = self.store.begin() if self.store is not None else None
             size, code = await inp.head()
             received = 0
             while code == CODE_FILE_DATA:
-                if size > 1:
-                    data = await inp.exactly(size - 1)
+                # a frame's length is the device's say: read it in bounded pieces, never whole
+                left = size - 1
+                while left > 0:
+                    data = await inp.exactly(min(left, READ_SIZE))
+                    left -= len(data)
                     if incoming is not None:
                         await incoming.write(data)
                     received += len(data)
                     self.progress.advance(len(data))
                 size, code = await inp.head()
             if size == 0:
-                raise ProtocolError(f"malformed file-transfer frame in the upload of {file_name}")
+                raise MalformedMessage("DLMessageUploadFiles", f"an empty file-transfer frame in {file_name}")
+            if size - 1 > MAX_TAIL:
+                raise MalformedMessage("DLMessageUploadFiles", f"a {size - 1}-byte status text after {file_name}")
             tail = await inp.exactly(size - 1) if size > 1 else b""
             stats.bytes_received += received
             if code != CODE_SUCCESS:
@@ -301,15 +387,41 @@ class DeviceLinkHost:
             self.progress.advance(files=1)
         await self.conn.sendall(_OK)
 
+    async def _name(self, what: str) -> str:
+        """A length-prefixed UTF-8 name of the upload stream ('' ends the batch)."""
+        n = await self._in.u32()
+        if n > MAX_NAME:
+            raise MalformedMessage("DLMessageUploadFiles", f"a {what} of {n} bytes")
+        raw = await self._in.exactly(n)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise MalformedMessage("DLMessageUploadFiles", f"a {what} that is not UTF-8: {_shown(raw)}") from None
+
     # ---- downloads: repository -> device ---------------------------------------------------
 
     async def _download_files(self, msg: list) -> None:
+        paths = _str_list(msg, 1, "paths")
         self._note_progress(msg, 3)
         failed: dict[str, dict] = {}
+        # Reading from the repository (and flushing this session's packs first, for files written
+        # in it) happens on a thread, a send buffer at a time, so the event loop keeps serving
+        # the device's other connections; the tree is not touched meanwhile (one request at a time).
+        output = self._download_stream(paths, failed)
+        while (out := await asyncio.to_thread(next, output, None)) is not None:
+            await self.conn.sendall(out)
+        if failed:
+            await self._status(BULK_OPERATION_ERROR, "Multi status", failed)
+        else:
+            await self.conn.sendall(_OK)
+
+    def _download_stream(self, paths: list[str], failed: dict[str, dict]) -> Iterator[bytes]:
+        """The file-transfer stream of ``paths`` in pieces of about SEND_BUFFER bytes, ending
+        with the terminator; ``failed`` gets the paths that could not be sent."""
         out = bytearray()
         stats = self.stats
-        for path in msg[1] if len(msg) > 1 else ():
-            raw = str(path).encode()
+        for path in paths:
+            raw = path.encode()
             out += _U32.pack(len(raw)) + raw
             try:
                 entry = self.tree.file(path)
@@ -323,7 +435,7 @@ class DeviceLinkHost:
                         out += _HEAD.pack(len(frame) + 1, CODE_FILE_DATA)
                         out += frame
                         if len(out) >= SEND_BUFFER:
-                            await self.conn.sendall(bytes(out))
+                            yield bytes(out)
                             out.clear()
                 out += _HEAD.pack(1, CODE_SUCCESS)
                 stats.files_sent += 1
@@ -339,17 +451,15 @@ class DeviceLinkHost:
                 out += _HEAD.pack(len(text) + 1, CODE_ERROR_LOCAL) + text
                 failed[path] = {"DLFileErrorString": err.strerror, "DLFileErrorCode": _device_error(err)}
         out += FILE_TRANSFER_TERMINATOR
-        await self.conn.sendall(bytes(out))
-        if failed:
-            await self._status(BULK_OPERATION_ERROR, "Multi status", failed)
-        else:
-            await self.conn.sendall(_OK)
+        yield bytes(out)
 
     # ---- the folder ------------------------------------------------------------------------
 
     async def _contents_of_directory(self, msg: list) -> None:
+        path = _arg(msg, 1, str, "path")
         try:
-            listing = self.tree.listdir(msg[1])
+            # may load a folder's tree from the repository: on a thread
+            listing = await asyncio.to_thread(self.tree.listdir, path)
         except VTreeError as e:
             await self._status(_device_error(e), e.strerror or "")
             return
@@ -365,11 +475,12 @@ class DeviceLinkHost:
         await self._status(0, value=out)
 
     async def _create_directory(self, msg: list) -> None:
-        await self._apply(lambda: self.tree.mkdir(msg[1]))
+        path = _arg(msg, 1, str, "path")
+        await self._apply(lambda: self.tree.mkdir(path))
 
     async def _move_items(self, msg: list) -> None:
+        items = _str_dict(msg, 1, "items")
         self._note_progress(msg, 3)
-        items = msg[1] if len(msg) > 1 and isinstance(msg[1], dict) else {}
 
         def move() -> None:
             for src, dst in items.items():
@@ -381,16 +492,18 @@ class DeviceLinkHost:
         await self._apply(move)
 
     async def _remove_items(self, msg: list) -> None:
+        paths = _str_list(msg, 1, "paths")
         self._note_progress(msg, 3)
 
         def remove() -> None:
-            for path in msg[1] if len(msg) > 1 else ():
+            for path in paths:
                 self.tree.remove(path)  # a missing path is fine, as in libimobiledevice
 
         await self._apply(remove)
 
     async def _copy_item(self, msg: list) -> None:
-        await self._apply(lambda: self.tree.copy(msg[1], msg[2]))
+        src, dst = _arg(msg, 1, str, "source"), _arg(msg, 2, str, "destination")
+        await self._apply(lambda: self.tree.copy(src, dst))
 
     async def _apply(self, change: Callable[[], None]) -> None:
         try:
@@ -414,3 +527,52 @@ class DeviceLinkHost:
 
     async def _ping(self, msg: list) -> None:
         pass  # a keep-alive; the device expects no answer (inferred, as in the simulator)
+
+
+# ---- checking the device's messages --------------------------------------------------------------
+
+# Messages that only open a session; inside a request they mean the device lost its place.
+_OUT_OF_ORDER = frozenset({"DLMessageVersionExchange", "DLMessageDeviceReady", "DLMessageStatusResponse"})
+
+
+def _expect(msg: list, name: str) -> None:
+    if msg[0] != name:
+        raise MalformedMessage(msg[0], f"{name} was expected at this point of the session")
+
+
+def _arg(msg: list, i: int, kind: type, what: str) -> Any:
+    """Argument ``i`` of ``msg``, which must be of ``kind`` (a bool is not an integer here)."""
+    if len(msg) <= i:
+        raise MalformedMessage(msg[0], f"its {what} (argument {i}) is missing")
+    value = msg[i]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise MalformedMessage(msg[0], f"its {what} is {_kind(value)}, not {_kind(kind())}")
+    return value
+
+
+def _str_list(msg: list, i: int, what: str) -> list[str]:
+    values = _arg(msg, i, list, what)
+    for v in values:
+        if not isinstance(v, str):
+            raise MalformedMessage(msg[0], f"its {what} hold {_kind(v)}, not only strings")
+    return values
+
+
+def _str_dict(msg: list, i: int, what: str) -> dict[str, str]:
+    values = _arg(msg, i, dict, what)
+    for k, v in values.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise MalformedMessage(msg[0], f"its {what} map {_kind(k)} to {_kind(v)}, not strings to strings")
+    return values
+
+
+def _session_end(msg: list) -> SessionEnd:
+    """The device's final DLMessageProcessMessage: its ErrorCode decides."""
+    content = _arg(msg, 1, dict, "content")
+    if "ErrorCode" not in content:
+        raise MalformedMessage(msg[0], "its content has no ErrorCode")
+    code = content["ErrorCode"]
+    if not isinstance(code, int) or isinstance(code, bool):
+        raise MalformedMessage(msg[0], f"its ErrorCode is {_kind(code)}, not an integer")
+    description = content.get("ErrorDescription")
+    return SessionEnd(code, description if isinstance(description, str) else "", content.get("Content"))

@@ -8,6 +8,12 @@ go to a small uploader pool bounded in flight, which also bounds the local disk 
 uploaded packs an index object is written, so a run killed at any instant keeps all but the
 last few packs it uploaded. Leaving the session flushes the open packs, then the index: the
 order restic's design calls for (packs, then index, then - by the caller - the snapshot).
+
+``flush`` may run while other threads call ``save_blob`` (capture flushes from the event loop
+while its storing thread works): each open pack is handed over under its own lock, so a blob
+goes either into a pack that flush ships or into a new one, never into a pack being finished.
+Every ``save_blob`` that returned before ``flush`` was called is uploaded and indexed when
+``flush`` returns; blobs saved meanwhile go to the next flush.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import IbsyncError, StorageError
 from ..format.index import PackIndex
@@ -36,6 +42,25 @@ class SessionStats:
     index_objects_written: int = 0
 
 
+@dataclass(eq=False)
+class _OpenPack:
+    """A thread's open pack. Its owner adds to it and ``flush`` (or the owner, once it is full)
+    takes it, each under ``lock``; once ``shipped`` it takes no more blobs. The lock is the
+    owner's alone except at a hand-over, so it costs nothing on the hot path."""
+
+    writer: PackWriter
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    shipped: bool = False
+
+    def take(self) -> bool:
+        """Mark it shipped; False if someone already did."""
+        with self.lock:
+            if self.shipped:
+                return False
+            self.shipped = True
+            return True
+
+
 class WriteSession:
     def __init__(self, repo: Repository, *, rewrite: bool = False) -> None:
         self.repo = repo
@@ -44,7 +69,7 @@ class WriteSession:
         self._lock = threading.Lock()
         self._pending: set[bytes] = set()  # claimed by a thread, not yet in an uploaded pack
         self._local = threading.local()
-        self._packers: list[PackWriter] = []  # every thread's open pack, for the final flush
+        self._open: set[_OpenPack] = set()  # every thread's open pack, for flush
         self._uploader = ThreadPoolExecutor(
             max_workers=max(1, repo.storage.properties.connections), thread_name_prefix="ibsync-upload"
         )
@@ -53,7 +78,6 @@ class WriteSession:
         self._unindexed: list[PackIndex] = []
         self._last_index = time.monotonic()
         self._error: BaseException | None = None
-        self._generation = 0  # bumped by flush, so threads drop packers that were shipped
 
     def __enter__(self) -> "WriteSession":
         return self
@@ -77,16 +101,16 @@ class WriteSession:
             self._pending.add(blob_id)
             return True
 
-    def _packer(self, type: BlobType) -> PackWriter:
-        packers = getattr(self._local, "packers", None)
-        if packers is None or self._local.generation != self._generation:
-            packers = self._local.packers = {}
-            self._local.generation = self._generation
-        p = packers.get(type)
-        if p is None:
-            p = packers[type] = PackWriter(self.repo.storage.stage(Kind.PACKS))
+    def _open_pack(self, type: BlobType) -> _OpenPack:
+        """This thread's open pack for ``type`` (a new one if flush shipped the last)."""
+        packs: dict[BlobType, _OpenPack] | None = getattr(self._local, "packs", None)
+        if packs is None:
+            packs = self._local.packs = {}
+        p = packs.get(type)
+        if p is None or p.shipped:
+            p = packs[type] = _OpenPack(PackWriter(self.repo.storage.stage(Kind.PACKS)))
             with self._lock:
-                self._packers.append(p)
+                self._open.add(p)
         return p
 
     def save_blob(self, type: BlobType, data: bytes | memoryview, *, compress: bool = True) -> tuple[bytes, bool]:
@@ -104,21 +128,31 @@ class WriteSession:
         if not self._claim(blob_id):
             return blob_id, False, False
         sealed, compressed = self.repo.encode_blob(blob_id, data, compress)
-        packer = self._packer(type)
-        packer.add(type, blob_id, sealed, len(data), compressed)
+        while True:
+            p = self._open_pack(type)
+            with p.lock:
+                if p.shipped:
+                    continue  # flush took it after we looked it up: the next lookup opens a new one
+                p.writer.add(type, blob_id, sealed, len(data), compressed)
+                if p.writer.size >= self.repo.pack_size:
+                    # queued under the lock: a flush that finds this pack taken waits here, so
+                    # its wait for uploads includes this one
+                    p.shipped = True
+                    self._ship(p)
+                break
         with self._lock:
             self.stats.blobs_added += 1
             self.stats.raw_bytes_added += len(data)
-        if packer.size >= self.repo.pack_size:
-            self._local.packers[type] = None
-            self._ship(packer)
         return blob_id, True, compressed
 
     # ---- packs and index -------------------------------------------------------------------
 
-    def _ship(self, packer: PackWriter) -> None:
+    def _ship(self, p: _OpenPack) -> None:
+        """Upload a pack that was taken (``shipped`` set by whoever took it)."""
+        assert p.shipped
         with self._lock:
-            self._packers.remove(packer)
+            self._open.discard(p)
+        packer = p.writer
         if not len(packer):
             packer.sink.abort()
             return
@@ -172,12 +206,13 @@ class WriteSession:
             fut.result()
 
     def flush(self) -> None:
-        """Upload every open pack and write the index for everything uploaded."""
+        """Upload every open pack and write the index for everything uploaded: each blob saved
+        before this call is then in an uploaded, indexed pack."""
         with self._lock:
-            open_packs = list(self._packers)
-        self._generation += 1
+            open_packs = list(self._open)
         for p in open_packs:
-            self._ship(p)
+            if p.take():  # else its owner found it full and has queued its upload
+                self._ship(p)
         try:
             self._wait_uploads()
         finally:
@@ -188,9 +223,10 @@ class WriteSession:
     def _abort(self) -> None:
         """Best effort on the way out of an error: never mask the error that got us here."""
         with self._lock:
-            open_packs, self._packers = self._packers, []
+            open_packs, self._open = self._open, set()
         for p in open_packs:
-            p.sink.abort()
+            if p.take():
+                p.writer.sink.abort()
         for fut in list(self._futures):
             try:
                 fut.result()

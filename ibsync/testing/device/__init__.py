@@ -20,15 +20,17 @@ Modules: ``model`` (what the device holds, how it misbehaves), ``provider`` (pym
 LockdownServiceProvider), ``usbmuxd`` and ``lockdownd`` (the socket level), ``services`` (service name + socket -> a running service), one module per
 service, ``backup``/``restore`` (the mobilebackup2 requests), ``devicelink`` and ``wire`` (framing),
 ``metadata`` and ``crypto`` (the files and keys a backup carries), ``errors`` (how requests fail),
-``runtime`` (shared state and log).
+``runtime`` (shared state and log), ``hostile`` (a device that sends what it should not).
 """
 
 from .crypto import DeviceKeys, UnlockedBackup, WrongPassword
 from .model import (
+    HostileStep,
     LegacyMessage,
     Misbehaviour,
     PasscodePrompt,
     SimDevice,
+    Then,
     TransferSettings,
     file_id,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "DeviceKeys",
     "DeviceLog",
     "DeviceRuntime",
+    "HostileStep",
     "LegacyMessage",
     "Misbehaviour",
     "PasscodePrompt",
@@ -49,6 +52,7 @@ __all__ = [
     "SimUsbmuxd",
     "run_sim_usbmuxd",
     "SimLockdown",
+    "Then",
     "TransferSettings",
     "UnlockedBackup",
     "WrongPassword",

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 
 from ..generator import FLAG_FILE, BackupFile
 from ...source.backup_folder import plist_dict
-from . import errors
+from . import errors, hostile
 from .crypto import DeviceKeys
 from .devicelink import EMPTY, DeviceLinkEndpoint, DroppedByDevice, Status, Upload
 from .errors import Refusal
@@ -130,6 +130,8 @@ class BackupOperation:
     def run(self) -> None:
         """Back up, then answer the request (a :class:`Refusal` on the way is answered by the caller)."""
         self._backup()
+        if self.misbehave.before_finish is not None:
+            self.misbehave.before_finish(self.link, self.root)
         if LegacyMessage.DISCONNECT in self.misbehave.legacy_messages:
             self.link.send("DLMessageDisconnect", EMPTY)
             self.link.wire.close()
@@ -145,6 +147,8 @@ class BackupOperation:
         if LegacyMessage.PING in self.misbehave.legacy_messages:
             self.link.send("DLMessagePing", EMPTY)  # inferred: a ping wants no answer, so none is awaited
         listing = self._check(self.link.contents_of_directory(self.root), "list the backup folder").value or {}
+        if self.misbehave.hostile is not None:
+            hostile.act(self.link, self.misbehave.hostile)
         if "Snapshot" in listing:  # a backup cut short left its staging folder
             remove = self._legacy(LegacyMessage.REMOVE_FILES, "DLMessageRemoveItems")
             self._check(self.link.remove_items([f"{self.root}/Snapshot"], 0.0, remove), "remove a stale Snapshot")

@@ -14,9 +14,11 @@ import enum
 import hashlib
 import plistlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from ..generator import (
     FLAG_DIR,
@@ -62,6 +64,43 @@ class PasscodePrompt:
     auto_enter_after: float | None = None
 
 
+class Then(enum.Enum):
+    """What a hostile device does after its :class:`HostileStep`."""
+
+    CONTINUE = "continue"  # read the host's answer, if it gives one, and go on with the backup
+    HANG = "hang"  # send nothing more, and hold the connection open until the host closes it
+    DROP = "drop"  # close the connection at once
+
+
+@dataclass(frozen=True)
+class HostileStep:
+    """Something a malicious or broken device sends in the middle of a backup (right after it
+    lists the backup folder), instead of what a device sends. Give one of the forms:
+
+    * ``message``: a DeviceLink message (the items of the plist array; missing or mistyped
+      arguments, an unknown or out-of-order name);
+    * ``raw_message``: bytes sent as one length-framed message (not a plist, a plist that is
+      not an array, ...);
+    * ``announce_length``: a message length prefix alone (e.g. 0xFFFFFFFF), with no message;
+    * ``upload_names``: one DLMessageUploadFiles whose file carries these raw (device-side,
+      host-side) names, e.g. bytes that are not UTF-8 or a path out of the backup folder; its
+      data is ``upload_data``;
+    * ``upload_frame``: one DLMessageUploadFiles of a file whose data frame announces
+      ``upload_frame[0]`` bytes and carries ``upload_frame[1]`` (from a small repeated buffer:
+      the device holds none of it);
+    * none of them: nothing is sent (with ``then=HANG``: the device simply goes silent).
+
+    ``then`` says what follows (:class:`Then`)."""
+
+    message: tuple | None = None
+    raw_message: bytes | None = None
+    announce_length: int | None = None
+    upload_names: tuple[bytes, bytes] | None = None
+    upload_data: bytes = b"hostile payload"
+    upload_frame: tuple[int, int] | None = None
+    then: Then = Then.CONTINUE
+
+
 @dataclass(frozen=True)
 class Misbehaviour:
     """Ways the device departs from a clean run. The default is a well-behaved device."""
@@ -82,6 +121,11 @@ class Misbehaviour:
     #: has been sent.
     final_error: tuple[int, str] | None = None
     passcode_prompt: PasscodePrompt | None = None
+    #: A hostile step right after the device lists the backup folder (see :class:`HostileStep`).
+    hostile: HostileStep | None = None
+    #: Called as ``before_finish(link, root)`` after the device has moved its files into place
+    #: and before its final ProcessMessage: a test's own DeviceLink requests at the end of a backup.
+    before_finish: Callable[[Any, str], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ class DeviceLog:
     relayed: list[str] = field(default_factory=list)  # notifications the device relayed to the host
     services: list[str] = field(default_factory=list)  # services started, in order
     errors: list[str] = field(default_factory=list)  # device-side crashes, as tracebacks: expect none
+    hostile_answers: list[list] = field(default_factory=list)  # what the host answered to a HostileStep
 
     def uploaded_payloads(self) -> list[str]:
         """File ids of the payloads uploaded (``.../Snapshot/xx/<fileID>``), in order."""
