@@ -327,3 +327,13 @@ def test_snapshot_of_the_wrong_shape_is_skipped_not_a_crash(env, cli, backup, mo
     out, err = cli("snapshots", "--json")
     assert [s["id"] for s in json.loads(out)] == [good.name]
     cli("restore", good.name[:8], env.parent / "out")
+
+
+def test_library_api_refuses_a_downgrade(env, cli):
+    from ibsync.capture.api import open_repository
+    from ibsync.errors import RepoError
+
+    cli("init")
+    _downgrade(env)
+    with pytest.raises(RepoError, match="claims to be unencrypted although a password is set"):
+        open_repository(env, password=PASSWORD)

@@ -27,7 +27,7 @@ from ibsync.storage import LocalStorage
 from ibsync.testing.device import SimDevice, SimLockdown
 from ibsync.testing.generator import generate_content
 
-from conftest import PASSWORD, one_line_error
+from conftest import PASSWORD, one_line_error, tree_state
 from simdevice_fixtures import connect  # noqa: F401  (pytest fixture)
 
 T = 1_600_000_000 * 10**9
@@ -406,3 +406,19 @@ def test_copy_names_the_entries_it_leaves_out(repo_path, cli, tmp_path, caplog, 
     assert any("'../escape.txt' of a folder left out of the copy" in r.getMessage() for r in caplog.records)
     cli("restore", "latest", tmp_path / "out", "--repo", target)
     assert os.listdir(tmp_path / "out" / FOLDER) == ["Info.plist"]
+
+
+def test_import_over_a_crafted_parent_neither_crashes_nor_keeps_its_bad_entries(repo_path, cli, tmp_path):
+    from conftest import MIT_BACKUP, copy_folder
+    from ibsync.source.backup_folder import read_backup_folder
+
+    src = copy_folder(MIT_BACKUP, tmp_path / "in" / "sample_backup")
+    udid = read_backup_folder(src, allow_unfinished=True).device.udid
+    # the "previous backup" of this phone, written by someone who chose its entries
+    crafted = save_snapshot(repo_path, lambda w: [w.file("Info.plist", b"x"), w.file("../evil", b"y"), 42,
+                                                  {"name": "Manifest.db", "type": "dir"}], udid=udid, raw=True)
+    cli("import", "--allow-unfinished", src)
+    cli("forget", crafted.id)
+    cli("check")  # the new snapshot carries none of the parent's refused entries
+    cli("restore", "latest", tmp_path / "out")
+    assert tree_state(tmp_path / "out" / "sample_backup") == tree_state(src)

@@ -17,7 +17,6 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
-from pathlib import Path
 from pymobiledevice3.lockdown_service_provider import LockdownServiceProvider
 
 from ..errors import UserError
@@ -40,12 +39,8 @@ def open_repository(url: str | os.PathLike, *, password: str | None = None,
     from ..cli.app import App
 
     app = App(str(url), password_file, None, json=False, quiet=True)
-    repo = Repository.open(app.storage(), (lambda: password) if password else app.password)
-    if not repo.storage.properties.local and not os.environ.get("IBSYNC_NO_CACHE"):
-        from ..repo.cache import default_cache_dir
-
-        repo.use_cache(Path(os.environ.get("IBSYNC_CACHE_DIR") or default_cache_dir()))
-    return repo
+    # the CLI's own opening, so the library gets the same downgrade checks (design.md §3)
+    return app.open_unlocked((lambda: password) if password else None, password_given=bool(password))
 
 
 async def backup_device_async(

@@ -60,7 +60,7 @@ from pymobiledevice3.services.notification_proxy import NotificationProxyService
 from ..errors import DeviceError
 from ..ingest.archiver import Archiver
 from ..source.backup_folder import describe_backup, plist_dict
-from ..model import DeviceInfo, Snapshot, utc_iso
+from ..model import DeviceInfo, Snapshot, split_entries, utc_iso
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
 from ..repo.session import WriteSession
@@ -266,7 +266,7 @@ def _incremental_base(repo: Repository, parent: Snapshot) -> bytes | None:
     backup makes the device send them again)."""
     if parent.snapshot_state != "finished" or parent.source.get("failed") or not repo.index.has(parent.tree):
         return None
-    root = {e["name"]: e for e in repo.load_tree_entries(parent.tree)}
+    root = {e["name"]: e for e in split_entries(repo.load_tree_entries(parent.tree))[0]}
     for name in INCREMENTAL_NEEDS:
         e = root.get(name)
         if e is None or e["type"] != "file" or not e["size"] or not repo.index.has_all_hex(e["content"]):
@@ -316,7 +316,7 @@ def _content_of(tree: VirtualTree, path: str) -> list[str] | None:
 
 
 def _base_content(tree: VirtualTree, base: bytes, name: str) -> list[str] | None:
-    e = {x["name"]: x for x in tree.repo.load_tree_entries(base)}.get(name)
+    e = {x["name"]: x for x in split_entries(tree.repo.load_tree_entries(base))[0]}.get(name)
     return e["content"] if e is not None else None
 
 

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from ..errors import IbsyncError, SourceError
 from ..format.chunker import SQLITE_MAGIC
 from ..format.pack import BlobType
-from ..model import DeviceInfo, Snapshot, Summary, encode_tree
+from ..model import DeviceInfo, Snapshot, Summary, encode_tree, split_entries
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
 from ..repo.session import WriteSession
@@ -181,7 +181,13 @@ class Archiver:
         """A folder's entries and its previous tree's entries."""
         if old_tree is not None and not self.repo.index.has(old_tree):
             old_tree = None  # the previous tree is gone (damaged repository): read everything
-        old_entries = self.repo.load_tree_entries(old_tree) if old_tree is not None else []
+        old_entries: list[Entry] = []
+        if old_tree is not None:
+            old_entries, rejected = split_entries(self.repo.load_tree_entries(old_tree))
+            if rejected:
+                # a crafted or damaged parent: use its good entries for the files cache, but
+                # never keep its tree as it is (that would carry the refused entries along)
+                old_tree = None
         return self.source.scan(rel), old_tree, old_entries
 
     def _walk(self, rel: str, old_tree: bytes | None, pool: ThreadPoolExecutor, listed: Future | None) -> _Dir:
