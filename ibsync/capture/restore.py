@@ -147,6 +147,10 @@ async def restore(
         raise RestoreFailed("the connection to the device was lost during the restore") from e
     except PyMobileDevice3Exception as e:
         raise RestoreFailed(f"the restore failed: {e or e.__class__.__name__}") from e
+    except DeviceError as e:  # a malformed message or a silent device, from the DeviceLink host
+        if isinstance(e, RestoreFailed):
+            raise
+        raise RestoreFailed(f"the restore failed: {e}") from e
     finally:
         progress.finish()
     _check_finished(end, encrypted)
