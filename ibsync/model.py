@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import RepoError
+from .errors import InvalidData, RepoError
 
 # A name longer than this does not fit one component of the filesystems a restore writes to
 # (ext4, APFS, NTFS: 255 bytes or UTF-16 units); refusing it up front names the entry instead of
@@ -129,7 +129,7 @@ def entry_problem(d: object) -> str | None:
     if problem:
         return problem
     kind = d.get("type")
-    if kind not in NODE_TYPES:
+    if not isinstance(kind, str) or kind not in NODE_TYPES:
         return f"its type {str(kind)[:20]!r} is unknown"
     if not _is_int(d.get("mode"), 0, 1 << 32) or not _is_int(d.get("mtime_ns"), -_INT64, _INT64):
         return "its mode or time is malformed"
@@ -293,6 +293,13 @@ class Snapshot:
         """Parse a snapshot; ValueError (or TypeError) for anything not of the shape §11 gives.
         Whoever can write a snapshot chooses every field, and readers use them as text, numbers
         and paths without looking again, so each field's type is checked here, once."""
+        try:
+            return cls._from_json(data, id)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # UnicodeDecodeError is a ValueError
+            raise InvalidData(f"not a snapshot ({e})") from None
+
+    @classmethod
+    def _from_json(cls, data: bytes, id: str) -> "Snapshot":
         d = json.loads(data)
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")

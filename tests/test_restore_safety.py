@@ -422,3 +422,28 @@ def test_import_over_a_crafted_parent_neither_crashes_nor_keeps_its_bad_entries(
     cli("check")  # the new snapshot carries none of the parent's refused entries
     cli("restore", "latest", tmp_path / "out")
     assert tree_state(tmp_path / "out" / "sample_backup") == tree_state(src)
+
+
+def test_unreadable_data_is_not_called_refused_and_a_lost_top_folder_creates_nothing(repo_path, cli, tmp_path):
+    repo = open_repository(repo_path)
+    with repo.write_session() as session:  # the sub-folder's tree in a pack of its own
+        sub = Writer(session).tree([Writer(session).file("f", b"x")])
+    pack = repo.index.get(sub).pack_id.hex()
+    repo.close()
+    snap = save_snapshot(repo_path, lambda w: [
+        w.file("Info.plist", b"kept"), {"name": "d", "type": "dir", "mode": 0o40755, "mtime_ns": T, "subtree": sub.hex()}])
+    # the sub-folder's tree blob lost: data damage, not a refused entry
+    (repo_path / "packs" / pack[:2] / pack).unlink()
+    _, err = cli("restore", snap.id[:8], tmp_path / "out", expect=1)
+    assert "'d': its folder listing cannot be read" in err
+    assert "refused" not in err.strip().splitlines()[-1]
+    # the top folder itself lost: one line naming the snapshot, and no folder created
+    lost = save_snapshot(repo_path, lambda w: [w.file("x", b"y")])
+    repo = open_repository(repo_path)
+    repo.load_index()
+    pack = repo.index.get(lost.tree).pack_id.hex()
+    repo.close()
+    (repo_path / "packs" / pack[:2] / pack).unlink()
+    _, err = cli("restore", lost.id[:8], tmp_path / "out2", expect=1)
+    one_line_error(err, f"snapshot {lost.short_id}: its top folder cannot be read", "repair index")
+    assert not (tmp_path / "out2").exists()

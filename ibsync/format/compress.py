@@ -39,6 +39,11 @@ class Compressor:
 
     def decompress(self, data: bytes | memoryview, raw_length: int) -> bytes:
         try:
+            # zstd allocates the size a frame states, whatever max_output_size says: a frame
+            # claiming more than the blob's recorded length is refused before it costs memory
+            stated = zstandard.frame_content_size(data)
+            if stated != -1 and stated != raw_length:
+                raise InvalidData(f"zstd frame states {stated} bytes, {raw_length} expected")
             out = self._d().decompress(data, max_output_size=raw_length)
         except zstandard.ZstdError as e:
             raise InvalidData(f"corrupt zstd frame: {e}") from e

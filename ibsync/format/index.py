@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import InvalidData
-from .pack import FLAG_ZSTD, BlobType, PackedBlob
+from .pack import FLAG_ZSTD, BlobType, PackedBlob, check_entry
 
 MAGIC = b"IBIX"
 VERSION = 1
@@ -53,7 +53,10 @@ def iter_index(data: bytes) -> Iterator[tuple[bytes, list[tuple[int, int, bytes,
             end = pos + n * _ENTRY.size
             if end > len(data):
                 raise InvalidData("index object truncated")
-            yield pack_id, list(_ENTRY.iter_unpack(data[pos:end]))
+            records = list(_ENTRY.iter_unpack(data[pos:end]))
+            for type_, flags, *_ in records:  # what every reader turns into a BlobType
+                check_entry(type_, flags)
+            yield pack_id, records
             pos = end
     except struct.error as e:
         raise InvalidData(f"index object truncated: {e}") from e

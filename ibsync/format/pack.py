@@ -116,6 +116,11 @@ def parse_header(tail: bytes, cipher: Cipher) -> list[PackedBlob]:
     if start < 0:
         raise InvalidData("pack header length exceeds the pack")
     header = cipher.open(tail[start : len(tail) - _TAIL.size], HEADER_AAD)
+    # Without encryption, anyone who can write the storage chooses these bytes: every field is
+    # checked before use (a short header, a count that disagrees with the length, a type or
+    # flag no writer sets).
+    if len(header) < _HEAD.size:
+        raise InvalidData("pack header too short")
     magic, version, count = _HEAD.unpack_from(header, 0)
     if magic != HEADER_MAGIC or version != HEADER_VERSION:
         raise InvalidData("not an ibsync pack header")
@@ -123,7 +128,19 @@ def parse_header(tail: bytes, cipher: Cipher) -> list[PackedBlob]:
         raise InvalidData("pack header has the wrong length")
     blobs, offset = [], 0
     for type_, flags, blob_id, length, raw_length in _ENTRY.iter_unpack(header[_HEAD.size :]):
+        check_entry(type_, flags)
         blobs.append(PackedBlob(BlobType(type_), blob_id, offset, length, raw_length, bool(flags & FLAG_ZSTD)))
         offset += length
     return blobs
+
+
+_TYPES = frozenset(int(t) for t in BlobType)
+
+
+def check_entry(type_: int, flags: int) -> None:
+    """A header or index entry's type and flags are ones ibsync writes."""
+    if type_ not in _TYPES:
+        raise InvalidData(f"unknown blob type {type_}")
+    if flags & ~FLAG_ZSTD:
+        raise InvalidData(f"unknown blob flags {flags:#x}")
 

@@ -30,12 +30,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import RepoError, UserError
+from ..errors import IbsyncError, RepoError, UserError
 from ..format.pack import PackedBlob
 from ..model import Node, Snapshot, name_problem
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
-from .walk import walk
+from .walk import REFUSED, walk
 
 Plan = dict[bytes, dict[bytes, tuple[PackedBlob, list[tuple[int, int]]]]]  # pack -> blob -> (blob, [(file, offset)])
 
@@ -214,7 +214,11 @@ def _lay_out(repo: Repository, snapshot: Snapshot, dest_fd: int, overwrite: bool
     stack: list[tuple[str, int, int]] = [("", 0, dest_fd)]
     skip = None  # a folder that could not be made: its contents are skipped with it
     try:
-        for rel, node in walk(repo, snapshot.tree, on_reject=rejected.__setitem__):
+        def reject(rel: str, why: str) -> None:
+            # refused entries are the snapshot's own doing; an unreadable folder is lost data
+            (rejected if why.startswith(REFUSED) else lay.errors)[rel] = why
+
+        for rel, node in walk(repo, snapshot.tree, on_reject=reject):
             if skip is not None and rel.startswith(skip):
                 continue
             skip = None
@@ -278,6 +282,13 @@ def restore_folder(
 ) -> RestoreResult:
     """Write the snapshot's device folder to ``target/<folder name>`` (normally the UDID)."""
     name = check_folder_name(snapshot)  # before anything is created
+    try:
+        repo.load_tree(snapshot.tree)  # the top folder must read, or there is nothing to restore
+    except IbsyncError as e:
+        raise RepoError(
+            f"snapshot {snapshot.short_id}: its top folder cannot be read ({e}); nothing was restored. "
+            "'ibsync check' shows what is damaged ('ibsync repair index' rebuilds a damaged index)"
+        ) from e
     dest_fd = _open_dest(target, name, overwrite)
     try:
         return _restore_into(repo, snapshot, target / name, dest_fd, progress, workers, overwrite)

@@ -11,6 +11,8 @@ from ..repo.repository import Repository
 
 # (path of the entry below the walked tree, why it is not yielded)
 OnReject = Callable[[str, str], None]
+# how the reason of an entry refused for what the snapshot says (not for unreadable data) starts
+REFUSED = "refused: "
 
 
 class UnsafeEntry(RepoError):
@@ -56,7 +58,7 @@ def _tree(repo: Repository, tree_id: bytes, prefix: str, on_reject: OnReject | N
     for name, reason in reports(getattr(nodes, "rejected", [])):
         if on_reject is None:
             raise UnsafeEntry(f"'{join(prefix, name)}' in the snapshot cannot be used: {reason}")
-        on_reject(join(prefix, name), f"refused: {reason}")
+        on_reject(join(prefix, name), f"{REFUSED}{reason}")
     return nodes
 
 

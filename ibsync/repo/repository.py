@@ -470,7 +470,7 @@ def _read_config(storage: Storage) -> dict:
         )
     if not isinstance(config.get("id"), str) or not _REPO_ID.fullmatch(config["id"]):
         raise RepoError(f"{storage.url}: unreadable repository config (id is not 32 hex digits)")
-    if config.get("encryption") not in ENCRYPTIONS:
+    if not isinstance(config.get("encryption"), str) or config["encryption"] not in ENCRYPTIONS:
         raise RepoError(f"{storage.url}: unreadable repository config (unknown encryption)")
     if "mac" in config and not isinstance(config["mac"], str):
         raise RepoError(f"{storage.url}: unreadable repository config (mac is not a string)")
