@@ -31,5 +31,5 @@ def test_local_ignores_leftover_temp_files(tmp_path):
 
 def test_local_write_leaves_no_temp_file(tmp_path):
     s = LocalStorage(tmp_path)
-    s.put(Kind.SNAPSHOTS, "s", b"data")
-    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["s"]
+    s.put(Kind.SNAPSHOTS, "5e" * 32, b"data")
+    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["5e" * 32]

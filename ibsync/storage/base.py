@@ -7,9 +7,12 @@ object or nothing).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable, Iterator, Protocol, Sequence
+
+from ..errors import StorageError
 
 
 class Kind(str, Enum):
@@ -24,6 +27,50 @@ class Kind(str, Enum):
 # Packs are numerous: they sit in 256 sub-folders named by the first two hex digits of their
 # name, so no single folder on a local or network drive grows past a few thousand entries.
 FANNED_OUT = frozenset({Kind.PACKS})
+
+
+# Every object but the config is named by the BLAKE3 hash of its bytes (format.crypto.storage_name).
+# Anything else found in a kind's folder is not ibsync's: listings never yield it, so no command
+# reads or deletes it as an object; `strays` names it for `check` to report.
+_OBJECT_NAME = re.compile(r"[0-9a-f]{64}")
+_FAN_OUT_NAME = re.compile(r"[0-9a-f]{2}")
+
+# Writes in progress: ``.tmp-<random>`` beside the target (local, SFTP, SMB, WebDAV).
+TEMP_PREFIX = ".tmp-"
+
+
+def is_object_name(name: str) -> bool:
+    return _OBJECT_NAME.fullmatch(name) is not None
+
+
+def is_fan_out_folder(name: str) -> bool:
+    return _FAN_OUT_NAME.fullmatch(name) is not None
+
+
+def is_ignored(name: str) -> bool:
+    """Dot files are neither objects nor strays: ``.tmp-*`` are writes in progress (see
+    ``remove_stale_temporary``), ``.DS_Store`` and ``._*`` are what macOS leaves on any drive."""
+    return name.startswith(".")
+
+
+def object_at(kind: Kind, relpath: str) -> str | None:
+    """The object name stored at ``relpath`` (relative to the kind's folder, '/'-separated), or
+    None if no object of ``kind`` can be there: a pack counts only inside the fan-out folder of
+    its first two digits, every other kind only directly in its folder."""
+    parts = relpath.split("/")
+    name = parts[-1]
+    if not is_object_name(name):
+        return None
+    if kind in FANNED_OUT:
+        return name if len(parts) == 2 and parts[0] == name[:2] else None
+    return name if len(parts) == 1 else None
+
+
+def check_name(kind: Kind, name: str) -> None:
+    """Refuse a name that is not an object's before it becomes part of a path (``../x``)."""
+    ok = name == "config" if kind is Kind.CONFIG else is_object_name(name)
+    if not ok:
+        raise StorageError(f"{kind.value}: {name!r} is not an object name")
 
 
 def object_path(kind: Kind, name: str) -> str:
@@ -79,6 +126,17 @@ class Storage(Protocol):
     def list(self, kind: Kind) -> Iterator[ObjectInfo]: ...
 
     def delete(self, kind: Kind, name: str) -> None: ...
+
+    def strays(self, kind: Kind) -> list[str]:
+        """What sits where ``kind``'s objects live but is not one of them, as sorted paths
+        relative to the root: a name that is not 64 lowercase hex digits, a pack in the wrong
+        fan-out folder, a folder, link, FIFO, socket or device, a kind folder that is a link
+        ('packs/ab', 'locks'). ``list`` never yields these; nothing deletes them."""
+
+    def remove_stale_temporary(self, older_than_s: float) -> int:
+        """Remove the ``.tmp-*`` objects of interrupted writes last modified more than
+        ``older_than_s`` seconds ago (and, for remote storage, the local staging files of
+        processes that are gone); returns how many were removed."""
 
     def exists(self) -> bool:
         """Whether the repository root holds a config object."""

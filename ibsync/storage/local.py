@@ -1,10 +1,13 @@
 """A repository on a filesystem of this machine: an internal or external drive, or a mounted share.
 
-Writes go to a temporary file in the target folder, are fsynced, then renamed into place and
-the folder is fsynced, so a kill or power loss at any instant leaves either the whole object or
-no object (plus, at worst, a ``.tmp-*`` file that listings ignore and prune removes). fsspec's
-local transactions stage in the system temp folder and move across devices, which is neither
-atomic nor durable, hence this backend.
+Writes go to a temporary file in the target folder, are synced (F_FULLFSYNC on macOS), then
+renamed into place and the folder is synced, so a kill or power loss at any instant leaves
+either the whole object or no object (plus, at worst, a ``.tmp-*`` file that listings ignore
+and ``remove_stale_temporary`` removes). fsspec's local transactions stage in the system temp
+folder and move across devices, which is neither atomic nor durable, hence this backend.
+
+Nothing below the root is followed if it is a link, and only regular files are objects
+(folders.py says why and how); the root itself is resolved once, when the storage is made.
 """
 
 from __future__ import annotations
@@ -12,26 +15,48 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
+import threading
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..errors import AlreadyExists, NotFound, StorageError
-from .base import FANNED_OUT, Kind, ObjectInfo, Properties, object_path, pieces_of
+from .base import (
+    FANNED_OUT, TEMP_PREFIX, Kind, ObjectInfo, Properties, check_name, is_fan_out_folder, is_ignored,
+    object_at, object_path, pieces_of,
+)
+from .folders import DIR_FD_SUPPORTED, Entry, FdFolder, Folder, PathFolder, Refused, child_rel, refused, sync_file
 
-TEMP_PREFIX = ".tmp-"
+__all__ = ["LocalStorage", "TEMP_PREFIX"]
+
+# link() refusals of filesystems without hard links (exFAT, FAT, some SMB mounts)
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS})
 
 
-def _fsync_dir(path: Path) -> None:
+def _parts(kind: Kind, name: str) -> tuple[tuple[str, ...], str]:
+    """The folders below the root that hold an object, and its file name there."""
+    if kind is Kind.CONFIG:
+        return (), "config"
+    if kind in FANNED_OUT:
+        return (kind.value, name[:2]), name
+    return (kind.value,), name
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _remove_quietly(folder: Folder, name: str) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return  # some mounted filesystems refuse to open folders; their rename is what we get
-    try:
-        os.fsync(fd)
+        folder.unlink(name)
     except OSError:
         pass
-    finally:
-        os.close(fd)
 
 
 class _LocalStaged:
@@ -41,181 +66,386 @@ class _LocalStaged:
     def __init__(self, storage: "LocalStorage", kind: Kind) -> None:
         self.storage = storage
         self.kind = kind
-        folder = storage.root / kind.value
-        storage._ensure_dir(folder)
-        self.path = folder / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        self.name = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
         try:
-            self.file = open(self.path, "xb")
+            self.folder: Folder | None = storage._open((kind.value,), create=True)  # held until commit or abort
         except OSError as e:
-            raise StorageError(f"cannot write {self.path}: {e.strerror or e}") from e
+            raise StorageError(f"cannot write {storage.url}/{kind.value}: {e.strerror or e}") from e
+        try:
+            self.fd: int | None = self.folder.create_new(self.name)
+        except OSError as e:
+            self._close()
+            raise StorageError(f"cannot write {storage.url}/{kind.value}/{self.name}: {e.strerror or e}") from e
 
     def write(self, data: bytes | memoryview) -> None:
+        assert self.fd is not None
         try:
-            self.file.write(data)
+            _write_all(self.fd, data)
         except OSError as e:
             self.abort()
-            raise StorageError(f"cannot write {self.path}: {e.strerror or e}") from e
+            raise StorageError(f"cannot write {self.kind.value}/{self.name}: {e.strerror or e}") from e
 
     def commit(self, name: str) -> None:
-        final = self.storage._path(self.kind, name)
+        check_name(self.kind, name)
+        assert self.fd is not None and self.folder is not None
+        parts, leaf = _parts(self.kind, name)
         try:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            self.storage._ensure_dir(final.parent)
-            os.replace(self.path, final)
-        except OSError as e:
+            sync_file(self.fd)
+            os.close(self.fd)
+            self.fd = None
+            with self.storage._folder(parts[1:], create=True, base=self.folder) as final:
+                self.folder.move(self.name, final, leaf)
+                final.sync()
+            if parts[1:]:
+                self.folder.sync()  # the temporary name is gone from here too
+        except (OSError, StorageError) as e:
             self.abort()
-            raise StorageError(f"cannot write {final}: {e.strerror or e}") from e
-        _fsync_dir(final.parent)
-        if final.parent != self.path.parent:
-            _fsync_dir(self.path.parent)
+            if isinstance(e, StorageError):
+                raise
+            raise StorageError(f"cannot write {self.storage.url}/{object_path(self.kind, name)}: {e.strerror or e}") from e
+        finally:
+            self._close()
 
     def abort(self) -> None:
-        try:
-            self.file.close()
-        finally:
-            try:
-                self.path.unlink()
-            except OSError:
-                pass
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.folder is not None:
+            _remove_quietly(self.folder, self.name)
+        self._close()
+
+    def _close(self) -> None:
+        if self.folder is not None:
+            self.folder.close()
+            self.folder = None
 
 
 class LocalStorage:
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).expanduser().absolute()
-        self.url = str(self.root)
+    """``dir_fd=False`` forces the lstat-per-component fallback (the only one on Windows)."""
+
+    def __init__(self, root: str | os.PathLike[str], *, dir_fd: bool | None = None) -> None:
+        given = Path(root).expanduser().absolute()
+        self.url = str(given)
+        # Resolved once: a link the user chose (/Volumes/X, ~/Backups -> /mnt/disk) is followed
+        # here; anything below the root never is.
+        self.root = Path(os.path.realpath(given))
         self.properties = Properties(connections=2, local=True)
-        self._made_dirs: set[Path] = set()
+        self._use_fd = DIR_FD_SUPPORTED if dir_fd is None else (dir_fd and DIR_FD_SUPPORTED)
+        self._root_folder: Folder | None = None
+        self._root_lock = threading.Lock()
+        self._finalizer: weakref.finalize | None = None
 
-    def _path(self, kind: Kind, name: str) -> Path:
-        return self.root / object_path(kind, name)
+    # -- folders -------------------------------------------------------------------------------
 
-    def _ensure_dir(self, folder: Path) -> None:
-        if folder in self._made_dirs:
-            return
-        missing = []
-        probe = folder
-        while not probe.exists():
-            missing.append(probe)
-            probe = probe.parent
-        for d in reversed(missing):
+    def _root(self, *, create: bool) -> Folder:
+        """The root, held open for the storage's life (one descriptor), so a root replaced by a
+        link after opening does not redirect later operations."""
+        with self._root_lock:
+            if self._root_folder is None:
+                opener = FdFolder.open_root if self._use_fd else PathFolder.open_root
+                try:
+                    folder = opener(str(self.root), self.url)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    self.root.mkdir(parents=True, exist_ok=True)
+                    PathFolder(str(self.root.parent), "").sync()  # the new root's entry, durably
+                    folder = opener(str(self.root), self.url)
+                except NotADirectoryError:
+                    raise StorageError(f"{self.url} is not a folder") from None
+                if isinstance(folder, FdFolder):
+                    folder._owned = False
+                    self._finalizer = weakref.finalize(self, os.close, folder.fd)
+                self._root_folder = folder
+            return self._root_folder
+
+    def _open(self, parts: Sequence[str], *, create: bool, base: Folder | None = None) -> Folder:
+        """The folder at ``parts`` below ``base`` (the root), opened without following links;
+        the caller closes it. FileNotFoundError if absent, Refused if a link or a file."""
+        folder = base if base is not None else self._root(create=create)
+        for part in parts:
             try:
-                d.mkdir()
-            except FileExistsError:
-                pass
-            _fsync_dir(d.parent)
-        self._made_dirs.add(folder)
+                child = folder.sub(part, create=create)
+            finally:
+                if folder is not base and folder is not self._root_folder:
+                    folder.close()  # one descriptor at a time besides the root
+            folder = child
+        return folder
+
+    @contextmanager
+    def _folder(self, parts: Sequence[str], *, create: bool, base: Folder | None = None) -> Iterator[Folder]:
+        folder = self._open(parts, create=create, base=base)
+        try:
+            yield folder
+        finally:
+            if folder is not base and folder is not self._root_folder:
+                folder.close()
+
+    # -- the Storage interface -----------------------------------------------------------------
 
     def put(self, kind: Kind, name: str, data: bytes | Sequence[bytes], *, exclusive: bool = False) -> None:
-        final = self._path(kind, name)
+        check_name(kind, name)
+        parts, leaf = _parts(kind, name)
         try:
-            self._ensure_dir(final.parent)
-            tmp = final.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-            with open(tmp, "xb") as f:
-                for piece in pieces_of(data):
-                    f.write(piece)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                if exclusive:
-                    # link() fails if the name exists: an atomic create-if-absent on POSIX
-                    # filesystems, where rename() would silently replace.
+            with self._folder(parts, create=True) as folder:
+                tmp = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+                fd = folder.create_new(tmp)
+                try:
                     try:
-                        os.link(tmp, final)
-                    except FileExistsError:
-                        raise AlreadyExists(f"{object_path(kind, name)} already exists") from None
-                    except OSError as e:
-                        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                            raise
-                        # no hard links (exFAT, FAT, some SMB mounts): fall back to check + rename
-                        if final.exists():
-                            raise AlreadyExists(f"{object_path(kind, name)} already exists") from None
-                        os.replace(tmp, final)
-                else:
-                    os.replace(tmp, final)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
-            _fsync_dir(final.parent)
-        except AlreadyExists:
+                        for piece in pieces_of(data):
+                            _write_all(fd, piece)
+                        sync_file(fd)
+                    finally:
+                        os.close(fd)
+                    self._place(folder, tmp, leaf, exclusive, object_path(kind, name))
+                finally:
+                    _remove_quietly(folder, tmp)  # still there if the link or rename failed
+                folder.sync()
+        except StorageError:
             raise
         except OSError as e:
-            raise StorageError(f"cannot write {final}: {e.strerror or e}") from e
+            raise StorageError(f"cannot write {self.url}/{object_path(kind, name)}: {e.strerror or e}") from e
+
+    @staticmethod
+    def _place(folder: Folder, tmp: str, leaf: str, exclusive: bool, rel: str) -> None:
+        if not exclusive:
+            folder.move(tmp, folder, leaf)
+            return
+        # link() fails if the name exists: an atomic create-if-absent on POSIX filesystems,
+        # where rename() would silently replace.
+        try:
+            folder.link(tmp, leaf)
+            return
+        except FileExistsError:
+            raise AlreadyExists(f"{rel} already exists") from None
+        except OSError as e:
+            if e.errno not in _NO_HARD_LINKS:
+                raise
+        # no hard links: check, then rename (not atomic against a racing writer)
+        try:
+            folder.lstat(leaf)
+        except FileNotFoundError:
+            folder.move(tmp, folder, leaf)
+            return
+        raise AlreadyExists(f"{rel} already exists")
 
     def stage(self, kind: Kind) -> _LocalStaged:
         return _LocalStaged(self, kind)
 
     def get(self, kind: Kind, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        path = self._path(kind, name)
+        check_name(kind, name)
+        parts, leaf = _parts(kind, name)
         try:
-            with open(path, "rb") as f:
+            with self._folder(parts, create=False) as folder:
+                fd = folder.open_regular(leaf)
+            with os.fdopen(fd, "rb") as f:
                 if offset:
                     f.seek(offset)
                 data = f.read() if length is None else f.read(length)
         except FileNotFoundError:
             raise NotFound(f"{object_path(kind, name)} does not exist") from None
+        except StorageError:
+            raise
         except OSError as e:
-            raise StorageError(f"cannot read {path}: {e.strerror or e}") from e
+            raise StorageError(f"cannot read {self.url}/{object_path(kind, name)}: {e.strerror or e}") from e
         if length is not None and len(data) != length:
             raise StorageError(f"short read of {object_path(kind, name)}: {len(data)} of {length} bytes at {offset}")
         return data
 
     def stat(self, kind: Kind, name: str) -> ObjectInfo:
+        check_name(kind, name)
+        parts, leaf = _parts(kind, name)
         try:
-            st = self._path(kind, name).stat()
+            with self._folder(parts, create=False) as folder:
+                st = _lstat_regular(folder, leaf)
         except FileNotFoundError:
             raise NotFound(f"{object_path(kind, name)} does not exist") from None
+        except StorageError:
+            raise
         except OSError as e:
             raise StorageError(f"cannot stat {object_path(kind, name)}: {e.strerror or e}") from e
         return ObjectInfo(name, st.st_size)
 
-    def _scan(self, folder: Path) -> Iterator[ObjectInfo]:
+    def _scan(self, kind: Kind) -> _Scan:
+        """Every entry of the kind's folder and (packs) of its fan-out folders, links not followed."""
+        scan = _Scan()
         try:
-            entries = list(os.scandir(folder))
+            folder = self._open((kind.value,), create=False)
         except FileNotFoundError:
-            return
+            return scan
+        except Refused as e:
+            (scan.links if e.is_link else scan.odd).append(kind.value)
+            return scan
         except OSError as e:
-            raise StorageError(f"cannot list {folder}: {e.strerror or e}") from e
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
-                continue
-            yield ObjectInfo(entry.name, entry.stat(follow_symlinks=False).st_size)
+            raise StorageError(f"cannot list {self.url}/{kind.value}: {e.strerror or e}") from e
+        try:
+            top = folder.entries()
+            scan.folders.append(("", top))
+            if kind in FANNED_OUT:
+                for e in sorted(top, key=lambda e: e.name):
+                    if not is_fan_out_folder(e.name):
+                        continue
+                    if e.is_link:
+                        scan.links.append(f"{kind.value}/{e.name}")
+                    elif e.is_dir:
+                        with self._folder((e.name,), create=False, base=folder) as sub:
+                            scan.folders.append((e.name, sub.entries()))
+        except StorageError:
+            raise
+        except OSError as e:
+            raise StorageError(f"cannot list {self.url}/{kind.value}: {e.strerror or e}") from e
+        finally:
+            folder.close()
+        return scan
 
     def list(self, kind: Kind) -> Iterator[ObjectInfo]:
-        folder = self.root / kind.value
-        if kind not in FANNED_OUT:
-            yield from self._scan(folder)
-            return
+        scan = self._scan(kind)
+        if scan.links:
+            # the objects behind a link would be missing from the listing, and prune or repair
+            # index would act on a wrong picture of the repository: stop instead
+            raise Refused(f"{self.url}/{scan.links[0]} is a symbolic link; ibsync never follows links inside a repository "
+                          "(move the real folder there)", is_link=True)
+        found = [ObjectInfo(e.name, e.size) for sub, entries in scan.folders for e in entries if _is_object(kind, sub, e)]
+        yield from found
+
+    def strays(self, kind: Kind) -> list[str]:
+        if kind is Kind.CONFIG:
+            return self._config_strays()
+        scan = self._scan(kind)
+        out = scan.links + scan.odd
+        fanned = kind in FANNED_OUT
+        for sub, entries in scan.folders:
+            prefix = f"{kind.value}/{sub}/" if sub else f"{kind.value}/"
+            for e in entries:
+                if _is_ignored_entry(e):
+                    continue
+                if _is_object(kind, sub, e):
+                    continue
+                if fanned and sub == "" and (e.is_dir or e.is_link) and is_fan_out_folder(e.name):
+                    continue  # scanned, or (a link) already in scan.links
+                out.append(prefix + e.name)
+        return sorted(out)
+
+    def _config_strays(self) -> list[str]:
         try:
-            subdirs = sorted(e.path for e in os.scandir(folder) if e.is_dir() and len(e.name) == 2)
+            _lstat_regular(self._root(create=False), "config")
         except FileNotFoundError:
-            return
+            return []
+        except Refused:
+            return ["config"]
         except OSError as e:
-            raise StorageError(f"cannot list {folder}: {e.strerror or e}") from e
-        for sub in subdirs:
-            yield from self._scan(Path(sub))
+            raise StorageError(f"cannot stat {self.url}/config: {e.strerror or e}") from e
+        return []
 
     def delete(self, kind: Kind, name: str) -> None:
-        path = self._path(kind, name)
+        check_name(kind, name)
+        parts, leaf = _parts(kind, name)
         try:
-            path.unlink()
+            with self._folder(parts, create=False) as folder:
+                _lstat_regular(folder, leaf)  # only objects: never a link, FIFO or folder planted there
+                folder.unlink(leaf)
+                folder.sync()
         except FileNotFoundError:
             raise NotFound(f"{object_path(kind, name)} does not exist") from None
+        except StorageError:
+            raise
         except OSError as e:
-            raise StorageError(f"cannot delete {path}: {e.strerror or e}") from e
-        _fsync_dir(path.parent)
+            raise StorageError(f"cannot delete {self.url}/{object_path(kind, name)}: {e.strerror or e}") from e
+
+    def remove_stale_temporary(self, older_than_s: float) -> int:
+        """``.tmp-*`` regular files in the root, the kind folders and the fan-out folders, last
+        written more than ``older_than_s`` ago (a write in progress rewrites its file often; a
+        killed one never again). Links are neither followed nor removed."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        try:
+            root = self._root(create=False)
+        except FileNotFoundError:
+            return 0
+        try:
+            removed += _remove_stale_in(root, cutoff)
+            for kind in Kind:
+                if kind is Kind.CONFIG:
+                    continue
+                try:
+                    with self._folder((kind.value,), create=False) as folder:
+                        removed += _remove_stale_in(folder, cutoff)
+                        if kind in FANNED_OUT:
+                            for e in folder.entries():
+                                if e.is_dir and is_fan_out_folder(e.name):
+                                    with self._folder((e.name,), create=False, base=folder) as sub:
+                                        removed += _remove_stale_in(sub, cutoff)
+                except (FileNotFoundError, Refused):
+                    continue  # absent, or a link `strays` reports: nothing of ours behind it
+        except StorageError:
+            raise
+        except OSError as e:
+            raise StorageError(f"cannot remove temporary files in {self.url}: {e.strerror or e}") from e
+        return removed
 
     def exists(self) -> bool:
-        return (self.root / "config").is_file()
+        try:
+            _lstat_regular(self._root(create=False), "config")
+        except (FileNotFoundError, Refused):
+            return False
+        except OSError as e:
+            raise StorageError(f"cannot stat {self.url}/config: {e.strerror or e}") from e
+        return True
 
     def is_empty(self) -> bool:
         try:
-            return not any(self.root.iterdir())
+            return not self._root(create=False).entries()
         except FileNotFoundError:
             return True
+        except StorageError:
+            raise
         except OSError as e:
-            raise StorageError(f"cannot list {self.root}: {e.strerror or e}") from e
+            raise StorageError(f"cannot list {self.url}: {e.strerror or e}") from e
 
     def close(self) -> None:
-        pass
+        with self._root_lock:
+            if self._finalizer is not None:
+                self._finalizer()  # closes the root's descriptor once
+            self._root_folder = None
+            self._finalizer = None
+
+
+@dataclass
+class _Scan:
+    """What a kind's folder holds: (fan-out folder or "", its entries), and the links and
+    odd entries found where folders should be."""
+
+    folders: list[tuple[str, list[Entry]]] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    odd: list[str] = field(default_factory=list)
+
+
+def _is_object(kind: Kind, sub: str, e: Entry) -> bool:
+    """Whether entry ``e`` of fan-out folder ``sub`` ("" for the kind's folder) is an object."""
+    return e.is_file and object_at(kind, f"{sub}/{e.name}" if sub else e.name) is not None
+
+
+def _is_ignored_entry(e: Entry) -> bool:
+    # a dot file that is not a regular file is odd enough to report (a '.tmp-x' link or FIFO)
+    return is_ignored(e.name) and (e.is_file or e.is_dir)
+
+
+def _lstat_regular(folder: Folder, leaf: str) -> os.stat_result:
+    st = folder.lstat(leaf)
+    if not stat.S_ISREG(st.st_mode):
+        raise refused(child_rel(folder.rel, leaf), st)
+    return st
+
+
+def _remove_stale_in(folder: Folder, cutoff: float) -> int:
+    removed = 0
+    for e in folder.entries():
+        if e.is_file and e.name.startswith(TEMP_PREFIX) and e.mtime < cutoff:
+            try:
+                folder.unlink(e.name)
+            except FileNotFoundError:
+                continue  # another prune got there first
+            removed += 1
+    if removed:
+        folder.sync()
+    return removed

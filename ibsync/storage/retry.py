@@ -63,6 +63,25 @@ _TRANSIENT_CLASSES = frozenset(
 )
 
 
+# Subclasses of a transient class that are answers, not outages: asyncssh reports a refused
+# login or an unknown host key as a DisconnectError, like a dropped connection. Retrying them
+# (now that connecting is retried too) would only delay the message for minutes.
+_PERMANENT_CLASSES = frozenset(
+    {
+        "asyncssh.PermissionDenied",
+        "asyncssh.HostKeyNotVerifiable",
+        "asyncssh.KeyExchangeFailed",
+        "asyncssh.ProtocolNotSupported",
+        "asyncssh.IllegalUserName",
+        "asyncssh.ServiceNotAvailable",
+    }
+)
+
+
+def _class_names(x: BaseException) -> set[str]:
+    return {f"{cls.__module__.split('.')[0]}.{cls.__name__}" for cls in type(x).__mro__}
+
+
 def _chain(e: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
@@ -79,6 +98,8 @@ def _http_status(e: BaseException) -> int | None:
 
 
 def is_transient(e: BaseException) -> bool:
+    if any(_class_names(x) & _PERMANENT_CLASSES for x in _chain(e)):
+        return False
     for x in _chain(e):
         if isinstance(x, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
             return True
@@ -88,9 +109,8 @@ def is_transient(e: BaseException) -> bool:
         # 423 Locked: WebDAV servers (rclone) answer it to concurrent MKCOLs of one folder
         if status is not None and (status >= 500 or status in (408, 423, 429)):
             return True
-        for cls in type(x).__mro__:
-            if f"{cls.__module__.split('.')[0]}.{cls.__name__}" in _TRANSIENT_CLASSES:
-                return True
+        if _class_names(x) & _TRANSIENT_CLASSES:
+            return True
     return False
 
 

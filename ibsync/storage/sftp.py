@@ -4,6 +4,8 @@
   ``posix-rename@openssh.com`` replaces atomically; the plain SFTP v3 ``RENAME`` refuses an
   existing target, which makes exclusive creates atomic too (v3 reports it as a generic
   "Failure", so the target's existence decides what it meant).
+- Before the rename, each upload is flushed to the server's disk with ``fsync@openssh.com``
+  (OpenSSH 6.5+, most NAS servers); a server without the extension gets the rename alone.
 - sshfs's ``cat_file`` ignores ranges and returns the whole file; ranges are read with
   open/seek/read on an SFTP channel.
 - The server's host key is checked against ``~/.ssh/known_hosts`` (sshfs alone turns checking
@@ -44,6 +46,22 @@ class SftpStorage(FsspecStorage):
 
         return fsspec.asyn.sync(self.fs.loop, make_coro)
 
+    def _upload(self, path: str, payload: bytes | None, local: str | None) -> None:
+        from sshfs.utils import WRITE_BLOCK_SIZE
+
+        async def upload() -> None:
+            async with self.fs._pool.get() as channel:
+                if local is not None:
+                    await channel.put(local, path, block_size=WRITE_BLOCK_SIZE)  # pipelined
+                # "r+b" for a staged file: any handle's fsync flushes the file, and a write
+                # handle is what FlushFileBuffers (Windows' OpenSSH) needs
+                async with channel.open(path, "wb" if local is None else "r+b") as f:
+                    if payload:
+                        await f.write(payload)
+                    await _fsync(f)
+
+        self._sync(upload)
+
     def _rename(self, src: str, dst: str, *, replace: bool) -> None:
         if replace:
             self.fs.mv(src, dst)  # posix-rename
@@ -74,3 +92,14 @@ class SftpStorage(FsspecStorage):
             if type(e).__name__ == "SFTPNoSuchFile":
                 raise FileNotFoundError(path) from e
             raise
+
+
+async def _fsync(f: Any) -> None:
+    """Durable before it is renamed into place: a power cut on the server after the rename must
+    not leave a named object with lost bytes."""
+    from asyncssh import SFTPOpUnsupported
+
+    try:
+        await f.fsync()
+    except SFTPOpUnsupported:
+        pass  # the server lacks fsync@openssh.com: its rename is all we get

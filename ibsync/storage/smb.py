@@ -20,11 +20,12 @@ import errno
 import functools
 from typing import Any, Callable, TypeVar
 
-from .remote import FsspecStorage
+from .remote import FsspecStorage, RemoteEntry, mtime_of
 
 T = TypeVar("T")
 
 _FILE_ATTRIBUTE_DIRECTORY = 0x10
+_FILE_ATTRIBUTE_REPARSE_POINT = 0x400  # a symbolic link or junction on the server
 
 
 def _translated(fn: Callable[..., T]) -> Callable[..., T]:
@@ -109,17 +110,23 @@ class SmbStorage(FsspecStorage):
         smbclient.remove(self._unc(path), port=self.fs._port)
 
     @_translated
-    def _list_entries(self, folder: str, recursive: bool) -> list[tuple[str, int]]:
+    def _list_entries(self, folder: str, recursive: bool) -> list[RemoteEntry]:
         import smbclient
 
-        out: list[tuple[str, int]] = []
-        # the directory query already carries size and attributes; DirEntry.stat() would cost
-        # a request per entry (and forgets the port)
+        out: list[RemoteEntry] = []
+        # the directory query already carries size, times and attributes; DirEntry.stat() would
+        # cost a request per entry (and forgets the port)
         for entry in smbclient.scandir(self._unc(folder), port=self.fs._port):
             info = entry.smb_info
-            if info.file_attributes & _FILE_ATTRIBUTE_DIRECTORY:
+            mtime = mtime_of({"mtime": info.last_write_time})
+            if info.file_attributes & _FILE_ATTRIBUTE_REPARSE_POINT:
+                out.append(RemoteEntry(entry.name, "link", 0, mtime))
+            elif info.file_attributes & _FILE_ATTRIBUTE_DIRECTORY:
                 if recursive:
-                    out.extend(self._list_entries(f"{folder}/{entry.name}", False))
-                continue
-            out.append((entry.name, info.end_of_file))
+                    inner = self._list_entries(f"{folder}/{entry.name}", False)
+                    out.extend(RemoteEntry(f"{entry.name}/{e.path}", e.type, e.size, e.mtime) for e in inner)
+                else:
+                    out.append(RemoteEntry(entry.name, "directory", 0, mtime))
+            else:
+                out.append(RemoteEntry(entry.name, "file", info.end_of_file, mtime))
         return out

@@ -47,10 +47,11 @@ def check_put_get(s: Storage) -> None:
     s.put(Kind.CONFIG, "config", b"{}", exclusive=True)
     assert s.exists() and not s.is_empty()
     _expect(AlreadyExists, s.put, Kind.CONFIG, "config", b"{}", exclusive=True)
-    s.put(Kind.SNAPSHOTS, "s1", b"")
-    assert s.get(Kind.SNAPSHOTS, "s1") == b""
-    s.delete(Kind.SNAPSHOTS, "s1")
-    _expect(NotFound, s.get, Kind.SNAPSHOTS, "s1")
+    snap = "5e" * 32
+    s.put(Kind.SNAPSHOTS, snap, b"")
+    assert s.get(Kind.SNAPSHOTS, snap) == b""
+    s.delete(Kind.SNAPSHOTS, snap)
+    _expect(NotFound, s.get, Kind.SNAPSHOTS, snap)
     s.delete(Kind.PACKS, name)
     assert list(s.list(Kind.PACKS)) == []
 
@@ -85,7 +86,25 @@ def check_staged(s: Storage) -> None:
     s.delete(Kind.PACKS, name)
 
 
-CHECKS = [check_empty, check_put_get, check_many, check_staged]
+def check_names_and_leftovers(s: Storage) -> None:
+    """Only object names make paths; a repository ibsync wrote has no strays, and its fresh
+    writes are never taken for stale leftovers."""
+    for bad in ("../config", "s1", "AB" * 32, "ab/" + "cd" * 31):
+        _expect(StorageError, s.put, Kind.SNAPSHOTS, bad, b"x")
+        _expect(StorageError, s.get, Kind.SNAPSHOTS, bad)
+        _expect(StorageError, s.delete, Kind.SNAPSHOTS, bad)
+    s.put(Kind.PACKS, "ef" * 32, b"pack")
+    s.put(Kind.LOCKS, "10" * 32, b"lock")
+    for kind in Kind:
+        assert s.strays(kind) == [], f"strays in {kind.value}: {s.strays(kind)}"
+    # (the count may include old staging files of killed processes in this machine's temp folder)
+    s.remove_stale_temporary(3600)
+    assert s.get(Kind.PACKS, "ef" * 32) == b"pack" and s.get(Kind.LOCKS, "10" * 32) == b"lock"
+    s.delete(Kind.PACKS, "ef" * 32)
+    s.delete(Kind.LOCKS, "10" * 32)
+
+
+CHECKS = [check_empty, check_put_get, check_many, check_staged, check_names_and_leftovers]
 
 
 def run_conformance(s: Storage) -> None:
