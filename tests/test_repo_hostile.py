@@ -304,12 +304,20 @@ class _ConfigWriteFails:
         return self._storage.put(kind, name, data, exclusive=exclusive)
 
 
-def test_failed_init_removes_its_key_file(env):
+def test_failed_init_removes_its_key_file(env, cli):
     storage = LocalStorage(env)
     with pytest.raises(StorageError, match="no space"):
         Repository.init(_ConfigWriteFails(storage), PASSWORD, kdf=FAST_KDF)
     assert list(storage.list(Kind.KEYS)) == []
     assert not storage.exists()
+    (env / "packs" / "ab").mkdir(parents=True)  # empty folders of our own are no obstacle
+    cli("init")  # the folder is usable again
+    # anything else still is: a user's file beside the empty folders
+    other = env.parent / "other"
+    (other / "keys").mkdir(parents=True)
+    (other / "keys" / "notes.txt").write_text("mine")
+    _, err = cli("init", "--repo", other, expect=2)
+    assert "not empty" in err
 
 
 @pytest.mark.parametrize("field,value", [("device", {"udid": 5}), ("device", {"name": "no udid"}), ("folder", ["a"]),

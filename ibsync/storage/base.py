@@ -157,3 +157,19 @@ def pieces_of(data: bytes | Sequence[bytes]) -> Iterable[bytes]:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return (data,)
     return data
+
+
+def leaves_room_for_init(entries: Iterable[tuple[str, bool, Sequence[tuple[str, bool, int]]]]) -> bool:
+    """Whether a root holding these entries may be initialised: nothing at all, or only the empty
+    folders of our kinds that an ``init`` which failed after its key file leaves behind
+    (``packs`` with empty fan-out folders). ``entries``: (name, is a real folder, its
+    contents as (name, is a real folder, number of entries inside))."""
+    kinds = {k.value for k in Kind if k is not Kind.CONFIG}
+    for name, is_dir, contents in entries:
+        if not is_dir or name not in kinds:
+            return False
+        for sub, sub_is_dir, inside in contents:
+            if not (name == Kind.PACKS.value and sub_is_dir and is_fan_out_folder(sub) and inside == 0):
+                return False
+    return True
+

@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 
 from ..errors import AlreadyExists, NotFound, StorageError
 from .base import (
-    FANNED_OUT, TEMP_PREFIX, Kind, ObjectInfo, Properties, check_name, is_fan_out_folder, is_ignored,
+    FANNED_OUT, TEMP_PREFIX, Kind, ObjectInfo, Properties, check_name, is_fan_out_folder, is_ignored, leaves_room_for_init,
     object_at, object_path, pieces_of,
 )
 from .folders import DIR_FD_SUPPORTED, Entry, FdFolder, Folder, PathFolder, Refused, child_rel, refused, sync_file
@@ -394,7 +394,9 @@ class LocalStorage:
 
     def is_empty(self) -> bool:
         try:
-            return not self._root(create=False).entries()
+            if not self._root(create=False).entries():
+                return True
+            return leaves_room_for_init(_describe(self.root))
         except FileNotFoundError:
             return True
         except StorageError:
@@ -449,3 +451,18 @@ def _remove_stale_in(folder: Folder, cutoff: float) -> int:
     if removed:
         folder.sync()
     return removed
+
+
+def _describe(root: Path) -> list[tuple[str, bool, list[tuple[str, bool, int]]]]:
+    """What ``leaves_room_for_init`` needs to know of a root (read-only; links are not followed)."""
+    out = []
+    for e in os.scandir(root):
+        is_dir = e.is_dir(follow_symlinks=False)
+        contents = []
+        if is_dir:
+            for sub in os.scandir(e.path):
+                sub_dir = sub.is_dir(follow_symlinks=False)
+                contents.append((sub.name, sub_dir, sum(1 for _ in os.scandir(sub.path)) if sub_dir else 1))
+        out.append((e.name, is_dir, contents))
+    return out
+

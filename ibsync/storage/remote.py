@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from ..errors import AlreadyExists, IbsyncError, NotFound, StorageError
 from .base import (
-    FANNED_OUT, TEMP_PREFIX, Kind, ObjectInfo, Properties, check_name, is_fan_out_folder, is_ignored, join_pieces,
+    FANNED_OUT, TEMP_PREFIX, Kind, ObjectInfo, Properties, check_name, is_fan_out_folder, is_ignored, join_pieces, leaves_room_for_init,
     object_at, object_path,
 )
 from .retry import RetryPolicy, is_transient, one_line
@@ -437,11 +437,27 @@ class FsspecStorage:
         def attempt() -> bool:
             self.fs.invalidate_cache(self.root)
             try:
-                return not self.fs.exists(self.root) or not self.fs.ls(self.root, detail=False)
+                if not self.fs.exists(self.root):
+                    return True
+                entries = self.fs.ls(self.root, detail=True)
+                return not entries or leaves_room_for_init(self._describe(entries))
             except FileNotFoundError:
                 return True
 
         return self._run("list", "listing the repository", attempt)
+
+    def _describe(self, entries: list[dict]) -> list[tuple[str, bool, list[tuple[str, bool, int]]]]:
+        out = []
+        for e in entries:
+            is_dir = e.get("type") == "directory"
+            contents = []
+            if is_dir:
+                for sub in self.fs.ls(e["name"], detail=True):
+                    sub_dir = sub.get("type") == "directory"
+                    contents.append((sub["name"].rstrip("/").rsplit("/", 1)[-1], sub_dir,
+                                     len(self.fs.ls(sub["name"], detail=False)) if sub_dir else 1))
+            out.append((e["name"].rstrip("/").rsplit("/", 1)[-1], is_dir, contents))
+        return out
 
     def close(self) -> None:
         pass
