@@ -1,4 +1,4 @@
-"""repair index rebuilds from the packs; repair snapshots drops (and names) what is lost."""
+"""repair index rebuilds from the packs; repair snapshots rewrites snapshots without (and names) what is lost."""
 
 import json
 
@@ -57,13 +57,19 @@ def test_repair_after_losing_a_pack(env, cli, day1, tmp_path):
     damaged = json.loads(out)
     assert [d["id"] for d in damaged] == [second["id"]] and damaged[0]["lost_files"]
     assert (env / "snapshots" / second["id"]).exists()  # dry run removed nothing
-    out, _ = cli("repair", "snapshots")
-    assert "lost " in out and "removed 1 damaged snapshot(s)" in out
+    state2 = tree_state(live)
+    out, _ = cli("repair", "snapshots", "--json")
+    (done,) = json.loads(out)
+    assert done["id"] == second["id"] and done["removed"] and done["lost_files"] == damaged[0]["lost_files"]
     cli("check", "--read-data")
-    out, _ = cli("snapshots", "--json")
-    assert len(json.loads(out)) == 1
-    cli("restore", "latest", tmp_path / "out")
+    snaps = {s["id"]: s for s in json.loads(cli("snapshots", "--json")[0])}
+    assert len(snaps) == 2 and second["id"] not in snaps and done["rewritten_as"] in snaps
+    # the first snapshot is untouched; the rewritten second restores all but its lost files
+    first = next(i for i in snaps if i != done["rewritten_as"])
+    cli("restore", first, tmp_path / "out")
     assert tree_state(tmp_path / "out" / live.name) == state1
+    cli("restore", done["rewritten_as"], tmp_path / "out1")
+    assert tree_state(tmp_path / "out1" / live.name) == {k: v for k, v in state2.items() if k not in done["lost_files"]}
     # the next import stores the lost data again
     cli("import", live)
     cli("restore", "latest", tmp_path / "out2")

@@ -34,6 +34,8 @@ def check_cmd(app: App, read_data: bool, subset_text: str | None) -> None:
                 "bytes_read": result.bytes_read,
                 "errors": result.errors,
                 "warnings": result.warnings,
+                "damaged_packs": result.damaged_packs,
+                "strays": result.strays,
             }
         )
     else:
@@ -47,5 +49,9 @@ def check_cmd(app: App, read_data: bool, subset_text: str | None) -> None:
         )
         if result.ok:
             app.say("no errors were found")
+        elif result.damaged_packs:
+            ids = " ".join(name[:12] for name in result.damaged_packs)
+            app.say(f"to keep what the damaged pack(s) still hold: 'ibsync repair packs {ids}', "
+                    "then 'ibsync repair snapshots'")
     if not result.ok:
         raise CheckFailed(f"the repository has {len(result.errors)} error(s)")

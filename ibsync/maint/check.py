@@ -8,6 +8,12 @@ With ``read_data``, every pack is read whole: its name must be the BLAKE3 of its
 header must agree with the index, its blobs must fill it up to the header, and every blob must
 decrypt, decompress and match its id. ``subset`` reads a part of the packs the same way, so a
 large remote repository can be read in full over several runs.
+
+Errors are what affects a snapshot or the index; the exit status reflects only them. A pack no
+index lists cannot affect any snapshot: it is a warning, as a leftover of an interrupted run
+(its header authenticates; prune removes it) or as a file that is not an ibsync pack of this
+repository (left in place: nothing deletes what it cannot prove is ours). Files where objects
+live that are not objects (the storage's ``strays``) are warnings too.
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import IbsyncError, UserError
+from ..errors import IbsyncError, InvalidData, NotFound, UserError
 from ..format.pack import BlobType, pack_name, split_tail
 from ..model import name_problem, reports
 from ..progress import NULL_PROGRESS, Progress
 from ..reader.walk import join
 from ..repo.repository import Repository
-from ..storage import Kind
+from ..storage import Kind, object_path
+from .repair import read_pack_header
+
+STRAY_KINDS = (Kind.CONFIG, Kind.KEYS, Kind.LOCKS, Kind.SNAPSHOTS, Kind.INDEX, Kind.PACKS)
 
 
 @dataclass
@@ -34,6 +43,8 @@ class CheckResult:
     bytes_read: int = 0
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    damaged_packs: list[str] = field(default_factory=list)  # indexed packs --read-data found damaged
+    strays: list[str] = field(default_factory=list)  # paths where objects live that are not objects
 
     @property
     def ok(self) -> bool:
@@ -108,11 +119,9 @@ def check(
             result.errors.append(f"pack {pack_id.hex()[:12]} is in the index but missing from the repository")
         elif size < end:
             result.errors.append(f"pack {pack_id.hex()[:12]} is {size} bytes, shorter than its index says ({end})")
-    unindexed = [name for name in stored_packs if not repo.index.has_pack(bytes.fromhex(name))]
-    if unindexed:
-        result.warnings.append(
-            f"{len(unindexed)} pack(s) not in any index (left by an interrupted run; harmless, prune removes them)"
-        )
+    unindexed = {name: size for name, size in stored_packs.items() if not repo.index.has_pack(bytes.fromhex(name))}
+    foreign = _check_unindexed(repo, unindexed, result)
+    _check_strays(repo, result)
 
     # Snapshots and every tree they reach; a tree shared by several snapshots is read once.
     seen_trees: set[bytes] = set()
@@ -130,9 +139,44 @@ def check(
         _check_tree(repo, snap.tree, f"snapshot {snap.short_id}", seen_trees, result)
 
     if read_data or subset is not None:
-        chosen = (subset or Subset()).select(sorted(stored_packs))
-        _read_packs(repo, {name: stored_packs[name] for name in chosen}, indexed_blobs, result, progress, workers)
+        # what does not authenticate was named above and is no ibsync pack: nothing to verify
+        chosen = [n for n in (subset or Subset()).select(sorted(stored_packs)) if n not in foreign]
+        _read_packs(repo, {name: stored_packs[name] for name in chosen}, indexed_blobs, set(unindexed), result,
+                    progress, workers)
     return result
+
+
+def _check_unindexed(repo: Repository, unindexed: dict[str, int], result: CheckResult) -> set[str]:
+    """Warn about packs no index lists (no snapshot can use them); returns those whose tail does
+    not authenticate: not ibsync packs of this repository, which prune leaves in place."""
+    leftovers, foreign = 0, set()
+    for name, size in sorted(unindexed.items()):
+        try:
+            read_pack_header(repo, name, size)
+            leftovers += 1
+        except NotFound:
+            continue  # gone since the listing
+        except InvalidData as e:
+            foreign.add(name)
+            result.warnings.append(f"{object_path(Kind.PACKS, name)}: not an ibsync pack ({e}), left in place; "
+                                   "no index lists it, so no snapshot uses it")
+        except IbsyncError as e:
+            result.warnings.append(f"{object_path(Kind.PACKS, name)}: in no index, and its header could not be read: {e}")
+    if leftovers:
+        result.warnings.append(
+            f"{leftovers} pack(s) not in any index (left by an interrupted run or a repair; harmless, prune removes them)"
+        )
+    return foreign
+
+
+def _check_strays(repo: Repository, result: CheckResult) -> None:
+    """Name what sits among the objects without being one (a link, a FIFO, a bad name, a pack
+    in the wrong fan-out folder): no command reads or deletes it, so it affects no snapshot."""
+    for kind in STRAY_KINDS:
+        for path in repo.storage.strays(kind):
+            result.strays.append(path)
+            result.warnings.append(f"{path}: not an ibsync object (a link, folder, special file or misplaced or "
+                                   "misnamed file); ignored and left in place")
 
 
 def _check_tree(repo: Repository, tree_id: bytes, where: str, seen: set[bytes], result: CheckResult) -> None:
@@ -163,15 +207,21 @@ def _check_tree(repo: Repository, tree_id: bytes, where: str, seen: set[bytes], 
                     result.errors.append(f"{where}: '{child}': {len(missing)} blob(s) not in the index")
 
 
-def _read_packs(repo, stored_packs, indexed_blobs, result: CheckResult, progress: Progress, workers: int) -> None:
+def _read_packs(repo, stored_packs, indexed_blobs, unindexed: set[str], result: CheckResult, progress: Progress,
+                workers: int) -> None:
     progress.start(sum(stored_packs.values()), len(stored_packs))
+
+    unread: set[str] = set()  # packs whose read failed: that says nothing about their bytes
 
     def read_one(name: str) -> list[str]:
         errors: list[str] = []
         short = name[:12]
         try:
             data = repo.storage.get(Kind.PACKS, name)
+        except InvalidData as e:  # a short read: the pack is shorter than listed
+            return [f"pack {short}: {e}"]
         except IbsyncError as e:
+            unread.add(name)
             return [f"pack {short}: cannot read: {e}"]
         progress.advance(len(data), files=1)
         try:
@@ -197,9 +247,16 @@ def _read_packs(repo, stored_packs, indexed_blobs, result: CheckResult, progress
                 errors.append(f"pack {short}: {kind} blob {b.id.hex()[:12]}: {e}")
         return errors
 
+    names = sorted(stored_packs)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ibsync-check") as pool:
-        for errors in pool.map(read_one, sorted(stored_packs)):
+        for name, errors in zip(names, pool.map(read_one, names)):
             result.packs_read += 1
+            if name in unindexed:
+                # no snapshot uses it: prune removes it (its header authenticated)
+                result.warnings.extend(f"{e} (in no index: no snapshot uses it)" for e in errors)
+                continue
             result.errors.extend(errors)
+            if errors and name not in unread:
+                result.damaged_packs.append(name)
     result.bytes_read = sum(stored_packs.values())
     progress.finish()

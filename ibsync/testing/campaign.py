@@ -593,18 +593,37 @@ def run_corruption_scenario(cb: CorruptionBase, kind: Kind, operation: str, seed
 
 
 def _repair_and_verify(b: Base, repo: Path, sources: dict[str, Path], work: Path) -> tuple[bool, str]:
-    steps = [run_inprocess(["repair", "index", "--repo", repo]),
-             run_inprocess(["repair", "snapshots", "--repo", repo])]
+    """`repair index`, `repair packs --read-data`, `repair snapshots` (the order the README
+    gives); then check passes, and every snapshot restores exactly: one that survived as it
+    was, one rewritten in place of a damaged original as the original but for the paths the
+    repair named as lost (and nothing else: no other snapshot may appear)."""
+    steps = [run_inprocess([*args, "--repo", repo]) for args in
+             (["repair", "index"], ["repair", "packs", "--read-data"], ["repair", "snapshots", "--json"])]
     for s in steps:
         if not s.well_behaved or s.code != 0:
             return False, s.describe()
     c = run_inprocess(["check", "--read-data", "--json", "--repo", repo])
     if c.code != 0:
         return False, f"check still fails after repair: {c.out[-800:]}"
-    for sid, (r, v) in restore_all(b, repo, work / "repaired", sources=sources).items():
+    expected: dict[str, tuple[Path, list[str]]] = {sid: (folder, []) for sid, folder in sources.items()}
+    for d in json.loads(steps[-1].out):
+        if d.get("rewritten_as") and d["id"] in sources:
+            expected[d["rewritten_as"]] = (sources[d["id"]], d["lost_files"] + d["lost_folders"])
+    for s in snapshot_list(repo):
+        if s["id"] not in expected:
+            return False, f"snapshot {s['short_id']} after repair is neither a survivor nor a rewrite of one"
+        folder, lost = expected[s["id"]]
+        target = work / "repaired" / s["short_id"]
+        r = run_inprocess(["restore", s["id"], target, "--repo", repo])
+        want = {rel: v for rel, v in b.state_of(folder).items() if not _under_any(rel, lost)}
+        v = verify_restore(target / folder.name, want, r.err, r.code)
         if r.code != 0 or not v.exact:
-            return False, f"survivor {sid[:8]} does not restore exactly: {v.describe()}"
+            return False, f"{'rewritten' if lost else 'survivor'} {s['short_id']} does not restore exactly: {v.describe()}"
     return True, ""
+
+
+def _under_any(rel: str, paths: list[str]) -> bool:
+    return any(rel == p or rel.startswith(p + "/") for p in paths)
 
 
 # ---- tallies ---------------------------------------------------------------------------------
