@@ -116,6 +116,9 @@ def _finish(fd: int, mode: int, mtime_ns: int) -> None:
     os.utime(fd, ns=(mtime_ns, mtime_ns))
 
 
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 def _why(e: OSError) -> str:
     if e.errno in (errno.ELOOP, errno.ENOTDIR):
         return "a symbolic link or a file is in the way of it in the target"
@@ -303,6 +306,7 @@ def _restore_into(repo: Repository, snapshot: Snapshot, dest: Path, dest_fd: int
     files, failed = lay.files, lay.failed
     progress.start(lay.total, len(files))
     lock = threading.Lock()
+    full = threading.Event()  # the target's drive is full: every further write would fail too
 
     def fail(i: int, why: str) -> None:
         with lock:
@@ -339,6 +343,8 @@ def _restore_into(repo: Repository, snapshot: Snapshot, dest: Path, dest_fd: int
         dirs = _DirFds(dest_fd, lay.folders)
         try:
             for blob, data, err in repo.read_pack_blobs(pack_id, [b for b, _ in wanted.values()]):
+                if full.is_set():
+                    return
                 targets = wanted[blob.id][1]
                 if err is not None or data is None:
                     for i, _ in targets:
@@ -353,6 +359,9 @@ def _restore_into(repo: Repository, snapshot: Snapshot, dest: Path, dest_fd: int
                         else:
                             write_piece(i, offset, data, fds, dirs)
                     except OSError as e:
+                        if e.errno in _FULL:
+                            full.set()
+                            return
                         fail(i, f"cannot write it: {_why(e)}")
         finally:
             for fd in fds.values():
@@ -362,6 +371,10 @@ def _restore_into(repo: Repository, snapshot: Snapshot, dest: Path, dest_fd: int
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ibsync-restore") as pool:
         for fut in [pool.submit(restore_pack, pid, wanted) for pid, wanted in lay.plan.items()]:
             fut.result()
+    if full.is_set():
+        # one line, not one per file: nothing more can be written until space is freed
+        raise IbsyncError(f"{dest}: no space left on its drive; the restore stopped and the folder is "
+                          "incomplete. Free some space and run it again with --overwrite")
 
     dirs = _DirFds(dest_fd, lay.folders)
     try:
