@@ -25,11 +25,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import IbsyncError, InvalidData, NotFound, RepoError, StorageError, UserError
+from ..errors import IbsyncError, InvalidData, NotFound, RepoError, StorageError
 from ..format.index import PackIndex
 from ..format.pack import BlobType, PackedBlob, pack_name, parse_header, split_tail
 from ..model import MalformedTree, Snapshot, split_entries
 from ..progress import NULL_PROGRESS, Progress
+from ..repo.ids import resolve_prefix
 from ..repo.repository import MAX_PACK_SIZE, Repository
 from ..storage import Kind, object_path
 from ..storage.base import is_object_name
@@ -180,15 +181,8 @@ def resolve_packs(repo: Repository, prefixes: Iterable[str]) -> dict[str, int]:
     stored = {info.name: info.size for info in repo.storage.list(Kind.PACKS)}
     chosen: dict[str, int] = {}
     for p in prefixes:
-        p = p.strip().lower()
-        if len(p) < 4 or any(c not in "0123456789abcdef" for c in p):
-            raise UserError(f"'{p}' is not a pack id (4 to 64 hex digits, as 'check' prints them)")
-        matches = [n for n in stored if n.startswith(p)]
-        if not matches:
-            raise UserError(f"no pack with id '{p}' in the repository")
-        if len(matches) > 1:
-            raise UserError(f"pack id '{p}' is ambiguous: {', '.join(m[:12] for m in matches)}")
-        chosen[matches[0]] = stored[matches[0]]
+        name = resolve_prefix(p, stored, "pack", hint="'ibsync check --read-data' names damaged packs", min_length=4)
+        chosen[name] = stored[name]
     return chosen
 
 

@@ -8,7 +8,6 @@ file's plain metadata; adding needs the unlocked master key (``repo.master``).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -16,10 +15,10 @@ from ..errors import InvalidData, UserError
 from ..format.crypto import make_key_file, storage_name
 from ..model import utc_iso
 from ..storage import Kind
+from .ids import resolve_prefix
 from .repository import Repository, _who
 
 NOT_ENCRYPTED = "the repository is not encrypted; it has no keys"
-_HEX = re.compile(r"[0-9a-f]+")
 
 
 @dataclass
@@ -92,16 +91,7 @@ def add_key(repo: Repository, new_password: str, *, kdf: dict | None = None) -> 
 
 def resolve_key(repo: Repository, key_id_or_prefix: str) -> str:
     """The full name of the one key file whose name starts with the given id or prefix."""
-    prefix = key_id_or_prefix.strip().lower()
-    names = _key_names(repo)
-    if not _HEX.fullmatch(prefix):
-        raise UserError(f"no key with id '{key_id_or_prefix}'; 'ibsync key list' shows the ids")
-    matches = [n for n in names if n.startswith(prefix)]
-    if not matches:
-        raise UserError(f"no key with id '{prefix}'; 'ibsync key list' shows the ids")
-    if len(matches) > 1:
-        raise UserError(f"key id '{prefix}' is ambiguous: {', '.join(n[:12] for n in matches)}")
-    return matches[0]
+    return resolve_prefix(key_id_or_prefix, _key_names(repo), "key", hint="'ibsync key list' shows the ids")
 
 
 def remove_key(repo: Repository, key_id_or_prefix: str) -> str:
