@@ -68,10 +68,11 @@ class Node:
             type=d["type"],
             mode=d["mode"],
             mtime_ns=d["mtime_ns"],
-            size=d.get("size", 0),
-            content=[bytes.fromhex(c) for c in d.get("content", ())],
-            subtree=bytes.fromhex(d["subtree"]) if d.get("subtree") else None,
-            target=d.get("target"),
+            # only the fields of its type: entry_problem checked those, not the others
+            size=d.get("size", 0) if d["type"] == "file" else 0,
+            content=[bytes.fromhex(c) for c in d.get("content", ())] if d["type"] == "file" else [],
+            subtree=bytes.fromhex(d["subtree"]) if d["type"] == "dir" and d.get("subtree") else None,
+            target=d.get("target") if d["type"] == "symlink" else None,
         )
 
 
