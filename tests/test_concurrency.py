@@ -176,3 +176,38 @@ def test_four_captures_at_once_with_forget_and_prune_meanwhile(env, cli, tmp_pat
         problem = device_verifier(p)(next(out.iterdir()))
         assert problem is None, f"{p.udid}: {problem}"
     print(f"captures: forget exits {outcome.forget}, prune exits {outcome.prune}, run again {outcome.retried}")
+
+
+@pytest.mark.parametrize("kind", ["local", "sshd", "seaweedfs"])
+def test_prune_never_runs_while_an_import_holds_its_lock(request, kind, folders, env, cli, tmp_path, monkeypatch):
+    """The strict form of the race above: once an import's lock is visible in the storage, a prune
+    started then must refuse (exit 3), on every backend; the import is frozen (SIGSTOP) meanwhile so
+    it cannot finish first and make the refusal a matter of luck."""
+    import signal
+
+    from ibsync.storage import Kind
+
+    if kind == "local":
+        url, options, repo_name = str(env), {}, str(env)
+    else:
+        server = request.getfixturevalue(f"{kind}_server")
+        url, options = server.new_url("prune-vs-import"), server.options
+        configure(tmp_path, monkeypatch, server, "strict", url)
+        repo_name = "strict"
+    monkeypatch.setenv("IBSYNC_REPO", repo_name)
+    cli("init", "--pack-size", "4")
+    e = child_env(dict(os.environ))
+    storage = open_storage(url, options)
+    proc = start(["import", folders[1], "-q"], e)
+    try:
+        wait_for_a_lock(storage, [proc])
+        assert proc.poll() is None, "the import ended before its lock could be seen"
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert list(storage.list(Kind.LOCKS))
+        r = run(["prune", "--repack-threshold", "0"], e)
+        assert r.returncode == LOCKED and "in use" in r.stderr, (r.returncode, r.stderr)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    cli("check", "--read-data")
