@@ -369,7 +369,8 @@ def test_prune_refuses_while_a_snapshot_object_cannot_be_read(env, cli, backup):
     cli("import", backup)
     packs = sorted(p for p in (env / "packs").rglob("*") if p.is_file())
     (snap,) = list((env / "snapshots").iterdir())
-    snap.write_bytes(b"\0" + snap.read_bytes()[1:])  # damaged: its data must not look unused
+    data = snap.read_bytes()
+    snap.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # damaged: its data must not look unused
     _, err = cli("prune", expect=1)
     assert "cannot be read; nothing was pruned" in err and "repair snapshots" in err
     assert all(p.exists() for p in packs)
