@@ -447,3 +447,26 @@ def test_unreadable_data_is_not_called_refused_and_a_lost_top_folder_creates_not
     _, err = cli("restore", lost.id[:8], tmp_path / "out2", expect=1)
     one_line_error(err, f"snapshot {lost.short_id}: its top folder cannot be read", "repair index")
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_device_asking_for_host_files_during_a_restore_gets_none(captured, connect, env, tmp_path):
+    """A malicious device, being restored, asks for files outside the snapshot: absolute host
+    paths, paths climbing out of the backup folder, a folder as a file. The host serves only the
+    snapshot's virtual folder, answers each with an error, and the restore still completes."""
+    from ibsync.testing.device.model import Misbehaviour
+
+    phone, snap = captured
+    secret = tmp_path / "host-secret.txt"
+    secret.write_bytes(b"the host's own file")
+    asked: dict[str, bytes | None] = {}
+
+    def ask_for_host_files(link, root: str) -> None:
+        paths = [str(secret), f"{root}/../../../../../..{secret}", f"{root}/../{root}/Info.plist",
+                 "/etc/passwd", f"{root}//Info.plist", f"{root}/./Info.plist", root, f"{root}/00"]
+        got, _ = link.download_files(paths, 100.0)
+        asked.update(got)
+
+    blank = SimDevice(udid="0" * 40, misbehave=Misbehaviour(before_finish=ask_for_host_files))
+    ibsync.restore_to_device(connect(blank), str(env), snap)
+    assert len(asked) == 8 and all(v is None for v in asked.values()), asked
+    assert blank.files == phone.files  # the restore itself completed

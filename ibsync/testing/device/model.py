@@ -123,8 +123,9 @@ class Misbehaviour:
     passcode_prompt: PasscodePrompt | None = None
     #: A hostile step right after the device lists the backup folder (see :class:`HostileStep`).
     hostile: HostileStep | None = None
-    #: Called as ``before_finish(link, root)`` after the device has moved its files into place
-    #: and before its final ProcessMessage: a test's own DeviceLink requests at the end of a backup.
+    #: Called as ``before_finish(link, root)`` after the device has moved its files into place (a
+    #: backup) or pulled them (a restore), before its final ProcessMessage: a test's own DeviceLink
+    #: requests at the end of the operation.
     before_finish: Callable[[Any, str], None] | None = None
 
 

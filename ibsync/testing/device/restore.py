@@ -71,6 +71,8 @@ class RestoreOperation:
             for r in part:
                 raw = got[f"{root}/{r.file_id[:2]}/{r.file_id}"]
                 data[r.file_id] = raw if unlocked is None else unlocked.decrypt_file(raw, r.encryption_key, r.size)
+        if self.device.misbehave.before_finish is not None:
+            self.device.misbehave.before_finish(self.link, root)  # a test's own requests, last
         restored = {r.file_id: r.to_backup_file(data.get(r.file_id)) for r in rows}
         if not self.options.get("RemoveItemsNotRestored"):
             restored = {**self.device.files, **restored}
