@@ -112,22 +112,28 @@ def assert_every_snapshot_restores(env: dict[str, str], expected: dict[str, Path
         assert diff is None, f"snapshot {s['short_id']} of {udid}: {diff}"
 
 
+def new_repository(request, kind: str, env: Path, cli, tmp_path: Path, monkeypatch, name: str) -> tuple[str, dict]:
+    """An initialised repository (4 MiB packs) on ``kind`` ("local" or a server fixture's name),
+    named ``name`` in a config file for servers and set as IBSYNC_REPO; its URL and options."""
+    if kind == "local":
+        url, options, repo = str(env), {}, str(env)
+    else:
+        server = request.getfixturevalue(f"{kind}_server")
+        url, options = server.new_url(name), server.options
+        configure(tmp_path, monkeypatch, server, name, url)
+        repo = name
+    monkeypatch.setenv("IBSYNC_REPO", repo)
+    cli("init", "--pack-size", "4")
+    return url, options
+
+
 def udid_of(folder: Path) -> str:
     return folder.name.upper()
 
 
 @pytest.mark.parametrize("kind", ["local", "sshd", "seaweedfs"])
 def test_four_imports_with_forget_and_prune_meanwhile(request, kind, folders, env, cli, tmp_path, monkeypatch):
-    if kind == "local":
-        url, options = str(env), {}
-        repo_name = str(env)
-    else:
-        server = request.getfixturevalue(f"{kind}_server")
-        url, options = server.new_url("concurrency"), server.options
-        configure(tmp_path, monkeypatch, server, "shared", url)
-        repo_name = "shared"
-    monkeypatch.setenv("IBSYNC_REPO", repo_name)
-    cli("init", "--pack-size", "4")
+    url, options = new_repository(request, kind, env, cli, tmp_path, monkeypatch, "shared")
     # device 0 has an older day already in the repository: forget --keep-last 1 has something to remove
     day2 = copy_folder(folders[0], tmp_path / "day2" / folders[0].name)
     mutate_folder(day2, seed=40)
@@ -187,15 +193,7 @@ def test_prune_never_runs_while_an_import_holds_its_lock(request, kind, folders,
 
     from ibsync.storage import Kind
 
-    if kind == "local":
-        url, options, repo_name = str(env), {}, str(env)
-    else:
-        server = request.getfixturevalue(f"{kind}_server")
-        url, options = server.new_url("prune-vs-import"), server.options
-        configure(tmp_path, monkeypatch, server, "strict", url)
-        repo_name = "strict"
-    monkeypatch.setenv("IBSYNC_REPO", repo_name)
-    cli("init", "--pack-size", "4")
+    url, options = new_repository(request, kind, env, cli, tmp_path, monkeypatch, "strict")
     e = child_env(dict(os.environ))
     storage = open_storage(url, options)
     proc = start(["import", folders[1], "-q"], e)
