@@ -624,3 +624,24 @@ def test_sftp_upload_is_fsynced_before_the_rename(sshd_server, caplog):
     assert len(fsyncs) == 2 and len(renames) == 2, messages
     assert fsyncs[0] < renames[0] < fsyncs[1] < renames[1], "each object is fsynced before its rename"
     assert s.get(Kind.PACKS, HEX) == b"a pack"
+
+
+def test_an_object_deleted_while_its_folder_is_listed_is_skipped(tmp_path, monkeypatch):
+    """Another process deletes a lock between readdir and stat: the listing goes on without it
+    (four imports at once met this as 'cannot list locks: No such file or directory')."""
+    from ibsync.storage import folders
+    from ibsync.storage.base import Kind as K
+
+    storage = LocalStorage(tmp_path / "repo")
+    names = [f"{i:064x}" for i in range(3)]
+    for n in names:
+        storage.put(K.LOCKS, n, b"x")
+    real = folders._entry
+
+    def racing(e):
+        if e.name == names[1]:
+            os.unlink(e.path)  # gone just before its stat, as when another process deletes it
+        return real(e)
+
+    monkeypatch.setattr(folders, "_entry", racing)
+    assert sorted(i.name for i in storage.list(K.LOCKS)) == [names[0], names[2]]

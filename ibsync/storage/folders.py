@@ -22,7 +22,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from ..errors import StorageError
 
@@ -115,9 +115,16 @@ class Entry:
     mtime: float
 
 
-def _entry(e: os.DirEntry) -> Entry:
-    st = e.stat(follow_symlinks=False)
+def _entry(e: os.DirEntry) -> Entry | None:
+    try:
+        st = e.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return None  # deleted between the listing and the stat (another process's lock, say)
     return Entry(e.name, stat.S_ISREG(st.st_mode), stat.S_ISDIR(st.st_mode), _is_link(st), st.st_size, st.st_mtime)
+
+
+def _entries(it: Iterator[os.DirEntry]) -> list[Entry]:
+    return [entry for entry in map(_entry, it) if entry is not None]
 
 
 class Folder(Protocol):
@@ -190,7 +197,7 @@ class FdFolder:
 
     def entries(self) -> list[Entry]:
         with os.scandir(self.fd) as it:
-            return [_entry(e) for e in it]
+            return _entries(it)
 
     def open_regular(self, name: str) -> int:
         try:
@@ -265,7 +272,7 @@ class PathFolder:
 
     def entries(self) -> list[Entry]:
         with os.scandir(self.path) as it:
-            return [_entry(e) for e in it]
+            return _entries(it)
 
     def open_regular(self, name: str) -> int:
         st = self.lstat(name)
