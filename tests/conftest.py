@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -89,3 +90,16 @@ def tree_state(root: Path) -> dict[str, tuple]:
         else:
             out[rel] = ("file", p.read_bytes(), st.st_mode, st.st_mtime_ns)
     return out
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On CI (``CI`` set, as .ci/run does) a skipped test is a failed one: a skip there means an
+    install step is missing (a server, mount, /proc), and CI must say so rather than pass."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped on CI ({reason}); .ci/run must install what this test needs"
+
