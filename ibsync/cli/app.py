@@ -28,6 +28,13 @@ def read_password_file(path: str) -> str:
     return pw
 
 
+def _password_from_env(variable: str, owner: str) -> str:
+    """A config file's password_env: named, so unset is an error rather than a prompt."""
+    if not os.environ.get(variable):
+        raise UserError(f"{owner}: environment variable {variable} is not set")
+    return os.environ[variable]
+
+
 @dataclass
 class App:
     repo_url: str | None  # a URL, a path, or the name of a repository in the config file
@@ -63,26 +70,10 @@ class App:
     def password(self, *, confirm: bool = False) -> str:
         """The repository password: the options, then the config file's source for this
         repository, then the environment, then a prompt."""
-        if self.password_file:
-            return read_password_file(self.password_file)
-        if self.password_command:
-            return self._run_password_command(self.password_command)
-        rc = self.repo_config() if self.repo_url else None
-        if rc is not None and rc.password_file:
-            return read_password_file(rc.password_file)
-        if rc is not None and rc.password_command:
-            return self._run_password_command(rc.password_command)
-        if rc is not None and rc.password_env:
-            if not os.environ.get(rc.password_env):
-                raise UserError(f"repository '{rc.name}': environment variable {rc.password_env} is not set")
-            return os.environ[rc.password_env]
+        source = self._password_source()
+        if source is not None:
+            return source()
         env = self.env_prefix
-        if os.environ.get(f"{env}PASSWORD"):
-            return os.environ[f"{env}PASSWORD"]
-        if os.environ.get(f"{env}PASSWORD_FILE"):
-            return read_password_file(os.environ[f"{env}PASSWORD_FILE"])
-        if os.environ.get(f"{env}PASSWORD_COMMAND"):
-            return self._run_password_command(os.environ[f"{env}PASSWORD_COMMAND"])
         if not sys.stdin.isatty():
             raise UserError(
                 f"no password given for {self.repo_url}: use a password option, {env}PASSWORD, "
@@ -101,12 +92,31 @@ class App:
         """Whether a password is configured for this repository (an option, the config file or
         the environment), known without reading it or prompting: an unencrypted repository is
         then refused as a likely downgrade (Repository.open)."""
-        if self.password_file or self.password_command:
-            return True
+        return self._password_source() is not None
+
+    def _password_source(self) -> Callable[[], str] | None:
+        """The configured password, not yet read, from the first source that names one (the
+        order password() promises); None when only a prompt is left. One list for password()
+        and password_given(), so a new source counts for both."""
+        if self.password_file:
+            return functools.partial(read_password_file, self.password_file)
+        if self.password_command:
+            return functools.partial(self._run_password_command, self.password_command)
         rc = self.repo_config() if self.repo_url else None
-        if rc is not None and (rc.password_file or rc.password_command or rc.password_env):
-            return True
-        return any(os.environ.get(f"{self.env_prefix}{v}") for v in ("PASSWORD", "PASSWORD_FILE", "PASSWORD_COMMAND"))
+        if rc is not None and rc.password_file:
+            return functools.partial(read_password_file, rc.password_file)
+        if rc is not None and rc.password_command:
+            return functools.partial(self._run_password_command, rc.password_command)
+        if rc is not None and rc.password_env:
+            return functools.partial(_password_from_env, rc.password_env, f"repository '{rc.name}'")
+        env = self.env_prefix
+        if os.environ.get(f"{env}PASSWORD"):
+            return functools.partial(os.environ.__getitem__, f"{env}PASSWORD")
+        if os.environ.get(f"{env}PASSWORD_FILE"):
+            return functools.partial(read_password_file, os.environ[f"{env}PASSWORD_FILE"])
+        if os.environ.get(f"{env}PASSWORD_COMMAND"):
+            return functools.partial(self._run_password_command, os.environ[f"{env}PASSWORD_COMMAND"])
+        return None
 
     @staticmethod
     def known():

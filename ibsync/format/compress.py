@@ -37,16 +37,19 @@ class Compressor:
             return None
         return out
 
-    def decompress(self, data: bytes | memoryview, raw_length: int) -> bytes:
+    def decompress(self, data: bytes | memoryview, raw_length: int, *, at_most: bool = False) -> bytes:
+        """The frame's content: exactly ``raw_length`` bytes (a blob's recorded length), or with
+        ``at_most`` no more than that (an object, whose length nothing records)."""
         try:
             # zstd allocates the size a frame states, whatever max_output_size says: a frame
-            # claiming more than the blob's recorded length is refused before it costs memory
-            stated = zstandard.frame_content_size(data)
-            if stated != -1 and stated != raw_length:
-                raise InvalidData(f"zstd frame states {stated} bytes, {raw_length} expected")
+            # claiming more than the caller allows is refused before it costs memory
+            stated = zstandard.frame_content_size(data)  # -1: not stated
+            if stated > raw_length or (not at_most and stated not in (-1, raw_length)):
+                bound = "allowed" if at_most else "expected"
+                raise InvalidData(f"zstd frame states {stated} bytes, {raw_length} {bound}")
             out = self._d().decompress(data, max_output_size=raw_length)
         except zstandard.ZstdError as e:
             raise InvalidData(f"corrupt zstd frame: {e}") from e
-        if len(out) != raw_length:
+        if not at_most and len(out) != raw_length:
             raise InvalidData(f"zstd frame gave {len(out)} bytes, {raw_length} expected")
         return out

@@ -41,7 +41,16 @@ def encode_index(packs: list[PackIndex]) -> bytes:
 
 def iter_index(data: bytes) -> Iterator[tuple[bytes, list[tuple[int, int, bytes, int, int, int]]]]:
     """(pack id, [(type, flags, blob id, offset, stored length, raw length), ...]) per pack:
-    the cheap form for loading large indexes."""
+    the cheap form for loading large indexes. The whole object is checked before the first
+    pack is yielded, so a reader may add each pack as it comes: a bad object adds nothing."""
+    for pack_id, pos, end in _pack_spans(data):
+        yield pack_id, list(_ENTRY.iter_unpack(data[pos:end]))
+
+
+def _pack_spans(data: bytes) -> list[tuple[bytes, int, int]]:
+    """(pack id, start, end) of each pack's entries, after checking the object's structure and
+    every entry's type and flags (what every reader turns into a BlobType)."""
+    spans = []
     try:
         magic, version, count = _HEAD.unpack_from(data, 0)
         if magic != MAGIC or version != VERSION:
@@ -53,15 +62,16 @@ def iter_index(data: bytes) -> Iterator[tuple[bytes, list[tuple[int, int, bytes,
             end = pos + n * _ENTRY.size
             if end > len(data):
                 raise InvalidData("index object truncated")
-            records = list(_ENTRY.iter_unpack(data[pos:end]))
-            for type_, flags, *_ in records:  # what every reader turns into a BlobType
+            # each entry's type and flags bytes, sliced out in C: one check per distinct pair
+            for type_, flags in set(zip(data[pos:end:_ENTRY.size], data[pos + 1:end:_ENTRY.size])):
                 check_entry(type_, flags)
-            yield pack_id, records
+            spans.append((pack_id, pos, end))
             pos = end
     except struct.error as e:
         raise InvalidData(f"index object truncated: {e}") from e
     if pos != len(data):
         raise InvalidData("index object has trailing bytes")
+    return spans
 
 
 def decode_index(data: bytes) -> list[PackIndex]:

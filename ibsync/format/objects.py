@@ -14,8 +14,7 @@ from .crypto import Cipher
 RAW = 0
 ZSTD = 1
 # The largest unpacked object a reader accepts: an index object holds about 100,000 entries
-# (4.6 MB), a snapshot a few KB. A zstd frame states its own size and zstd allocates that much
-# whatever the caller's limit, so the stated size is checked before decompressing.
+# (4.6 MB), a snapshot a few KB (Compressor.decompress refuses a frame stating more).
 MAX_OBJECT_SIZE = 256 << 20
 
 
@@ -33,17 +32,6 @@ def open_object(stored: bytes, kind: str, cipher: Cipher, compressor: Compressor
     if encoding == RAW:
         return body
     if encoding == ZSTD:
-        return _decompress(body)
+        return compressor.decompress(body, MAX_OBJECT_SIZE, at_most=True)
     raise InvalidData(f"unknown object encoding {encoding}")
 
-
-def _decompress(body: bytes) -> bytes:
-    import zstandard
-
-    try:
-        stated = zstandard.frame_content_size(body)  # -1: not stated
-        if stated > MAX_OBJECT_SIZE:
-            raise InvalidData(f"object claims {stated} bytes, more than an object can be")
-        return zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_OBJECT_SIZE)
-    except zstandard.ZstdError as e:
-        raise InvalidData(f"corrupt object: {e}") from e

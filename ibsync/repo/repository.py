@@ -106,13 +106,14 @@ class Repository:
         if not storage.is_empty():
             raise UserError(f"{storage.url} is not empty; choose an empty or new folder")
         master = MasterKey.generate() if password is not None else None
+        encryption = "aes-256-gcm" if master else "none"
         config = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "id": os.urandom(16).hex(),
             "created": utc_iso(datetime.now(timezone.utc)),
-            "encryption": "aes-256-gcm" if master else "none",
-            "id_hash": "blake3-keyed" if master else "blake3",
+            "encryption": encryption,
+            "id_hash": ENCRYPTIONS[encryption],
             "compression": {"algorithm": "zstd", "level": DEFAULT_ZSTD_LEVEL},
             "chunking": default_policy(0).to_config(),
             "pack_size": pack_size,
@@ -222,9 +223,8 @@ class Repository:
             self.lock.check()
 
     def add_index_object(self, name: str) -> None:
-        # parsed whole before anything is added: a bad object adds nothing
-        packs = list(index_format.iter_index(self.load_object(Kind.INDEX, name)))
-        for pack_id, records in packs:
+        # iter_index checks the whole object before the first pack: a bad object adds nothing
+        for pack_id, records in index_format.iter_index(self.load_object(Kind.INDEX, name)):
             self.index.add_records(pack_id, records)
         self.loaded_index.add(name)
 

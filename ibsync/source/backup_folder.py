@@ -88,11 +88,12 @@ def open_regular(path: Path | str) -> BinaryIO:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise SourceError(f"{path}: not a regular file ({_kind(st.st_mode)})")
+        raise SourceError(f"{path}: not a regular file ({file_kind(st.st_mode)})")
     return os.fdopen(fd, "rb", buffering=0)
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a mode (or its S_IFMT bits) says a file is, for messages: "a FIFO", "a folder"..."""
     for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISLNK, "a symbolic link")):

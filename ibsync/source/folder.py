@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from ..errors import SourceError
-from .backup_folder import BackupFolderInfo, open_regular, read_backup_folder
+from .backup_folder import BackupFolderInfo, file_kind, open_regular, read_backup_folder
 
 log = logging.getLogger("ibsync")
 
@@ -115,12 +115,10 @@ class FolderSource:
     def _skip(self, rel: str, fmt: int) -> None:
         # A device never writes these; reading one would block or never end. The snapshot will
         # lack a path Manifest.db may list, so say so rather than skip in silence.
-        kind = {stat_mod.S_IFIFO: "a FIFO", stat_mod.S_IFSOCK: "a socket", stat_mod.S_IFCHR: "a character device",
-                stat_mod.S_IFBLK: "a block device"}.get(fmt, "not a file, folder or link")
         with self._lock:
             self.skipped.append(rel)
         log.warning("%s: skipped, %s has no place in a backup folder (the snapshot will not hold it)",
-                    self._abs(rel), kind)
+                    self._abs(rel), file_kind(fmt))
 
     def open_file(self, rel: str) -> BinaryIO:
         # listed as a regular file, but it may have been replaced since: never block on a FIFO
