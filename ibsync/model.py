@@ -81,29 +81,32 @@ class MalformedTree(RepoError):
     the password or of an unencrypted one, can store such a thing)."""
 
 
-def name_problem(name: object) -> str | None:
-    """Why ``name`` cannot be one entry of a folder on disk, or None when it can.
+def name_problem(name: object, *, separators: str = "/\\", subject: str = "its name") -> str | None:
+    """Why ``name`` cannot be one entry of a folder on disk, or None when it can (the reason
+    starts with ``subject``).
 
     A tree names its entries; every reader joins those names to a folder of its own (restore's
     target, extract's output). Anyone who can write a snapshot chooses them, so a name must be
     exactly one path component: ``..``, ``a/../..`` or an absolute name would land outside (and
-    pathlib drops the left side of a join for an absolute name). Both separators are refused so
-    a snapshot restores the same way on Windows."""
+    pathlib drops the left side of a join for an absolute name). By default both separators are
+    refused so a snapshot restores the same way on Windows; extract, whose names are the
+    device's own, passes only the system's."""
     if not isinstance(name, str):
-        return "its name is not text"
+        return f"{subject} is not text"
     if name in ("", ".", ".."):
-        return "its name is empty" if not name else f"its name is '{name}'"
-    if "/" in name or "\\" in name:
-        return "its name holds a path separator"
+        return f"{subject} is empty" if not name else f"{subject} is '{name}'"
+    for sep in separators:  # a loop, not any(): this runs for every entry of every tree read
+        if sep in name:
+            return f"{subject} holds a path separator"
     if "\0" in name:
-        return "its name holds a NUL character"
+        return f"{subject} holds a NUL character"
     try:
         # surrogateescape: a name imported from a non-UTF-8 folder on Linux is legitimate
         length = len(name.encode("utf-8", "surrogateescape"))
     except UnicodeEncodeError:
-        return "its name is not valid Unicode"
+        return f"{subject} is not valid Unicode"
     if length > MAX_NAME_BYTES:
-        return f"its name is {length} bytes long (a folder entry holds at most {MAX_NAME_BYTES})"
+        return f"{subject} is {length} bytes long (a folder entry holds at most {MAX_NAME_BYTES})"
     return None
 
 

@@ -79,7 +79,7 @@ def copy_snapshots(
 def _send_data(src, dst, snap, session, mapping, result, progress) -> None:
     """Every data blob of the snapshot not mapped yet: read once, re-id, upload if missing."""
     used: set[bytes] = set()
-    collect_blobs(src, snap.tree, used)
+    collect_blobs(src, snap.tree, used, with_refused=False)  # _rewrite_tree leaves refused entries out
     by_pack: dict[bytes, list[PackedBlob]] = {}
     for blob_id in used:
         if blob_id in mapping:

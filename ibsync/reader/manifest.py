@@ -136,7 +136,10 @@ class SnapshotManifest:
         """The rows of a query; a database that breaks under it is one clear error."""
         assert self._con is not None, "manifest is closed"
         try:
-            yield from self._con.execute(sql, params)
+            # not 'yield from': closing this generator would close the cursor too, which raises
+            # once the connection is closed (a merge left suspended when the other side failed)
+            for row in self._con.execute(sql, params):
+                yield row
         except sqlite3.DatabaseError as e:
             raise InvalidData(f"snapshot {self.snapshot.short_id}: its Manifest.db is damaged ({e})") from None
 

@@ -121,14 +121,9 @@ def _decode_mbfile_fast(blob: bytes) -> tuple[int, int, int, bytes | None]:
 
     def container(i: int, typ: int) -> tuple[int, int]:  # (count, start of its references)
         o = offsets[i]
-        m = blob[o]
-        if m >> 4 != typ:
+        if blob[o] >> 4 != typ:
             raise _Unexpected
-        k, s = m & 0xF, o + 1
-        if k == 0xF:
-            nb = 1 << (blob[s] & 0xF)
-            k = int.from_bytes(blob[s + 1 : s + 1 + nb], "big")
-            s += 1 + nb
+        k, s = _count(blob, o)
         if k > len(blob):
             raise _Unexpected
         return k, s
@@ -143,7 +138,9 @@ def _decode_mbfile_fast(blob: bytes) -> tuple[int, int, int, bytes | None]:
             if m >> 4 == 0x5 and m & 0xF != 0xF:  # a short ASCII string: the usual key
                 found[blob[o : o + 1 + (m & 0xF)]] = refs[k + j]
             elif m >> 4 in (0x5, 0x6):  # a long or UTF-16 key might spell a wanted one another way
-                if _string_length(blob, o) <= _WANTED_LONGEST and _string_at(blob, o) in _WANTED_TEXT:
+                # the length first: real archives spell LastStatusChange and ProtectionClass
+                # the long way, and a key longer than every wanted one is not worth decoding
+                if _count(blob, o)[0] <= _WANTED_LONGEST and _string_at(blob, o) in _WANTED_TEXT:
                     raise _Unexpected
         return [found.get(w) for w in wanted]
 
@@ -186,39 +183,36 @@ def _decode_mbfile_fast(blob: bytes) -> tuple[int, int, int, bytes | None]:
     return size, mtime, mode, key
 
 
-def _string_length(blob: bytes, o: int) -> int:
-    """The character count of the string object at offset ``o`` (real archives spell
-    LastStatusChange and ProtectionClass with the long form: this keeps them cheap)."""
+def _count(blob: bytes, o: int) -> tuple[int, int]:
+    """The count of the object at offset ``o`` (elements, characters or bytes) and where its
+    body starts: the marker's low nibble, or the integer after it when that nibble is 0xF."""
     k = blob[o] & 0xF
-    if k == 0xF:
-        nb = 1 << (blob[o + 1] & 0xF)
-        k = int.from_bytes(blob[o + 2 : o + 2 + nb], "big")
-    return k
+    if k != 0xF:
+        return k, o + 1
+    nb = 1 << (blob[o + 1] & 0xF)
+    return int.from_bytes(blob[o + 2 : o + 2 + nb], "big"), o + 2 + nb
 
 
 def _string_at(blob: bytes, o: int) -> str:
     """The ASCII (0x5) or UTF-16 (0x6) string object at offset ``o``, long lengths included."""
-    m = blob[o]
-    k, s = m & 0xF, o + 1
-    if k == 0xF:
-        nb = 1 << (blob[s] & 0xF)
-        k = int.from_bytes(blob[s + 1 : s + 1 + nb], "big")
-        s += 1 + nb
-    if m >> 4 == 0x5:
+    k, s = _count(blob, o)
+    if blob[o] >> 4 == 0x5:
         return blob[s : s + k].decode("latin-1")
     return blob[s : s + 2 * k].decode("utf-16-be", "replace")
 
 
-def mbfile_fields(blob: bytes) -> dict:
-    """Every field of an MBFile NSKeyedArchiver blob, references resolved (``EncryptionKey`` as
-    bytes, ``Target`` as str where present); plistlib's errors pass through."""
+def mbfile_fields(blob: bytes, names: tuple[str, ...] | None = None) -> dict:
+    """Every field of an MBFile NSKeyedArchiver blob, or only ``names`` (the others are not
+    looked at, so a dangling reference elsewhere does not matter), references resolved
+    (``EncryptionKey`` as bytes, ``Target`` as str where present); plistlib's errors pass through."""
     archive = plistlib.loads(blob)
     objects = archive["$objects"]
 
     def deref(v):
         return objects[v.data] if isinstance(v, plistlib.UID) else v
 
-    fields = {k: deref(v) for k, v in deref(archive["$top"]["root"]).items()}
+    root = deref(archive["$top"]["root"])
+    fields = {k: deref(root[k]) for k in (root if names is None else names) if k in root}
     key = fields.get("EncryptionKey")
     if isinstance(key, dict):
         key = deref(key.get("NS.data"))
@@ -228,21 +222,9 @@ def mbfile_fields(blob: bytes) -> dict:
 
 def _decode_mbfile_plistlib(blob: bytes) -> tuple[int, int, int, bytes | None]:
     """The reference reading: plistlib parses the archive and the four fields are resolved as
-    NSKeyedUnarchiver would (a field may sit behind a UID); each an integer or absent. Other
-    fields are not looked at, so a dangling reference elsewhere does not fail the row."""
+    NSKeyedUnarchiver would (a field may sit behind a UID); each an integer or absent."""
     try:
-        archive = plistlib.loads(blob)
-        objects = archive["$objects"]
-
-        def deref(v):
-            return objects[v.data] if isinstance(v, plistlib.UID) else v
-
-        root = deref(archive["$top"]["root"])
-        mb = {name: deref(root[name]) for name in ("Size", "LastModified", "Mode", "EncryptionKey") if name in root}
-        key = mb.get("EncryptionKey")
-        if isinstance(key, dict):
-            key = deref(key.get("NS.data"))
-        mb["EncryptionKey"] = bytes(key) if isinstance(key, (bytes, bytearray)) else None
+        mb = mbfile_fields(blob, ("Size", "LastModified", "Mode", "EncryptionKey"))
     except Exception as e:  # plistlib raises what it meets (ValueError, TypeError, RecursionError...)
         raise InvalidData(f"its file metadata (MBFile) is unreadable ({e.__class__.__name__}: {str(e)[:200]})") from None
     return _integer(mb, "Size"), _integer(mb, "LastModified"), _integer(mb, "Mode"), mb["EncryptionKey"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+from ..model import name_problem
+
 
 def entry_path(domain: str, relative_path: str) -> str:
     return f"{domain}/{relative_path}" if relative_path else domain
@@ -88,9 +90,9 @@ def translate_glob(pattern: str) -> str:
     return "".join(out)
 
 
-# Longest file name most filesystems take (ext4, APFS, NTFS in UTF-16 units are close enough):
-# a longer one is reported before the filesystem refuses it with a less helpful error.
-NAME_MAX = 255
+# What separates path components here: "/" everywhere, "\\" too on Windows. An iOS file name may
+# hold a backslash; on a system where it is an ordinary character it is extracted as it is.
+_SEPARATORS = "".join(dict.fromkeys(("/", os.sep, os.altsep or "/")))
 
 
 class BadName(ValueError):
@@ -99,7 +101,8 @@ class BadName(ValueError):
 
 def output_parts(domain: str, relative_path: str) -> tuple[str, ...]:
     """The folder names and file name under which ``extract`` writes a row:
-    ``(domain, *relative_path.split("/"))``, each checked to be one component of a path.
+    ``(domain, *relative_path.split("/"))``, each one path component by the rule of tree names
+    (``model.name_problem``, with this system's separators).
 
     Raises BadName for a path that is empty (the domain's own folder), has an empty, ``.`` or
     ``..`` component, a NUL or a separator in a name, or a name too long for the filesystem."""
@@ -107,20 +110,7 @@ def output_parts(domain: str, relative_path: str) -> tuple[str, ...]:
         raise BadName("its path is empty: it names its domain's folder, not a file in it")
     parts = (domain, *relative_path.split("/"))
     for part in parts:
-        check_component(part)
+        problem = name_problem(part, separators=_SEPARATORS, subject="a name in its path")
+        if problem:
+            raise BadName(problem)
     return parts
-
-
-def check_component(name: str) -> None:
-    if name in ("", ".", ".."):
-        raise BadName(f"its path has an empty, '.' or '..' component ({name!r})")
-    if "\0" in name:
-        raise BadName("its path holds a NUL character")
-    if "/" in name or (os.altsep and os.altsep in name) or os.sep in name:
-        raise BadName("a name in its path holds a path separator")
-    try:
-        length = len(os.fsencode(name))
-    except UnicodeEncodeError:
-        raise BadName("its path holds characters this system cannot use in a file name") from None
-    if length > NAME_MAX:
-        raise BadName(f"a name in its path is {length} bytes long, more than the {NAME_MAX} a file name may have")

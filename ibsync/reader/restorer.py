@@ -212,14 +212,13 @@ def _lay_out(repo: Repository, snapshot: Snapshot, dest_fd: int, overwrite: bool
     """Walk the snapshot: create its folders (each opened below its parent, no link followed),
     clear the way for files and links with ``overwrite``, and plan the reads by pack."""
     lay = _Layout()
-    rejected: dict[str, str] = {}
     # the open folders down to the current one: (relative path, index, fd); depth-bounded
     stack: list[tuple[str, int, int]] = [("", 0, dest_fd)]
     skip = None  # a folder that could not be made: its contents are skipped with it
     try:
         def reject(rel: str, why: str) -> None:
             # refused entries are the snapshot's own doing; an unreadable folder is lost data
-            (rejected if why.startswith(REFUSED) else lay.errors)[rel] = why
+            (lay.refused if why.startswith(REFUSED) else lay.errors)[rel] = why
 
         for rel, node in walk(repo, snapshot.tree, on_reject=reject):
             if skip is not None and rel.startswith(skip):
@@ -250,7 +249,6 @@ def _lay_out(repo: Repository, snapshot: Snapshot, dest_fd: int, overwrite: bool
     finally:
         for _, _, fd in stack[1:]:
             os.close(fd)
-    lay.refused = rejected
     return lay
 
 

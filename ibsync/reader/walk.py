@@ -70,10 +70,11 @@ def rejected_entries(repo: Repository, tree_id: bytes) -> list[tuple[str, str]]:
     return found
 
 
-def collect_blobs(repo: Repository, tree_id: bytes, blobs: set[bytes]) -> None:
+def collect_blobs(repo: Repository, tree_id: bytes, blobs: set[bytes], *, with_refused: bool = True) -> None:
     """Add every blob below a tree (trees included) to ``blobs``; trees already there (shared
-    with a snapshot collected before) are not walked again. Entries readers refuse count too,
-    as far as they can be read: prune must not delete what a snapshot still refers to."""
+    with a snapshot collected before) are not walked again. With ``with_refused``, entries readers
+    refuse count too, as far as they can be read: prune must not delete what a snapshot still
+    refers to. Without it, only what a reader may use (what ``copy`` carries)."""
     stack = [(tree_id, False)]  # (tree, named by a refused entry: may not be a tree at all)
     while stack:
         tid, refused = stack.pop()
@@ -91,8 +92,9 @@ def collect_blobs(repo: Repository, tree_id: bytes, blobs: set[bytes]) -> None:
                 stack.append((node.subtree, refused))
             elif node.type == "file":
                 blobs.update(node.content)
-        for r in getattr(nodes, "rejected", ()):
-            _rejected_blobs(r, blobs, stack)
+        if with_refused:
+            for r in getattr(nodes, "rejected", ()):
+                _rejected_blobs(r, blobs, stack)
 
 
 def _rejected_blobs(r: Rejected, blobs: set[bytes], stack: list[tuple[bytes, bool]]) -> None:
