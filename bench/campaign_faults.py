@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from datetime import datetime
@@ -40,11 +38,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from ibsync.storage import Kind  # noqa: E402
 from ibsync.testing import campaign  # noqa: E402
 
 PASSWORD = "campaign password"
-FAST_KDF = {"name": "argon2id", "memory_kib": 8192, "iterations": 1, "lanes": 1}
 
 
 def run_faults(base: campaign.Base, seeds: int, log) -> list[campaign.FaultResult]:
@@ -98,14 +94,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     args = ap.parse_args()
 
-    import ibsync.format.crypto as crypto
+    work = args.work or campaign.scratch_folder("ibsync-campaign-")
+    with campaign.campaign_settings(work, PASSWORD):  # the test KDF: the KDF is not what is measured
+        return run(args, work)
 
-    crypto.DEFAULT_KDF = FAST_KDF  # test repositories: the KDF is not what is measured
-    os.environ["IBSYNC_PASSWORD"] = PASSWORD
-    os.environ.pop("IBSYNC_REPO", None)
-    parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    work = args.work or Path(tempfile.mkdtemp(prefix="ibsync-campaign-", dir=parent))
-    os.environ["IBSYNC_CACHE_DIR"] = str(work / "cache")
+
+def run(args: argparse.Namespace, work: Path) -> int:
     started = time.monotonic()
 
     def log(text: str) -> None:

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from ibsync.cli import main
+from ibsync.testing import FAST_KDF  # noqa: F401  (tests import it from here)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MIT_BACKUP = FIXTURES / "sample-backup-mit" / "sample_backup"
 ENCRYPTED_BACKUP = FIXTURES / "encrypted-backup-gpl3" / "assembled_encrypted_backup"
 PASSWORD = "correct horse battery staple"
-# Fast key derivation for tests only; the format stores the parameters, so this is still a real repository.
-FAST_KDF = {"name": "argon2id", "memory_kib": 8192, "iterations": 1, "lanes": 1}
 
 
 @pytest.fixture

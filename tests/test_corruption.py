@@ -16,32 +16,23 @@ snapshots restore exactly."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from ibsync.storage import Kind
 from ibsync.testing import campaign
 
-from conftest import FAST_KDF, PASSWORD
+from conftest import PASSWORD
 
 
 @pytest.fixture(scope="module")
 def corruption_base():
-    parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # thousands of folders: tmpfs
-    root = Path(tempfile.mkdtemp(prefix="ibsync-corruption-", dir=parent))
-    mp = pytest.MonkeyPatch()
-    mp.setenv("IBSYNC_PASSWORD", PASSWORD)
-    mp.setenv("IBSYNC_CACHE_DIR", str(root / "cache"))
-    mp.delenv("IBSYNC_REPO", raising=False)
-    mp.setattr("ibsync.format.crypto.DEFAULT_KDF", FAST_KDF)
+    root = campaign.scratch_folder("ibsync-corruption-")
     try:
-        yield campaign.build_corruption_base(campaign.build_base(root / "base", seed=7))
+        with campaign.campaign_settings(root, PASSWORD):
+            yield campaign.build_corruption_base(campaign.build_base(root / "base", seed=7))
     finally:
-        mp.undo()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -6,10 +6,7 @@ again completes. bench/campaign_faults.py runs the same scenarios with many more
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +16,7 @@ from ibsync.storage.retry import is_transient
 from ibsync.testing import campaign
 from ibsync.testing.faulty import METHODS, Action, Fault, FaultyStorage, InjectedFault
 
-from conftest import FAST_KDF, PASSWORD
+from conftest import PASSWORD
 
 NAME = "ab" * 32
 
@@ -28,23 +25,15 @@ NAME = "ab" * 32
 def fast_root():
     """A scratch folder on tmpfs where there is one: the scenarios create and remove thousands
     of folders, which costs milliseconds each on this machine's disk."""
-    parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    root = Path(tempfile.mkdtemp(prefix="ibsync-faults-", dir=parent))
+    root = campaign.scratch_folder("ibsync-faults-")
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def base(fast_root):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("IBSYNC_PASSWORD", PASSWORD)
-    mp.setenv("IBSYNC_CACHE_DIR", str(fast_root / "cache"))
-    mp.delenv("IBSYNC_REPO", raising=False)
-    mp.setattr("ibsync.format.crypto.DEFAULT_KDF", FAST_KDF)
-    try:
+    with campaign.campaign_settings(fast_root, PASSWORD):
         yield campaign.build_base(fast_root / "base", seed=5)
-    finally:
-        mp.undo()
 
 
 @pytest.fixture

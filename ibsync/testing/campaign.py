@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import random
 import shutil
 import subprocess
@@ -213,6 +214,31 @@ def build_base(root: Path, *, seed: int = 1, size: int = DEFAULT_SIZE) -> Base:
     with _env(IBSYNC_PASSWORD=DEST_PASSWORD):
         _must(run_inprocess(["init", "--repo", dest, "--pack-size", "4"]))
     return Base(root, repo, dest, folders, sources)
+
+
+def scratch_folder(prefix: str) -> Path:
+    """A new scratch folder on tmpfs where there is one: the scenarios create and remove
+    thousands of folders, which costs milliseconds each on a disk."""
+    parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+@contextlib.contextmanager
+def campaign_settings(root: Path, password: str):
+    """What every scenario runs under, restored afterwards: the repository password, a cache
+    below ``root``, no IBSYNC_REPO, and the fast test KDF for new key files."""
+    from ..format import crypto
+    from . import FAST_KDF
+
+    saved_kdf, crypto.DEFAULT_KDF = crypto.DEFAULT_KDF, FAST_KDF
+    repo = os.environ.pop("IBSYNC_REPO", None)
+    try:
+        with _env(IBSYNC_PASSWORD=password, IBSYNC_CACHE_DIR=str(root / "cache")):
+            yield
+    finally:
+        crypto.DEFAULT_KDF = saved_kdf
+        if repo is not None:
+            os.environ["IBSYNC_REPO"] = repo
 
 
 @contextlib.contextmanager

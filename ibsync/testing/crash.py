@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import ibsync
+from ibsync.testing import FAST_KDF
 
 # The checkout holding this ibsync: children import the same code whatever their working folder.
 SOURCE_ROOT = Path(ibsync.__file__).resolve().parent.parent
 # Fast key derivation for generated repositories only; key files store their own parameters.
-FAST_KDF = {"name": "argon2id", "memory_kib": 8192, "iterations": 1, "lanes": 1}
 COMMAND_TIMEOUT = 300.0
 POLL_SECONDS = 0.001
 # check's wording for packs no index refers to: what a kill between a pack and its index leaves

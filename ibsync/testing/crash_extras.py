@@ -132,6 +132,17 @@ def resize(folder: Path, mib: int) -> None:
     subprocess.run(["mount", "-o", f"remount,size={mib}m", str(folder)], check=True, capture_output=True)
 
 
+def _holding(backend: Backend, name: str, work: Path, folder: Path,
+             base_env: dict[str, str] | None) -> tuple[dict[str, str], subprocess.CompletedProcess, str | None]:
+    """A new repository ``name`` on ``backend`` with ``folder`` imported: the children's
+    environment, the import's result and the snapshot id (None if the import failed)."""
+    target = backend.new_target(name, f"{name}-password", work / "cache")
+    init_repo(target, backend)
+    env = child_env({**(base_env or os.environ), **target.env})
+    r, snapshot = import_json(env, folder)
+    return env, r, snapshot
+
+
 def disk_full(work: Path, small: Path, big: Path, *, seed: int = 1, trial: int = 0, space_mib: int = 20,
               base_env: dict[str, str] | None = None) -> ExtraOutcome:
     """A repository on a ``space_mib`` tmpfs holding ``small``; importing ``big`` (larger than the space
@@ -140,11 +151,7 @@ def disk_full(work: Path, small: Path, big: Path, *, seed: int = 1, trial: int =
     began = time.monotonic()
     out = ExtraOutcome("disk-full", "local", seed, trial)
     with tmpfs(work / "fs", space_mib) as fs:
-        backend = Backend("local", fs)
-        target = backend.new_target("full", "disk-full-password", work / "cache")
-        init_repo(target, backend)
-        env = child_env({**(base_env or os.environ), **target.env})
-        r, first = import_json(env, small)
+        env, r, first = _holding(Backend("local", fs), "full", work, small, base_env)
         if first is None:
             out.problems.append(f"the first import did not fit: {last_line(r.stderr)}")
             return out
@@ -180,11 +187,7 @@ def restore_into_full_disk(work: Path, small: Path, *, seed: int = 1, trial: int
     """Restoring ``small``'s snapshot into a ``space_mib`` tmpfs fails with one line naming the full disk."""
     began = time.monotonic()
     out = ExtraOutcome("restore-full", "local", seed, trial)
-    backend = Backend("local", work)
-    target = backend.new_target("restore-full", "restore-full-password", work / "cache")
-    init_repo(target, backend)
-    env = child_env({**(base_env or os.environ), **target.env})
-    r, first = import_json(env, small)
+    env, r, first = _holding(Backend("local", work), "restore-full", work, small, base_env)
     if first is None:
         out.problems.append(f"the import failed: {last_line(r.stderr)}")
         return out
