@@ -336,7 +336,7 @@ def test_acquire_removes_its_lock_when_the_recheck_fails(env, exclusive):
 
 
 def test_liveness_check_by_platform():
-    from ibsync.repo.lock import _pid_alive_posix, _pid_alive_windows, liveness_check
+    from ibsync.pids import _pid_alive_posix, _pid_alive_windows, liveness_check
 
     assert liveness_check("win32") is _pid_alive_windows  # os.kill(pid, 0) would kill it there
     assert liveness_check("linux") is liveness_check("darwin") is _pid_alive_posix

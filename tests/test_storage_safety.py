@@ -640,7 +640,8 @@ def test_an_object_deleted_while_its_folder_is_listed_is_skipped(tmp_path, monke
 
     def racing(e):
         if e.name == names[1]:
-            os.unlink(e.path)  # gone just before its stat, as when another process deletes it
+            # by its full path: e.path is only the name when the folder was listed by descriptor
+            os.unlink(tmp_path / "repo" / "locks" / e.name)  # gone just before its stat, as when another process deletes it
         return real(e)
 
     monkeypatch.setattr(folders, "_entry", racing)

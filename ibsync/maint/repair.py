@@ -91,7 +91,8 @@ def _read_tail(repo: Repository, name: str, size: int) -> bytes:
         # The length is whatever the object's last bytes say: never read that much on trust.
         raise InvalidData(f"its header claims {hlen} bytes, more than a pack header can be")
     if hlen > len(data) and hlen <= size:
-        data = repo.storage.get(Kind.PACKS, name, size - hlen, hlen)
+        # only the part of the header the first read did not reach
+        data = repo.storage.get(Kind.PACKS, name, size - hlen, hlen - len(data)) + data
     return data[-hlen:] if hlen <= len(data) else data
 
 

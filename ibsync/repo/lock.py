@@ -21,17 +21,16 @@ import json
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Callable
 
 from ..errors import IbsyncError, InvalidData, NotFound, RepoError
 from ..format.crypto import storage_name
 from ..format.objects import open_object
 from ..model import parse_iso, utc_iso
+from ..pids import pid_alive
 from ..storage import Kind
 
 STALE_AFTER = timedelta(minutes=30)
@@ -76,59 +75,6 @@ class LockInfo:
     def describe(self) -> str:
         kind = "exclusive" if self.exclusive else "shared"
         return f"{kind} lock by '{self.command}' (PID {self.pid} on {self.hostname}, since {self.time:%Y-%m-%d %H:%M:%S} UTC)"
-
-
-# ---- is a process of this host alive? ---------------------------------------------------------
-
-
-def _pid_alive_posix(pid: int) -> bool:
-    if pid <= 0:
-        return False  # 0 and negatives name process groups, never a lock's holder
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except (OverflowError, OSError):
-        return False  # no such PID can exist
-    return True
-
-
-def _pid_alive_windows(pid: int) -> bool:
-    # os.kill(pid, 0) on Windows calls TerminateProcess: it would kill the lock's holder.
-    import ctypes
-    from ctypes import wintypes
-
-    process_query_limited_information = 0x1000
-    error_access_denied = 5
-    still_active = 259
-    if pid <= 0 or pid > 0xFFFFFFFF:
-        return False
-    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
-    kernel32.OpenProcess.restype = wintypes.HANDLE
-    kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
-    kernel32.GetExitCodeProcess.argtypes = (wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD))
-    kernel32.CloseHandle.argtypes = (wintypes.HANDLE,)
-    handle = kernel32.OpenProcess(process_query_limited_information, False, pid)
-    if not handle:
-        return ctypes.get_last_error() == error_access_denied  # exists, owned by someone else
-    try:
-        code = wintypes.DWORD()
-        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
-            return True  # cannot tell: keep honouring the lock
-        return code.value == still_active
-    finally:
-        kernel32.CloseHandle(handle)
-
-
-def liveness_check(platform: str) -> Callable[[int], bool]:
-    """The way to ask whether a PID is alive on ``platform`` (a ``sys.platform`` value)."""
-    return _pid_alive_windows if platform == "win32" else _pid_alive_posix
-
-
-def pid_alive(pid: int) -> bool:
-    return liveness_check(sys.platform)(pid)
 
 
 # ---- reading the locks ------------------------------------------------------------------------

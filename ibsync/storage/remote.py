@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from ..errors import AlreadyExists, IbsyncError, NotFound, StorageError
+from ..pids import pid_alive
 from .base import (
     FANNED_OUT, TEMP_PREFIX, Kind, ObjectInfo, Properties, check_name, is_fan_out_folder, is_ignored, join_pieces, leaves_room_for_init,
     object_at, object_path,
@@ -69,20 +70,6 @@ def mtime_of(info: dict[str, Any]) -> float | None:
     return None
 
 
-def _pid_gone(pid: int) -> bool:
-    """Whether no process has this pid. Unknowable on Windows without psutil (os.kill would end
-    it): taken as alive there, so staging files are never removed under a running writer."""
-    if os.name == "nt":
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False  # exists, owned by someone else
-    return False
-
-
 def remove_stale_staging(older_than_s: float, folder: str | None = None) -> int:
     """Remove local staging files of processes that are gone, last written more than
     ``older_than_s`` ago (both: a pid namespace shared /tmp could hide a live writer)."""
@@ -98,7 +85,7 @@ def remove_stale_staging(older_than_s: float, folder: str | None = None) -> int:
         if m is None or not e.is_file(follow_symlinks=False):
             continue
         try:
-            if e.stat(follow_symlinks=False).st_mtime >= cutoff or not _pid_gone(int(m.group(1))):
+            if e.stat(follow_symlinks=False).st_mtime >= cutoff or pid_alive(int(m.group(1))):
                 continue
             os.unlink(e.path)
         except FileNotFoundError:
