@@ -194,15 +194,23 @@ class Tree(list):  # list[Node]
     """A decoded tree: the entries every reader may use, in name order, as a list; the ones it
     must not (``rejected``) kept aside so restore and check can name them."""
 
-    def __init__(self, nodes: list[Node], rejected: list[Rejected]) -> None:
+    def __init__(self, nodes: list[Node], rejected: list[Rejected], parts: list[bytes] | None = None) -> None:
         super().__init__(nodes)
         self.rejected = rejected
+        self.parts = parts or []  # the ids of the blobs it was read from (format 2: its nodes)
 
 
 def encode_tree(entries: list[dict[str, Any]]) -> bytes:
-    """Serialise a folder's entries (``Node.to_dict`` form), sorted by name."""
-    entries = sorted(entries, key=lambda d: d["name"])
+    """Serialise a folder's entries (``Node.to_dict`` form), sorted by name, as a format-1
+    tree (JSON; repositories of format version 1 keep getting these, design §10)."""
+    entries = sorted(entries, key=_name_key)
     return json.dumps({"nodes": entries}, separators=(",", ":")).encode()
+
+
+def _name_key(d: Any) -> str:
+    # total: an entry with no name as text (only a refused one, which repair keeps) sorts first
+    name = d.get("name") if isinstance(d, dict) else None
+    return name if isinstance(name, str) else ""
 
 
 def decode_tree_entries(data: bytes) -> list[Any]:

@@ -33,6 +33,7 @@ COMMANDS = {
     "stats": "cmd_stats:stats_cmd",
     "key": "cmd_key:key_group",
     "unlock": "cmd_unlock:unlock_cmd",
+    "upgrade": "cmd_upgrade:upgrade_cmd",
 }
 
 

@@ -20,7 +20,6 @@ the storage), and a failed deletion is reported, never passed over.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -387,11 +386,10 @@ class TreeCleaner:
                     changed = True
             kept.append(d)
         if changed:
-            # the stored order is kept (encode_tree's, for trees ibsync wrote), so a tree that
-            # loses nothing below re-encodes to the bytes it had
-            data = json.dumps({"nodes": kept}, separators=(",", ":")).encode()
-            fix.id = self.repo.blob_id(data)
-            self.new_trees[fix.id] = data
+            # built canonically (sorted, the repository's tree format), as an import would
+            built = self.repo.build_tree(kept)  # every node blob of the folder, nothing stored yet
+            fix.id = built.id
+            self.new_trees.update(built.blobs)
         return fix
 
 

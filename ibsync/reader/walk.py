@@ -71,10 +71,11 @@ def rejected_entries(repo: Repository, tree_id: bytes) -> list[tuple[str, str]]:
 
 
 def collect_blobs(repo: Repository, tree_id: bytes, blobs: set[bytes], *, with_refused: bool = True) -> None:
-    """Add every blob below a tree (trees included) to ``blobs``; trees already there (shared
-    with a snapshot collected before) are not walked again. With ``with_refused``, entries readers
-    refuse count too, as far as they can be read: prune must not delete what a snapshot still
-    refers to. Without it, only what a reader may use (what ``copy`` carries)."""
+    """Add every blob below a tree (trees included, with all their node blobs) to ``blobs``;
+    trees already there (shared with a snapshot collected before) are not walked again. With
+    ``with_refused``, entries readers refuse count too, as far as they can be read: prune must
+    not delete what a snapshot still refers to. Without it, only what a reader may use (what
+    ``copy`` carries)."""
     stack = [(tree_id, False)]  # (tree, named by a refused entry: may not be a tree at all)
     while stack:
         tid, refused = stack.pop()
@@ -87,6 +88,7 @@ def collect_blobs(repo: Repository, tree_id: bytes, blobs: set[bytes], *, with_r
             if refused:
                 continue
             raise
+        blobs.update(repo.tree_parts(tid))  # a format-2 folder's other node blobs
         for node in nodes:
             if node.type == "dir" and node.subtree is not None:
                 stack.append((node.subtree, refused))

@@ -33,8 +33,9 @@ from ..format.crypto import (
 )
 from ..format.objects import open_object, seal_object
 from ..format.pack import BlobType, PackedBlob, blob_aad, parse_header
-from ..model import Node, Snapshot, decode_tree, decode_tree_entries, utc_iso
+from ..model import Node, Snapshot, Tree, decode_tree_entries, encode_tree, split_entries, utc_iso
 from ..storage import Kind, Storage
+from . import trees
 from .cache import CACHED_KINDS, ObjectCache
 from .index import BlobLocation, MasterIndex
 from .known import KnownRepositories
@@ -42,7 +43,9 @@ from .known import KnownRepositories
 log = logging.getLogger("ibsync")
 
 FORMAT_NAME = "ibsync-repository"
-FORMAT_VERSION = 1
+# 2: trees are msgpack nodes (design §10); version 1 repositories stay readable, and writable
+# with format-1 trees until 'ibsync upgrade'.
+FORMAT_VERSION = 2
 DEFAULT_PACK_SIZE = 20 << 20
 MIN_PACK_SIZE = 4 << 20
 MAX_PACK_SIZE = 128 << 20
@@ -69,6 +72,10 @@ def _who() -> dict[str, str]:
     return {"hostname": socket.gethostname(), "username": user}
 
 
+# decoded tree entries kept in memory across folders (about 0.5 KB each)
+TREE_CACHE_ENTRIES = 20_000
+
+
 class Repository:
     def __init__(self, storage: Storage, config: dict, master: MasterKey | None, key_name: str | None = None) -> None:
         self.storage = storage
@@ -88,7 +95,8 @@ class Repository:
         self.index_damage: dict[str, str] = {}  # index objects load_index skipped -> why
         self.cache = None  # an ObjectCache for remote repositories (use_cache)
         self.lock = None  # the RepoLock this process holds on the repository, if any
-        self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
+        self._trees: OrderedDict[bytes, Tree] = OrderedDict()
+        self._trees_entries = 0  # entries held by _trees, which bounds it (not the folder count)
         self._trees_lock = threading.Lock()
         self._tree_pack_lock = threading.Lock()
 
@@ -335,22 +343,61 @@ class Repository:
 
     # ---- trees -----------------------------------------------------------------------------
 
-    def load_tree(self, tree_id: bytes) -> list[Node]:
+    @property
+    def tree_format(self) -> int:
+        """The tree format writers use: 1 (JSON, all an older ibsync reads) in a repository of
+        format version 1, else 2 (msgpack nodes); readers take both (design §10)."""
+        return 1 if self.config["version"] < 2 else 2
+
+    def load_tree(self, tree_id: bytes) -> Tree:
+        """One folder's whole tree (its usable entries, and the refused ones aside)."""
         with self._trees_lock:
             cached = self._trees.get(tree_id)
             if cached is not None:
                 self._trees.move_to_end(tree_id)
                 return cached
-        nodes = decode_tree(self.load_blob(tree_id))
+        entries, parts = self._read_tree(tree_id)
+        good, rejected = split_entries(entries)
+        tree = Tree([Node.from_dict(d) for d in good], rejected, parts)
         with self._trees_lock:
-            self._trees[tree_id] = nodes
-            if len(self._trees) > 64:
-                self._trees.popitem(last=False)
-        return nodes
+            if tree_id not in self._trees:
+                self._trees[tree_id] = tree
+                self._trees_entries += len(tree) + 1
+            # bounded by entries: 64 folders of a real phone's fileID folders (~4,000 entries
+            # each, ~500 bytes decoded) would alone be over 100 MB
+            while self._trees_entries > TREE_CACHE_ENTRIES and len(self._trees) > 1:
+                _, dropped = self._trees.popitem(last=False)
+                self._trees_entries -= len(dropped) + 1
+        return tree
 
     def load_tree_entries(self, tree_id: bytes) -> list[dict]:
-        """A tree as plain dicts (``Node.to_dict`` form): what ingest compares against, cheaply."""
-        return decode_tree_entries(self.load_blob(tree_id))
+        """A tree's stored entries as plain dicts (``Node.to_dict`` form; each checked by
+        ``split_entries`` before use): what ingest compares against, cheaply."""
+        return self._read_tree(tree_id)[0]
+
+    def tree_parts(self, tree_id: bytes) -> list[bytes]:
+        """The ids of every blob that makes up one folder's tree, its top node first (not its
+        subfolders' trees, not file data): what prune keeps, check verifies and copy carries."""
+        with self._trees_lock:
+            cached = self._trees.get(tree_id)
+        if cached is not None:
+            return list(cached.parts)
+        return self._read_tree(tree_id)[1]
+
+    def build_tree(self, entries: list[dict]) -> trees.BuiltTree:
+        """One folder's tree blobs in this repository's tree format, computed, not stored
+        (``WriteSession.save_tree`` stores them; a planner such as repair can store them later)."""
+        if self.tree_format == 1:
+            data = encode_tree(entries)
+            tree_id = self.blob_id(data)
+            return trees.BuiltTree(tree_id, {tree_id: data})
+        return trees.build_tree(self.blob_id, entries)
+
+    def _read_tree(self, tree_id: bytes) -> tuple[list, list[bytes]]:
+        data = self.load_blob(tree_id)
+        if trees.is_node(data):
+            return trees.read_folder(self, tree_id, data)
+        return decode_tree_entries(data), [tree_id]
 
     # ---- snapshots -------------------------------------------------------------------------
 
@@ -433,6 +480,28 @@ class Repository:
 
     def close(self) -> None:
         self.storage.close()
+
+
+def upgrade_format(repo: Repository) -> int:
+    """Rewrite the config of a format-1 repository as format version 2 (same id, keys and
+    settings; the MAC recomputed); returns the version it had. From then on trees are written
+    as format-2 nodes, and an ibsync that reads only format 1 refuses the repository. The
+    caller holds the exclusive lock. The config is replaced in one put, which every storage
+    makes atomic: a kill leaves the old config or the new one, each valid."""
+    old = repo.config["version"]
+    if old >= FORMAT_VERSION:
+        return old
+    config = {k: v for k, v in repo.config.items() if k != "mac"}
+    config["version"] = FORMAT_VERSION
+    if repo.master is not None:
+        config["mac"] = repo.master.mac(_canonical(config))
+    raw = json.dumps(config, indent=1).encode()
+    repo.check_lock()
+    repo.storage.put(Kind.CONFIG, "config", raw)
+    if repo.storage.get(Kind.CONFIG, "config") != raw:
+        raise RepoError(f"{repo.storage.url}: the upgraded config reads back differently; run 'ibsync upgrade' again")
+    repo.config = config
+    return old
 
 
 def _canonical(config: dict) -> bytes:
