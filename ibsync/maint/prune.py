@@ -26,13 +26,16 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from ..errors import IbsyncError, NotFound, RepoError
-from ..format.index import PackIndex
-from ..format.pack import PackedBlob
+from ..format.index import PackIndex, iter_index
+from ..format.pack import FLAG_ZSTD, BlobType, PackedBlob
 from ..progress import NULL_PROGRESS, Progress
-from ..reader.walk import collect_blobs
 from ..repo.repository import Repository
 from ..storage import Kind
 from .repair import delete_objects, read_pack_header
+from .used import BlobMarks, collect_used
+
+# BlobMarks counters prune uses: a used blob, and one found at the location lookups return
+_USED, _LOCATED = 0, 1
 
 # A write in progress keeps touching its temporary file; one untouched this long was left by a
 # killed process. The margin covers a holder that lost its lock (asleep) and resumes writing.
@@ -45,7 +48,9 @@ class PrunePlan:
     delete: dict[str, int] = field(default_factory=dict)  # pack name -> size: nothing in it is used
     repack: dict[str, list[PackedBlob]] = field(default_factory=dict)  # pack name -> its used blobs
     repack_sizes: dict[str, int] = field(default_factory=dict)
-    keep: dict[str, list[PackedBlob]] = field(default_factory=dict)  # pack name -> every blob it holds
+    # packs that stay as they are; their index entries are copied from the old index objects
+    # when the index is rewritten, so no list of every blob is held (48+ bytes each)
+    keep: set[str] = field(default_factory=set)
     unused_kept_bytes: int = 0  # unused bytes left in packs below the threshold
     old_index: list[str] = field(default_factory=list)
     junk: dict[str, str] = field(default_factory=dict)  # name in packs/ -> why it is not an ibsync pack: left alone
@@ -92,50 +97,86 @@ def plan_prune(repo: Repository, *, repack_threshold: float = 0.5, ignore: set[s
             "Run 'ibsync repair snapshots' first (it lists and removes them)"
         )
     plan = PrunePlan(old_index=sorted(repo.loaded_index))
-    used: set[bytes] = set()
-    for snap in snapshots:
-        if snap.id not in ignore:
-            collect_blobs(repo, snap.tree, used)
+    used = collect_used(repo, (snap.tree for snap in snapshots if snap.id not in ignore))
     plan.used_blobs = len(used)
-
     stored = {info.name: info.size for info in repo.storage.list(Kind.PACKS)}
-    blobs_of: dict[str, list[tuple[PackedBlob, bool]]] = {}
-    located: set[bytes] = set()
-    for blob_id, loc in repo.index.entries():
-        first = repo.index.get(blob_id)
-        # a blob stored twice is used only where lookups find it
-        is_used = blob_id in used and first is not None and (first.pack_id, first.offset) == (loc.pack_id, loc.offset)
-        if is_used:
-            located.add(blob_id)
-        blobs_of.setdefault(loc.pack_id.hex(), []).append((loc.as_packed(blob_id), is_used))
-    missing = used - located
+    totals = _pack_totals(repo, used)
+    missing = sum(1 for _, mark in used.items() if mark != _LOCATED)
     if missing:
         raise RepoError(
-            f"{len(missing)} blob(s) used by snapshots are not in the index; nothing was pruned. "
+            f"{missing} blob(s) used by snapshots are not in the index; nothing was pruned. "
             "Run 'ibsync check' to see which snapshots are affected"
         )
+    repack: set[bytes] = set()
     for name, size in stored.items():
-        entries = blobs_of.get(name)
-        if not entries:
+        pack_totals = totals.get(bytes.fromhex(name))
+        if pack_totals is None:
             _plan_unindexed(repo, plan, name, size)
             continue
-        used_bytes = sum(b.length for b, u in entries if u)
-        total = sum(b.length for b, _ in entries)
+        used_bytes, total = pack_totals
         if used_bytes == 0:
             plan.delete[name] = size
         elif total - used_bytes > 0 and total - used_bytes >= repack_threshold * total and repack_threshold < 1.0:
-            plan.repack[name] = [b for b, u in entries if u]
+            repack.add(bytes.fromhex(name))
             plan.repack_sizes[name] = size
         else:
-            plan.keep[name] = [b for b, _ in entries]
+            plan.keep.add(name)
             plan.unused_kept_bytes += total - used_bytes
-    gone = set(blobs_of) - set(stored)
+    gone = {pack_id.hex() for pack_id in totals} - set(stored)
     if gone:
         raise RepoError(
             f"{len(gone)} pack(s) in the index are missing from the repository; nothing was pruned. "
             "Run 'ibsync check', then 'ibsync repair index'"
         )
+    if repack:
+        for pack_id, blob in _used_locations(repo, used):
+            if pack_id in repack:
+                plan.repack.setdefault(pack_id.hex(), []).append(blob)
     return plan
+
+
+def _is_used_here(repo: Repository, used: BlobMarks, blob_id: bytes, pack_id: bytes, offset: int) -> bool:
+    """Whether this index entry is where a used blob is read from: a blob stored twice is used
+    only at the location lookups return."""
+    if blob_id not in used:
+        return False
+    first = repo.index.get(blob_id)
+    return first is not None and (first.pack_id, first.offset) == (pack_id, offset)
+
+
+def _pack_totals(repo: Repository, used: BlobMarks) -> dict[bytes, list[int]]:
+    """Per indexed pack [used bytes, all bytes]; marks each used blob found where lookups read it."""
+    totals: dict[bytes, list[int]] = {}
+    for blob_id, loc in repo.index.entries():
+        acc = totals.get(loc.pack_id)
+        if acc is None:
+            acc = totals[loc.pack_id] = [0, 0]
+        acc[1] += loc.length
+        if _is_used_here(repo, used, blob_id, loc.pack_id, loc.offset):
+            acc[0] += loc.length
+            used.set(blob_id, _LOCATED)
+    return totals
+
+
+def _used_locations(repo: Repository, used: BlobMarks):
+    """(pack id, blob) of every index entry a used blob is read from."""
+    for blob_id, loc in repo.index.entries():
+        if _is_used_here(repo, used, blob_id, loc.pack_id, loc.offset):
+            yield loc.pack_id, loc.as_packed(blob_id)
+
+
+def _kept_index(repo: Repository, old_index: list[str], keep: set[str]):
+    """The entries of every kept pack, as the index objects read at the start list them (a pack
+    listed in several objects is listed as often again, as loading them did): one object in
+    memory at a time rather than every blob of the repository. A read that fails stops prune
+    before it deletes anything."""
+    for name in old_index:
+        for pack_id, records in iter_index(repo.load_object(Kind.INDEX, name)):
+            if pack_id.hex() in keep:
+                yield PackIndex(pack_id, [
+                    PackedBlob(BlobType(t), blob_id, offset, length, raw, bool(flags & FLAG_ZSTD))
+                    for t, flags, blob_id, offset, length, raw in records
+                ])
 
 
 def _plan_unindexed(repo: Repository, plan: PrunePlan, name: str, size: int) -> None:
@@ -175,7 +216,7 @@ def execute_prune(repo: Repository, plan: PrunePlan, *, progress: Progress = NUL
                 progress.advance(blob.length)
     result.packs_written = session.stats.packs_written
     # 2. index objects for every pack that stays
-    repo.save_full_index(PackIndex(bytes.fromhex(name), blobs) for name, blobs in sorted(plan.keep.items()))
+    repo.save_full_index(_kept_index(repo, plan.old_index, plan.keep))
     # 3. the index objects read at the start (so authenticated) are superseded
     index_failed: dict[str, str] = {}
     delete_objects(repo, Kind.INDEX, plan.old_index, index_failed)
