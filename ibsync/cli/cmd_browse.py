@@ -143,9 +143,11 @@ def ls_cmd(app: App, snapshot: str, pattern: str | None, device: str | None, bac
     from ..reader.manifest import SnapshotManifest
     from ..reader.paths import PathPattern
 
+    from ..reader.manifest_cache import ManifestCache
+
     repo = app.open_repo()
     snap = repo.find_snapshot(snapshot, device)
-    with SnapshotManifest(repo, snap, _keyring(backup_password_file)) as manifest:
+    with SnapshotManifest(repo, snap, _keyring(backup_password_file), cache=ManifestCache.for_repository(repo)) as manifest:
         if pattern is None:
             domains = manifest.domains()
             bad = [(snap, b) for b in manifest.bad_rows]
@@ -194,6 +196,43 @@ class _History:
     present: bool = False
 
 
+def _record_versions(histories: dict[tuple[str, str, str], _History], holding, snap: Snapshot, seen_device: bool) -> None:
+    """Add one snapshot's rows to each path's history: first, new, changed, unchanged, or
+    removed (a path the device's previous snapshot held and this one does not)."""
+    udid = snap.device.udid
+    seen: set[tuple[str, str, str]] = set()
+    for e, content in holding.entries:
+        key = (udid, e.domain, e.relative_path)
+        seen.add(key)
+        h = histories.get(key)
+        if h is None:
+            h = histories[key] = _History(udid, snap.device.name, e.domain, e.relative_path)
+        if not h.present:
+            status = "new" if seen_device else "first"
+        elif content != h.last:
+            status = "changed"
+        else:
+            status = "unchanged"
+        h.versions.append(_version(snap, e.size, utc_iso(_ts(e.mtime)), status))
+        h.last, h.present = content, True
+    for key, h in histories.items():
+        if key[0] == udid and h.present and key not in seen:
+            h.present = False
+            h.versions.append(_version(snap, None, None, "removed"))
+
+
+def _version(snap: Snapshot, size: int | None, mtime: str | None, status: str) -> dict[str, Any]:
+    return {
+        "snapshot": snap.id,
+        "short_id": snap.short_id,
+        "backup_date": utc_iso(snap.backup_date) if snap.backup_date else None,
+        "size": size,
+        "mtime": mtime,
+        "status": status,
+        "_date": snap.backup_date,
+    }
+
+
 @click.command("find")
 @click.argument("pattern")
 @click.option("--device", metavar="UDID|NAME", help="Only snapshots of this device.")
@@ -207,7 +246,8 @@ def find_cmd(app: App, pattern: str, device: str | None, backup_password_file: s
     previous snapshot's), unchanged, or removed (gone from that snapshot on). PATTERN is a glob
     as for 'ls'; a bare file name such as sms.db matches anywhere.
     """
-    from ..reader.manifest import SnapshotManifest
+    from ..reader.history import DeviceHistory
+    from ..reader.manifest_cache import ManifestCache
     from ..reader.paths import PathPattern
 
     pat = PathPattern(pattern)
@@ -218,55 +258,24 @@ def find_cmd(app: App, pattern: str, device: str | None, backup_password_file: s
         if not snaps:
             raise UserError(f"no snapshot of a device '{device}'")
     keyring = _keyring(backup_password_file)
+    cache = ManifestCache.for_repository(repo)
     histories: dict[tuple[str, str, str], _History] = {}
     bad: list[tuple[Snapshot, Any]] = []
     earlier: set[str] = set()  # devices with a snapshot already looked at
-    for snap in snaps:
-        udid = snap.device.udid
-        seen: set[tuple[str, str, str]] = set()
-        with SnapshotManifest(repo, snap, keyring) as manifest:
-            for e in manifest.entries(pat):
-                key = (udid, e.domain, e.relative_path)
-                seen.add(key)
-                node = manifest.payload(e.file_id)
-                content = (tuple(node.content), node.size) if node is not None else None
-                h = histories.get(key)
-                if h is None:
-                    h = histories[key] = _History(udid, snap.device.name, e.domain, e.relative_path)
-                if not h.present:
-                    status = "new" if udid in earlier else "first"
-                elif content != h.last:
-                    status = "changed"
-                else:
-                    status = "unchanged"
-                h.versions.append(
-                    {
-                        "snapshot": snap.id,
-                        "short_id": snap.short_id,
-                        "backup_date": utc_iso(snap.backup_date) if snap.backup_date else None,
-                        "size": e.size,
-                        "mtime": utc_iso(_ts(e.mtime)),
-                        "status": status,
-                        "_date": snap.backup_date,
-                    }
-                )
-                h.last, h.present = content, True
-            bad += [(snap, b) for b in manifest.bad_rows]
-        for key, h in histories.items():
-            if key[0] == udid and h.present and key not in seen:
-                h.present = False
-                h.versions.append(
-                    {
-                        "snapshot": snap.id,
-                        "short_id": snap.short_id,
-                        "backup_date": utc_iso(snap.backup_date) if snap.backup_date else None,
-                        "size": None,
-                        "mtime": None,
-                        "status": "removed",
-                        "_date": snap.backup_date,
-                    }
-                )
-        earlier.add(udid)
+    followed: dict[str, DeviceHistory] = {}  # each device's rows, followed from snapshot to snapshot
+    try:
+        for snap in snaps:
+            udid = snap.device.udid
+            follow = followed.get(udid)
+            if follow is None:
+                follow = followed[udid] = DeviceHistory(repo, pat, keyring, cache)
+            holding = follow.step(snap)
+            _record_versions(histories, holding, snap, udid in earlier)
+            bad += [(snap, b) for b in holding.bad]
+            earlier.add(udid)
+    finally:
+        for follow in followed.values():
+            follow.close()
     found = sorted(histories.values(), key=lambda h: (h.device, h.domain, h.relative_path))
     if app.json:
         app.emit_json(
@@ -368,7 +377,9 @@ def extract_cmd(
     repo = app.open_repo()
     snap = repo.find_snapshot(snapshot, device)
     started = time.monotonic()
-    with SnapshotManifest(repo, snap, _keyring(backup_password_file)) as manifest:
+    from ..reader.manifest_cache import ManifestCache
+
+    with SnapshotManifest(repo, snap, _keyring(backup_password_file), cache=ManifestCache.for_repository(repo)) as manifest:
         entries = list(manifest.entries(PathPattern(pattern)))
         failed = [Failure(b.path, b.file_id, b.reason) for b in manifest.bad_rows]
         if not entries and not failed:
@@ -495,37 +506,16 @@ def diff_cmd(
     A file changed when its stored content differs (other blobs or another size). Sizes are
     the backup's recorded file sizes: of B for added and changed files, of A for removed ones.
     """
-    from ..reader.manifest import SnapshotManifest, changed_payloads
+    from ..reader.history import diff_snapshots
+    from ..reader.manifest_cache import ManifestCache
 
     repo = app.open_repo()
     snaps = repo.snapshots()
     a = repo.find_snapshot(snapshot_a, device, snaps)
     b = repo.find_snapshot(snapshot_b, device, snaps)
-    keyring = _keyring(backup_password_file)
-    changes: list[tuple[str, str, str, str, int]] = []  # (domain, path, kind, file_id, size)
+    found, bad = diff_snapshots(repo, a, b, _keyring(backup_password_file), ManifestCache.for_repository(repo))
+    changes = [(c.domain, c.relative_path, c.kind, c.file_id, c.size) for c in found]
     per_domain: dict[str, _DomainDiff] = {}
-    with SnapshotManifest(repo, a, keyring) as ma, SnapshotManifest(repo, b, keyring) as mb:
-        touched = changed_payloads(ma, mb)
-        found: list[tuple[str, str, str, str]] = []  # (domain, path, kind, file_id)
-        rows_a, rows_b = ma.files_by_id(), mb.files_by_id()
-        ra, rb = next(rows_a, None), next(rows_b, None)
-        while ra is not None or rb is not None:  # merge the two fileID-ordered row lists
-            if rb is None or (ra is not None and ra[0] < rb[0]):
-                found.append((ra[1], ra[2], "removed", ra[0]))
-                ra = next(rows_a, None)
-            elif ra is None or rb[0] < ra[0]:
-                found.append((rb[1], rb[2], "added", rb[0]))
-                rb = next(rows_b, None)
-            else:
-                if rb[0] in touched:
-                    found.append((rb[1], rb[2], "changed", rb[0]))
-                ra, rb = next(rows_a, None), next(rows_b, None)
-        # sizes from Manifest.db, decoded for these rows only
-        for domain, rel, kind, file_id in found:
-            e = (ma if kind == "removed" else mb).entry(file_id)
-            changes.append((domain, rel, kind, file_id, e.size if e is not None else 0))
-        changes.sort(key=lambda c: (c[0], c[1]))
-        bad = [(a, r) for r in ma.bad_rows] + ([(b, r) for r in mb.bad_rows] if b.id != a.id else [])
     for domain, _rel, kind, _fid, n in changes:
         d = per_domain.setdefault(domain, _DomainDiff())
         setattr(d, kind, getattr(d, kind) + 1)

@@ -9,12 +9,14 @@ checked against its id by ``Repository.decode_blob`` before a byte of it is yiel
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ..errors import InvalidData
 from ..format.pack import PackedBlob
 from ..model import Node
 from ..repo.repository import Repository
+
+NEARBY_GAP = 64 << 10  # bytes between two blobs worth reading rather than a second request
 
 
 def read_file(repo: Repository, node: Node) -> Iterator[bytes]:
@@ -81,3 +83,33 @@ def _read_run(repo: Repository, pack_id: bytes, run: list[bytes], located: dict[
 def read_file_bytes(repo: Repository, node: Node) -> bytes:
     """A small file's whole content (plists): ``read_file`` joined."""
     return b"".join(read_file(repo, node))
+
+
+def read_blobs(repo: Repository, blob_ids: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    """``(id, data)`` of each distinct blob of ``blob_ids``, verified, in pack order: one ranged
+    read per run of nearby blobs of a pack (rehydrating only the blocks of a database that
+    changed). Raises InvalidData for a blob that is missing or does not match its id."""
+    by_pack: dict[bytes, list[PackedBlob]] = {}
+    for blob_id in dict.fromkeys(blob_ids):
+        loc = repo.locate(blob_id)
+        by_pack.setdefault(loc.pack_id, []).append(loc.as_packed(blob_id))
+    for pack_id in sorted(by_pack):
+        for run in _nearby(by_pack[pack_id]):
+            for blob, data, err in repo.read_pack_blobs(pack_id, run):
+                if err is not None or data is None:
+                    raise InvalidData(f"blob {blob.id.hex()[:12]} in pack {pack_id.hex()[:12]}: {err}")
+                yield blob.id, data
+
+
+def _nearby(blobs: list[PackedBlob]) -> Iterator[list[PackedBlob]]:
+    """Runs of blobs close enough in the pack to read in one request: a few scattered changed
+    blocks must not cost the megabytes of unchanged blobs between them."""
+    blobs = sorted(blobs, key=lambda b: b.offset)
+    run: list[PackedBlob] = []
+    for b in blobs:
+        if run and b.offset - (run[-1].offset + run[-1].length) > NEARBY_GAP:
+            yield run
+            run = []
+        run.append(b)
+    if run:
+        yield run

@@ -21,7 +21,9 @@ from typing import Iterable, Iterator
 from ..errors import InvalidData, UserError
 from ..model import Node, Snapshot
 from ..repo.repository import Repository
+from ..repo.trees import diff_folder
 from .files import read_file, read_file_bytes
+from .manifest_cache import ManifestCache, Rehydration, StoredFile, write_stored
 from .ios_crypto import BackupKeyring, BackupKeys
 from .mbfile import _KIND_OF_FLAGS, ManifestEntry, decode_mbfile, kind_of
 from .paths import PathPattern, entry_path
@@ -46,63 +48,122 @@ class DomainStats:
 
 class SnapshotManifest:
     """A snapshot's Manifest.db opened read-only, and its payloads by file id. Use as a context
-    manager: the rehydrated database is a temporary file, removed on close."""
+    manager. The database comes from the Manifest.db cache (``manifest_cache``; rebuilt there
+    from the blocks it shares with cached ones) or, without a cache, from a temporary file; for
+    an encrypted iOS backup the decrypted database is only ever a temporary file. Either way the
+    file is unlinked once open, so nothing is left behind if the command is killed."""
 
-    def __init__(self, repo: Repository, snapshot: Snapshot, keyring: BackupKeyring | None = None) -> None:
+    def __init__(self, repo: Repository, snapshot: Snapshot, keyring: BackupKeyring | None = None, *,
+                 cache: ManifestCache | None = None, file: str | os.PathLike | None = None) -> None:
+        """``file``: use this file, which holds the snapshot's stored Manifest.db (plaintext
+        backups; the caller keeps it and must not change it while this is open)."""
         self.repo = repo
         self.snapshot = snapshot
         self.keys: BackupKeys | None = None
+        self.stats = cache.stats if cache is not None else Rehydration()
         self._con: sqlite3.Connection | None = None
         self._path: str | None = None
-        root = repo.load_tree(snapshot.tree)
-        self._root = {n.name: n for n in root}
-        self._dirs = {n.name: n for n in root if n.type == "dir" and len(n.name) == 2}
+        self._fd: int | None = None  # the database file, for reading its pages
+        self._root_nodes: dict[str, Node] | None = None  # the root tree, loaded when needed
         self._payloads: dict[str, dict[str, Node]] = {}
         self._bad: dict[tuple[str, str, str], BadRow] = {}  # rows met so far that cannot be used
+        if file is not None:  # the caller knows what it holds: the root is loaded only for payloads
+            self._connect(os.fspath(file), owned=False)
+            return
         db = self._root.get("Manifest.db")
         if db is None or db.type != "file":
             raise UserError(
                 f"snapshot {snapshot.short_id} has no Manifest.db: browsing needs an iOS 10 or later backup"
             )
-        chunks: Iterable[bytes] = read_file(repo, db)
-        if snapshot.ios_encrypted:
-            if keyring is None:
-                raise UserError(f"snapshot {snapshot.short_id} is an encrypted iOS backup: its password is needed")
-            plist_node = self._root.get("Manifest.plist")
-            if plist_node is None or plist_node.type != "file":
-                raise InvalidData(f"snapshot {snapshot.short_id} has no Manifest.plist")
-            try:
-                plist = plistlib.loads(read_file_bytes(repo, plist_node))
-            except plistlib.InvalidFileException as e:
-                raise InvalidData(f"snapshot {snapshot.short_id}: Manifest.plist does not parse ({e})") from None
-            manifest_key = plist.get("ManifestKey")
-            if not isinstance(manifest_key, bytes):
-                raise InvalidData(f"snapshot {snapshot.short_id}: the encrypted backup's Manifest.plist has no ManifestKey")
-            self.keys = keyring.keys_for(plist)
-            chunks = self.keys.decrypt_database(chunks, manifest_key)
-        fd, self._path = tempfile.mkstemp(prefix="ibsync-manifest-", suffix=".db")
+        self.stored = StoredFile.of(repo, db.content, db.size)
         try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-            uri = Path(self._path).absolute().as_uri() + "?mode=ro&immutable=1"
-            self._con = sqlite3.connect(uri, uri=True, check_same_thread=False)
-            # a name that is not UTF-8 must not fail the whole query: keep its bytes (an extracted
-            # file gets them back as its name), and escape them where they are printed
-            self._con.text_factory = _text
-            try:
-                self._con.execute("SELECT fileID, domain, relativePath, flags, file FROM Files LIMIT 1").fetchall()
-            except sqlite3.DatabaseError as e:
-                what = "does not decrypt to a database" if snapshot.ios_encrypted else "is not a readable database"
-                raise InvalidData(f"snapshot {snapshot.short_id}: Manifest.db {what} ({e})") from None
-            try:  # the open connection keeps it readable; nothing is left behind if we are killed
-                os.unlink(self._path)
-                self._path = None
-            except OSError:
-                pass  # Windows: removed on close
+            if snapshot.ios_encrypted:
+                self._open_encrypted(cache, keyring)
+            else:
+                self._open_plain(cache)
         except BaseException:
             self.close()
             raise
+
+    def _open_plain(self, cache: ManifestCache | None) -> None:
+        if cache is not None:
+            link = cache.open(self.repo, self.stored)
+            try:
+                self._connect(str(link), owned=False)
+            finally:
+                cache.release(link)
+            return
+        fd, path = tempfile.mkstemp(prefix="ibsync-manifest-", suffix=".db")
+        self._path = path
+        try:
+            write_stored(self.repo, self.stored, fd, [], self.stats)
+        finally:
+            os.close(fd)
+        self._connect(path, owned=True)
+
+    def _open_encrypted(self, cache: ManifestCache | None, keyring: BackupKeyring | None) -> None:
+        """Decrypt the stored (cached) ciphertext into a private temporary file: the plaintext
+        of an encrypted backup is never kept."""
+        snapshot = self.snapshot
+        if keyring is None:
+            raise UserError(f"snapshot {snapshot.short_id} is an encrypted iOS backup: its password is needed")
+        plist_node = self._root.get("Manifest.plist")
+        if plist_node is None or plist_node.type != "file":
+            raise InvalidData(f"snapshot {snapshot.short_id} has no Manifest.plist")
+        try:
+            plist = plistlib.loads(read_file_bytes(self.repo, plist_node))
+        except plistlib.InvalidFileException as e:
+            raise InvalidData(f"snapshot {snapshot.short_id}: Manifest.plist does not parse ({e})") from None
+        manifest_key = plist.get("ManifestKey")
+        if not isinstance(manifest_key, bytes):
+            raise InvalidData(f"snapshot {snapshot.short_id}: the encrypted backup's Manifest.plist has no ManifestKey")
+        self.keys = keyring.keys_for(plist)
+        link = cache.open(self.repo, self.stored) if cache is not None else None
+        try:
+            chunks: Iterable[bytes] = _file_chunks(link) if link is not None else read_file(self.repo, self._root["Manifest.db"])
+            fd, self._path = tempfile.mkstemp(prefix="ibsync-manifest-", suffix=".db")
+            with os.fdopen(fd, "wb") as f:
+                for chunk in self.keys.decrypt_database(chunks, manifest_key):
+                    f.write(chunk)
+        finally:
+            if link is not None:
+                cache.release(link)
+        self._connect(self._path, owned=True)
+
+    @property
+    def _root(self) -> dict[str, Node]:
+        if self._root_nodes is None:
+            self._root_nodes = {n.name: n for n in self.repo.load_tree(self.snapshot.tree)}
+        return self._root_nodes
+
+    @property
+    def _dirs(self) -> dict[str, Node]:
+        return {name: n for name, n in self._root.items() if n.type == "dir" and len(name) == 2}
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Bytes of the open database file (its pages, for comparing two versions)."""
+        assert self._fd is not None, "manifest is closed"
+        return os.pread(self._fd, length, offset)
+
+    def _connect(self, path: str, *, owned: bool) -> None:
+        """Open ``path`` read-only; ``owned``: a temporary file of ours, unlinked once open."""
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        uri = Path(path).absolute().as_uri() + "?mode=ro&immutable=1"
+        self._con = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        # a name that is not UTF-8 must not fail the whole query: keep its bytes (an extracted
+        # file gets them back as its name), and escape them where they are printed
+        self._con.text_factory = _text
+        try:
+            self._con.execute("SELECT fileID, domain, relativePath, flags, file FROM Files LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as e:
+            what = "does not decrypt to a database" if self.snapshot.ios_encrypted else "is not a readable database"
+            raise InvalidData(f"snapshot {self.snapshot.short_id}: Manifest.db {what} ({e})") from None
+        if owned:
+            try:  # the open connection keeps it readable; nothing is left behind if we are killed
+                os.unlink(path)
+                self._path = None
+            except OSError:
+                pass  # Windows: removed on close
 
     def __enter__(self) -> "SnapshotManifest":
         return self
@@ -114,6 +175,9 @@ class SnapshotManifest:
         if self._con is not None:
             self._con.close()
             self._con = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._path is not None:
             try:
                 os.unlink(self._path)
@@ -149,33 +213,20 @@ class SnapshotManifest:
         return self._rows(f"{sql} {extra}")
 
     def _reject(self, row: tuple, reason: str) -> None:
-        bad = BadRow(_row_path(row[1], row[2]), _as_text(row[0]), reason)
+        self.record(BadRow(_row_path(row[1], row[2]), _as_text(row[0]), reason))
+
+    def record(self, bad: BadRow) -> None:
+        """Note a row that cannot be used (once per path, id and reason)."""
         self._bad.setdefault((bad.path, bad.file_id, bad.reason), bad)
 
     def _entry(self, row: tuple, pattern: PathPattern | None, kinds: set[str] | None) -> ManifestEntry | None:
         """The row as an entry when it matches and is of one of ``kinds``; None when it does not
         match, or cannot be used (then recorded in ``bad_rows``)."""
-        file_id, domain, rel, flags, blob = row
-        problem = _type_problem(file_id, domain, rel, flags)
-        if problem is not None:
-            if pattern is None or pattern.matches(_as_text(domain), _as_text(rel)):
-                self._reject(row, problem)
+        got = evaluate(row, pattern, kinds)
+        if isinstance(got, BadRow):
+            self.record(got)
             return None
-        rel = rel or ""
-        flags = flags or 0
-        if pattern is not None and not pattern.matches(domain, rel):
-            return None
-        known = _KIND_OF_FLAGS.get(flags)
-        if kinds is not None and known is not None and known not in kinds:
-            return None
-        try:
-            size, mtime, mode, key = decode_mbfile(blob) if blob else (0, 0, 0, None)
-        except InvalidData as e:
-            self._reject(row, str(e))
-            return None
-        if kinds is not None and known is None and kind_of(flags, mode) not in kinds:
-            return None
-        return ManifestEntry(domain, rel, file_id, flags, size, mtime, mode, key)
+        return got
 
     def entries(self, pattern: PathPattern | None = None, *, kinds: Iterable[str] | None = ("file",)) -> Iterator[ManifestEntry]:
         """Rows matching ``pattern`` of the given kinds (all kinds for None), ordered by
@@ -207,6 +258,51 @@ class SnapshotManifest:
             return self._entry(row, None, None)
         return None
 
+    def follows_rowids(self) -> bool:
+        """Whether rows can be followed by rowid from one version to the next: Files is an
+        ordinary rowid table of its five columns with no collation that would change its
+        order (anything else is read whole, as a hostile database deserves)."""
+        assert self._con is not None, "manifest is closed"
+        try:
+            sql = self._con.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'Files'").fetchall()
+            cols = [str(r[1]).lower() for r in self._con.execute("PRAGMA table_info(Files)")]
+        except sqlite3.DatabaseError:
+            return False
+        if len(sql) != 1 or not isinstance(sql[0][0], str):
+            return False
+        text = " ".join(sql[0][0].lower().split())
+        return (cols == ["fileid", "domain", "relativepath", "flags", "file"]
+                and "without rowid" not in text and "collate" not in text)
+
+    def rows_by_rowid(self, rowids: Iterable[int], *, file_view: bool = False) -> dict[int, tuple]:
+        """``rowid -> (fileID, domain, relativePath, flags, file)`` of those rowids that exist.
+        ``file_view``: as ``files_by_id`` sees them (no MBFile where the flags say the kind)."""
+        out: dict[int, tuple] = {}
+        ids = sorted(set(rowids))
+        file_col = "CASE WHEN flags IN (1, 2, 4) THEN NULL ELSE file END" if file_view else "file"
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            marks = ",".join("?" * len(part))
+            for row in self._rows(f"SELECT rowid, fileID, domain, relativePath, flags, {file_col} FROM Files "
+                                  f"WHERE rowid IN ({marks})", tuple(part)):
+                out[row[0]] = row[1:]
+        return out
+
+    def rows_with_rowid(self, pattern: PathPattern | None) -> Iterator[tuple[int, tuple]]:
+        """``(rowid, row)`` of every row (of the pattern's domain when it names one)."""
+        for row in self._query("SELECT rowid, fileID, domain, relativePath, flags, file FROM Files", pattern):
+            yield row[0], row[1:]
+
+    def file_row(self, file_id: str) -> ManifestEntry | None:
+        """The file row of ``file_id`` as ``files_by_id`` sees it (None when there is none, it
+        is not a file, or it cannot be used: then recorded)."""
+        for row in self._rows(
+            "SELECT fileID, domain, relativePath, flags, CASE WHEN flags IN (1, 2, 4) THEN NULL ELSE file END "
+            "FROM Files WHERE fileID = ?", (file_id,)
+        ):
+            return self._entry(row, None, {"file"})
+        return None
+
     def domains(self) -> dict[str, DomainStats]:
         """Files, folders, symlinks and file bytes (MBFile sizes) per domain."""
         out: dict[str, DomainStats] = {}
@@ -236,7 +332,8 @@ class SnapshotManifest:
         prefix = file_id[:2]
         nodes = self._payloads.get(prefix)
         if nodes is None:
-            d = self._dirs.get(prefix)
+            d = self._root.get(prefix) if len(prefix) == 2 else None
+            d = d if d is not None and d.type == "dir" else None
             nodes = {n.name: n for n in self.repo.load_tree(d.subtree)} if d is not None and d.subtree else {}
             self._payloads[prefix] = nodes
         node = nodes.get(file_id)
@@ -251,6 +348,54 @@ class SnapshotManifest:
         if self.keys is not None and entry.encryption_key:
             return self.keys.decrypt_file(chunks, entry.encryption_key, entry.size)
         return chunks
+
+
+def evaluate(row: tuple, pattern: PathPattern | None, kinds: set[str] | None) -> ManifestEntry | BadRow | None:
+    """A ``(fileID, domain, relativePath, flags, file)`` row as an entry when it matches and is of
+    one of ``kinds`` (None: any); a BadRow when it matches but cannot be used; else None."""
+    file_id, domain, rel, flags, blob = row
+    problem = _type_problem(file_id, domain, rel, flags)
+    if problem is not None:
+        if pattern is None or pattern.matches(_as_text(domain), _as_text(rel)):
+            return BadRow(_row_path(domain, rel), _as_text(file_id), problem)
+        return None
+    rel = rel or ""
+    flags = flags or 0
+    if pattern is not None and not pattern.matches(domain, rel):
+        return None
+    known = _KIND_OF_FLAGS.get(flags)
+    if kinds is not None and known is not None and known not in kinds:
+        return None
+    try:
+        size, mtime, mode, key = decode_mbfile(blob) if blob else (0, 0, 0, None)
+    except InvalidData as e:
+        return BadRow(_row_path(domain, rel), file_id, str(e))
+    if kinds is not None and known is None and kind_of(flags, mode) not in kinds:
+        return None
+    return ManifestEntry(domain, rel, file_id, flags, size, mtime, mode, key)
+
+
+def order_key(row: tuple) -> tuple:
+    """Where a row sorts in ``ORDER BY domain, relativePath, fileID`` (sqlite's BINARY order:
+    NULL, numbers, text by its bytes, blobs), so rows kept from an earlier snapshot list in the
+    order a query of this one would give."""
+    return (_sql_order(row[1]), _sql_order(row[2]), _sql_order(row[0]))
+
+
+def _sql_order(value: object) -> tuple:
+    if value is None:
+        return (0, 0)
+    if isinstance(value, (int, float)):
+        return (1, value)
+    if isinstance(value, str):
+        return (2, value.encode("utf-8", "surrogateescape"))
+    return (3, bytes(value))  # type: ignore[arg-type]
+
+
+def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
 
 
 def _text(raw: bytes) -> str:
@@ -287,24 +432,29 @@ def _kind_of_value(value: object) -> str:
     return {bytes: "a blob", int: "an integer", float: "a real number", str: "text"}.get(type(value), type(value).__name__)
 
 
-def changed_payloads(a: SnapshotManifest, b: SnapshotManifest) -> set[str]:
-    """File ids whose stored payload differs between two snapshots: other blobs, another size,
-    or present in one only. Sub-trees are compared by id first, so the ``xx/`` folders two
-    snapshots share are not even loaded; one pair of sub-trees is held at a time."""
+def changed_payloads(repo: Repository, root_a: bytes, root_b: bytes) -> set[str]:
+    """File ids whose stored payload differs between two snapshots' root trees: other blobs,
+    another size, or present in one only. Only what differs is read (``diff_folder`` skips the
+    ``xx/`` folders and the tree nodes two snapshots share)."""
     out: set[str] = set()
-    for prefix in sorted(set(a._dirs) | set(b._dirs)):
-        da, db = a._dirs.get(prefix), b._dirs.get(prefix)
-        if da is not None and db is not None and da.subtree == db.subtree:
-            continue
-        na = {n.name: n for n in a.repo.load_tree(da.subtree)} if da is not None and da.subtree else {}
-        nb = {n.name: n for n in b.repo.load_tree(db.subtree)} if db is not None and db.subtree else {}
-        for name in na.keys() | nb.keys():
-            x, y = na.get(name), nb.get(name)
-            if x is None or y is None or x.content != y.content or x.size != y.size or x.type != y.type:
-                out.add(name)
-    # iOS < 10 layouts keep payloads at the top level
-    for name in (a._root.keys() | b._root.keys()) - set(a._dirs) - set(b._dirs):
-        x, y = a._root.get(name), b._root.get(name)
-        if len(name) == 40 and (x is None or y is None or x.content != y.content or x.size != y.size):
-            out.add(name)
+    for x, y in diff_folder(repo, root_a, root_b):
+        name = (x or y)["name"]
+        if len(name) == 2:
+            for u, v in diff_folder(repo, _subtree(x), _subtree(y)):
+                if _payload_key(u) != _payload_key(v):
+                    out.add((u or v)["name"])
+        elif len(name) == 40 and (x is None or y is None or _payload_key(x)[1:] != _payload_key(y)[1:]):
+            out.add(name)  # iOS < 10 layouts keep payloads at the top level
     return out
+
+
+def _subtree(entry: dict | None) -> bytes | None:
+    if entry is None or entry.get("type") != "dir" or not entry.get("subtree"):
+        return None
+    return bytes.fromhex(entry["subtree"])
+
+
+def _payload_key(entry: dict | None) -> tuple | None:
+    if entry is None:
+        return None
+    return (entry.get("type"), entry.get("size", 0), tuple(entry.get("content", ())))
