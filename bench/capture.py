@@ -60,7 +60,8 @@ MIN_LARGE_MB_S = 300.0
 TOOLS = ("ibsync", "pmd3", "restic")
 # UDIDs no real device has (pymobiledevice3 also reads /var/lib/lockdown/<udid>.plist)
 UDIDS = {"small": "00008120-5111BE0C000000A1", "large": "00008120-5111BE0C000000B2",
-         "base": "00008120-5111BE0C000000C3"}
+         "base": "00008120-5111BE0C000000C3", "many": "00008120-5111BE0C000000D4",
+         "blank": "00008120-5111BE0C000000E5"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,6 +74,7 @@ def build_device(scenario: str, args: argparse.Namespace):
     import random
 
     from ibsync.testing.device import SimDevice
+    from ibsync.testing.device.model import GeneratedPayloads
     from ibsync.testing.generator import generate_content
 
     content = generate_content(seed=args.seed, size_bytes=256 << 10, udid=UDIDS[scenario],
@@ -82,6 +84,14 @@ def build_device(scenario: str, args: argparse.Namespace):
     t = 1_700_000_000
     if scenario == "base":
         pass
+    elif scenario in ("many", "blank"):
+        # payloads made on demand from the seed and each row: the device holds rows, not bytes
+        device.generated = GeneratedPayloads(args.seed)
+        if scenario == "many":
+            device.add_generated_files(args.files, seed=args.seed, min_size=args.many_min_kib << 10,
+                                       max_size=args.many_max_kib << 10)
+        else:
+            device.files = {}  # the device a snapshot is restored onto
     elif scenario == "small":
         words = b"the quick brown fox jumps over a lazy dog while messages sync and photos wait ".split()
         for i in range(args.small_files):
@@ -107,15 +117,46 @@ def serve(args: argparse.Namespace) -> int:
     from ibsync.testing.device.model import FLAG_FILE
 
     device, base = build_device(args.scenario, args), build_device("base", args)
+    devices = [device, base]
+    if args.scenario == "many":
+        devices.append(build_device("blank", args))
     regular = [f for f in device.files.values() if f.flags == FLAG_FILE]
     base_regular = [f for f in base.files.values() if f.flags == FLAG_FILE]
-    with run_sim_usbmuxd([device, base], Path(args.folder)) as mux:
+    with run_sim_usbmuxd(devices, Path(args.folder)) as mux:
         print(json.dumps({"udid": device.udid, "address": mux.address, "files": len(regular),
                           "bytes": sum(f.size for f in regular), "base_udid": base.udid,
-                          "base_files": len(base_regular), "base_bytes": sum(f.size for f in base_regular)}),
+                          "base_files": len(base_regular), "base_bytes": sum(f.size for f in base_regular),
+                          "blank_udid": devices[-1].udid if len(devices) > 2 else None}),
               flush=True)
-        sys.stdin.read()  # until the parent closes our stdin
+        day1 = dict(device.files)
+        for line in sys.stdin:  # commands from the parent, until it closes our stdin
+            print(json.dumps(_command(line.split(), device, devices[-1], day1, args)), flush=True)
     return 0
+
+
+def _command(words: list[str], device, blank, day1: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """The many-files scenario's steps on the device side: ``next_day`` (0.5 % of the generated
+    files change), ``day1`` (back to the first day), ``verify`` (the blank device's rows and
+    payloads against the device's: what a restore must have made), ``clear`` (empty the blank)."""
+    from ibsync.testing.device.model import FLAG_FILE
+
+    if words[0] == "next_day":
+        return device.change_generated(args.change, seed=args.seed)
+    if words[0] == "day1":
+        device.files = dict(day1)
+        return {}
+    if words[0] == "clear":
+        blank.files = {}
+        return {}
+    if words[0] == "verify":
+        want = {fid: f for fid, f in device.files.items()}
+        got = blank.files
+        # rows compare with their payloads: generated ones (data None) only stay None on the blank
+        # device when the bytes restored are exactly what the generator makes
+        same = sum(1 for fid, f in want.items() if got.get(fid) == f)
+        files = sum(1 for f in want.values() if f.flags == FLAG_FILE)
+        return {"rows": len(want), "restored_rows": len(got), "identical_rows": same, "files": files}
+    raise SystemExit(f"unknown command {words!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,12 +292,123 @@ def one_rep(scenario: str, rep: int, dev: dict[str, Any], base_env: dict[str, st
     return results
 
 
+def device_command(proc: subprocess.Popen, command: str) -> dict[str, Any]:
+    """A step of the many-files scenario on the device's side (see ``_command``)."""
+    proc.stdin.write(f"{command}\n".encode())
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"the device process ended on {command!r}")
+    return json.loads(line)
+
+
+def one_rep_many(rep: int, dev: dict[str, Any], proc: subprocess.Popen, base_env: dict[str, str],
+                 ibsync: list[str], work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The many-files scenario, one repetition: ibsync's full capture; the next day (0.5 % of the
+    files changed) captured incrementally; that snapshot restored onto a blank device and checked
+    row by row, payloads included; ibsync's fixed cost (the base phone, fresh repository); and, in
+    the first ``--pmd3-reps`` repetitions, pymobiledevice3's full backup of the first day."""
+    run_dir = work / f"many-{rep}"
+    rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    results: dict[str, dict[str, Any]] = {}
+    repo, tmp = run_dir / "ibsync-repo", run_dir / "ibsync-tmp"
+    env = {**base_env, "IBSYNC_REPO": str(repo), "IBSYNC_PASSWORD": PASSWORD, "TMPDIR": str(tmp)}
+
+    def fresh_repo() -> None:
+        rmtree(repo), rmtree(tmp)
+        tmp.mkdir()
+        subprocess.run([*ibsync, "init", "--quiet"], env=env, check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL)
+
+    def backup(name: str, udid: str, *extra: str) -> dict[str, Any]:
+        r = step([*ibsync, "backup", "--device", udid, *extra, "--json", "--quiet"], env, run_dir, name)
+        report = json.loads(r.pop("stdout"))["snapshots"][0]
+        r.update(files_received=report["files_received"], bytes_received=report["bytes_received"],
+                 repo_bytes=du_bytes(repo))
+        return r
+
+    try:
+        fresh_repo()
+        results["full"] = backup("full", dev["udid"], "--full")
+        change = device_command(proc, "next_day")
+        results["incremental"] = backup("incremental", dev["udid"])
+        results["incremental"]["change"] = change
+        device_command(proc, "clear")
+        r = step([*ibsync, "restore", "latest", "--to-device", dev["blank_udid"], "--no-reboot"], env, run_dir,
+                 "restore")
+        r.pop("stdout")
+        r["verify"] = device_command(proc, "verify")
+        results["restore"] = r
+        device_command(proc, "day1")
+        fresh_repo()
+        results["ibsync_base"] = backup("ibsync-base", dev["base_udid"], "--full")
+        rmtree(repo), rmtree(tmp)
+        if rep < args.pmd3_reps:
+            folder = run_dir / "pmd3"
+            folder.mkdir()
+            r = step([sys.executable, str(Path(__file__).resolve()), "_pmd3", "--udid", dev["udid"], "--dest",
+                      str(folder)], base_env, run_dir, "pmd3")
+            r.pop("stdout")
+            r.update(folder_bytes=du_bytes(folder))
+            results["pmd3"] = r
+    finally:
+        device_command(proc, "day1")
+        rmtree(run_dir)
+    return results
+
+
+def report_many(sc: dict[str, Any]) -> list[tuple[str, str]]:
+    """Print the many-files scenario; returns its verdicts."""
+    recs, dev = sc["records"], sc["device"]
+    files = dev["files"]
+    print(f"\nmany: {files} files, {dev['bytes'] / 1e6:.1f} MB on the device (device process: "
+          f"{sc['device_process']['cpu_s']:.1f} s CPU over the whole run, peak RSS "
+          f"{sc['device_process']['maxrss_kib'] / 1024:.0f} MiB, built in {dev['build_s']:.1f} s)")
+    print(f"  {'step':<22} {'files':>9} {'wall s':>20} {'host CPU s':>20} {'CPU us/file':>18} {'peak RSS MiB':>18}")
+    verdicts = []
+    for step_name, label in (("full", "ibsync backup --full"), ("incremental", "ibsync backup (day 2)"),
+                             ("restore", "restore --to-device"), ("ibsync_base", "ibsync base phone"),
+                             ("pmd3", "pmd3 backup()")):
+        rows = [r[step_name] for r in recs if step_name in r]
+        if not rows:
+            continue
+        n = {"incremental": rows[0].get("files_received", 0), "ibsync_base": dev["base_files"]}.get(step_name, files)
+        print(f"  {label:<22} {n:>9} {spread([r['wall_s'] for r in rows]):>20} "
+              f"{spread([r['cpu_s'] for r in rows]):>20} "
+              f"{spread([r['cpu_s'] / files * 1e6 for r in rows], '{:.0f}'):>18} "
+              f"{spread([r['maxrss_kib'] / 1024 for r in rows], '{:.0f}'):>18}")
+    full = [r["full"] for r in recs]
+    base = [r["ibsync_base"] for r in recs]
+    us = statistics.median(r["cpu_s"] / files * 1e6 for r in full)
+    marginal = statistics.median((f["cpu_s"] - b["cpu_s"]) / (files - dev["base_files"]) * 1e6 for f, b in zip(full, base))
+    rss = statistics.median(r["maxrss_kib"] * 1024 for r in full)
+    print(f"  full capture: {us:.0f} us host CPU per file (whole process), {marginal:.0f} us marginal; "
+          f"peak RSS {rss / 2**20:.0f} MiB = {rss / files:.0f} bytes per file")
+    inc = [r["incremental"] for r in recs]
+    print(f"  day 2: {inc[0]['change']} on the device; ibsync received {inc[0]['files_received']} files "
+          f"({inc[0]['bytes_received'] / 1e6:.1f} MB)")
+    for r in recs:
+        v = r["restore"]["verify"]
+        ok = v["identical_rows"] == v["rows"] == v["restored_rows"]
+        verdicts.append(("PASS" if ok else "FAIL", f"many: restore onto a blank device: {v['identical_rows']} of "
+                         f"{v['rows']} rows identical, payloads included ({v['restored_rows']} rows restored)"))
+    verdicts.append(("PASS" if us <= MAX_CPU_US_PER_FILE else "FAIL",
+                     f"many files: full capture host CPU per file {us:.0f} us <= {MAX_CPU_US_PER_FILE:.0f} us "
+                     f"(whole process; marginal {marginal:.0f} us)"))
+    pm = [r["pmd3"] for r in recs if "pmd3" in r]
+    if pm:
+        print(f"  pmd3 backup(): {statistics.median(r['cpu_s'] / files * 1e6 for r in pm):.0f} us host CPU per file")
+    return verdicts
+
+
 def start_device(scenario: str, args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen, dict[str, Any]]:
     folder = work / f"mux-{scenario}"
     rmtree(folder)
     argv = [sys.executable, str(Path(__file__).resolve()), "_serve", "--scenario", scenario, "--folder", str(folder),
             "--seed", str(args.seed), "--small-files", str(args.small_files), "--large-count", str(args.large_count),
-            "--large-mib", str(args.large_mib)]
+            "--large-mib", str(args.large_mib), "--files", str(args.files), "--many-min-kib", str(args.many_min_kib),
+            "--many-max-kib", str(args.many_max_kib), "--change", str(args.change)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**clean_env(), "PYTHONPATH": str(ROOT)})
     line = proc.stdout.readline()
@@ -286,6 +438,9 @@ def report(data: dict[str, Any]) -> None:
           f"medians of {data['reps']} [min-max]")
     verdicts = []
     for scenario, sc in data["scenarios"].items():
+        if scenario == "many":
+            verdicts += report_many(sc)
+            continue
         recs, dev = sc["records"], sc["device"]
         files, mb = dev["files"], dev["bytes"] / 1e6
         print(f"\n{scenario}: {files} files, {mb:.1f} MB on the device (device process: {sc['device_process']['cpu_s']:.1f} s CPU "
@@ -367,7 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small-files", type=int, default=None, help="files of the small scenario (default 20000)")
     ap.add_argument("--large-count", type=int, default=None, help="files of the large scenario (default 4)")
     ap.add_argument("--large-mib", type=int, default=None, help="MiB per large file (default 256)")
-    ap.add_argument("--scenarios", default="small,large")
+    ap.add_argument("--files", type=int, default=None,
+                    help="files of the many-files scenario (default 300000, --quick 20000)")
+    ap.add_argument("--many-min-kib", type=int, default=4, help="smallest generated file, KiB (default 4)")
+    ap.add_argument("--many-max-kib", type=int, default=16, help="largest generated file, KiB (default 16)")
+    ap.add_argument("--change", type=float, default=0.005, help="share of files the next day touches (0.005)")
+    ap.add_argument("--pmd3-reps", type=int, default=1, help="many: repetitions that also run pmd3 (default 1)")
+    ap.add_argument("--scenarios", default="small,large", help="small, large and/or many (default small,large)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "capture")
     ap.add_argument("--report", type=Path, help="only print the report of an earlier results file")
@@ -380,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     args.small_files = args.small_files or (2000 if quick else 20000)
     args.large_count = args.large_count or (2 if quick else 4)
     args.large_mib = args.large_mib or (32 if quick else 256)
-    if shutil.which("restic") is None:
+    args.files = args.files or (20000 if quick else 300000)
+    if shutil.which("restic") is None and set(args.scenarios.split(",")) - {"many"}:
         raise SystemExit("restic is not installed (apt-get install restic)")
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -407,6 +569,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for rep in range(args.reps):
                 log(f"{scenario}: rep {rep + 1}/{args.reps} (load {os.getloadavg()[0]:.2f}) ...")
+                if scenario == "many":
+                    r = one_rep_many(rep, dev, proc, base_env, ibsync, work, args)
+                    r["load"] = os.getloadavg()
+                    log("  " + ", ".join(f"{k} {v['wall_s']:.1f} s ({v['cpu_s']:.1f} s CPU, {v['maxrss_kib'] >> 10} MiB)"
+                                         for k, v in r.items() if isinstance(v, dict) and "wall_s" in v))
+                    records.append(r)
+                    continue
                 r = one_rep(scenario, rep, dev, base_env, ibsync, work)
                 log(f"  ibsync {r['ibsync']['wall_s']:.2f} s ({r['ibsync']['cpu_s']:.2f} s CPU), "
                     f"pmd3 {r['pmd3']['wall_s']:.2f} s ({r['pmd3']['cpu_s']:.2f} s CPU), "
@@ -434,6 +603,10 @@ def child_main(argv: list[str]) -> int:
     ap.add_argument("--large-mib", type=int)
     ap.add_argument("--udid")
     ap.add_argument("--dest")
+    ap.add_argument("--files", type=int, default=0)
+    ap.add_argument("--many-min-kib", type=int, default=4)
+    ap.add_argument("--many-max-kib", type=int, default=16)
+    ap.add_argument("--change", type=float, default=0.005)
     a = ap.parse_args(argv)
     return serve(a) if a.mode == "_serve" else pmd3_backup(a)
 

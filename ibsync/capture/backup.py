@@ -215,6 +215,7 @@ async def mobilebackup2_session(provider: LockdownServiceProvider, tree: Virtual
     ``IBSYNC_DEVICE_IDLE_TIMEOUT``); longer than the ~3 minutes a passcode prompt can wait."""
     timeout = idle_timeout_from_env() if idle_timeout is None else idle_timeout
     mb2 = Mobilebackup2Service(provider)
+    link: DeviceLinkHost | None = None
     try:
         await mb2.connect()
         link = DeviceLinkHost(mb2.service, tree, store, free_space=free_space, progress=progress,  # type: ignore[arg-type]
@@ -241,6 +242,8 @@ async def mobilebackup2_session(provider: LockdownServiceProvider, tree: Virtual
             with suppress(ConnectionTerminatedError, OSError):
                 await link.disconnect()
     finally:
+        if link is not None:
+            link.close()
         with suppress(Exception):
             await mb2.close()
 

@@ -68,7 +68,8 @@ from pymobiledevice3.services.device_link import (
 
 from ..errors import DeviceError, IbsyncError, UserError
 from ..progress import NULL_PROGRESS, Progress
-from .store import FileStore
+from . import bplist
+from .store import HANDOVER, FileStore
 from .vtree import VDir, VirtualTree, VTreeError
 
 logger = logging.getLogger("ibsync.capture")
@@ -154,28 +155,71 @@ class _Input:
     small uploaded files is parsed from memory (a dozen awaits per file cost more than
     receiving the file). DeviceLink is request/response, so nothing read ahead belongs to
     anyone else; every read from the connection goes through here, and each waits at most
-    ``idle_timeout`` seconds for the device's next bytes."""
+    ``idle_timeout`` seconds for the device's next bytes.
+
+    The idle timeout is one watchdog timer, not an ``asyncio.timeout`` per read: a backup waits
+    for the device once per file (each MoveItems is answered before the next comes), and a
+    timer scheduled and cancelled per wait cost about a fifth of the host's CPU per message.
+    The watchdog wakes at most twice per timeout period; when a wait has lasted the whole
+    period it cancels the waiting task, which turns that into DeviceIdle (after one last look,
+    IDLE_GRACE, for data that arrived while the loop was busy)."""
 
     def __init__(self, conn: ServiceConnection, idle_timeout: float) -> None:
         self._reader = conn.reader
         self._buf = bytearray()
         self._pos = 0
         self.idle_timeout = idle_timeout
+        self._waiter: asyncio.Task | None = None  # the task waiting for the device, if one is
+        self._wait_started = 0.0
+        self._expired = False
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def _read(self, n: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        self._wait_started = loop.time()
+        self._waiter = asyncio.current_task()
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self.idle_timeout, self._watch)
         try:
-            try:
-                async with asyncio.timeout(self.idle_timeout):
-                    return await self._reader.read(n)
-            except TimeoutError:
-                # data that arrived while the loop was busy elsewhere is read at once here
-                async with asyncio.timeout(IDLE_GRACE):
-                    return await self._reader.read(n)
+            return await self._reader.read(n)
+        except asyncio.CancelledError:
+            if not self._expired:
+                raise
+            self._expired = False
+            self._waiter.uncancel()  # type: ignore[union-attr]  # our cancel, not the caller's
+        except OSError as e:
+            raise ConnectionTerminatedError() from e
+        finally:
+            self._waiter = None
+        try:
+            # data that arrived while the loop was busy elsewhere is read at once here
+            async with asyncio.timeout(IDLE_GRACE):
+                return await self._reader.read(n)
         except TimeoutError:
             raise DeviceIdle(f"the device sent nothing for {self.idle_timeout:g} s "
                              f"(it may be locked, asleep or hung)") from None
         except OSError as e:
             raise ConnectionTerminatedError() from e
+
+    def _watch(self) -> None:
+        """The watchdog: expire a wait that has lasted ``idle_timeout``, else look again when
+        the current (or next) wait could."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        waiter = self._waiter
+        if waiter is not None and now - self._wait_started >= self.idle_timeout:
+            self._expired = True
+            waiter.cancel()
+            self._watchdog = None  # the next wait arms it again
+            return
+        due = self._wait_started + self.idle_timeout if waiter is not None else now + self.idle_timeout
+        self._watchdog = loop.call_at(due, self._watch)
+
+    def close(self) -> None:
+        """Stop the watchdog (the session is over)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     async def _fill(self, n: int) -> None:
         if self._pos:
@@ -209,6 +253,75 @@ class _Input:
         size, code = _HEAD.unpack_from(self._buf, self._pos)
         self._pos += 5
         return size, code
+
+    def whole_file(self, max_data: int) -> WholeFile | None:
+        """The next file of an upload stream if all of it (names, data frames, final code and
+        status text) is already buffered and it is well-formed, plain and small: names within
+        MAX_NAME and UTF-8, non-empty frames, data under ``max_data`` bytes, a status text
+        within MAX_TAIL. END_OF_BATCH for the batch's terminator. None, consuming nothing, for
+        anything else: the caller then reads it the slow way, which waits for missing bytes
+        and raises on what is malformed. So a batch of small files is parsed here with no
+        await per file, and every check still happens."""
+        buf, pos, end = self._buf, self._pos, len(self._buf)
+        if end - pos < 4:
+            return None
+        (n,) = _U32.unpack_from(buf, pos)
+        if n == 0:
+            self._pos = pos + 4
+            return END_OF_BATCH
+        if n > MAX_NAME or pos + 8 + n > end:
+            return None
+        device_raw = buf[pos + 4 : pos + 4 + n]
+        pos += 4 + n
+        (m,) = _U32.unpack_from(buf, pos)
+        if m > MAX_NAME or pos + 4 + m > end:
+            return None
+        file_raw = buf[pos + 4 : pos + 4 + m]
+        pos += 4 + m
+        frames: list[tuple[int, int]] = []
+        total = 0
+        while True:
+            if pos + 5 > end:
+                return None
+            size, code = _HEAD.unpack_from(buf, pos)
+            if size == 0 or pos + 4 + size > end:
+                return None
+            if code != CODE_FILE_DATA:
+                break
+            total += size - 1
+            if total >= max_data:
+                return None
+            frames.append((pos + 5, pos + 4 + size))
+            pos += 4 + size
+        if size - 1 > MAX_TAIL:
+            return None
+        try:
+            device_name, file_name = device_raw.decode(), file_raw.decode()
+        except UnicodeDecodeError:
+            return None
+        tail = bytes(buf[pos + 5 : pos + 4 + size])
+        if len(frames) == 1:
+            a, b = frames[0]
+            data = bytes(buf[a:b])
+        else:
+            with memoryview(buf) as view:
+                data = b"".join([view[a:b] for a, b in frames])
+        self._pos = pos + 4 + size
+        return WholeFile(device_name, file_name, data, code, tail)
+
+
+@dataclass(frozen=True, slots=True)
+class WholeFile:
+    """One file of an upload stream, read whole from the buffer."""
+
+    device_name: str
+    file_name: str
+    data: bytes
+    code: int  # CODE_SUCCESS, or why the device could not send it
+    tail: bytes  # the status text after the code
+
+
+END_OF_BATCH = WholeFile("", "", b"", CODE_SUCCESS, b"")
 
 
 @dataclass(frozen=True)
@@ -280,7 +393,7 @@ class DeviceLinkHost:
                                                  f"{MAX_MESSAGE >> 20} MiB for one message")
         raw = await self._in.exactly(n)
         try:
-            msg = parse_plist(raw)
+            msg = bplist.loads(raw, parse_plist)
         except Exception as e:  # plistlib raises many kinds on bad input (ValueError, OverflowError, ...)
             raise MalformedMessage("DeviceLink", f"it is not a valid plist ({_shown(raw)})") from e
         if not isinstance(msg, list) or not msg or not isinstance(msg[0], str):
@@ -301,6 +414,10 @@ class DeviceLinkHost:
 
     async def disconnect(self) -> None:
         await self.conn.send_plist(["DLMessageDisconnect", EMPTY])
+
+    def close(self) -> None:
+        """The session is over: stop watching for an idle device."""
+        self._in.close()
 
     async def run(self) -> SessionEnd:
         """Answer the device until it ends the request."""
@@ -336,10 +453,18 @@ class DeviceLinkHost:
         self._note_progress(msg, 2)
         inp = self._in
         stats = self.stats
-        # files are stored on the FileStore's worker thread; each goes into the tree once it is,
-        # all before the batch is acknowledged (the device's next message may move them)
-        stored: list[tuple[str, str, asyncio.Future]] = []
+        # Large files are stored on the FileStore's worker thread, small ones here; each goes
+        # into the tree once it is stored, in the order received, all before the batch is
+        # acknowledged (the device's next message may move them).
+        stored: list[tuple[str, str, tuple[int, list[str]] | asyncio.Future]] = []
+        small = HANDOVER if self.store is not None else 0
         while True:
+            whole = inp.whole_file(small) if small else None
+            if whole is END_OF_BATCH:
+                break
+            if whole is not None:
+                self._whole_file(whole, stored)
+                continue
             device_name = await self._name("device-side file name")
             if not device_name:
                 break  # end of the batch
@@ -377,7 +502,7 @@ class DeviceLinkHost:
                 continue
             stored.append((device_name, file_name, asyncio.wrap_future(incoming.close())))
         for device_name, file_name, result in stored:
-            size, content = await result
+            size, content = result if isinstance(result, tuple) else await result
             try:
                 self.tree.put_file(file_name, size, content)
             except VTreeError as e:
@@ -386,6 +511,19 @@ class DeviceLinkHost:
             stats.files_received += 1
             self.progress.advance(files=1)
         await self.conn.sendall(_OK)
+
+    def _whole_file(self, f: WholeFile, stored: list) -> None:
+        """A small file found whole in the input buffer: stored at once, with no hand-over."""
+        stats = self.stats
+        stats.bytes_received += len(f.data)
+        self.progress.advance(len(f.data))
+        if f.code != CODE_SUCCESS:
+            reason = f.tail.decode(errors="replace") or f"code {f.code:#x}"
+            stats.failed.append(FailedUpload(f.device_name, f.file_name, reason))
+            logger.warning("the device could not send %s: %s", f.device_name, reason)
+            return
+        # whole_file gives files only when there is a store (max_data 0 otherwise)
+        stored.append((f.device_name, f.file_name, self.store.store_bytes(f.data)))  # type: ignore[union-attr]
 
     async def _name(self, what: str) -> str:
         """A length-prefixed UTF-8 name of the upload stream ('' ends the batch)."""

@@ -114,7 +114,7 @@ async def restore(
     if not source:
         raise RestoreFailed(f"snapshot {snapshot.short_id} names no device folder to restore from")
     await asyncio.to_thread(_refuse_unsafe, repo, snapshot, source)
-    tree = VirtualTree(repo, source, snapshot.tree)
+    tree = VirtualTree(repo, source, snapshot.tree, lookups=True)  # checked by _refuse_unsafe above
     for name in RESTORE_NEEDS:
         try:
             tree.file(f"{source}/{name}")

@@ -42,6 +42,12 @@ class _Chunks:
         for chunk in self._stream.feed(data):
             self._save(chunk)
 
+    def whole(self, chunker: Chunker, data: bytes) -> tuple[int, list[str]]:
+        """A file received whole: cut as the stream would (``split`` gives the same chunks)."""
+        for chunk in chunker.split(data):
+            self._save(chunk)
+        return self.size, self.content
+
     def finish(self) -> tuple[int, list[str]]:
         for chunk in self._stream.finish():
             self._save(chunk)
@@ -128,10 +134,9 @@ class FileStore:
             await asyncio.wrap_future(self._queued.popleft())
 
     def store_bytes(self, data: bytes) -> tuple[int, list[str]]:
-        """A whole file the host writes itself (Info.plist), stored before returning."""
-        chunks = _Chunks(self.session, self.chunker)
-        chunks.feed(data)
-        return chunks.finish()
+        """A whole file (one the host writes itself, Info.plist, or a small file received
+        whole), stored on the calling thread before returning."""
+        return _Chunks(self.session, self.chunker).whole(self.chunker, data)
 
     def close(self) -> None:
         """Wait for the worker (its errors were or will be raised where results are used)."""

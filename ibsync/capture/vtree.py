@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 
 from ..model import Node, split_entries
 from ..reader.files import read_file
+from ..repo import trees
 from ..repo.repository import Repository
 from ..source.folder import SourceEntry
 
@@ -49,6 +50,7 @@ DIR_MODE = 0o040755
 FILE_MODE = 0o100644
 # Base trees kept decoded for lookups (a device's moves and removals hit the same xx folders)
 BASE_CACHE = 16
+DIR_CACHE = 4096  # overlay folders remembered by path (a backup uses about 520: xx and Snapshot/xx)
 _BAD_PARTS = frozenset({"", ".", ".."})
 
 
@@ -92,11 +94,17 @@ class VirtualTree:
 
     def __init__(self, repo: Repository, folder: str, base: bytes | None, *,
                  before_read: Callable[[], None] | None = None,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns, lookups: bool = False) -> None:
         """``base``: the root tree of the snapshot the device folder starts as (None: empty).
         ``before_read`` is called before reading blobs that are not indexed yet (written in
-        this session: the session must flush its open packs first)."""
+        this session: the session must flush its open packs first). ``lookups``: find an entry
+        below the device folder with ``trees.lookup`` (the nodes on its path) unless its folder
+        is decoded already: a restore asks for every file once, in Manifest.db order, which
+        jumps between the 256 fileID folders, and decoding a whole folder per file (the cache
+        holds BASE_CACHE of them) cost time in proportion to files x folder size. The caller
+        must have refused a snapshot with unusable entries first (restore does)."""
         self.repo = repo
+        self._lookups = lookups
         self.folder = folder
         self._clock = clock
         self._before_read = before_read
@@ -104,6 +112,11 @@ class VirtualTree:
         self._root = VDir(DIR_MODE, now, None, {folder: VDir(DIR_MODE, now, base)})
         self._bases: OrderedDict[bytes, dict[str, Entry]] = OrderedDict()
         self._bases_lock = threading.Lock()
+        # Folders of the overlay by path, for the one-file-at-a-time traffic of a backup (a put
+        # into Snapshot/xx, then a move into xx, per file). Every ancestor of a folder held here
+        # is itself in the overlay, so only replacing or removing an overlay folder can make an
+        # entry stale: _set clears the cache when that happens.
+        self._dirs: dict[str, VDir] = {}
 
     @property
     def device(self) -> VDir:
@@ -139,7 +152,15 @@ class VirtualTree:
         node = d.changes.get(name, d)  # d: not changed in this session
         if node is not d:
             return node  # type: ignore[return-value]
-        return self._base_entries(d.base).get(name) if d.base is not None else None
+        if d.base is None:
+            return None
+        if self._lookups and d is not self._root and d is not self._root.changes.get(self.folder):
+            with self._bases_lock:
+                found = self._bases.get(d.base)
+            if found is None:
+                return trees.lookup(self.repo, d.base, name)
+            return found.get(name)
+        return self._base_entries(d.base).get(name)
 
     def _lookup(self, parts: list[str], path: str) -> VDir | Entry:
         """The node at ``parts`` (folders of the base come back as transient VDirs)."""
@@ -175,7 +196,23 @@ class VirtualTree:
             d = new
         return d
 
+    def _parent(self, path: str, *, create: bool) -> tuple[VDir, str]:
+        """The overlay folder holding ``path`` (made as _writable_dir does) and its last name."""
+        head, _, name = path.rpartition("/")
+        d = self._dirs.get(head)
+        if d is not None and name not in _BAD_PARTS and "\0" not in name and "\\" not in name:
+            return d, name
+        parts = _split(path)
+        d = self._writable_dir(parts[:-1], path, create=create)
+        if head == "/".join(parts[:-1]):  # not a path with a trailing "/"
+            if len(self._dirs) >= DIR_CACHE:
+                self._dirs.clear()
+            self._dirs[head] = d
+        return d, parts[-1]
+
     def _set(self, d: VDir, name: str, node: VDir | Entry | None) -> None:
+        if isinstance(d.changes.get(name), VDir):
+            self._dirs.clear()  # an overlay folder replaced or removed: cached paths may be under it
         if node is None and d.base is None:
             d.changes.pop(name, None)  # nothing below to hide
         else:
@@ -190,9 +227,7 @@ class VirtualTree:
 
     def put_file(self, path: str, size: int, content: list[str]) -> None:
         """Place a file whose blobs are stored (replacing whatever is at ``path``)."""
-        parts = _split(path)
-        parent = self._writable_dir(parts[:-1], path, create=True)
-        name = parts[-1]
+        parent, name = self._parent(path, create=True)
         now = self._clock()
         self._set(parent, name, {"name": name, "type": "file", "mode": FILE_MODE, "mtime_ns": now,
                                  "size": size, "content": content})
@@ -221,17 +256,17 @@ class VirtualTree:
         if dparts[: len(sparts)] == sparts:
             raise VTreeError(errno.EINVAL, dst)  # a folder into itself
         try:
-            sparent = self._writable_dir(sparts[:-1], src, create=False)
+            sparent, sname = self._parent(src, create=False)
         except VTreeError as e:
             if e.errno == errno.ENOENT:
                 return False
             raise
-        node = self._child(sparent, sparts[-1])
+        node = self._child(sparent, sname)
         if node is None:
             return False
-        dparent = self._writable_dir(dparts[:-1], dst, create=True)
-        self._set(sparent, sparts[-1], None)
-        self._set(dparent, dparts[-1], self._renamed(node, dparts[-1]))
+        dparent, dname = self._parent(dst, create=True)
+        self._set(sparent, sname, None)
+        self._set(dparent, dname, self._renamed(node, dname))
         return True
 
     def copy(self, src: str, dst: str) -> None:

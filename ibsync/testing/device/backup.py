@@ -227,7 +227,7 @@ class BackupOperation:
         target = _payload(self.root, fid, staged=True)
         if fid in self.misbehave.fail_read:
             return Upload(device_name, target, b"", error=f"Failed to read {device_name}: Operation not permitted")
-        data = f.data or b""
+        data = self.device.payload(f)
         if self.keys.encrypts:
             data = self.keys.encrypt_file(fid, data)
         return Upload(device_name, target, data, drop_midway=index == self.misbehave.drop_during_upload)

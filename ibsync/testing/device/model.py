@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import plistlib
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,6 +140,37 @@ class TransferSettings:
     download_batch_files: int = 128  # payloads per DLMessageDownloadFiles during a restore
 
 
+_WORDS = b"the quick brown fox jumps over a lazy dog while messages sync and photos wait ".split()
+#: The text half of generated payloads is a slice of this (a fixed page of words, made once)
+_TEXT = b" ".join(random.Random(20240917).choice(_WORDS) for _ in range(16 << 10))
+
+
+@dataclass(frozen=True)
+class GeneratedPayloads:
+    """Payloads made on demand instead of held: a row's bytes are a function of this seed and the
+    row's file id, size and mtime, so a device of a million files holds only their rows, and a file
+    the device "changes" (new mtime or size) gets new bytes. Each payload is half random bytes,
+    half text (about 2:1 compressible, like many small app files).
+
+    A row whose ``data`` is ``None`` is generated; one with bytes (written by a test, restored
+    with other bytes) keeps them. A restore onto a device with the same generator keeps ``None``
+    for every payload that arrives exactly as generated, so a byte-identical restore of a large
+    device holds nothing either, and any byte that differs leaves the row holding what came."""
+
+    seed: int
+
+    def __call__(self, f: BackupFile) -> bytes:
+        n = f.size
+        key = hashlib.blake2b(f"{self.seed}:{f.file_id}:{f.mtime}:{n}".encode(), digest_size=8).digest()
+        half = n // 2
+        head = random.Random(int.from_bytes(key, "big")).randbytes(half)
+        start = int.from_bytes(key[:2], "big") % (len(_TEXT) // 2)
+        tail = _TEXT[start:start + n - half]
+        while len(tail) < n - half:  # only for payloads larger than about 128 KiB
+            tail += _TEXT[: n - half - len(tail)]
+        return head + tail
+
+
 def _serial_of(udid: str) -> str:
     alphabet = "0123456789CDFGHJKLMNPQRTVWXY"
     h = int(hashlib.sha1(f"simdevice-serial:{udid}".encode()).hexdigest(), 16)
@@ -172,6 +204,8 @@ class SimDevice:
     keybag_rounds: int = 10_000_000
     misbehave: Misbehaviour = field(default_factory=Misbehaviour)
     transfer: TransferSettings = field(default_factory=TransferSettings)
+    #: Where payloads of rows without ``data`` come from (None: such rows are empty files)
+    generated: GeneratedPayloads | None = None
 
     def __post_init__(self) -> None:
         if not self.serial_number:
@@ -229,10 +263,27 @@ class SimDevice:
     def file(self, domain: str, relative_path: str) -> BackupFile | None:
         return self.files.get(file_id(domain, relative_path))
 
+    def payload(self, f: BackupFile) -> bytes:
+        """The bytes of a regular file's row: its ``data``, or made by ``generated``."""
+        if f.data is not None:
+            return f.data
+        return self.generated(f) if self.generated is not None else b""
+
     def payloads(self) -> dict[str, bytes]:
         """File id -> bytes of every regular file: what a backup folder's ``xx/<fileID>`` must hold
-        (decrypted)."""
-        return {fid: f.data or b"" for fid, f in self.files.items() if f.flags == FLAG_FILE}
+        (decrypted). Holds every payload: for a device of generated files, use :meth:`payload`."""
+        return {fid: self.payload(f) for fid, f in self.files.items() if f.flags == FLAG_FILE}
+
+    def kept(self, row: BackupFile, data: bytes) -> BackupFile:
+        """``row`` holding ``data`` as this device stores it: without bytes when ``generated``
+        makes exactly these (a restore of generated files holds nothing)."""
+        if self.generated is not None and row.flags == FLAG_FILE and len(data) == row.size:
+            plain = BackupFile(row.domain, row.relative_path, row.flags, row.mtime, row.mode, row.size, None,
+                               row.target)
+            if self.generated(plain) == data:
+                return plain
+        return BackupFile(row.domain, row.relative_path, row.flags, row.mtime, row.mode, row.size,
+                          data if row.flags == FLAG_FILE else None, row.target)
 
     def signature(self) -> str:
         """A digest of every row's metadata (not the payloads): equal signatures, equal Manifest.db rows."""
@@ -294,6 +345,53 @@ class SimDevice:
         for f in gone:
             del self.files[f.file_id]
         return gone
+
+    def add_generated_files(self, count: int, *, seed: int, min_size: int = 4 * KIB, max_size: int = 16 * KIB,
+                            apps: int = 50, per_folder: int = 200, mtime: int = 1_700_000_000) -> list[BackupFile]:
+        """Add ``count`` regular files whose payloads ``generated`` makes (none is held), laid
+        out as app caches: ``AppDomain-com.example.appNNN/Library/Caches/cNNNN/fNNNNNNN.dat``,
+        ``per_folder`` files a folder, spread over ``apps`` app domains; sizes uniform in
+        [min_size, max_size]. Returns the new rows."""
+        if self.generated is None:
+            raise ValueError("a device of generated files needs its GeneratedPayloads (generated=...)")
+        rnd = random.Random(seed)
+        added = []
+        for i in range(count):
+            folder = i // per_folder
+            domain = f"AppDomain-com.example.app{folder % apps:03d}"
+            row = BackupFile(domain, f"Library/Caches/c{folder:05d}/f{i:07d}.dat", FLAG_FILE, mtime + i % 86_400,
+                             MODE_FILE, rnd.randint(min_size, max_size))
+            self.files[row.file_id] = row
+            if i % per_folder == 0:
+                self._add_parents(row)
+            added.append(row)
+        return added
+
+    def change_generated(self, fraction: float = 0.005, *, seed: int, day: int = 1) -> dict[str, int]:
+        """A next day for a device of generated files: ``fraction`` of its generated regular files
+        are touched, spread over the whole device (and so over all 256 fileID folders): 80 % are
+        rewritten (a later mtime, often another size: new bytes), 10 % deleted, and as many new
+        files appear beside the rest. Returns how many of each."""
+        generated = sorted(fid for fid, f in self.files.items() if f.flags == FLAG_FILE and f.data is None)
+        rnd = random.Random(seed * 1_000_003 + day)
+        touched = rnd.sample(generated, min(len(generated), max(1, round(len(generated) * fraction))))
+        counts = {"changed": 0, "deleted": 0, "added": 0}
+        for k, fid in enumerate(touched):
+            f = self.files[fid]
+            if k % 10 == 9:
+                del self.files[fid]
+                counts["deleted"] += 1
+                continue
+            size = f.size if k % 2 else max(1, f.size + rnd.randint(-512, 512))
+            self.files[fid] = BackupFile(f.domain, f.relative_path, FLAG_FILE, f.mtime + day * 86_400, f.mode, size)
+            counts["changed"] += 1
+            if k % 10 == 8:
+                parent = f.relative_path.rsplit("/", 1)[0]
+                new = BackupFile(f.domain, f"{parent}/new-day{day}-{k:06d}.dat", FLAG_FILE, f.mtime + day * 86_400,
+                                 f.mode, rnd.randint(1 * KIB, 16 * KIB))
+                self.files[new.file_id] = new
+                counts["added"] += 1
+        return counts
 
     def next_day(self, *, seed: int = 1) -> None:
         """Apply the generator's "next day" (rewritten, deleted and new files, edited databases)."""

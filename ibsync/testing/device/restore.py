@@ -10,7 +10,7 @@ kept unless ``RemoveItemsNotRestored`` is set; system domains are restored whate
 
 from __future__ import annotations
 
-from ..generator import FLAG_FILE
+from ..generator import FLAG_FILE, BackupFile
 from ...source.backup_folder import plist_dict
 from . import errors
 from .crypto import UnlockedBackup, WrongPassword
@@ -64,16 +64,22 @@ class RestoreOperation:
         rows = read_manifest_db(image)
         payload_rows = [r for r in rows if r.flags == FLAG_FILE]
         batch = self.device.transfer.download_batch_files
-        data: dict[str, bytes] = {}
+        # each payload becomes its row as it arrives (the device keeps no second copy, and a
+        # device of generated files keeps none of those it could make itself)
+        restored: dict[str, BackupFile] = {}
         for i in range(0, len(payload_rows), batch):
             part = payload_rows[i:i + batch]
             got = self._fetch([f"{root}/{r.file_id[:2]}/{r.file_id}" for r in part], 100.0 * i / len(payload_rows))
             for r in part:
                 raw = got[f"{root}/{r.file_id[:2]}/{r.file_id}"]
-                data[r.file_id] = raw if unlocked is None else unlocked.decrypt_file(raw, r.encryption_key, r.size)
+                data = raw if unlocked is None else unlocked.decrypt_file(raw, r.encryption_key, r.size)
+                restored[r.file_id] = self.device.kept(r.to_backup_file(None), data)
+            del got
         if self.device.misbehave.before_finish is not None:
             self.device.misbehave.before_finish(self.link, root)  # a test's own requests, last
-        restored = {r.file_id: r.to_backup_file(data.get(r.file_id)) for r in rows}
+        for r in rows:
+            if r.file_id not in restored:
+                restored[r.file_id] = r.to_backup_file(None)
         if not self.options.get("RemoveItemsNotRestored"):
             restored = {**self.device.files, **restored}
         self.device.files = restored
