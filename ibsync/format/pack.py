@@ -58,14 +58,24 @@ class Sink(Protocol):
     def write(self, data: bytes) -> object: ...
 
 
+# Blobs are handed to the sink in writes of about this size: a small file's blob is two pieces
+# of a few KiB, and two write calls per blob (each a syscall and a GIL hand-over) cost more than
+# the rest of storing it. Bounded, so memory still does not grow with the pack size.
+WRITE_BUFFER = 1 << 20
+COPY_BELOW = 64 << 10
+
+
 class PackWriter:
-    """Writes sealed blobs to a sink as they come; ``finish`` appends the sealed header and
-    returns the pack's name. Holds only the blob list in memory."""
+    """Writes sealed blobs to a sink as they come (buffered up to WRITE_BUFFER bytes);
+    ``finish`` appends the sealed header and returns the pack's name. Holds only the blob list
+    and the write buffer in memory."""
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
         self.blobs: list[PackedBlob] = []
         self.size = 0
+        self._buffer: list[bytes] = []
+        self._buffered = 0
 
     def add(
         self, type: BlobType, blob_id: bytes, sealed: Sequence[bytes | memoryview], raw_length: int, compressed: bool
@@ -73,10 +83,31 @@ class PackWriter:
         """Append one blob, given as the pieces of its stored bytes (see Cipher.seal_parts)."""
         length = 0
         for piece in sealed:
-            self.sink.write(piece)
+            if isinstance(piece, memoryview):
+                # a view of the caller's chunk (unencrypted, stored raw): the chunker may reuse
+                # its buffer once the next chunk is asked for, so it is copied (small) or
+                # written now (large), never kept
+                if len(piece) < COPY_BELOW:
+                    self._buffer.append(bytes(piece))
+                    self._buffered += len(piece)
+                else:
+                    self._flush()
+                    self.sink.write(piece)
+            else:
+                self._buffer.append(piece)
+                self._buffered += len(piece)
             length += len(piece)
         self.blobs.append(PackedBlob(type, blob_id, self.size, length, raw_length, compressed))
         self.size += length
+        if self._buffered >= WRITE_BUFFER:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
+        self._buffer, self._buffered = [], 0
+        self.sink.write(data)
 
     def __len__(self) -> int:
         return len(self.blobs)
@@ -88,7 +119,8 @@ class PackWriter:
             header += _ENTRY.pack(b.type, FLAG_ZSTD if b.compressed else 0, b.id, b.length, b.raw_length)
         sealed = cipher.seal(bytes(header), HEADER_AAD)
         tail = sealed + _TAIL.pack(len(sealed))
-        self.sink.write(tail)
+        self._buffer.append(tail)
+        self._flush()
         self.size += len(tail)
         return pack_name(tail)
 

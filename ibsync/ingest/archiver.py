@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from operator import itemgetter
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 from ..errors import IbsyncError, SourceError
 from ..format.chunker import SQLITE_MAGIC
 from ..format.pack import BlobType
-from ..model import DeviceInfo, Snapshot, Summary, encode_tree, split_entries
+from ..model import DeviceInfo, Snapshot, Summary, split_entries
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
 from ..repo.session import WriteSession
@@ -67,9 +67,13 @@ class _Dir:
     old_tree: bytes | None  # the parent snapshot's tree of this folder
     old_entries: list[Entry]
     entries: list[Entry] = field(default_factory=list)
-    pending: list[tuple[Entry, Future, int]] = field(default_factory=list)  # entry, task, index in its batch
+    pending: list[tuple[Future, list[Entry]]] = field(default_factory=list)  # a batch's task and its files' entries
     subdirs: list[tuple["_Dir", Entry]] = field(default_factory=list)
     tree_id: bytes | None = None
+
+    def ready(self) -> bool:
+        """Whether its tree can be written: its files are stored and its sub-folders done."""
+        return all(f.done() for f, _ in self.pending) and all(sub.tree_id is not None for sub, _ in self.subdirs)
 
 
 class Cancelled(IbsyncError):
@@ -100,7 +104,7 @@ class Archiver:
         self.summary = Summary()
         self._lock = threading.Lock()
         self._window = threading.BoundedSemaphore(WINDOW)
-        self._queue: deque[_Dir] = deque()
+        self._queue: list[_Dir] = []  # folders walked, tree not written yet; children before parents
         self._cancelled = False
         self._failed: Future | None = None
 
@@ -203,12 +207,19 @@ class Archiver:
                 folders.append((f"{rel}/{e.name}" if rel else e.name, bytes.fromhex(old_sub) if old_sub else None))
         ahead: dict[str, Future] = {}
         next_folder = 0
-        batch: list[tuple[str, int, Entry]] = []
+        batch: list[tuple[str, int]] = []
+        batch_entries: list[Entry] = []
         batch_bytes = 0
+        # per-file counters stay local (a million attribute updates and progress calls cost
+        # more than the files cache's whole comparison): added to the summary per folder
+        unchanged = unchanged_bytes = 0
+        append = d.entries.append
+        prefix = f"{rel}/" if rel else ""
+        use_cache = not self.force
+        s = self.summary
         for e in entries:
             if self._failed is not None:
                 self._failed.result()  # a worker failed: stop walking and raise its error
-            child = f"{rel}/{e.name}" if rel else e.name
             old = old_by_name.get(e.name)
             if e.type == "dir":
                 while next_folder < len(folders) and len(ahead) < LIST_AHEAD:
@@ -216,38 +227,43 @@ class Archiver:
                     ahead[frel] = self._lister.submit(self._list, frel, ftree)
                     next_folder += 1
                 entry: Entry = {"name": e.name, "type": "dir", "mode": e.mode, "mtime_ns": e.mtime_ns, "subtree": None}
-                sub = self._walk(child, None, pool, ahead.pop(child))
+                sub = self._walk(prefix + e.name, None, pool, ahead.pop(prefix + e.name))
                 d.subdirs.append((sub, entry))
-                self.summary.dirs += 1
+                s.dirs += 1
             elif e.type == "symlink":
-                d.entries.append({"name": e.name, "type": "symlink", "mode": e.mode, "mtime_ns": e.mtime_ns, "target": e.target})
+                append({"name": e.name, "type": "symlink", "mode": e.mode, "mtime_ns": e.mtime_ns, "target": e.target})
             else:
-                self.summary.files += 1
-                self.summary.total_bytes += e.size
-                if e.content is not None:
-                    d.entries.append(self._stored_entry(rel, e, old))
+                if e.content is None and use_cache and _unchanged(old, e) and has_all(old["content"]):  # type: ignore[index]
+                    append(old)
+                    unchanged += 1
+                    unchanged_bytes += e.size
                     continue
-                if not self.force and _unchanged(old, e) and has_all(old["content"]):  # type: ignore[index]
-                    assert old is not None
-                    d.entries.append(old)
-                    self.summary.files_unmodified += 1
-                    self.progress.advance(e.size, files=1)
+                s.files += 1
+                s.total_bytes += e.size
+                if e.content is not None:
+                    append(self._stored_entry(rel, e, old))
                     continue
                 if old is None:
-                    self.summary.files_new += 1
+                    s.files_new += 1
                 else:
-                    self.summary.files_changed += 1
+                    s.files_changed += 1
                 entry = {"name": e.name, "type": "file", "mode": e.mode, "mtime_ns": e.mtime_ns, "size": e.size, "content": None}
                 if e.size > BATCH_FILE_MAX:
-                    self._submit(pool, d, [(child, e.size, entry)])
+                    self._submit(pool, d, [(prefix + e.name, e.size)], [entry])
                     continue
-                batch.append((child, e.size, entry))
+                batch.append((prefix + e.name, e.size))
+                batch_entries.append(entry)
                 batch_bytes += e.size
                 if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
-                    self._submit(pool, d, batch)
-                    batch, batch_bytes = [], 0
+                    self._submit(pool, d, batch, batch_entries)
+                    batch, batch_entries, batch_bytes = [], [], 0
         if batch:
-            self._submit(pool, d, batch)
+            self._submit(pool, d, batch, batch_entries)
+        s.files += unchanged
+        s.total_bytes += unchanged_bytes
+        s.files_unmodified += unchanged
+        if unchanged:
+            self.progress.advance(unchanged_bytes, files=unchanged)
         self._queue.append(d)
         self._drain(block=False)
         return d
@@ -270,15 +286,15 @@ class Archiver:
             self.summary.files_changed += 1
         return {"name": e.name, "type": "file", "mode": e.mode, "mtime_ns": e.mtime_ns, "size": e.size, "content": content}
 
-    def _submit(self, pool: ThreadPoolExecutor, d: _Dir, files: list[tuple[str, int, Entry]]) -> None:
+    def _submit(self, pool: ThreadPoolExecutor, d: _Dir, files: list[tuple[str, int]], entries: list[Entry]) -> None:
         self._window.acquire()
         try:
-            fut = pool.submit(self._store_files, [(rel, size) for rel, size, _ in files])
+            fut = pool.submit(self._store_files, files)
         except BaseException:
             self._window.release()
             raise
         fut.add_done_callback(self._file_done)
-        d.pending.extend((entry, fut, i) for i, (_, _, entry) in enumerate(files))
+        d.pending.append((fut, entries))
 
     def _file_done(self, fut: Future) -> None:
         self._window.release()
@@ -287,47 +303,95 @@ class Archiver:
             self._cancelled = True
 
     def _drain(self, block: bool) -> None:
-        while self._queue:
-            d = self._queue[0]
-            if not block and not all(f.done() for _, f, _ in d.pending):
-                return
-            self._finish_dir(self._queue.popleft())
+        """Write the trees of the folders whose files are stored (all of them with ``block``).
+
+        Any ready folder, not only the oldest: a large file still being stored in one folder
+        must not keep every folder walked after it (a next-day import races through unchanged
+        folders) in memory with all its entries. Children come before their parents in the
+        queue, so one pass finishes a parent whose last child just finished."""
+        if block:
+            for d in self._queue:
+                self._finish_dir(d)
+            self._queue = []
+            return
+        waiting = []
+        for d in self._queue:
+            if d.ready():
+                self._finish_dir(d)
+            else:
+                waiting.append(d)
+        self._queue = waiting
 
     def _finish_dir(self, d: _Dir) -> None:
-        for entry, fut, i in d.pending:
-            entry["content"] = [c.hex() for c in fut.result()[i]]  # a worker's error is raised here
-            d.entries.append(entry)
+        for fut, entries in d.pending:
+            results = fut.result()  # a worker's error is raised here
+            for entry, ids in zip(entries, results):
+                entry["content"] = [c.hex() for c in ids]
+                d.entries.append(entry)
         for sub, entry in d.subdirs:
             assert sub.tree_id is not None, "post-order: sub-folders finish first"
             entry["subtree"] = sub.tree_id.hex()
             d.entries.append(entry)
-        if d.old_tree is not None and not d.pending and sorted(d.entries, key=_name) == d.old_entries:
+        if d.old_tree is not None and not d.pending and sorted(d.entries, key=_NAME) == d.old_entries:
             d.tree_id = d.old_tree  # nothing changed in this folder: the previous tree stands
         else:
-            d.tree_id, _ = self.session.save_blob(BlobType.TREE, encode_tree(d.entries))
+            d.tree_id = self.session.save_tree(d.entries)
         d.pending = d.subdirs = d.entries = d.old_entries = []  # type: ignore[assignment]
 
     # ---- storing files (worker threads) ----------------------------------------------------
 
     def _store_files(self, files: list[tuple[str, int]]) -> list[list[bytes]]:
-        return [self._store_file(rel, size) for rel, size in files]
+        """Store a batch of files; each file's blob ids. Files up to BATCH_FILE_MAX are read
+        whole in one read, and their blobs (one per file, or a sqlite file's blocks) are stored
+        with one ``save_blobs`` for the batch: small files are most of a phone, and their cost
+        is what is paid per file and per blob, not per byte."""
+        if len(files) == 1 and files[0][1] > BATCH_FILE_MAX:
+            return [self._store_file(*files[0])]
+        chunker = self.repo.chunker
+        whole_max = chunker.policy.default.min_size  # a non-sqlite file up to this is one blob
+        out: list[list[bytes]] = []
+        batched: list[bytes | memoryview] = []
+        spans: list[tuple[int, int, int]] = []  # (file in out, its first blob, after its last) in batched
+        total = 0
+        for rel, size in files:
+            if self._cancelled:
+                raise Cancelled("cancelled")
+            data = self._read_whole(rel, size)
+            if len(data) != size:
+                raise SourceError(f"{rel}: changed while being read ({size} bytes listed, {len(data)} read)")
+            total += size
+            sqlite = data[:16] == SQLITE_MAGIC
+            if size > whole_max and not sqlite:
+                out.append(self._save_chunks(chunker.split(data))[0])  # CDC: the incompressible probe applies
+                continue
+            start = len(batched)
+            if sqlite:
+                batched.extend(chunker.split(data))
+            elif size:
+                batched.append(data)
+            spans.append((len(out), start, len(batched)))
+            out.append([])
+        if batched:
+            ids = self.session.save_blobs(BlobType.DATA, batched)
+            for k, start, end in spans:
+                out[k] = ids[start:end]
+        with self._lock:
+            self.summary.bytes_read += total
+        self.progress.advance(total, files=len(files))
+        return out
+
+    def _read_whole(self, rel: str, size: int) -> bytes:
+        """A small file's content in one go (the source's own fast read when it has one)."""
+        read_file = getattr(self.source, "read_file", None)
+        if read_file is not None:
+            return read_file(rel, size)
+        with self.source.open_file(rel) as f:
+            return f.read()
 
     def _store_file(self, rel: str, size: int) -> list[bytes]:
-        content: list[bytes] = []
-        read = 0
-        compress = True
+        """A large file, streamed chunk by chunk."""
         with self.source.open_file(rel) as f:
-            first = True
-            for chunk in self.repo.chunker.split_file(f, size):
-                if self._cancelled:
-                    raise Cancelled("cancelled")
-                blob_id, new, compressed = self.session.save_blob_ex(BlobType.DATA, chunk, compress=compress)
-                if first and new and not compressed and len(chunk) >= PROBE_MIN and bytes(chunk[:16]) != SQLITE_MAGIC:
-                    compress = False
-                first = False
-                content.append(blob_id)
-                read += len(chunk)
-                self.progress.advance(len(chunk))
+            content, read = self._save_chunks(self.repo.chunker.split_file(f, size), progress=True)
         if read != size:
             raise SourceError(f"{rel}: changed while being read ({size} bytes listed, {read} read)")
         with self._lock:
@@ -335,6 +399,25 @@ class Archiver:
         self.progress.advance(files=1)
         return content
 
+    def _save_chunks(self, chunks: Iterable[memoryview], progress: bool = False) -> tuple[list[bytes], int]:
+        """Store a file's chunks one by one; their ids and total size. A first chunk of at least
+        PROBE_MIN bytes that does not compress (photo, video) spares the others zstd."""
+        content: list[bytes] = []
+        read = 0
+        compress = True
+        first = True
+        for chunk in chunks:
+            if self._cancelled:
+                raise Cancelled("cancelled")
+            blob_id, new, compressed = self.session.save_blob_ex(BlobType.DATA, chunk, compress=compress)
+            if first and new and not compressed and len(chunk) >= PROBE_MIN and bytes(chunk[:16]) != SQLITE_MAGIC:
+                compress = False
+            first = False
+            content.append(blob_id)
+            read += len(chunk)
+            if progress:
+                self.progress.advance(len(chunk))
+        return content, read
 
-def _name(entry: Entry) -> str:
-    return entry["name"]
+
+_NAME = itemgetter("name")

@@ -22,6 +22,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from ..errors import IbsyncError, StorageError
 from ..format.index import PackIndex
@@ -128,22 +129,60 @@ class WriteSession:
         if not self._claim(blob_id):
             return blob_id, False, False
         sealed, compressed = self.repo.encode_blob(blob_id, data, compress)
-        while True:
+        self._append(type, [(blob_id, sealed, len(data), compressed)])
+        return blob_id, True, compressed
+
+    def save_blobs(self, type: BlobType, chunks: Sequence[bytes | memoryview]) -> list[bytes]:
+        """As save_blob for many blobs (compressed when it pays), returning their ids: the
+        small-file path, where one lock round per blob cost as much as hashing it. A chunk
+        whose id is already stored or claimed (or repeats one earlier in ``chunks``) is not
+        stored again."""
+        if self._error is not None:
+            raise self._error
+        blob_id = self.repo.blob_id
+        ids = [blob_id(c) for c in chunks]
+        has = self.repo.index.has
+        new = []
+        with self._lock:
+            pending = self._pending
+            for i, b in enumerate(ids):
+                if b in pending or (not self.rewrite and has(b)):
+                    continue
+                pending.add(b)
+                new.append(i)
+        if new:
+            encode = self.repo.encode_blob
+            items = []
+            for i in new:
+                sealed, compressed = encode(ids[i], chunks[i], True)
+                items.append((ids[i], sealed, len(chunks[i]), compressed))
+            self._append(type, items)
+        return ids
+
+    def _append(self, type: BlobType, items: list[tuple[bytes, tuple[bytes | memoryview, ...], int, bool]]) -> None:
+        """Add sealed blobs (id, stored pieces, raw length, compressed) to this thread's pack,
+        shipping it whenever it fills."""
+        pack_size = self.repo.pack_size
+        i = 0
+        while i < len(items):
             p = self._open_pack(type)
             with p.lock:
                 if p.shipped:
                     continue  # flush took it after we looked it up: the next lookup opens a new one
-                p.writer.add(type, blob_id, sealed, len(data), compressed)
-                if p.writer.size >= self.repo.pack_size:
-                    # queued under the lock: a flush that finds this pack taken waits here, so
-                    # its wait for uploads includes this one
-                    p.shipped = True
-                    self._ship(p)
-                break
+                writer = p.writer
+                while i < len(items):
+                    blob_id, sealed, raw_length, compressed = items[i]
+                    writer.add(type, blob_id, sealed, raw_length, compressed)
+                    i += 1
+                    if writer.size >= pack_size:
+                        # queued under the lock: a flush that finds this pack taken waits here,
+                        # so its wait for uploads includes this one
+                        p.shipped = True
+                        self._ship(p)
+                        break
         with self._lock:
-            self.stats.blobs_added += 1
-            self.stats.raw_bytes_added += len(data)
-        return blob_id, True, compressed
+            self.stats.blobs_added += len(items)
+            self.stats.raw_bytes_added += sum(item[2] for item in items)
 
     # ---- packs and index -------------------------------------------------------------------
 
@@ -236,3 +275,14 @@ class WriteSession:
             self._write_index()
         except Exception:
             pass  # the packs stay; `check` reports them and prune reclaims them
+
+    # ---- trees -----------------------------------------------------------------------------
+
+    def save_tree(self, entries: list[dict]) -> bytes:
+        """Store one folder's tree (entries in ``Node.to_dict`` form, any order) and return its
+        id: the id of its top node blob. Every writer of trees calls this (design §10): a
+        repository of format version 1 gets a format-1 JSON tree, others format-2 nodes."""
+        built = self.repo.build_tree(entries)
+        for data in built.blobs.values():  # children first: a node is stored after what it names
+            self.save_blob(BlobType.TREE, data)
+        return built.id
