@@ -64,6 +64,8 @@ __all__ = [
     "mbfile_blob",
     "build_manifest_db",
     "default_udid",
+    "generate_many_files",
+    "mutate_many_files",
     "FLAG_FILE",
     "FLAG_DIR",
     "FLAG_SYMLINK",
@@ -1677,26 +1679,60 @@ def _count_changed_pages_files(a: Path, b: Path) -> int:
 # ============================================================================================================
 
 
+# ============================================================================================================
+# Other profiles
+# ============================================================================================================
+
+#: Profiles other than the default (sized by bytes): "many-files" is sized by file count
+#: (ibsync/testing/many_files.py; its own module so that this one, and the data it makes, stay as they were).
+PROFILES = ("default", "many-files")
+
+
+def generate_many_files(parent: Path, *, seed: int = 1, files: int = 50_000, udid: str | None = None,
+                        device_name: str = "Test iPhone") -> Path:
+    """The "many files" profile: about ``files`` small files, streamed to disk and to Manifest.db."""
+    from ibsync.testing import many_files  # imports this module: import it only when asked for
+
+    return many_files.generate(parent, seed=seed, files=files, udid=udid, device_name=device_name)
+
+
+def mutate_many_files(device_dir: Path, *, seed: int = 1) -> dict:
+    """The next day of a "many files" folder, in place (0.5 % of the files touched); returns a summary."""
+    from ibsync.testing import many_files
+
+    return many_files.mutate(device_dir, seed=seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ibsync.testing.generator",
                                  description="Deterministic synthetic iOS backup folders.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="write OUT_PARENT/<udid>/ and print its path")
     g.add_argument("out_parent", type=Path)
-    g.add_argument("--size-mib", type=float, required=True)
+    g.add_argument("--profile", choices=PROFILES, default="default",
+                   help="default: sized by --size-mib; many-files: sized by --files")
+    g.add_argument("--size-mib", type=float, help="size of the default profile")
+    g.add_argument("--files", type=int, default=50_000, help="file count of the many-files profile (default 50000)")
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--udid", default=None)
     g.add_argument("--device-name", default="Test iPhone")
     m = sub.add_parser("mutate", help="apply the next day to DEVICE_DIR in place and print a JSON summary")
     m.add_argument("device_dir", type=Path)
+    m.add_argument("--profile", choices=PROFILES, default="default")
     m.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
-    if args.cmd == "generate":
+    if args.cmd == "generate" and args.profile == "many-files":
+        print(generate_many_files(args.out_parent, seed=args.seed, files=args.files, udid=args.udid,
+                                  device_name=args.device_name))
+    elif args.cmd == "generate":
+        if args.size_mib is None:
+            ap.error("--size-mib is required for the default profile")
         path = generate(args.out_parent, seed=args.seed, size_bytes=int(args.size_mib * MIB), udid=args.udid,
                         device_name=args.device_name)
         print(path)
     else:
-        print(json.dumps(mutate_folder(args.device_dir, seed=args.seed), indent=2))
+        mutate = mutate_many_files if args.profile == "many-files" else mutate_folder
+        print(json.dumps(mutate(args.device_dir, seed=args.seed), indent=2))
     return 0
 
 
