@@ -10,6 +10,7 @@ import time
 import pytest
 
 from ibsync.format.pack import BlobType
+from ibsync.reader.restorer import partial_folder
 from ibsync.reader.walk import walk
 from ibsync.repo.repository import Repository
 from ibsync.storage import LocalStorage
@@ -56,7 +57,9 @@ def test_flipped_byte_is_found_by_check_and_refused_by_restore(env, cli, folder,
 
     _, err = cli("restore", "latest", tmp_path / "out", expect=1)
     assert paths[0] in err and "could not be restored" in err
-    restored = tmp_path / "out" / folder.name
+    # the rest is restored, but left in the partial folder: nothing that looks like a finished backup
+    assert os.listdir(tmp_path / "out") == [partial_folder(tmp_path / "out", folder.name).name]
+    restored = partial_folder(tmp_path / "out", folder.name) / folder.name
     assert not (restored / paths[0]).exists()
     expected = {k: v for k, v in tree_state(folder).items() if k != paths[0]}
     assert tree_state(restored) == expected

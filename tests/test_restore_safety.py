@@ -22,6 +22,7 @@ from ibsync.capture.restore import RestoreFailed
 from ibsync.capture.vtree import VirtualTree, VTreeError
 from ibsync.format.pack import BlobType
 from ibsync.model import DeviceInfo, Snapshot, encode_tree
+from ibsync.reader.restorer import partial_folder
 from ibsync.repo.repository import Repository
 from ibsync.storage import LocalStorage
 from ibsync.testing.device import SimDevice, SimLockdown
@@ -138,10 +139,14 @@ def test_unsafe_names_are_refused_by_name_and_nothing_lands_outside(repo_path, c
     target = tmp_path / "target"
     out, err = cli("restore", "latest", target, expect=1)
     assert "Traceback" not in err and "internal error" not in err
-    assert state_outside(tmp_path, target) == before and os.listdir(target) == [FOLDER]
+    # the snapshot cannot be restored whole: its good entries wait in the partial folder, and
+    # nothing that looks like a finished backup is at TARGET/<folder>
+    partial = partial_folder(target, FOLDER)
+    assert state_outside(tmp_path, target) == before and os.listdir(target) == [partial.name]
     assert not (tmp_path / "outside" / "abs.txt").exists() and os.listdir(tmp_path / "sentinel") == ["precious.txt"]
     # the good entries are restored
-    dest = target / FOLDER
+    dest = partial / FOLDER
+    assert str(dest) in err.strip().splitlines()[-1]
     assert (dest / "Info.plist").read_bytes() == b"good root file"
     assert (dest / "a" / "ok.txt").read_bytes() == b"good nested file"
     assert sorted(os.listdir(dest)) == ["Info.plist", "a"] and os.listdir(dest / "a") == ["ok.txt"]
@@ -215,7 +220,8 @@ def test_crafted_trees_fail_per_entry_and_check_reports_them(repo_path, cli, tmp
     _, err = cli("restore", "latest", target, expect=1)
     assert "Traceback" not in err and "internal error" not in err
     assert state_outside(tmp_path, target) == before and os.listdir(outside) == []
-    dest = target / FOLDER
+    dest = partial_folder(target, FOLDER) / FOLDER
+    assert os.listdir(target) == [dest.parent.name]
     assert sorted(os.listdir(dest)) == ["Info.plist", "fine", "junk"] and os.listdir(dest / "junk") == []
     assert (dest / "fine" / "kept.txt").read_bytes() == b"kept"
     for needle in ("'': refused: its name is empty", "'s': refused: its name appears 2 times",

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -8,6 +9,9 @@ from ..errors import IbsyncError
 from ..ui.text import printable, size
 from .app import App, common_options
 from .cmd_browse import backup_password_option, backup_password_source
+
+if TYPE_CHECKING:
+    from ..reader.restorer import RestoreResult
 
 
 class RestoreIncomplete(IbsyncError):
@@ -18,7 +22,7 @@ class RestoreIncomplete(IbsyncError):
 @click.argument("snapshot")
 @click.argument("target", type=click.Path(path_type=Path), required=False)
 @click.option("--device", metavar="UDID|NAME", help="With 'latest': the latest snapshot of this device.")
-@click.option("--overwrite", is_flag=True, help="Write into an existing, non-empty device folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing device folder (kept until the new one is complete).")
 @click.option("--to-device", "to_device", metavar="UDID|NAME",
               help="Restore onto this connected device instead of into a folder (no TARGET).")
 @click.option("--system", is_flag=True, help="With --to-device: restore system files too.")
@@ -79,30 +83,44 @@ def restore_cmd(app: App, snapshot: str, target: Path | None, device: str | None
             {
                 "snapshot": snap.id,
                 "target": str(result.target),
+                "complete": result.complete,
+                "partial": str(result.partial) if result.partial else None,
                 "files": result.files,
+                "files_reused": result.files_reused,
                 "dirs": result.dirs,
                 "bytes": result.bytes,
+                "blobs_read": result.blobs_read,
                 "seconds": round(elapsed, 3),
                 "failed": result.failed,
                 "refused": result.refused,
             }
         )
-    else:
-        app.say(f"restored snapshot {snap.short_id}: {result.files} files, {size(result.bytes)} to {printable(result.target)} in {elapsed:.1f} s")
+    elif result.complete:
+        reused = f" ({result.files_reused} already restored by an interrupted run)" if result.files_reused else ""
+        app.say(f"restored snapshot {snap.short_id}: {result.files} files{reused}, {size(result.bytes)} to "
+                f"{printable(result.target)} in {elapsed:.1f} s")
     if result.failed:
         for path, reason in sorted(result.failed.items()):
             click.echo(f"ibsync: cannot restore '{printable(path)}': {printable(reason)}", err=True)
-        raise RestoreIncomplete(_incomplete(len(result.failed), result.refused))
+        raise RestoreIncomplete(_incomplete(result))
 
 
-def _incomplete(failed: int, refused: int) -> str:
+def _incomplete(result: RestoreResult) -> str:
+    """The last line of a restore that could not complete: what failed, where the rest is, and
+    that nothing looking like a finished backup was put where the backup goes."""
+    failed, refused = len(result.failed), result.refused
     parts = []
     if refused:
         parts.append(f"{refused} entr{'y' if refused == 1 else 'ies'} of the snapshot refused (unsafe or malformed "
                      "names or fields: see 'ibsync check')")
     if failed - refused:
         parts.append(f"{failed - refused} file(s) could not be restored (damaged or missing data, or not writable)")
-    return "; ".join(parts) + "; the folder is incomplete"
+    kept = "was left as it was" if result.replaced else "was not created"
+    where = (f"the {result.files} restored files are in {printable(result.partial)}; {printable(result.target)} "
+             f"{kept}, as the restore is incomplete")
+    again = ("; run the same restore again to retry the failed files (it keeps what is done)"
+             if failed - refused else "")
+    return "; ".join(parts) + "; " + where + again
 
 
 def _restore_to_device(app: App, snapshot: str, device: str | None, to_device: str, *, system: bool, reboot: bool,
