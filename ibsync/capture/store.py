@@ -33,7 +33,7 @@ class _Chunks:
     def __init__(self, session: WriteSession, chunker: Chunker) -> None:
         self._session = session
         self._stream = chunker.stream()
-        self.content: list[str] = []
+        self.content = bytearray()  # raw 32-byte ids, joined: what the virtual folder keeps
         self.size = 0
         self._compress = True
         self._first = True
@@ -42,16 +42,16 @@ class _Chunks:
         for chunk in self._stream.feed(data):
             self._save(chunk)
 
-    def whole(self, chunker: Chunker, data: bytes) -> tuple[int, list[str]]:
+    def whole(self, chunker: Chunker, data: bytes) -> tuple[int, bytes]:
         """A file received whole: cut as the stream would (``split`` gives the same chunks)."""
         for chunk in chunker.split(data):
             self._save(chunk)
-        return self.size, self.content
+        return self.size, bytes(self.content)
 
-    def finish(self) -> tuple[int, list[str]]:
+    def finish(self) -> tuple[int, bytes]:
         for chunk in self._stream.finish():
             self._save(chunk)
-        return self.size, self.content
+        return self.size, bytes(self.content)
 
     def _save(self, chunk: memoryview) -> None:
         blob_id, new, compressed = self._session.save_blob_ex(BlobType.DATA, chunk, compress=self._compress)
@@ -61,14 +61,14 @@ class _Chunks:
                 and bytes(chunk[:16]) != SQLITE_MAGIC):
             self._compress = False
         self._first = False
-        self.content.append(blob_id.hex())
+        self.content += blob_id
         self.size += len(chunk)
 
 
 class IncomingFile:
     """One file being received: ``await write`` its pieces in order, then ``close`` for a future
-    of its size and blob ids (hex, as trees hold them). A file abandoned midway (the device
-    failed to read it, the connection dropped) simply is not closed: the chunks already stored
+    of its size and blob ids (raw 32-byte ids joined, as ``VirtualTree.put_file`` takes them).
+    A file abandoned midway (the device failed to read it, the connection dropped) simply is not closed: the chunks already stored
     stay in the repository, unreferenced until prune, and deduplicate against the next attempt."""
 
     __slots__ = ("_store", "_chunks", "_buffer", "_buffered", "_handed_over")
@@ -133,7 +133,7 @@ class FileStore:
         while len(self._queued) >= MAX_QUEUED:
             await asyncio.wrap_future(self._queued.popleft())
 
-    def store_bytes(self, data: bytes) -> tuple[int, list[str]]:
+    def store_bytes(self, data: bytes) -> tuple[int, bytes]:
         """A whole file (one the host writes itself, Info.plist, or a small file received
         whole), stored on the calling thread before returning."""
         return _Chunks(self.session, self.chunker).whole(self.chunker, data)
