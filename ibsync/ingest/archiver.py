@@ -26,9 +26,10 @@ from typing import Any, Iterable, Protocol
 from ..errors import IbsyncError, SourceError
 from ..format.chunker import SQLITE_MAGIC
 from ..format.pack import BlobType
-from ..model import DeviceInfo, Snapshot, Summary, split_entries
+from ..model import DeviceInfo, Snapshot, Summary
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
+from ..repo.trees import Reuse
 from ..repo.session import WriteSession
 from ..source.folder import SourceEntry
 
@@ -66,6 +67,7 @@ class _Dir:
     rel: str
     old_tree: bytes | None  # the parent snapshot's tree of this folder
     old_entries: list[Entry]
+    reuse: Reuse = field(default_factory=dict)  # the parent's entries the tree builder may pack again as stored
     entries: list[Entry] = field(default_factory=list)
     pending: list[tuple[Future, list[Entry]]] = field(default_factory=list)  # a batch's task and its files' entries
     subdirs: list[tuple["_Dir", Entry]] = field(default_factory=list)
@@ -181,22 +183,24 @@ class Archiver:
 
     # ---- walking ---------------------------------------------------------------------------
 
-    def _list(self, rel: str, old_tree: bytes | None) -> tuple[list[SourceEntry], bytes | None, list[Entry]]:
-        """A folder's entries and its previous tree's entries."""
+    def _list(self, rel: str, old_tree: bytes | None) -> tuple[list[SourceEntry], bytes | None, list[Entry], Reuse]:
+        """A folder's entries, its previous tree's entries and what of them a rebuild reuses."""
         if old_tree is not None and not self.repo.index.has(old_tree):
             old_tree = None  # the previous tree is gone (damaged repository): read everything
         old_entries: list[Entry] = []
+        reuse: Reuse = {}
         if old_tree is not None:
-            old_entries, rejected = split_entries(self.repo.load_tree_entries(old_tree))
-            if rejected:
+            old = self.repo.load_folder(old_tree)
+            old_entries, reuse = old.good, old.reuse
+            if old.rejected:
                 # a crafted or damaged parent: use its good entries for the files cache, but
                 # never keep its tree as it is (that would carry the refused entries along)
                 old_tree = None
-        return self.source.scan(rel), old_tree, old_entries
+        return self.source.scan(rel), old_tree, old_entries, reuse
 
     def _walk(self, rel: str, old_tree: bytes | None, pool: ThreadPoolExecutor, listed: Future | None) -> _Dir:
-        entries, old_tree, old_entries = listed.result() if listed is not None else self._list(rel, old_tree)
-        d = _Dir(rel, old_tree, old_entries)
+        entries, old_tree, old_entries, reuse = listed.result() if listed is not None else self._list(rel, old_tree)
+        d = _Dir(rel, old_tree, old_entries, reuse)
         old_by_name = {o["name"]: o for o in old_entries}
         has_all = self.repo.index.has_all_hex
         folders = []
@@ -335,8 +339,9 @@ class Archiver:
         if d.old_tree is not None and not d.pending and sorted(d.entries, key=_NAME) == d.old_entries:
             d.tree_id = d.old_tree  # nothing changed in this folder: the previous tree stands
         else:
-            d.tree_id = self.session.save_tree(d.entries)
+            d.tree_id = self.session.save_tree(d.entries, d.reuse)
         d.pending = d.subdirs = d.entries = d.old_entries = []  # type: ignore[assignment]
+        d.reuse = {}
 
     # ---- storing files (worker threads) ----------------------------------------------------
 

@@ -356,9 +356,8 @@ class Repository:
             if cached is not None:
                 self._trees.move_to_end(tree_id)
                 return cached
-        entries, parts = self._read_tree(tree_id)
-        good, rejected = split_entries(entries)
-        tree = Tree([Node.from_dict(d) for d in good], rejected, parts)
+        folder = self.load_folder(tree_id)
+        tree = Tree([Node.from_dict(d) for d in folder.good], folder.rejected, folder.parts)
         with self._trees_lock:
             if tree_id not in self._trees:
                 self._trees[tree_id] = tree
@@ -375,6 +374,16 @@ class Repository:
         ``split_entries`` before use): what ingest compares against, cheaply."""
         return self._read_tree(tree_id)[0]
 
+    def load_folder(self, tree_id: bytes) -> trees.Folder:
+        """A folder's usable entries (dicts), its refused ones, its tree blobs, and what
+        ``build_tree(entries, reuse=...)`` may pack again as stored: what the archiver compares
+        a folder with, and rebuilds a changed folder from. Not cached (the caller holds it)."""
+        data = self.load_blob(tree_id)
+        if trees.is_node(data):
+            return trees.read_folder_split(self, tree_id, data)
+        good, rejected = split_entries(decode_tree_entries(data))
+        return trees.Folder(good, rejected, [tree_id])
+
     def tree_parts(self, tree_id: bytes) -> list[bytes]:
         """The ids of every blob that makes up one folder's tree, its top node first (not its
         subfolders' trees, not file data): what prune keeps, check verifies and copy carries."""
@@ -384,14 +393,16 @@ class Repository:
             return list(cached.parts)
         return self._read_tree(tree_id)[1]
 
-    def build_tree(self, entries: list[dict]) -> trees.BuiltTree:
+    def build_tree(self, entries: list[dict], reuse: trees.Reuse | None = None) -> trees.BuiltTree:
         """One folder's tree blobs in this repository's tree format, computed, not stored
-        (``WriteSession.save_tree`` stores them; a planner such as repair can store them later)."""
+        (``WriteSession.save_tree`` stores them; a planner such as repair can store them later).
+        ``reuse``: ``load_folder(...).reuse`` of an earlier version of the folder (faster for
+        the entries passed back unchanged; the same result)."""
         if self.tree_format == 1:
             data = encode_tree(entries)
             tree_id = self.blob_id(data)
             return trees.BuiltTree(tree_id, {tree_id: data})
-        return trees.build_tree(self.blob_id, entries)
+        return trees.build_tree(self.blob_id, entries, reuse)
 
     def _read_tree(self, tree_id: bytes) -> tuple[list, list[bytes]]:
         data = self.load_blob(tree_id)

@@ -28,6 +28,7 @@ from ..errors import IbsyncError, StorageError
 from ..format.index import PackIndex
 from ..format.pack import BlobType, PackWriter
 from ..storage import Kind
+from .trees import Reuse
 from .repository import Repository
 
 INDEX_EVERY_PACKS = 8
@@ -278,11 +279,13 @@ class WriteSession:
 
     # ---- trees -----------------------------------------------------------------------------
 
-    def save_tree(self, entries: list[dict]) -> bytes:
+    def save_tree(self, entries: list[dict], reuse: Reuse | None = None) -> bytes:
         """Store one folder's tree (entries in ``Node.to_dict`` form, any order) and return its
         id: the id of its top node blob. Every writer of trees calls this (design §10): a
-        repository of format version 1 gets a format-1 JSON tree, others format-2 nodes."""
-        built = self.repo.build_tree(entries)
+        repository of format version 1 gets a format-1 JSON tree, others format-2 nodes.
+        ``reuse`` (what ``Repository.load_folder`` returned for the folder's previous version)
+        lets entries that came back unchanged be packed as they were stored: the same tree."""
+        built = self.repo.build_tree(entries, reuse)
         for data in built.blobs.values():  # children first: a node is stored after what it names
             self.save_blob(BlobType.TREE, data)
         return built.id
