@@ -6,13 +6,17 @@ Paths are ``Domain/relative/path`` as in Manifest.db; patterns are globs (see
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sqlite3
 import sys
+import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import click
 
@@ -170,55 +174,227 @@ def ls_cmd(app: App, snapshot: str, pattern: str | None, device: str | None, bac
                 click.echo(f"snapshot {snap.short_id}: {len(domains)} domain(s), {files} file(s), {size(total)}")
             _fail_on_bad_rows(bad)
             return
-        entries = list(manifest.entries(PathPattern(pattern)))
+        entries = manifest.entries(PathPattern(pattern))
+        if app.json:
+            _emit_json_stream(_ls_document(snap, pattern, entries, manifest))
+        else:
+            _echo_files_table(entries)
         bad = [(snap, b) for b in manifest.bad_rows]
-    if app.json:
-        app.emit_json({"snapshot": _snap_ref(snap), "pattern": pattern, "files": [_entry_dict(e) for e in entries],
-                       "unreadable_rows": _bad_rows_dicts(bad)})
-    else:
-        rows = [[e.domain, e.relative_path, size(e.size), when(_ts(e.mtime))] for e in entries]
-        click.echo(table(["Domain", "Path", "Size", "Modified"], rows, right={2}))
-        click.echo(f"{len(entries)} file(s), {size(sum(e.size for e in entries))}")
     _fail_on_bad_rows(bad)
+
+
+def _ls_document(snap: Snapshot, pattern: str, entries: Iterator, manifest) -> Iterator[tuple[str, Any]]:
+    """ls --json's keys in order; the rows stream, and the unreadable rows are asked for only
+    once every row has been read."""
+    yield "snapshot", _snap_ref(snap)
+    yield "pattern", pattern
+    yield "files", JsonItems(_entry_dict(e) for e in entries)
+    yield "unreadable_rows", _bad_rows_dicts([(snap, b) for b in manifest.bad_rows])
+
+
+def _echo_files_table(entries: Iterable) -> None:
+    """ls's table and total line, holding no row in memory (they go through a spill file)."""
+    files = total = 0
+    with SpilledTable(["Domain", "Path", "Size", "Modified"], right={2}) as t:
+        for e in entries:
+            t.add([e.domain, e.relative_path, size(e.size), when(_ts(e.mtime))])
+            files += 1
+            total += e.size
+        t.echo()
+    click.echo(f"{files} file(s), {size(total)}")
+
+
+# ---- bounded-memory output ------------------------------------------------------------------
+#
+# A listing of a million rows must not be a million rows in memory: tables are written to an
+# unlinked temporary file while their column widths are measured, JSON arrays are written as
+# their items come. Both give byte for byte what ``table`` and ``json.dumps(indent=2)`` give.
+
+ECHO_BATCH = 1 << 18  # characters gathered before each write to stdout
+
+
+class _Out:
+    """Text for stdout gathered into batches (one write per ECHO_BATCH characters, not per row)."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._n = 0
+
+    def write(self, text: str) -> None:
+        self._parts.append(text)
+        self._n += len(text)
+        if self._n >= ECHO_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._parts:
+            click.echo("".join(self._parts), nl=False)
+            self._parts, self._n = [], 0
+
+
+class SpilledTable:
+    """``ui.text.table`` for rows that do not fit in memory: each row is made printable, measured
+    and written to an unlinked temporary file (printable cells hold no tab or newline, so a line
+    of tab-separated cells reads back exactly); ``echo`` then prints the aligned table."""
+
+    def __init__(self, headers: list[str], right: set[int] = frozenset()) -> None:
+        self.headers = headers
+        self.right = right
+        self.widths = [len(h) for h in headers]
+        self._file = tempfile.TemporaryFile("w+", encoding="utf-8", newline="\n")
+
+    def __enter__(self) -> "SpilledTable":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def add(self, cells: list[str]) -> None:
+        cells = [printable(c) for c in cells]
+        for i, cell in enumerate(cells):
+            if len(cell) > self.widths[i]:
+                self.widths[i] = len(cell)
+        self._file.write("\t".join(cells) + "\n")
+
+    def _fmt(self, cells: list[str]) -> str:
+        w = self.widths
+        return "  ".join(c.rjust(w[i]) if i in self.right else c.ljust(w[i]) for i, c in enumerate(cells)).rstrip()
+
+    def echo(self) -> None:
+        out = _Out()
+        out.write(self._fmt(self.headers) + "\n" + "  ".join("-" * w for w in self.widths))
+        self._file.seek(0)
+        for line in self._file:
+            out.write("\n" + self._fmt(line[:-1].split("\t")))
+        out.write("\n")
+        out.flush()
+
+
+@dataclass(frozen=True)
+class JsonItems:
+    """A JSON array to be written item by item by ``_emit_json_stream``."""
+
+    items: Iterable[Any]
+
+
+def _emit_json_stream(pairs: Iterable[tuple[str, Any]]) -> None:
+    """Print the JSON object of ``pairs`` exactly as ``App.emit_json`` prints the same dict
+    (``json.dumps(indent=2, default=str)`` and a newline), writing each pair as it comes and each
+    ``JsonItems`` value item by item, so that no value is held whole."""
+    out = _Out()
+    first = True
+    for key, value in pairs:
+        out.write(("{\n  " if first else ",\n  ") + json.dumps(key) + ": ")
+        first = False
+        if isinstance(value, JsonItems):
+            _write_json_array(out, value.items)
+        else:
+            out.write(json.dumps(value, indent=2, default=str).replace("\n", "\n  "))
+    out.write("{}\n" if first else "\n}\n")
+    out.flush()
+
+
+def _write_json_array(out: _Out, items: Iterable[Any]) -> None:
+    """An array one level down (the value of a top-level key), as json.dumps(indent=2) nests it."""
+    empty = True
+    for item in items:
+        out.write(("[\n    " if empty else ",\n    ") + json.dumps(item, indent=2, default=str).replace("\n", "\n    "))
+        empty = False
+    out.write("[]" if empty else "\n  ]")
 
 
 # ---- find -----------------------------------------------------------------------------------
 
 
-@dataclass
-class _History:
-    device: str
-    device_name: str
-    domain: str
-    relative_path: str
-    versions: list[dict[str, Any]] = field(default_factory=list)
-    last: tuple | None = None  # content key of the latest snapshot holding it
-    present: bool = False
+class _Histories:
+    """Each matching path's versions, kept in a private temporary sqlite database rather than in
+    memory: ``find`` across a year of snapshots of a phone where the pattern matches most files
+    holds paths x snapshots versions. Names are stored as UTF-32-BE (surrogates passed through),
+    whose byte order is the code point order Python sorts ``str`` by, so ``ORDER BY`` lists
+    paths exactly as sorting them in Python did."""
+
+    def __init__(self) -> None:
+        self.db = sqlite3.connect("")  # "": a private temporary file, removed on close
+        self.db.executescript(
+            "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;"
+            "CREATE TABLE paths(id INTEGER PRIMARY KEY, device BLOB, domain BLOB, rel BLOB, name BLOB,"
+            " last BLOB, present INTEGER, seen INTEGER, UNIQUE(device, domain, rel));"
+            "CREATE TABLE versions(path INTEGER, snap INTEGER, size INTEGER, mtime TEXT, status TEXT);"
+        )
+        self.snaps: list[Snapshot] = []  # by the number versions refer to them with
+
+    def close(self) -> None:
+        self.db.close()
+
+    def record(self, holding, snap: Snapshot, seen_device: bool) -> None:
+        """Add one snapshot's rows to each path's history: first, new, changed, unchanged, or
+        removed (a path the device's previous snapshot held and this one does not)."""
+        n = len(self.snaps)
+        self.snaps.append(snap)
+        udid = _u32(snap.device.udid)
+        db = self.db
+        with db:
+            for e, content in holding.entries:
+                key = (udid, _u32(e.domain), _u32(e.relative_path))
+                last = _content_key(content)
+                got = db.execute("SELECT id, last, present FROM paths WHERE device = ? AND domain = ? AND rel = ?",
+                                 key).fetchone()
+                if got is None:
+                    pid = db.execute("INSERT INTO paths(device, domain, rel, name, last, present, seen) "
+                                     "VALUES (?, ?, ?, ?, ?, 1, ?)", key + (_u32(snap.device.name), last, n)).lastrowid
+                    status = "new" if seen_device else "first"
+                else:
+                    pid = got[0]
+                    if not got[2]:
+                        status = "new" if seen_device else "first"
+                    else:
+                        status = "changed" if last != got[1] else "unchanged"
+                    db.execute("UPDATE paths SET last = ?, present = 1, seen = ? WHERE id = ?", (last, n, pid))
+                db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?)",
+                           (pid, n, e.size, utc_iso(_ts(e.mtime)), status))
+            gone = "FROM paths WHERE device = ? AND present = 1 AND seen <> ?"
+            db.execute(f"INSERT INTO versions SELECT id, ?, NULL, NULL, 'removed' {gone} ORDER BY id", (n, udid, n))
+            db.execute(f"UPDATE paths SET present = 0 WHERE id IN (SELECT id {gone})", (udid, n))
+
+    def counts(self) -> tuple[int, int, int]:
+        """Paths, devices among them, version rows."""
+        paths, devices = self.db.execute("SELECT count(*), count(DISTINCT device) FROM paths").fetchone()
+        return paths, devices, self.db.execute("SELECT count(*) FROM versions").fetchone()[0]
+
+    def paths(self) -> Iterator[tuple[str, str | None, str, str, list[dict[str, Any]]]]:
+        """``(udid, device name, domain, relative path, versions)`` by device, domain and path;
+        versions oldest first (one path's versions in memory at a time)."""
+        rows = self.db.execute(
+            "SELECT p.id, p.device, p.name, p.domain, p.rel, v.snap, v.size, v.mtime, v.status "
+            "FROM paths p JOIN versions v ON v.path = p.id ORDER BY p.device, p.domain, p.rel, p.id, v.rowid"
+        )
+        current: int | None = None
+        head: tuple = ()
+        versions: list[dict[str, Any]] = []
+        for pid, device, name, domain, rel, n, size_, mtime, status in rows:
+            if pid != current:
+                if current is not None:
+                    yield head + (versions,)
+                current, versions = pid, []
+                head = (_from_u32(device), _from_u32(name), _from_u32(domain), _from_u32(rel))
+            versions.append(_version(self.snaps[n], size_, mtime, status))
+        if current is not None:
+            yield head + (versions,)
 
 
-def _record_versions(histories: dict[tuple[str, str, str], _History], holding, snap: Snapshot, seen_device: bool) -> None:
-    """Add one snapshot's rows to each path's history: first, new, changed, unchanged, or
-    removed (a path the device's previous snapshot held and this one does not)."""
-    udid = snap.device.udid
-    seen: set[tuple[str, str, str]] = set()
-    for e, content in holding.entries:
-        key = (udid, e.domain, e.relative_path)
-        seen.add(key)
-        h = histories.get(key)
-        if h is None:
-            h = histories[key] = _History(udid, snap.device.name, e.domain, e.relative_path)
-        if not h.present:
-            status = "new" if seen_device else "first"
-        elif content != h.last:
-            status = "changed"
-        else:
-            status = "unchanged"
-        h.versions.append(_version(snap, e.size, utc_iso(_ts(e.mtime)), status))
-        h.last, h.present = content, True
-    for key, h in histories.items():
-        if key[0] == udid and h.present and key not in seen:
-            h.present = False
-            h.versions.append(_version(snap, None, None, "removed"))
+def _u32(text: str | None) -> bytes | None:
+    return None if text is None else text.encode("utf-32-be", "surrogatepass")
+
+
+def _from_u32(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode("utf-32-be", "surrogatepass")
+
+
+def _content_key(content: object) -> bytes | None:
+    """A short digest standing for a payload's content (blob ids and size): only compared."""
+    if content is None:
+        return None
+    return hashlib.blake2b(repr(content).encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _version(snap: Snapshot, size: int | None, mtime: str | None, status: str) -> dict[str, Any]:
@@ -259,55 +435,57 @@ def find_cmd(app: App, pattern: str, device: str | None, backup_password_file: s
             raise UserError(f"no snapshot of a device '{device}'")
     keyring = _keyring(backup_password_file)
     cache = ManifestCache.for_repository(repo)
-    histories: dict[tuple[str, str, str], _History] = {}
+    histories = _Histories()
     bad: list[tuple[Snapshot, Any]] = []
     earlier: set[str] = set()  # devices with a snapshot already looked at
     followed: dict[str, DeviceHistory] = {}  # each device's rows, followed from snapshot to snapshot
     try:
-        for snap in snaps:
-            udid = snap.device.udid
-            follow = followed.get(udid)
-            if follow is None:
-                follow = followed[udid] = DeviceHistory(repo, pat, keyring, cache)
-            holding = follow.step(snap)
-            _record_versions(histories, holding, snap, udid in earlier)
-            bad += [(snap, b) for b in holding.bad]
-            earlier.add(udid)
+        try:
+            for snap in snaps:
+                udid = snap.device.udid
+                follow = followed.get(udid)
+                if follow is None:
+                    follow = followed[udid] = DeviceHistory(repo, pat, keyring, cache)
+                holding = follow.step(snap)
+                histories.record(holding, snap, udid in earlier)
+                bad += [(snap, b) for b in holding.bad]
+                earlier.add(udid)
+        finally:
+            for follow in followed.values():
+                follow.close()
+        _echo_found(app, pattern, histories, len(snaps), bad)
     finally:
-        for follow in followed.values():
-            follow.close()
-    found = sorted(histories.values(), key=lambda h: (h.device, h.domain, h.relative_path))
+        histories.close()
+    _fail_on_bad_rows(bad)
+
+
+def _echo_found(app: App, pattern: str, histories: _Histories, n_snaps: int, bad: list[tuple[Snapshot, Any]]) -> None:
+    """find's output, path by path as the history database lists them."""
     if app.json:
-        app.emit_json(
-            {
-                "pattern": pattern,
-                "paths": [
-                    {
-                        "device": {"udid": h.device, "name": h.device_name},
-                        "domain": h.domain,
-                        "relative_path": h.relative_path,
-                        "path": f"{h.domain}/{h.relative_path}",
-                        "versions": [{k: v for k, v in ver.items() if not k.startswith("_")} for ver in h.versions],
-                    }
-                    for h in found
-                ],
-                "unreadable_rows": _bad_rows_dicts(bad),
-            }
-        )
-        _fail_on_bad_rows(bad)
+        _emit_json_stream(iter([
+            ("pattern", pattern),
+            ("paths", JsonItems(
+                {
+                    "device": {"udid": udid, "name": name},
+                    "domain": domain,
+                    "relative_path": rel,
+                    "path": f"{domain}/{rel}",
+                    "versions": [{k: v for k, v in ver.items() if not k.startswith("_")} for ver in versions],
+                }
+                for udid, name, domain, rel, versions in histories.paths()
+            )),
+            ("unreadable_rows", _bad_rows_dicts(bad)),
+        ]))
         return
-    if not found:
+    n_paths, n_devices, n_versions = histories.counts()
+    if not n_paths:
         click.echo(f"no snapshot holds a file matching '{printable(pattern)}'")
-        _fail_on_bad_rows(bad)
         return
-    several = len({h.device for h in found}) > 1
-    for n, h in enumerate(found):
-        if n:
-            click.echo("")
-        title = f"{h.domain}/{h.relative_path}"
-        if several:
-            title += f"  ({h.device_name or h.device}, {h.device})"
-        click.echo(printable(title))
+    out = _Out()
+    for n, (udid, name, domain, rel, versions) in enumerate(histories.paths()):
+        title = f"{domain}/{rel}"
+        if n_devices > 1:
+            title += f"  ({name or udid}, {udid})"
         rows = [
             [
                 v["short_id"],
@@ -316,12 +494,12 @@ def find_cmd(app: App, pattern: str, device: str | None, backup_password_file: s
                 when(_ts_iso(v["mtime"])) if v["mtime"] else "-",
                 v["status"],
             ]
-            for v in h.versions
+            for v in versions
         ]
-        click.echo(_indent(table(["Snapshot", "Backup date", "Size", "Modified", "Content"], rows, right={2})))
-    versions = sum(len(h.versions) for h in found)
-    click.echo(f"\n{len(found)} path(s) in {len(snaps)} snapshot(s); {versions} version row(s)")
-    _fail_on_bad_rows(bad)
+        out.write(("\n" if n else "") + printable(title) + "\n"
+                  + _indent(table(["Snapshot", "Backup date", "Size", "Modified", "Content"], rows, right={2})) + "\n")
+    out.write(f"\n{n_paths} path(s) in {n_snaps} snapshot(s); {n_versions} version row(s)\n")
+    out.flush()
 
 
 def _ts_iso(text: str) -> datetime:

@@ -18,6 +18,7 @@ iOS backup), that snapshot is queried whole, as before.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -36,7 +37,17 @@ from .manifest_delta import PageDiff, freelist, read_header, same_layout
 from .mbfile import ManifestEntry
 from .paths import PathPattern
 
-Content = tuple | None  # a payload's (blob ids, size); None when the row has no payload
+Content = bytes | None  # a digest of a payload's blob ids and size; None when the row has no payload
+
+
+def content_key(ids: Iterable[str], size: int) -> bytes:
+    """A 16-byte digest standing for a payload (its hex blob ids and size): equal payloads give
+    equal keys, and a key costs ~50 bytes held where the id list costs ~100 per blob."""
+    h = hashlib.blake2b(digest_size=16)
+    for blob_id in ids:
+        h.update(blob_id.encode("ascii", "surrogateescape") + b",")
+    h.update(str(size).encode())
+    return h.digest()
 FILES = frozenset({"file"})
 
 
@@ -226,7 +237,7 @@ class Payloads:
         node = self._node(file_id)
         if node is None or node.get("type") != "file":
             return None
-        return (tuple(node.get("content", ())), node.get("size", 0))
+        return content_key(node.get("content", ()), node.get("size", 0))
 
     def _node(self, file_id: str) -> dict | None:
         prefix = file_id[:2]
@@ -238,7 +249,9 @@ class Payloads:
         if sub is not None:
             if self.whole:
                 if prefix not in self._loaded:
-                    self._loaded[prefix] = {e["name"]: e for e in _usable(self.repo, sub)}
+                    # one folder at a time: callers ask in file id order, and a million-file
+                    # phone's 256 folders together are hundreds of MB of entries
+                    self._loaded = {prefix: {e["name"]: e for e in _usable(self.repo, sub)}}
                 node = self._loaded[prefix].get(file_id)
             else:
                 node = lookup(self.repo, sub, file_id)
@@ -378,7 +391,9 @@ class DeviceHistory:
         with SnapshotManifest(self.repo, snap, file=self._work.path) as m:
             self._follow = m.follows_rowids()
             if not self._follow:  # not a plain rowid table: as a query of it would list it
-                entries = [(e, payloads.content(e.file_id)) for e in m.entries(self.pattern)]
+                rows = list(m.entries(self.pattern))
+                contents = {fid: payloads.content(fid) for fid in sorted({e.file_id for e in rows})}
+                entries = [(e, contents[e.file_id]) for e in rows]
                 self._root = snap.tree
                 return Holding(entries, m.bad_rows)
             for rowid, row in m.rows_with_rowid(self.pattern):
@@ -388,7 +403,7 @@ class DeviceHistory:
                 self._rows[rowid] = _Row(order_key(row) + (rowid,), got)
                 if isinstance(got, ManifestEntry):
                     self._fids.setdefault(got.file_id, set()).add(rowid)
-        for fid in self._fids:
+        for fid in sorted(self._fids):  # in file id order: one xx/ folder loaded at a time
             self._contents[fid] = payloads.content(fid)
         self._root = snap.tree
         self._last = self._holding()
@@ -405,7 +420,7 @@ class DeviceHistory:
             entries = []
             for e in m.entries(self.pattern):
                 node = m.payload(e.file_id)
-                entries.append((e, (tuple(c.hex() for c in node.content), node.size) if node is not None else None))
+                entries.append((e, content_key((c.hex() for c in node.content), node.size) if node is not None else None))
             return Holding(entries, m.bad_rows)
 
     def close(self, keep: bool = True) -> None:
