@@ -55,6 +55,25 @@ def run_subprocess(args: list[str], env: dict, **kw) -> subprocess.CompletedProc
     return subprocess.run([sys.executable, "-m", "ibsync", *map(str, args)], env=env, capture_output=True, text=True, **kw)
 
 
+# Runs ibsync in a child and writes the child's own peak RSS (VmHWM, KiB) to argv[1]. Not
+# ru_maxrss: Linux carries it over fork and exec, so a child of a large pytest process would
+# report pytest's size (seen: 1,082 MB for a 100,000-file import in the full suite).
+_PEAK_RSS_CHILD = (
+    "import sys\nfrom ibsync.cli import main\nout = sys.argv.pop(1)\n"
+    "try:\n    rc = main(sys.argv[1:])\nfinally:\n"
+    "    hwm = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+    "    open(out, 'w').write(hwm)\n"
+    "sys.exit(rc)"
+)
+
+
+def ibsync_peak_rss(args: list[str], env: dict, scratch: Path, **kw) -> tuple[subprocess.CompletedProcess, int]:
+    """Run ``ibsync ARGS`` in a child process; (its result, its own peak RSS in bytes)."""
+    out = scratch / f"vmhwm-{os.getpid()}-{len(list(scratch.glob('vmhwm-*')))}"
+    r = subprocess.run([sys.executable, "-c", _PEAK_RSS_CHILD, str(out), *map(str, args)], env=env, **kw)
+    return r, int(out.read_text()) * 1024
+
+
 def one_line_error(err: str, *needles: str) -> None:
     """Bad input's promise: one line on stderr, 'ibsync: error: ...', no traceback."""
     lines = [l for l in err.strip().splitlines() if l]

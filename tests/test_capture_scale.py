@@ -19,10 +19,11 @@ import pytest
 import ibsync
 from ibsync.capture import bplist
 from ibsync.capture.vtree import VirtualTree
-from ibsync.testing.device import SimDevice, SimLockdown, run_sim_usbmuxd
+from ibsync.testing.device import SimDevice, run_sim_usbmuxd
 from ibsync.testing.device.model import GeneratedPayloads
 from ibsync.testing.generator import FLAG_FILE
 
+from conftest import ibsync_peak_rss
 from simdevice_fixtures import connect, repo  # noqa: F401  (pytest fixtures)
 
 FILES = 25_000  # about 15 s on the 2-core VM
@@ -224,11 +225,9 @@ def test_capture_of_a_large_phone_stays_within_memory(tmp_path, env):
         child_env.update(mux.env(home=tmp_path / "home"))
         init = subprocess.run([sys.executable, "-m", "ibsync", "init"], env=child_env, capture_output=True)
         assert init.returncode == 0, init.stderr
-        with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "ibsync", "backup", "--device", device.udid, "--json",
-                                     "--quiet"], env=child_env, stdout=out, stderr=err)
-            _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS
-    assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / "err").read_text()
-    report = json.loads((tmp_path / "out").read_text())["snapshots"][0]
+        r, peak = ibsync_peak_rss(["backup", "--device", device.udid, "--json", "--quiet"], child_env, tmp_path,
+                                  capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)["snapshots"][0]
     assert report["files_received"] == LARGE_FILES + 3
-    assert usage.ru_maxrss * 1024 < RSS_LIMIT, f"peak RSS {usage.ru_maxrss >> 10} MiB"
+    assert peak < RSS_LIMIT, f"peak RSS {peak >> 20} MiB"

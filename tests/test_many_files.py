@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD, tree_state
+from conftest import PASSWORD, ibsync_peak_rss, tree_state
 
 from ibsync.testing import many_files
 from ibsync.testing.generator import FLAG_FILE, generate_many_files, mutate_many_files
@@ -139,19 +139,9 @@ def test_many_small_files_round_trip_and_next_day_reads_only_what_changed(env, c
         assert [v["status"] for v in paths[0]["versions"]] == statuses, key
 
 
-def _measured(argv: list[str], env: dict[str, str]) -> tuple[int, int, str]:
-    """(exit code, peak RSS in bytes, stderr) of one child, from wait4 on it."""
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read().decode("utf-8", "replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss * 1024, err
-
-
 @pytest.mark.slow
 def test_import_and_restore_of_a_hundred_thousand_files_stay_in_bounded_memory(files_tmp):
-    """Peak RSS of import and restore (each its own process) under a generous limit. The generator runs in
-    a child too: a child's ru_maxrss starts at its parent's at exec, so this process must stay small."""
+    """Peak RSS of import and restore (each its own process) under a generous limit."""
     tmp_path = files_tmp
     env = {**os.environ, "IBSYNC_REPO": str(tmp_path / "repo"), "IBSYNC_PASSWORD": PASSWORD,
            "IBSYNC_CACHE_DIR": str(tmp_path / "cache")}
@@ -164,8 +154,8 @@ def test_import_and_restore_of_a_hundred_thousand_files_stay_in_bounded_memory(f
     subprocess.run([*ibsync, "init"], env=env, check=True, capture_output=True)
     peaks = {}
     for name, args in (("import", ["import", str(dev), "-q"]), ("restore", ["restore", "latest", str(tmp_path / "out")])):
-        rc, peaks[name], err = _measured([*ibsync, *args], env)
-        assert rc == 0, err
+        r, peaks[name] = ibsync_peak_rss(args, env, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert r.returncode == 0, r.stderr
     assert sum(1 for _ in (tmp_path / "out" / dev.name).rglob("*")) == sum(1 for _ in dev.rglob("*"))
     shown = {k: f"{v / 1e6:.0f} MB" for k, v in peaks.items()}
     print(f"peak RSS at {SLOW_FILES:,} files: {shown}")  # seen with -s; the benchmark has the exact figures

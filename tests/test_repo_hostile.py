@@ -209,8 +209,10 @@ def test_absurd_kdf_parameters_are_refused_without_deriving(env, cli):
 def test_key_files_tried_are_capped(env, cli, monkeypatch):
     cli("init")
     stranger = MasterKey.generate()
-    for i in range(MAX_KEYS_TRIED + 5):  # well formed, as cheap as the real key, named before it
-        (env / "keys" / (f"{i:02x}" + "0" * 62)).write_bytes(make_key_file(stranger, f"other {i}", meta={}, kdf=FAST_KDF))
+    # well formed, as cheap as the real key, and named before it: keys are tried in name order,
+    # and the real key's name is random ("00", "01", ... would let it come 20th in ~8 % of runs)
+    for i in range(MAX_KEYS_TRIED + 5):
+        (env / "keys" / (f"000000{i:02x}" + "0" * 56)).write_bytes(make_key_file(stranger, f"other {i}", meta={}, kdf=FAST_KDF))
     cli("snapshots")  # the key that opened it last time is tried first
     (env.parent / "cache" / "known-repositories.json").unlink(missing_ok=True)
     _, err = cli("snapshots", expect=1)

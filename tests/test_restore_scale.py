@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import open_repo, run_subprocess
+from conftest import ibsync_peak_rss, open_repo, run_subprocess
 
 from ibsync.format.pack import BlobType
 from ibsync.model import DeviceInfo, Snapshot
@@ -340,14 +340,8 @@ def test_memory_per_file_stays_small(env, cli, tmp_path):
     cli("init")
     make_snapshot(env, files=60_000, blocks=(1, 1), block=200, folders=256)
     out = tmp_path / "out"
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over a fork and exec, so a child of pytest
-    # would report pytest's own size
-    code = ("import sys\nfrom ibsync.cli import main\nrc = main(sys.argv[1:])\n"
-            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')), file=sys.stderr)\n"
-            "sys.exit(rc)")
-    r = subprocess.run([sys.executable, "-c", code, "restore", "latest", str(out), "--quiet"], env=dict(os.environ),
-                       capture_output=True, text=True, timeout=900, check=False)
+    r, peak = ibsync_peak_rss(["restore", "latest", str(out), "--quiet"], dict(os.environ), tmp_path,
+                              capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, r.stderr
-    peak_kib = int(r.stderr.strip().splitlines()[-1])  # Linux: KiB
-    assert peak_kib < 100_000, f"{peak_kib} KiB peak for 60,000 files"
+    assert peak < 100_000 * 1024, f"{peak >> 10} KiB peak for 60,000 files"
     assert sum(len(files) for _, _, files in os.walk(out / FOLDER)) == 60_000
