@@ -35,12 +35,12 @@ def open_repository(url: str | os.PathLike, *, password: str | None = None,
     ``url``: a path, any storage URL, or a repository name from the config file. The password:
     ``password``, else ``password_file``, else the config file's source for this repository,
     else ``IBSYNC_PASSWORD`` / ``IBSYNC_PASSWORD_FILE`` / ``IBSYNC_PASSWORD_COMMAND``, else a
-    prompt on a terminal (the CLI's own resolution, ``cli.app.App``, reused)."""
-    from ..cli.app import App
+    prompt on a terminal (as every command resolves it: :class:`ibsync.opening.RepoSource`)."""
+    from ..opening import RepoSource
 
-    app = App(str(url), password_file, None, json=False, quiet=True)
-    # the CLI's own opening, so the library gets the same downgrade checks (design.md §3)
-    return app.open_unlocked((lambda: password) if password else None, password_given=bool(password))
+    source = RepoSource(str(url), password_file)
+    # the commands' own opening, so the library gets the same downgrade checks (design.md §3)
+    return source.open_unlocked((lambda: password) if password else None, password_given=bool(password))
 
 
 async def backup_device_async(

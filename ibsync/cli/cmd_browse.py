@@ -23,7 +23,8 @@ import click
 from ..errors import IbsyncError, UserError
 from ..model import Snapshot, utc_iso
 from ..ui.text import printable, size, table, when
-from .app import App, common_options, read_password_file
+from ..opening import read_password_file
+from .app import App, common_options
 
 BACKUP_PASSWORD_ENV = "IBSYNC_BACKUP_PASSWORD"
 EXTRACT_WORKERS = 4

@@ -27,8 +27,8 @@ def copy_cmd(app: App, snapshots: tuple[str, ...], from_repo: str, from_password
     """
     from ..ingest.copy import copy_snapshots
 
-    source_app = App(from_repo, from_password_file, from_password_command, app.json, app.quiet,
-                     app.config_path, env_prefix="IBSYNC_FROM_")
+    source_app = App(from_repo, from_password_file, from_password_command, app.config_path,
+                     env_prefix="IBSYNC_FROM_", json=app.json, quiet=app.quiet)
     src = source_app.open_repo()
     dst = app.open_repo()
     if src.id == dst.id:
