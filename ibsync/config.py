@@ -51,8 +51,12 @@ def default_config_path() -> Path:
     return user_dir("config") / "config.toml"
 
 
-def load_config(path: Path | None = None) -> dict[str, RepoConfig]:
-    """Named repositories from the config file; none when the default file does not exist."""
+TOP_KEYS = {"repositories", "agent", "devices"}
+
+
+def load_document(path: Path | None = None) -> tuple[dict[str, Any], Path]:
+    """The whole config file, parsed, and its path; empty when the default file does not exist.
+    Top-level tables other than [repositories], [agent] and [devices] are refused."""
     explicit = path is not None
     path = Path(path).expanduser() if path is not None else default_config_path()
     try:
@@ -61,11 +65,20 @@ def load_config(path: Path | None = None) -> dict[str, RepoConfig]:
     except FileNotFoundError:
         if explicit:
             raise UserError(f"config file {path} does not exist") from None
-        return {}
+        return {}, path
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path}: {e}") from None
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    unknown = set(doc) - TOP_KEYS
+    if unknown:
+        raise UserError(f"config file {path}: unknown table(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(TOP_KEYS))})")
+    return doc, path
+
+
+def load_config(path: Path | None = None) -> dict[str, RepoConfig]:
+    """Named repositories from the config file; none when the default file does not exist."""
+    doc, path = load_document(path)
     repos = doc.get("repositories", {})
     if not isinstance(repos, dict):
         raise UserError(f"config file {path}: [repositories] must be a table")

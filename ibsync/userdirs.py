@@ -8,9 +8,15 @@ from pathlib import Path
 
 
 def user_dir(kind: str) -> Path:
-    """``kind`` is "config" or "cache": ~/Library/{Application Support,Caches} on macOS,
-    %APPDATA% / %LOCALAPPDATA% on Windows, $XDG_CONFIG_HOME / $XDG_CACHE_HOME elsewhere."""
+    """``kind`` is "config", "cache" or "state": ~/Library/{Application Support,Caches} on macOS,
+    %APPDATA% / %LOCALAPPDATA% on Windows, $XDG_CONFIG_HOME / $XDG_CACHE_HOME elsewhere. The
+    state (the agent's history) is kept with the configuration on macOS and Windows, and in
+    $XDG_STATE_HOME (~/.local/state) elsewhere."""
     home = Path.home()
+    if kind == "state":
+        if sys.platform in ("darwin", "win32"):
+            return user_dir("config") / "state"
+        return Path(os.environ.get("XDG_STATE_HOME") or home / ".local" / "state") / "ibsync"
     if sys.platform == "darwin":
         base = home / "Library" / ("Application Support" if kind == "config" else "Caches")
     elif sys.platform == "win32":

@@ -34,6 +34,8 @@ COMMANDS = {
     "key": "cmd_key:key_group",
     "unlock": "cmd_unlock:unlock_cmd",
     "upgrade": "cmd_upgrade:upgrade_cmd",
+    "agent": "cmd_agent:agent_group",
+    "status": "cmd_status:status_cmd",
 }
 
 

@@ -1,0 +1,190 @@
+"""``ibsync agent`` as a user runs it: a separate process that finds simulated phones through a
+simulated usbmuxd, backs up each one that is due, records every attempt, and stops cleanly;
+``ibsync status`` reading what it did."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ibsync.testing.device import Misbehaviour, PasscodePrompt, SimDevice, run_sim_usbmuxd
+from ibsync.testing.generator import generate_content
+
+from conftest import run_subprocess
+
+
+def _device(seed: int, **kw) -> SimDevice:
+    return SimDevice.from_content(generate_content(seed=seed, size_bytes=1 << 20), **kw)
+
+
+def _config(tmp_path: Path, repo: Path, agent: str = "", devices: str = "") -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[agent]\nrepository = "{repo}"\ninterval = "1h"\npoll = "1s"\nretry = "1s"\n{agent}\n{devices}')
+    return path
+
+
+def _env(mux, tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, **mux.env(home=tmp_path / "home"), "XDG_STATE_HOME": str(tmp_path / "state")}
+
+
+def _status(env: dict, config: Path) -> tuple[dict, int]:
+    r = run_subprocess(["status", "--json", "--config", config, "--history", "20"], env)
+    assert r.returncode in (0, 1), r.stderr
+    return json.loads(r.stdout), r.returncode
+
+
+def _snapshots(env: dict) -> list[dict]:
+    r = run_subprocess(["snapshots", "--json"], env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _start_agent(env: dict, config: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ibsync", "agent", "--config", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)
+
+
+def _wait(condition, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stop(agent: subprocess.Popen, log: Path) -> str:
+    agent.send_signal(signal.SIGTERM)
+    code = agent.wait(30)
+    text = log.read_text()
+    assert code == 0, text
+    assert "Traceback" not in text, text
+    return text
+
+
+def test_once_backs_up_a_due_device_and_not_a_recent_one(env, cli, tmp_path):
+    cli("init")
+    phone = _device(11, name="Alice's iPhone")
+    config = _config(tmp_path, env)
+    with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
+        e = _env(mux, tmp_path)
+        r = run_subprocess(["agent", "--once", "--config", config], e)
+        assert r.returncode == 0, r.stderr
+        [snap] = _snapshots(e)
+        assert snap["device"]["udid"].upper() == phone.udid.upper()
+        assert f"Alice's iPhone ({phone.udid}): ok, snapshot {snap['id'][:8]}" in r.stderr, r.stderr
+        r = run_subprocess(["agent", "--once", "--config", config], e)  # backed up minutes ago: not due
+        assert r.returncode == 0, r.stderr
+        assert len(_snapshots(e)) == 1
+        status, code = _status(e, config)
+    assert code == 0
+    [dev] = status["devices"]
+    assert dev["udid"].upper() == phone.udid.upper() and dev["name"] == "Alice's iPhone"
+    assert dev["last_result"] == "ok" and dev["overdue"] is False and dev["repository"] == str(env)
+    assert dev["last_snapshot"] == snap["id"] and dev["age_seconds"] < 600
+    assert [a["result"] for a in status["attempts"]] == ["ok"]
+    assert dev["next_due"] > dev["last_success"]
+
+
+def test_a_backup_made_by_hand_counts_for_the_schedule(env, cli, tmp_path):
+    cli("init")
+    phone = _device(12)
+    config = _config(tmp_path, env)
+    with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
+        e = _env(mux, tmp_path)
+        assert run_subprocess(["backup"], e).returncode == 0
+        r = run_subprocess(["agent", "--once", "--config", config], e)
+        assert r.returncode == 0, r.stderr
+        assert len(_snapshots(e)) == 1
+        status, _ = _status(e, config)
+    [dev] = status["devices"]
+    assert dev["last_success"] is not None and dev["last_snapshot"] == _snapshots(e)[0]["id"]
+
+
+def test_outside_the_window_nothing_starts_and_status_says_why(env, cli, tmp_path):
+    cli("init")
+    phone = _device(13)
+    now = time.localtime()
+    start = f"{(now.tm_hour + 2) % 24:02d}:00"
+    end = f"{(now.tm_hour + 3) % 24:02d}:00"
+    config = _config(tmp_path, env, agent=f'window = "{start}-{end}"')
+    with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
+        e = _env(mux, tmp_path)
+        r = run_subprocess(["agent", "--once", "--config", config], e)
+        assert r.returncode == 0, r.stderr
+        assert _snapshots(e) == []
+        status, code = _status(e, config)
+    [dev] = status["devices"]
+    assert dev["last_attempt"] is None and dev["waiting"] == f"outside its window {start}-{end}"
+    assert dev["next_due"].startswith(time.strftime("%Y-")) and code == 0
+
+
+def test_devices_coming_and_going_and_sigterm_mid_backup(env, cli, tmp_path):
+    """The agent runs with no device; a phone plugged in later is backed up; a phone that waits
+    for its passcode when SIGTERM comes is left with nothing committed, and the next run
+    completes it."""
+    cli("init")
+    alice = _device(14, name="Alice's iPhone")
+    bob = _device(15, name="Bob's iPhone", misbehave=Misbehaviour(passcode_prompt=PasscodePrompt()))
+    config = _config(tmp_path, env)
+    log = tmp_path / "agent.log"
+    with run_sim_usbmuxd([], tmp_path / "mux") as mux:
+        e = _env(mux, tmp_path)
+        agent = _start_agent(e, config, log)
+        try:
+            time.sleep(2)
+            assert _snapshots(e) == []
+            mux.attach(alice)
+            mux.pair(alice.udid)
+            _wait(lambda: len(_snapshots(e)) == 1, what="Alice's backup")
+            mux.detach(alice.udid)
+            mux.attach(bob)
+            mux.pair(bob.udid)
+            bob_side = mux.attachment(bob.udid)
+            _wait(bob_side.runtime.passcode_prompt_shown.is_set, what="Bob's passcode prompt")
+            status, _ = _status(e, config)
+            assert {d["name"]: d["last_result"] for d in status["devices"]} == {"Alice's iPhone": "ok",
+                                                                               "Bob's iPhone": "running"}
+        finally:
+            text = _stop(agent, log)
+        assert "asking for its passcode" in text
+        status, _ = _status(e, config)
+        bob_row = next(d for d in status["devices"] if d["name"] == "Bob's iPhone")
+        assert bob_row["last_result"] == "skipped" and "agent was stopped" in bob_row["reason"]
+        assert status["agent"]["running"] is False
+        assert len(_snapshots(e)) == 1
+        assert run_subprocess(["check"], e).returncode == 0  # nothing half-written or left locked
+        bob.misbehave = Misbehaviour()
+        r = run_subprocess(["agent", "--once", "--config", config], e)
+        assert r.returncode == 0, r.stderr
+    assert sorted(s["device"]["name"] for s in _snapshots(e)) == ["Alice's iPhone", "Bob's iPhone"]
+    assert run_subprocess(["check", "--read-data"], e).returncode == 0
+
+
+def test_a_second_agent_is_refused_and_bad_config_is_one_line(env, cli, tmp_path):
+    cli("init")
+    config = _config(tmp_path, env)
+    log = tmp_path / "agent.log"
+    with run_sim_usbmuxd([], tmp_path / "mux") as mux:
+        e = _env(mux, tmp_path)
+        agent = _start_agent(e, config, log)
+        try:
+            _wait(lambda: "agent started" in log.read_text(), what="the first agent")
+            r = run_subprocess(["agent", "--config", config], e, timeout=30)
+            assert r.returncode == 2 and r.stderr.strip() == (
+                f"ibsync: error: another ibsync agent is running for this user (lock {tmp_path / 'state' / 'ibsync' / 'agent.lock'})")
+            status, _ = _status(e, config)
+            assert status["agent"]["running"] is True and status["agent"]["pid"] == agent.pid
+        finally:
+            _stop(agent, log)
+        bad = tmp_path / "bad.toml"
+        bad.write_text('[agent]\nrepository = "x"\ninterval = "daily"\n')
+        r = run_subprocess(["agent", "--once", "--config", bad], e)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "interval" in r.stderr
+        assert "Traceback" not in r.stderr
