@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import plistlib
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from ibsync.testing.device import Misbehaviour, PasscodePrompt, SimDevice, run_sim_usbmuxd
+from ibsync.testing.device.lockdownd import make_pair_record
 from ibsync.testing.generator import generate_content
 
 from conftest import run_subprocess
@@ -22,9 +24,9 @@ def _device(seed: int, **kw) -> SimDevice:
     return SimDevice.from_content(generate_content(seed=seed, size_bytes=1 << 20), **kw)
 
 
-def _config(tmp_path: Path, repo: Path, agent: str = "", devices: str = "") -> Path:
+def _config(tmp_path: Path, repo: Path, agent: str = "", devices: str = "", poll: str = "1s") -> Path:
     path = tmp_path / "config.toml"
-    path.write_text(f'[agent]\nrepository = "{repo}"\ninterval = "1h"\npoll = "1s"\nretry = "1s"\n{agent}\n{devices}')
+    path.write_text(f'[agent]\nrepository = "{repo}"\ninterval = "1h"\npoll = "{poll}"\nretry = "1s"\n{agent}\n{devices}')
     return path
 
 
@@ -42,6 +44,13 @@ def _snapshots(env: dict) -> list[dict]:
     r = run_subprocess(["snapshots", "--json"], env)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
+
+
+def _plug_in(mux, device: SimDevice) -> None:
+    """A phone this computer is paired with is plugged in (its record is there before it
+    appears, as for a phone paired on an earlier day)."""
+    mux.records.save(device.udid, plistlib.dumps(make_pair_record(device, system_buid=mux.records.buid())))
+    mux.attach(device)
 
 
 def _start_agent(env: dict, config: Path, log: Path) -> subprocess.Popen:
@@ -140,12 +149,10 @@ def test_devices_coming_and_going_and_sigterm_mid_backup(env, cli, tmp_path):
         try:
             time.sleep(2)
             assert _snapshots(e) == []
-            mux.attach(alice)
-            mux.pair(alice.udid)
+            _plug_in(mux, alice)
             _wait(lambda: len(_snapshots(e)) == 1, what="Alice's backup")
             mux.detach(alice.udid)
-            mux.attach(bob)
-            mux.pair(bob.udid)
+            _plug_in(mux, bob)
             bob_side = mux.attachment(bob.udid)
             _wait(bob_side.runtime.passcode_prompt_shown.is_set, what="Bob's passcode prompt")
             status, _ = _status(e, config)
@@ -165,6 +172,25 @@ def test_devices_coming_and_going_and_sigterm_mid_backup(env, cli, tmp_path):
         assert r.returncode == 0, r.stderr
     assert sorted(s["device"]["name"] for s in _snapshots(e)) == ["Alice's iPhone", "Bob's iPhone"]
     assert run_subprocess(["check", "--read-data"], e).returncode == 0
+
+
+def test_a_phone_plugged_in_is_seen_at_once_not_at_the_next_poll(env, cli, tmp_path):
+    """usbmuxd's Attached event wakes the agent: with a 10-minute poll, a phone plugged in after
+    the agent's first look is still backed up within seconds."""
+    cli("init")
+    phone = _device(16)
+    path = _config(tmp_path, env, poll="10m")
+    log = tmp_path / "agent.log"
+    with run_sim_usbmuxd([], tmp_path / "mux") as mux:
+        e = _env(mux, tmp_path)
+        agent = _start_agent(e, path, log)
+        try:
+            _wait(lambda: "agent started" in log.read_text(), what="the agent")
+            time.sleep(1)
+            _plug_in(mux, phone)
+            _wait(lambda: len(_snapshots(e)) == 1, timeout=45, what="the backup after the Attached event")
+        finally:
+            _stop(agent, log)
 
 
 def test_a_second_agent_is_refused_and_bad_config_is_one_line(env, cli, tmp_path):

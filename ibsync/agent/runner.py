@@ -69,6 +69,8 @@ class Agent:
     _running: dict[str, asyncio.Task] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
     _stop: asyncio.Event | None = None
+    _wake: asyncio.Event | None = None  # set by usbmuxd's Attached/Detached events
+    _next_look: datetime | None = None  # the earliest retry or due time of a present device
     #: repositories that got a good backup since their retention last ran
     _retention_pending: dict[str, set[str]] = field(default_factory=dict)
     #: notifications on their way (held so the loop does not drop them half sent)
@@ -93,21 +95,55 @@ class Agent:
         self.history.put("stopped", None)
         logger.info("agent started (pid %d, looking for devices every %s, history %s)", os.getpid(),
                     format_duration(self.settings.poll), self.history.path)
+        self._wake = asyncio.Event()
+        watcher = None if self.once or self.discover is not None else asyncio.create_task(self._watch_usbmuxd())
         try:
             while not self._stop.is_set():
+                self._wake.clear()
                 await self.tick()
                 if self.once:
                     await self._wait_for_backups()
                     await self.maintain()
                     break
-                try:
-                    await asyncio.wait_for(self._stop.wait(), self.settings.poll.total_seconds())
-                except TimeoutError:
-                    pass
+                stop, wake = asyncio.create_task(self._stop.wait()), asyncio.create_task(self._wake.wait())
+                await asyncio.wait({stop, wake}, timeout=self._sleep_for(), return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                wake.cancel()
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await self._cancel_backups()
             self.history.put("stopped", _now_iso())
             logger.info("agent stopped")
+
+    def _sleep_for(self) -> float:
+        """Until the next poll, or sooner when a present device's retry or due time comes first."""
+        poll = self.settings.poll.total_seconds()
+        if self._next_look is None:
+            return poll
+        return max(0.2, min(poll, (self._next_look - datetime.now(UTC)).total_seconds()))
+
+    async def _watch_usbmuxd(self) -> None:
+        """usbmuxd's Attached/Detached events wake the loop at once, so a phone plugged in is
+        seen in a second rather than at the next poll; the poll stays for Wi-Fi and schedules."""
+        from pymobiledevice3 import usbmux
+
+        while True:
+            mux = None
+            try:
+                mux = await usbmux.create_mux()
+                await mux.listen()
+                while True:
+                    await mux.receive_device_state_update()
+                    self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # usbmuxd restarted or absent: listen again after a poll
+                logger.debug("usbmuxd events unavailable (%s); polling", e)
+            finally:
+                if mux is not None:
+                    await _close(mux)
+            await asyncio.sleep(self.settings.poll.total_seconds())
 
     async def tick(self) -> None:
         """One look around: devices present, backups started, overdue warnings, maintenance."""
@@ -120,11 +156,14 @@ class Agent:
         for udid, why in unreachable.items():
             self.history.seen(udid, None, None)
             self.history.set_waiting(udid, f"listed but not answering: {why}")
+        self._next_look = None
         for device in devices:
             self.history.seen(device.udid, device.name, device.connection)
             if device.udid in self._running:
                 continue
-            why_not = self._why_not_now(device)
+            why_not, later = self._why_not_now(device)
+            if later is not None and (self._next_look is None or later < self._next_look):
+                self._next_look = later
             self.history.set_waiting(device.udid, why_not)
             if why_not is None:
                 self._running[device.udid] = asyncio.create_task(self._backup_task(device), name=f"backup {device.udid}")
@@ -145,29 +184,29 @@ class Agent:
     def _policy(self, device: ConnectedDevice) -> DevicePolicy:
         return self.settings.policy(device.udid, device.name)
 
-    def _why_not_now(self, device: ConnectedDevice) -> str | None:
-        """None when the device should be backed up now; else what it waits for (shown by
-        status; no attempt is recorded for it)."""
+    def _why_not_now(self, device: ConnectedDevice) -> tuple[str | None, datetime | None]:
+        """(None, None) when the device should be backed up now; else what it waits for (shown
+        by status; no attempt is recorded for it) and when that wait ends, if it is a time."""
         policy = self._policy(device)
         if not policy.enabled:
-            return "disabled in the config file (enabled = false)"
+            return "disabled in the config file (enabled = false)", None
         if not policy.repository:
-            return "no repository for it: set [agent] repository or [devices.\"<UDID>\"] repository"
+            return "no repository for it: set [agent] repository or [devices.\"<UDID>\"] repository", None
         if device.connection != "USB" and not policy.wifi:
-            return f"seen over {device.connection}, but wifi = false for it"
+            return f"seen over {device.connection}, but wifi = false for it", None
         if device.connection != "USB" and not device.paired:
-            return "not paired with this computer: connect it with a cable once and tap Trust"
+            return "not paired with this computer: connect it with a cable once and tap Trust", None
         now = datetime.now(UTC)
         rec = self.history.device(device.udid)
         last_success = rec.last_success if rec else None
         if last_success is not None and last_success + policy.interval > now:
-            return f"not due until {_local(last_success + policy.interval)}"
+            return f"not due until {_local(last_success + policy.interval)}", last_success + policy.interval
         retry = self.history.retry_after(device.udid, self.settings.retry, policy.interval)
         if retry is not None and retry > now:
-            return f"retrying after {_local(retry)}"
+            return f"retrying after {_local(retry)}", retry
         if policy.window is not None and not policy.window.contains(now.astimezone()):
-            return f"outside its window {policy.window}"
-        return None
+            return f"outside its window {policy.window}", policy.window.next_open(now.astimezone())
+        return None, None
 
     async def _wait_for_backups(self) -> None:
         while self._running:
