@@ -49,3 +49,22 @@ class SourceError(IbsyncError):
 
 class DeviceError(IbsyncError):
     """A device could not be talked to."""
+
+
+class DeviceDisconnected(DeviceError):
+    """The device went away in the middle of a conversation (cable pulled, out of Wi-Fi range,
+    switched off): nobody did anything wrong; try again when it is back."""
+
+
+class DeviceUnreachable(DeviceError):
+    """The device is listed (by usbmuxd, or on the LAN) but lockdown does not answer in time
+    (asleep, out of range, refused): absent for now, not a failure."""
+
+
+class PasscodeNotEntered(DeviceError):
+    """The device asked for its passcode to start the backup (iOS 16.1+) and nobody typed it: the
+    device gave up (MBErrorDomain 208, "Device locked"). Try again when someone is there."""
+
+
+class TrustNotAnswered(DeviceError):
+    """The device shows "Trust this computer?" and nobody answered it in time."""

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from ibsync.testing.device import Misbehaviour, PasscodePrompt, SimDevice, run_sim_usbmuxd
 from ibsync.testing.device.lockdownd import make_pair_record
+from ibsync.testing.device.usbmuxd import Reach
 from ibsync.testing.generator import generate_content
 
 from conftest import run_subprocess
+from test_agent_notify import receiver  # noqa: F401  (pytest fixture)
 
 
 def _device(seed: int, **kw) -> SimDevice:
@@ -214,3 +216,123 @@ def test_a_second_agent_is_refused_and_bad_config_is_one_line(env, cli, tmp_path
         r = run_subprocess(["agent", "--once", "--config", bad], e)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "interval" in r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_passcode_never_entered_is_skipped_notified_pinged_and_retried(env, cli, tmp_path, receiver):
+    """The phone asks for its passcode and nobody types it: the person is told, the device gives
+    up (ErrorCode 208), the attempt is 'skipped' (a /log ping, not /fail), and after the back-off
+    the agent tries again; this time the passcode is entered and the backup completes."""
+    cli("init")
+    phone = _device(17, name="Carol's iPhone", misbehave=Misbehaviour(passcode_prompt=PasscodePrompt(give_up_after=1)))
+    config = _config(tmp_path, env, agent=f'notify = ["{receiver.url("/notify", "json")}"]\n'
+                                          f'healthcheck = "{receiver.url("/ping/abc")}"')
+    log = tmp_path / "agent.log"
+    with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
+        e = _env(mux, tmp_path)
+        agent = _start_agent(e, config, log)
+        try:
+            status = _wait(lambda: (s := _status(e, config)[0])["devices"] and
+                           s["devices"][0]["last_result"] == "skipped" and s, what="a skipped attempt")
+            assert "208" in status["devices"][0]["reason"] or "passcode" in status["devices"][0]["reason"]
+            side = mux.attachment(phone.udid)
+            phone.misbehave = Misbehaviour(passcode_prompt=PasscodePrompt())
+            _wait(side.runtime.passcode_prompt_shown.is_set, what="the retry's passcode prompt")
+            side.enter_passcode()
+            _wait(lambda: len(_snapshots(e)) == 1, what="the backup after the passcode")
+            _wait(lambda: _status(e, config)[0]["devices"][0]["last_result"] == "ok", what="ok recorded")
+        finally:
+            _stop(agent, log)
+    results = [a["result"] for a in _status(e, config)[0]["attempts"]]
+    assert results[0] == "ok" and "skipped" in results and "failed" not in results
+    notes = [json.loads(h.body) for h in receiver.hits if h.path == "/notify"]
+    assert any(n["title"] == "Unlock Carol's iPhone" and "enter its passcode" in n["message"] for n in notes), notes
+    pings = [h.path for h in receiver.hits if h.path.startswith("/ping/abc")]
+    assert pings.count("/ping/abc/start") >= 2 and "/ping/abc/log" in pings and "/ping/abc" in pings
+    assert "/ping/abc/fail" not in pings
+
+
+def test_an_unreachable_device_does_not_hold_up_another(env, cli, tmp_path):
+    cli("init")
+    silent = _device(18, name="Asleep iPad")
+    phone = _device(19, name="Dan's iPhone")
+    config = _config(tmp_path, env)
+    with run_sim_usbmuxd([], tmp_path / "mux") as mux:
+        mux.records.save(silent.udid, plistlib.dumps(make_pair_record(silent, system_buid=mux.records.buid())))
+        mux.attach(silent, "Network", reach=Reach.SILENT)
+        _plug_in(mux, phone)
+        e = {**_env(mux, tmp_path), "IBSYNC_DEVICE_CONNECT_TIMEOUT": "2"}
+        started = time.monotonic()
+        r = run_subprocess(["agent", "--once", "--config", config], e, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert time.monotonic() - started < 60
+        [snap] = _snapshots(e)
+        assert snap["device"]["name"] == "Dan's iPhone"
+        status, _ = _status(e, config)
+    by_udid = {d["udid"]: d for d in status["devices"]}
+    assert by_udid[phone.udid]["last_result"] == "ok"
+    assert by_udid[silent.udid]["last_attempt"] is None and "not answering" in by_udid[silent.udid]["waiting"]
+
+
+def test_only_when_charging_waits_for_the_charger(env, cli, tmp_path):
+    cli("init")
+    phone = _device(20)
+    phone.battery.charging = False
+    phone.battery.external = False
+    config = _config(tmp_path, env, agent="only-when-charging = true")
+    with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
+        e = _env(mux, tmp_path)
+        r = run_subprocess(["agent", "--once", "--config", config], e)
+        assert r.returncode == 0, r.stderr
+        assert _snapshots(e) == []
+        [dev] = _status(e, config)[0]["devices"]
+        assert dev["waiting"].startswith("not charging") and dev["last_attempt"] is None
+        phone.battery.external = True  # plugged into a charger
+        r = run_subprocess(["agent", "--once", "--config", config], e)
+        assert r.returncode == 0, r.stderr
+        assert len(_snapshots(e)) == 1
+
+
+def test_over_wifi_directly_and_wifi_false(env, cli, tmp_path):
+    """A paired phone reachable only over the LAN (no usbmuxd entry) is backed up over Wi-Fi;
+    with wifi = false for it, it is left alone and status says why."""
+    cli("init")
+    phone = _device(21, name="Eve's iPhone")
+    with run_sim_usbmuxd([], tmp_path / "mux") as mux:
+        mux.records.save(phone.udid, plistlib.dumps(make_pair_record(phone, system_buid=mux.records.buid())))
+        mux.join_wifi(phone)
+        e = _env(mux, tmp_path)
+        off = _config(tmp_path, env, devices=f'[devices."{phone.udid}"]\nwifi = false')
+        assert run_subprocess(["agent", "--once", "--config", off], e).returncode == 0
+        assert _snapshots(e) == []
+        [dev] = _status(e, off)[0]["devices"]
+        assert dev["connected"] == "Wi-Fi" and "wifi = false" in dev["waiting"]
+        on = _config(tmp_path, env)
+        r = run_subprocess(["agent", "--once", "--config", on], e)
+        assert r.returncode == 0, r.stderr
+        assert "over Wi-Fi" in r.stderr
+        [snap] = _snapshots(e)
+        assert snap["device"]["name"] == "Eve's iPhone"
+
+
+def test_an_unreachable_repository_is_a_soft_failure_told_once_and_overdue_escalates(env, cli, tmp_path, receiver):
+    """The drive is not plugged in: each attempt is 'skipped' (not failed), the person is told
+    once; when the device has gone longer than interval + grace without a good backup it is
+    overdue: told once (not at every look), and `status` exits 1."""
+    phone = _device(22, name="Fay's iPhone")
+    missing = tmp_path / "drive-not-plugged-in" / "repo"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[agent]\nrepository = "{missing}"\ninterval = "1s"\ngrace = "1s"\nretry = "1s"\n'
+                      f'notify = ["{receiver.url("/n", "json")}"]\n')
+    with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
+        e = _env(mux, tmp_path)
+        for _ in range(3):
+            r = run_subprocess(["agent", "--once", "--config", config], e)
+            assert r.returncode == 0, r.stderr
+            time.sleep(2.5)  # past the back-off, and past interval + grace
+        status, code = _status(e, config)
+    [dev] = status["devices"]
+    assert dev["last_result"] == "skipped" and "not reachable" in dev["reason"] and "drive" in dev["reason"]
+    assert [a["result"] for a in status["attempts"]] == ["skipped"] * 3
+    assert dev["overdue"] is True and status["overdue"] is True and code == 1
+    told = [json.loads(h.body)["title"] for h in receiver.hits if h.path == "/n"]
+    assert told == [f"Repository {missing} not reachable", "Fay's iPhone: backup overdue"], told

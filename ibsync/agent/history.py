@@ -28,6 +28,8 @@ from .schedule import backoff
 OK, SKIPPED, FAILED, RUNNING = "ok", "skipped", "failed", "running"
 RESULTS = (OK, SKIPPED, FAILED, RUNNING)
 INTERRUPTED = "interrupted: the agent stopped during the backup (crash, kill or power loss)"
+#: an attempt cut short by the agent's own clean stop: the device is not to blame, so no back-off
+STOPPED = "the agent was stopped during the backup; nothing was committed"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS attempts (
@@ -217,7 +219,7 @@ class History:
         """When a device whose last attempts were skipped or failed may be tried again: ``base``
         after the first, doubling with each one in a row, at most ``ceiling``."""
         last = self.last_attempt(udid)
-        if last is None or last.result not in (SKIPPED, FAILED) or last.ended is None:
+        if last is None or last.result not in (SKIPPED, FAILED) or last.ended is None or last.reason == STOPPED:
             return None
         return last.ended + backoff(self.unsuccessful_in_a_row(udid), base, ceiling)
 

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from ..capture.discovery import ConnectedDevice
-from ..errors import DeviceError, IbsyncError, RepoError, StorageError
+from ..errors import DeviceDisconnected, DeviceError, DeviceUnreachable, PasscodeNotEntered, IbsyncError, RepoError, StorageError, TrustNotAnswered
 from ..opening import RepoSource
-from .history import FAILED, OK, SKIPPED, History
+from .history import FAILED, OK, SKIPPED, STOPPED, History
 from .schedule import format_duration, is_overdue
 from .settings import AgentSettings, DevicePolicy
 
@@ -248,6 +248,7 @@ class Agent:
                 return
             source = RepoSource(policy.repository, config_path=self.config_path)
             try:
+                _require_mounted(source)
                 opened = await asyncio.to_thread(source.open, lock="shared", command="agent backup")
             except (StorageError, OSError) as e:
                 await self._unreachable(policy.repository or "", e)
@@ -284,27 +285,28 @@ class Agent:
         except asyncio.CancelledError:
             if attempt is not None:
                 self._finish(device, policy, attempt, started,
-                             Outcome(SKIPPED, "the agent was stopped during the backup; nothing was committed"))
+                             Outcome(SKIPPED, STOPPED))
             raise
         finally:
             await _close(lockdown)
 
     async def _lockdown(self, device: ConnectedDevice):
+        """A paired lockdown session; an unpaired phone on USB shows "Trust this computer?", the
+        person is told, and the attempt is skipped if nobody answers within TRUST_TIMEOUT."""
         from ..capture.discovery import open_lockdown
 
-        if device.paired:
-            try:
-                return await asyncio.wait_for(open_lockdown(device), PROBE_TIMEOUT)
-            except (TimeoutError, DeviceError, OSError) as e:
-                raise _Skip(f"the device did not answer: {_one_line(e)}") from e
-        await self._notify(f"Trust this computer on {device.name or device.udid}",
-                           f"Unlock {device.name or device.udid} and tap Trust to let ibsync back it up.", "warning",
-                           key=f"trust:{device.udid}", every=DAY)
-        logger.warning("%s: waiting for 'Trust this computer' on the device", _label(device))
+        def notify(text: str) -> None:
+            logger.warning("%s: %s", _label(device), text)
+            name = device.name or device.udid
+            self._spawn(self._notify(f"Trust this computer on {name}", f"Unlock {name} and tap Trust to let ibsync "
+                                     "back it up.", "warning", key=f"trust:{device.udid}", every=DAY))
+
         try:
-            return await asyncio.wait_for(open_lockdown(device), TRUST_TIMEOUT)
-        except (TimeoutError, DeviceError, OSError) as e:
-            raise _Skip("'Trust this computer' was not answered on the device") from e
+            return await open_lockdown(device, pair_timeout=TRUST_TIMEOUT, notify=notify)
+        except (DeviceUnreachable, TrustNotAnswered) as e:
+            raise _Skip(_one_line(e)) from e
+        except (DeviceError, OSError) as e:
+            raise _Skip(f"the device did not answer: {_one_line(e)}") from e
 
     async def _capture(self, device: ConnectedDevice, lockdown: Any, repo: Any) -> Outcome:
         from ..capture.backup import capture
@@ -426,26 +428,30 @@ class _Skip(Exception):
     pass
 
 
+def _require_mounted(source: RepoSource) -> None:
+    """A repository on a local path whose folder is missing is a drive not plugged in or a share
+    not mounted: unreachable for now (retried), not a misconfiguration."""
+    url = source.repo_config().url
+    if "://" in url and not url.startswith("file://"):
+        return
+    path = Path(url.removeprefix("file://")).expanduser()
+    if not path.exists():
+        raise StorageError(f"{path} does not exist (is the drive connected, the share mounted?)")
+
+
 def classify(e: DeviceError) -> tuple[str, str]:
     """An unfinished capture: ``skipped`` when nobody was there to let it happen (retried
     later, not a failure), else ``failed``."""
-    from ..capture import backup as capture_backup
-
     text = _one_line(e)
-    for name in ("PasscodeNotEntered", "DeviceDisconnected"):
-        kind = getattr(capture_backup, name, None)
-        if kind is not None and isinstance(e, kind):
-            return SKIPPED, text
+    if isinstance(e, (PasscodeNotEntered, DeviceDisconnected, DeviceUnreachable, TrustNotAnswered)):
+        return SKIPPED, text
     return FAILED, text
 
 
 async def discover_devices(*, wifi: bool) -> tuple[list[ConnectedDevice], dict[str, str]]:
     from ..capture.discovery import list_connected
 
-    try:
-        return await list_connected(wifi=wifi, tolerant=True)  # type: ignore[call-arg]
-    except TypeError:
-        return await list_connected(), {}
+    return await list_connected(wifi=wifi, tolerant=True)
 
 
 async def _charging(lockdown: Any) -> bool:

@@ -48,16 +48,21 @@ from typing import Any
 from pymobiledevice3.exceptions import ConnectionTerminatedError, PyMobileDevice3Exception
 from pymobiledevice3.lockdown_service_provider import LockdownServiceProvider
 from pymobiledevice3.safe_paths import validate_device_filename
-from pymobiledevice3.services.afc import AfcService
+from pymobiledevice3.services.afc import AFC_LOCK_EX, AFC_LOCK_UN, AfcError, AfcService
+from pymobiledevice3.exceptions import AfcException
 from pymobiledevice3.services.mobilebackup2 import (
     NP_LOCAL_AUTH_DISMISSED,
     NP_LOCAL_AUTH_PRESENTED,
     NP_SYNC_CANCEL_REQUEST,
+    NP_SYNC_DID_FINISH,
+    NP_SYNC_DID_START,
+    NP_SYNC_LOCK_REQUEST,
+    NP_SYNC_WILL_START,
     Mobilebackup2Service,
 )
 from pymobiledevice3.services.notification_proxy import NotificationProxyService
 
-from ..errors import DeviceError
+from ..errors import DeviceDisconnected, DeviceError, PasscodeNotEntered
 from ..ingest.archiver import Archiver
 from ..source.backup_folder import describe_backup, plist_dict
 from ..model import DeviceInfo, Snapshot, split_entries, utc_iso
@@ -76,13 +81,27 @@ logger = logging.getLogger("ibsync.capture")
 # by is far less (deduplication, compression). 64 TiB is above any device's demand.
 REMOTE_FREE_SPACE = 64 << 40
 MB_ERROR_NOT_ENOUGH_SPACE = 105
+#: "Device locked (MBErrorDomain/208)": the passcode prompt was not answered (about 3 minutes on iOS)
+MB_ERROR_DEVICE_LOCKED = 208
 INCREMENTAL_NEEDS = ("Status.plist", "Manifest.plist", "Manifest.db")
+SYNC_LOCK_FILE = "/com.apple.itunes.lock_sync"
+SYNC_FINISH_TIMEOUT = 5.0  # seconds for the last notification on the way out
 
 Notify = Callable[[str], None]
 
 
 class CaptureFailed(DeviceError):
     """The device did not complete the backup; nothing was committed."""
+
+
+class CaptureDisconnected(CaptureFailed, DeviceDisconnected):
+    """The connection to the device was lost during the backup (cable pulled, device gone);
+    nothing was committed. An unattended caller records it as skipped, not failed."""
+
+
+class CapturePasscodeNotEntered(CaptureFailed, PasscodeNotEntered):
+    """The device ended the backup with ErrorCode 208 ("Device locked"): it asked for its
+    passcode and nobody entered it. An unattended caller records it as skipped, not failed."""
 
 
 @dataclass
@@ -167,8 +186,8 @@ async def capture(
     except BaseException as e:
         _keep_uploaded(session)
         session.__exit__(type(e), e, e.__traceback__)  # stops its uploader; never raises
-        if isinstance(e, ConnectionTerminatedError):
-            raise CaptureFailed(f"the connection to the device was lost during the backup; nothing was committed "
+        if _is_disconnect(e):
+            raise CaptureDisconnected(f"the connection to the device was lost during the backup; nothing was committed "
                                 f"({_kept(session)})") from e
         if isinstance(e, PyMobileDevice3Exception):
             raise CaptureFailed(f"the backup failed: {e or e.__class__.__name__}; nothing was committed "
@@ -227,7 +246,7 @@ async def mobilebackup2_session(provider: LockdownServiceProvider, tree: Virtual
             raise failure("the device does not speak mobilebackup2 protocol version 2.0 or 2.1") from e
         try:
             async with (NotificationProxyService(provider) as np, AfcService(provider) as afc,
-                        mb2._backup_lock(afc, np)):
+                        _sync_lock(afc, np)):
                 await mb2._observe_backup_notifications(np)
                 watcher = asyncio.create_task(_watch_notifications(np, notify))
                 try:
@@ -246,6 +265,59 @@ async def mobilebackup2_session(provider: LockdownServiceProvider, tree: Virtual
             link.close()
         with suppress(Exception):
             await mb2.close()
+
+
+@asynccontextmanager
+async def _sync_lock(afc: AfcService, np: NotificationProxyService) -> AsyncIterator[None]:
+    """pymobiledevice3's ``Mobilebackup2Service._backup_lock``, with a release that never talks
+    over a connection that failed.
+
+    Taking the lock is pymobiledevice3's, step for step (syncWillStart, the exclusive flock on
+    /com.apple.itunes.lock_sync retried 50 x 0.2 s, syncDidStart). Its release sends the unlock
+    and the close over AFC whatever happened; after a cable pull that request races AFC's
+    reader, which fails the request's future while the send itself raises, so nobody retrieves
+    that future and asyncio prints "Future exception was never retrieved" with a traceback after
+    our one-line error. A device drops a connection's locks and handles with the connection, so
+    when the body failed (or AFC already saw its connection end) nothing is sent over AFC: closing
+    it (AfcService's exit) releases the lock. syncDidFinish is still posted, best effort."""
+    await np.notify_post(NP_SYNC_WILL_START)
+    lockfile = await afc.fopen(SYNC_LOCK_FILE, "r+")
+    if lockfile:
+        await np.notify_post(NP_SYNC_LOCK_REQUEST)
+        for _ in range(50):
+            try:
+                await afc.lock(lockfile, AFC_LOCK_EX)
+            except AfcException as e:
+                if e.status == AfcError.OP_WOULD_BLOCK:
+                    await asyncio.sleep(0.2)
+                    continue
+                await afc.fclose(lockfile)
+                raise
+            await np.notify_post(NP_SYNC_DID_START)
+            break
+        else:
+            await afc.fclose(lockfile)
+            raise PyMobileDevice3Exception(
+                "Could not lock the device's sync lock file; another sync or backup may be running.")
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if ok and lockfile and not _afc_ended(afc):
+            with suppress(ConnectionTerminatedError, OSError):  # gone just after it finished: the lock went with it
+                await afc.lock(lockfile, AFC_LOCK_UN)
+                await afc.fclose(lockfile)
+        with suppress(ConnectionTerminatedError, OSError, asyncio.TimeoutError):
+            # notification_proxy has no reader racing the send: a dead link simply raises here
+            await asyncio.wait_for(np.notify_post(NP_SYNC_DID_FINISH), SYNC_FINISH_TIMEOUT)
+
+
+def _afc_ended(afc: AfcService) -> bool:
+    """Whether AFC's reader has seen its connection end (pymobiledevice3 sets this event, never
+    clears it; absent in other versions: then assume the connection is alive)."""
+    ended = getattr(afc, "_afc_terminated", None)
+    return bool(ended is not None and ended.is_set())
 
 
 async def _watch_notifications(np: NotificationProxyService, notify: Notify) -> None:
@@ -294,6 +366,10 @@ def _check_finished(tree: VirtualTree, udid: str, base: bytes | None, end: Sessi
         raise CaptureFailed(f"the device ended the backup without a result ({end.description}); nothing was committed")
     if end.error_code == MB_ERROR_NOT_ENOUGH_SPACE:
         raise CaptureFailed(f"the device refused the backup: not enough free space on the target ({end.description})")
+    if end.error_code == MB_ERROR_DEVICE_LOCKED:
+        # the same words as any other error code (what the CLI prints is unchanged); the type says it
+        raise CapturePasscodeNotEntered(f"the device reported error {end.error_code}: "
+                                        f"{end.description or 'no description'}; nothing was committed")
     if end.error_code != 0:
         raise CaptureFailed(f"the device reported error {end.error_code}: {end.description or 'no description'}; "
                             "nothing was committed")
@@ -344,6 +420,13 @@ def _describe(tree: VirtualTree, udid: str) -> _Meta:
 
 
 # ---- on the way out of a failure -----------------------------------------------------------------
+
+
+def _is_disconnect(e: BaseException) -> bool:
+    """Whether ``e`` says the connection to the device ended under us (pymobiledevice3's
+    ConnectionTerminatedError, which ibsync's DeviceLink host raises too, or the socket's own
+    reset/broken pipe/EOF), as opposed to a device that answered badly."""
+    return isinstance(e, (ConnectionTerminatedError, ConnectionError, asyncio.IncompleteReadError))
 
 
 def _keep_uploaded(session: WriteSession) -> None:

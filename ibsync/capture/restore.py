@@ -37,7 +37,7 @@ from typing import Any
 from pymobiledevice3.exceptions import ConnectionTerminatedError, PyMobileDevice3Exception
 from pymobiledevice3.lockdown_service_provider import LockdownServiceProvider
 
-from ..errors import DeviceError, UserError
+from ..errors import DeviceDisconnected, DeviceError, UserError
 from ..model import Snapshot, name_problem
 from ..progress import NULL_PROGRESS, Progress
 from ..reader.walk import rejected_entries
@@ -56,6 +56,10 @@ RESTORE_APPLICATIONS = "/iTunesRestore/RestoreApplications.plist"
 
 class RestoreFailed(DeviceError):
     """The device did not complete the restore (or it could not be started)."""
+
+
+class RestoreDisconnected(RestoreFailed, DeviceDisconnected):
+    """The connection to the device was lost during the restore (cable pulled, device gone)."""
 
 
 @dataclass
@@ -143,8 +147,8 @@ async def restore(
     try:
         end, stats = await _device_session(provider, tree, request, info.get("Applications"),
                                            free_space=lambda: _free_space(repo), progress=progress, notify=notify)
-    except ConnectionTerminatedError as e:
-        raise RestoreFailed("the connection to the device was lost during the restore") from e
+    except (ConnectionTerminatedError, ConnectionError, asyncio.IncompleteReadError) as e:
+        raise RestoreDisconnected("the connection to the device was lost during the restore") from e
     except PyMobileDevice3Exception as e:
         raise RestoreFailed(f"the restore failed: {e or e.__class__.__name__}") from e
     except DeviceError as e:  # a malformed message or a silent device, from the DeviceLink host

@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     _log_to_stderr()
     try:
-        cli.main(args=argv, prog_name="ibsync", standalone_mode=False)
-        return 0
+        # without standalone mode click returns the code of a click.exceptions.Exit (status's 1)
+        code = cli.main(args=argv, prog_name="ibsync", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:

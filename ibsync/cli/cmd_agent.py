@@ -66,10 +66,15 @@ def agent_group(ctx: click.Context, config_path: str | None, repo_url: str | Non
         raise UserError(f"no repository to back up into: set [agent] repository in {path}, or pass --repo")
     notifier = health = None
     if settings.notify or settings.defaults.healthcheck or any("healthcheck" in t for t in settings.devices.values()):
-        from ..agent.notify import HealthPing, Notifier
+        from ..agent.notify import HealthPing, Notifier, check_health_url
 
         notifier = Notifier(list(settings.notify)) if settings.notify else None
         health = HealthPing
+        if settings.defaults.healthcheck:  # a wrong URL is refused now, not in the middle of a backup
+            check_health_url(settings.defaults.healthcheck, "[agent] healthcheck")
+        for key, table in settings.devices.items():
+            if "healthcheck" in table:
+                check_health_url(table["healthcheck"], f"[devices.\"{key}\"] healthcheck")
     history = History()
     held = lock_state_folder(history.path.parent)
     logger = logging.getLogger("ibsync")

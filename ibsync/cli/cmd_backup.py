@@ -13,7 +13,11 @@ from .app import App, common_options
 @click.option("--full", is_flag=True, help="Ask the device for a full backup instead of an incremental one.")
 @click.option("--allow-partial", is_flag=True,
               help="Commit the snapshot even if the device could not read some files (they are listed).")
-def backup_cmd(app: App, device: str | None, all_devices: bool, full: bool, allow_partial: bool) -> None:
+@click.option("--wifi/--no-wifi", default=None,
+              help="Also (--wifi) or never (--no-wifi) reach paired phones directly on the local network. "
+                   "Default: only when usbmuxd offers no device (or not the one asked for).")
+def backup_cmd(app: App, device: str | None, all_devices: bool, full: bool, allow_partial: bool,
+               wifi: bool | None) -> None:
     """Back up a connected iPhone or iPad straight into the repository.
 
     The device sends its backup over USB or Wi-Fi (mobilebackup2); files go into the repository
@@ -21,12 +25,16 @@ def backup_cmd(app: App, device: str | None, all_devices: bool, full: bool, allo
     same device answers the device's questions, so later backups are incremental. A snapshot is
     committed only when the device reports success; an interrupted backup leaves the last good
     snapshot as it was and keeps what was already uploaded for the next run.
+
+    Wi-Fi: a phone paired with this computer (over USB, once) is also reached directly on the
+    local network, without usbmuxd (see `ibsync devices --wifi`); USB is used when the phone is
+    on both.
     """
     from ..capture.backup import capture
-    from ..capture.discovery import choose, list_connected, open_lockdown, run
+    from ..capture.discovery import choose, list_for, open_lockdown, run
     from ..errors import DeviceError
 
-    connected = run(list_connected())
+    connected = run(list_for(None if all_devices else device, wifi))
     if all_devices:
         if device:
             raise click.UsageError("--device and --all exclude each other")

@@ -17,7 +17,8 @@ process such as the ``ibsync`` CLI, find the device through ``USBMUXD_SOCKET_ADD
         subprocess.run(["ibsync", "devices"], env={**os.environ, **mux.env(home=tmp / "home")})
 
 Modules: ``model`` (what the device holds, how it misbehaves), ``provider`` (pymobiledevice3's
-LockdownServiceProvider), ``usbmuxd`` and ``lockdownd`` (the socket level), ``services`` (service name + socket -> a running service), one module per
+LockdownServiceProvider), ``usbmuxd`` and ``lockdownd`` (the socket level), ``wifi`` (lockdownd
+and its services over TCP on 127.0.0.1: Wi-Fi direct), ``services`` (service name + socket -> a running service), one module per
 service, ``backup``/``restore`` (the mobilebackup2 requests), ``devicelink`` and ``wire`` (framing),
 ``metadata`` and ``crypto`` (the files and keys a backup carries), ``errors`` (how requests fail),
 ``runtime`` (shared state and log), ``hostile`` (a device that sends what it should not).
@@ -25,6 +26,7 @@ service, ``backup``/``restore`` (the mobilebackup2 requests), ``devicelink`` and
 
 from .crypto import DeviceKeys, UnlockedBackup, WrongPassword
 from .model import (
+    Battery,
     HostileStep,
     LegacyMessage,
     Misbehaviour,
@@ -37,9 +39,12 @@ from .model import (
 from .provider import SimLockdown
 from .runtime import DeviceLog, DeviceRuntime
 from .services import SERVICES, start_service
-from .usbmuxd import SimUsbmuxd, run_sim_usbmuxd
+from .lockdownd import TrustStore
+from .usbmuxd import Reach, SimUsbmuxd, run_sim_usbmuxd
+from .wifi import SimWifi
 
 __all__ = [
+    "Battery",
     "SERVICES",
     "DeviceKeys",
     "DeviceLog",
@@ -49,7 +54,10 @@ __all__ = [
     "Misbehaviour",
     "PasscodePrompt",
     "SimDevice",
+    "Reach",
     "SimUsbmuxd",
+    "SimWifi",
+    "TrustStore",
     "run_sim_usbmuxd",
     "SimLockdown",
     "Then",

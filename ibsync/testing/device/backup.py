@@ -142,8 +142,8 @@ class BackupOperation:
 
     def _backup(self) -> None:
         prompt = self.misbehave.passcode_prompt
-        if prompt is not None:
-            self.runtime.ask_for_passcode(prompt.auto_enter_after)
+        if prompt is not None and not self.runtime.ask_for_passcode(prompt.auto_enter_after, prompt.give_up_after):
+            raise Refusal(errors.DEVICE_LOCKED, errors.DEVICE_LOCKED_DESCRIPTION)
         if LegacyMessage.PING in self.misbehave.legacy_messages:
             self.link.send("DLMessagePing", EMPTY)  # inferred: a ping wants no answer, so none is awaited
         listing = self._check(self.link.contents_of_directory(self.root), "list the backup folder").value or {}

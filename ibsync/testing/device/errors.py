@@ -10,6 +10,10 @@ NOT_ENOUGH_SPACE = 105
 #: "Error reading backup properties": an incremental request whose Manifest.plist is missing or empty
 #: (pymobiledevice3 #1709, Netimobiledevice #80).
 BAD_BACKUP_PROPERTIES = 205
+#: "Device locked (MBErrorDomain/208)": the passcode prompt was not answered in time (about 3 minutes;
+#: libimobiledevice #1380).
+DEVICE_LOCKED = 208
+DEVICE_LOCKED_DESCRIPTION = "Device locked (MBErrorDomain/208)"
 
 # ---- the simulator's own choices (what a real device answers in these cases is not known) ----------------------
 UNSUPPORTED = 1  # a request the simulator does not implement, or no common protocol version

@@ -28,6 +28,7 @@ import struct
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 LOCKDOWN_PORT = 62078
 LOCKDOWN_TYPE = "com.apple.mobile.lockdown"
+BATTERY_DOMAIN = "com.apple.mobile.battery"
 #: Ports StartService hands out (inferred: real devices answer with ephemeral ports like 49xxx-6xxxx).
 FIRST_SERVICE_PORT = 49152
 #: Services a host reaches without TLS even in a session (inferred: the "insecure" proxy exists for hosts
@@ -182,6 +184,63 @@ def _server_context(device: SimDevice, host_certificate: bytes, device_certifica
     return ctx
 
 
+class TrustStore:
+    """The hosts one phone trusts, and its "Trust this computer?" dialog. One per phone, shared by
+    every lockdownd it answers on (USB, Network, Wi-Fi direct): a pairing made over one of them
+    holds on the others, as on a real phone, and survives re-plugs.
+
+    With ``confirm`` set, a Pair request shows the dialog instead of trusting at once: lockdownd
+    answers ``PairingDialogResponsePending`` (pymobiledevice3 asks again every second) until a
+    test calls :meth:`accept` (the next Pair succeeds) or :meth:`deny` (``UserDeniedPairing``)."""
+
+    def __init__(self, confirm: bool = False) -> None:
+        self._lock = threading.Lock()
+        self._hosts: dict[str, PairedHost] = {}
+        self.confirm = confirm
+        self._answer: bool | None = None
+        #: Set while the dialog is up (a Pair was asked for and not answered yet)
+        self.dialog_shown = threading.Event()
+
+    def add(self, host: PairedHost) -> None:
+        with self._lock:
+            self._hosts[host.host_id] = host
+
+    def get(self, host_id: str) -> PairedHost | None:
+        with self._lock:
+            return self._hosts.get(host_id)
+
+    def pop(self, host_id: str) -> PairedHost | None:
+        with self._lock:
+            return self._hosts.pop(host_id, None)
+
+    def hosts(self) -> dict[str, PairedHost]:
+        with self._lock:
+            return dict(self._hosts)
+
+    def accept(self) -> None:
+        """The user taps "Trust"."""
+        with self._lock:
+            self._answer = True
+
+    def deny(self) -> None:
+        """The user taps "Don't Trust"."""
+        with self._lock:
+            self._answer = False
+
+    def answer_pair(self) -> bool | None:
+        """What the dialog says for a Pair request now: True (trust), False (denied), None (pending).
+        An answer is used once: the next Pair asks again."""
+        if not self.confirm:
+            return True
+        with self._lock:
+            answer, self._answer = self._answer, None
+        if answer is None:
+            self.dialog_shown.set()
+        else:
+            self.dialog_shown.clear()
+        return answer
+
+
 # ---- values -----------------------------------------------------------------------------------------------------
 
 
@@ -205,6 +264,8 @@ class LockdownValues:
         values = dict(self._domains.get(name or None, {}))
         if name == "com.apple.mobile.backup":
             values.setdefault("WillEncrypt", self.device.encrypted)  # follows the device unless set
+        if name == BATTERY_DOMAIN and self.device.battery is not None:
+            values.update(self.device.battery.domain())  # read at each request: tests change it live
         return values
 
     def get(self, domain: str | None, key: str | None, *, in_session: bool) -> Any:
@@ -260,17 +321,20 @@ class _Session:
     sock: socket.socket
     host: PairedHost | None = None  # set by StartSession
     session_id: str | None = None
+    #: How StartService opens a service port on this connection's transport (None: a port usbmuxd's
+    #: Connect claims, see claim_port); over TCP, a listening socket of its own.
+    open_service: Callable[[ServiceGrant], int] | None = None
 
 
 class SimLockdownd:
     """lockdownd of one simulated device. Thread-safe: every host connection is served in a thread of its
     own (pymobiledevice3 opens a new lockdownd connection when one breaks, and the CLI may open several)."""
 
-    def __init__(self, device: SimDevice) -> None:
+    def __init__(self, device: SimDevice, trust: TrustStore | None = None) -> None:
         self.device = device
         self.values = LockdownValues(device)
         self._lock = threading.Lock()
-        self._trusted: dict[str, PairedHost] = {}  # HostID -> host
+        self.trust_store = trust if trust is not None else TrustStore()  # HostID -> host, and the dialog
         self._ports: dict[int, ServiceGrant] = {}
         self._next_port = FIRST_SERVICE_PORT
         self._live: set[socket.socket] = set()
@@ -285,24 +349,19 @@ class SimLockdownd:
     def trust(self, record: dict[str, Any]) -> PairedHost:
         """Remember a host as paired (what accepting the trust dialog does), from its pair record."""
         host = PairedHost.from_record(self.device.udid, record)
-        with self._lock:
-            self._trusted[host.host_id] = host
+        self.trust_store.add(host)
         return host
 
     def adopt_trust(self, other: SimLockdownd) -> None:
         """Trust every host ``other`` trusts (the same device plugged in again)."""
-        with other._lock:
-            hosts = dict(other._trusted)
-        with self._lock:
-            self._trusted.update(hosts)
+        for host in other.trust_store.hosts().values():
+            self.trust_store.add(host)
 
     def forget(self, host_id: str) -> bool:
-        with self._lock:
-            return self._trusted.pop(host_id, None) is not None
+        return self.trust_store.pop(host_id) is not None
 
     def trusted_hosts(self) -> list[str]:
-        with self._lock:
-            return sorted(self._trusted)
+        return sorted(self.trust_store.hosts())
 
     # ---- service ports ----------------------------------------------------------------------------------------
 
@@ -321,9 +380,11 @@ class SimLockdownd:
 
     # ---- connections ------------------------------------------------------------------------------------------
 
-    def serve(self, sock: socket.socket) -> None:
-        """Answer one host connection until the host closes it (blocking; closes the socket)."""
-        state = _Session(sock)
+    def serve(self, sock: socket.socket, open_service: Callable[[ServiceGrant], int] | None = None) -> None:
+        """Answer one host connection until the host closes it (blocking; closes the socket).
+        ``open_service``: how StartService opens a port on this transport (default: one usbmuxd's
+        Connect claims)."""
+        state = _Session(sock, open_service=open_service)
         self._track(None, sock)
         try:
             while True:
@@ -414,9 +475,8 @@ class SimLockdownd:
                 return self._pair(req)
             case "ValidatePair":  # pymobiledevice3 sends it to iOS < 7 only
                 record = req.get("PairRecord") or {}
-                with self._lock:
-                    if record.get("HostID") not in self._trusted:
-                        raise LockdownError("InvalidHostID")
+                if self.trust_store.get(record.get("HostID", "")) is None:
+                    raise LockdownError("InvalidHostID")
                 return {}
             case "Unpair":
                 host_id = (req.get("PairRecord") or {}).get("HostID")
@@ -424,8 +484,7 @@ class SimLockdownd:
                     raise LockdownError("InvalidHostID")
                 return {}
             case "StartSession":
-                with self._lock:
-                    host = self._trusted.get(req.get("HostID", ""))
+                host = self.trust_store.get(req.get("HostID", ""))
                 if host is None:
                     raise LockdownError("InvalidHostID")  # pymobiledevice3: "not paired" (autopair pairs)
                 if in_session:
@@ -448,7 +507,12 @@ class SimLockdownd:
         record = req.get("PairRecord") or {}
         if not all(isinstance(record.get(k), (bytes, str)) for k in ("HostID", "HostCertificate")):
             raise LockdownError("InvalidPairRecord")
-        # The user accepts the trust dialog at once (no "dialog pending" simulated yet).
+        # Without TrustStore.confirm the user accepts the trust dialog at once.
+        answer = self.trust_store.answer_pair()
+        if answer is None:
+            raise LockdownError("PairingDialogResponsePending")
+        if not answer:
+            raise LockdownError("UserDeniedPairing")
         host = self.trust(record)
         return {"EscrowBag": host.escrow_bag}
 
@@ -466,7 +530,7 @@ class SimLockdownd:
         context = None
         if not plain and state.host is not None:
             context = state.host.server_context(self.device)
-        port = self._grant(name, context)
+        port = state.open_service(ServiceGrant(name, context)) if state.open_service else self._grant(name, context)
         self.granted.append((name, context is not None))
         return {"Service": name, "Port": port, **({"EnableServiceSSL": True} if context else {})}
 

@@ -60,9 +60,44 @@ class PasscodePrompt:
 
     The device relays ``com.apple.LocalAuthentication.ui.presented`` to every notification_proxy
     connection observing it, waits until :meth:`SimLockdown.enter_passcode` is called (or
-    ``auto_enter_after`` seconds have passed), then relays ``...ui.dismissed`` and goes on."""
+    ``auto_enter_after`` seconds have passed), then relays ``...ui.dismissed`` and goes on.
+
+    ``give_up_after``: if nobody enters the passcode within this many seconds, the device takes
+    the prompt down (``...ui.dismissed``) and ends the backup with ErrorCode 208, "Device locked
+    (MBErrorDomain/208)", as iOS does after about 180 s (libimobiledevice #1380). ``None``: it
+    waits for ever. When both are set, whichever comes first decides."""
 
     auto_enter_after: float | None = None
+    give_up_after: float | None = None
+
+
+#: What iOS waits for the passcode before it ends a backup with ErrorCode 208 (about 3 minutes).
+IOS_PASSCODE_GIVE_UP = 180.0
+
+
+@dataclass
+class Battery:
+    """What lockdown's ``com.apple.mobile.battery`` domain answers (the keys BBackupp reads).
+    A field set to ``None`` is left out of the domain, as some devices and states leave keys
+    out. Change ``SimDevice.battery`` (or its fields) while the device runs: every later
+    GetValue sees it."""
+
+    level: int | None = 80  # BatteryCurrentCapacity, percent
+    charging: bool | None = False  # BatteryIsCharging
+    external: bool | None = False  # ExternalConnected: on a charger or a powered port
+
+    def domain(self) -> dict[str, Any]:
+        values: dict[str, Any] = {"HasBattery": True}
+        if self.level is not None:
+            values["BatteryCurrentCapacity"] = self.level
+        if self.charging is not None:
+            values["BatteryIsCharging"] = self.charging
+        if self.external is not None:
+            values["ExternalConnected"] = self.external
+            values["ExternalChargeCapable"] = self.external
+            if self.level is not None:
+                values["FullyCharged"] = bool(self.external and self.level >= 100)
+        return values
 
 
 class Then(enum.Enum):
@@ -206,6 +241,8 @@ class SimDevice:
     transfer: TransferSettings = field(default_factory=TransferSettings)
     #: Where payloads of rows without ``data`` come from (None: such rows are empty files)
     generated: GeneratedPayloads | None = None
+    #: The battery as lockdown reports it (``None``: the domain is empty, as on a device without one)
+    battery: Battery | None = field(default_factory=Battery)
 
     def __post_init__(self) -> None:
         if not self.serial_number:

@@ -21,6 +21,7 @@ from pymobiledevice3.exceptions import InvalidServiceError, MissingValueError
 from pymobiledevice3.lockdown_service_provider import LockdownServiceProvider
 from pymobiledevice3.service_connection import ServiceConnection
 
+from .lockdownd import BATTERY_DOMAIN
 from .model import SimDevice
 from .runtime import DeviceLog, DeviceRuntime
 from .services import offers, start_service
@@ -63,6 +64,8 @@ class SimLockdown(LockdownServiceProvider):
             return self.all_values
         if domain == "com.apple.mobile.backup":
             return {"WillEncrypt": self.device.encrypted, **self._domains.get(domain, {})}
+        if domain == BATTERY_DOMAIN:
+            return self.device.battery.domain() if self.device.battery is not None else {}
         return self._domains.get(domain, {})
 
     async def get_value(self, domain: str | None = None, key: str | None = None) -> Any:

@@ -132,21 +132,31 @@ class DeviceRuntime:
 
     # ---- the passcode prompt ------------------------------------------------------------------------------------
 
-    def ask_for_passcode(self, auto_enter_after: float | None) -> None:
-        """Show the prompt (relay "presented"), wait for the user, relay "dismissed"."""
+    def ask_for_passcode(self, auto_enter_after: float | None, give_up_after: float | None = None) -> bool:
+        """Show the prompt (relay "presented"), wait for the user, relay "dismissed". True when the
+        passcode was entered (or auto-entered); False when the device gave up after
+        ``give_up_after`` seconds with nobody typing it."""
         self._passcode_entered.clear()
         self.log.relayed.append(NP_PASSCODE_PRESENTED)
         self.notifications.relay(NP_PASSCODE_PRESENTED)
         self.passcode_prompt_shown.set()
-        deadline = None if auto_enter_after is None else time.monotonic() + auto_enter_after
+        now = time.monotonic()
+        enter_at = None if auto_enter_after is None else now + auto_enter_after
+        give_up_at = None if give_up_after is None else now + give_up_after
+        entered = True
         while not self._passcode_entered.wait(0.05):
             if self.closing.is_set():
                 raise ConnectionAbortedError("the simulated device was shut down while asking for the passcode")
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if give_up_at is not None and now >= give_up_at and (enter_at is None or enter_at > give_up_at):
+                entered = False
+                break
+            if enter_at is not None and now >= enter_at:
                 break
         self.passcode_prompt_shown.clear()
         self.log.relayed.append(NP_PASSCODE_DISMISSED)
         self.notifications.relay(NP_PASSCODE_DISMISSED, wait=0)
+        return entered
 
     def enter_passcode(self) -> None:
         self._passcode_entered.set()

@@ -57,6 +57,7 @@ from .lockdownd import (
     HANDSHAKE_TIMEOUT,
     LOCKDOWN_PORT,
     SimLockdownd,
+    TrustStore,
     make_pair_record,
     recv_exact,
 )
@@ -65,6 +66,8 @@ from .runtime import DeviceLog, DeviceRuntime
 from .services import start_service
 
 ENV_VAR = "USBMUXD_SOCKET_ADDRESS"
+#: ibsync's list of Wi-Fi-direct phones that replaces a Bonjour browse (ibsync.capture.wifi)
+WIFI_ENV_VAR = "IBSYNC_WIFI_DEVICES"
 SOCKET_NAME = "usbmuxd"
 RECORDS_DIR = "lockdown"
 #: sockaddr_un holds 108 bytes with the NUL; longer folders get their socket in a short temporary folder.
@@ -87,6 +90,29 @@ class Result(enum.IntEnum):
     CONNREFUSED = 3
     NOSUCHSERVICE = 4
     BADVERSION = 6
+
+
+class Reach(enum.Enum):
+    """Whether a device that is listed answers. A phone can be listed and still out of reach: asleep
+    on Wi-Fi, a Network entry usbmuxd keeps after the phone left, a lockdownd that hangs."""
+
+    OK = "ok"
+    REFUSED = "refused"  # Connect to any of its ports is refused (usbmuxd Result 3, CONNREFUSED)
+    SILENT = "silent"  # Connect succeeds, then nothing ever answers (the host must time out)
+
+
+def swallow(sock: socket.socket, stop: threading.Event, gone: Callable[[], bool] = lambda: False) -> None:
+    """A device that never answers: read and drop what the host sends until it closes the
+    connection, ``stop`` is set or ``gone()`` says the device left."""
+    sock.settimeout(0.1)
+    while not stop.is_set() and not gone():
+        try:
+            if not sock.recv(4096):
+                return
+        except TimeoutError:
+            continue
+        except OSError:
+            return
 
 
 class PairRecords:
@@ -153,6 +179,8 @@ class Attachment:
     #: when a test detaches the device or closes the mux.
     handoff: threading.Lock = field(default_factory=threading.Lock, repr=False)
     gone: bool = False
+    #: Whether the device answers once connected to (:class:`Reach`); tests may change it at any time.
+    reach: Reach = Reach.OK
 
     def unplug(self, timeout: float = 5.0) -> None:
         """End the device's lockdownd and service connections and wait for their threads."""
@@ -172,6 +200,14 @@ class Attachment:
     def enter_passcode(self) -> None:
         """The user types the passcode the device asks for (see :class:`~.model.PasscodePrompt`)."""
         self.runtime.enter_passcode()
+
+    def accept_trust(self) -> None:
+        """The user taps "Trust" in the "Trust this computer?" dialog (TrustStore.confirm)."""
+        self.lockdownd.trust_store.accept()
+
+    def deny_trust(self) -> None:
+        """The user taps "Don't Trust"."""
+        self.lockdownd.trust_store.deny()
 
     def properties(self) -> dict[str, Any]:
         props: dict[str, Any] = {"ConnectionType": self.connection_type, "DeviceID": self.device_id,
@@ -218,7 +254,8 @@ class SimUsbmuxd:
         self._tcp = tcp
         self._lock = threading.RLock()
         self._attached: dict[int, Attachment] = {}
-        self._trust: dict[str, SimLockdownd] = {}  # udid -> the last lockdownd (its pairings survive re-plugs)
+        self._trust: dict[str, TrustStore] = {}  # udid -> the phone's trusted hosts (shared by its paths, kept)
+        self._wifi: dict[str, Any] = {}  # udid -> SimWifi: phones on the LAN (Wi-Fi direct, no usbmuxd)
         self._listeners: list[_Listener] = []
         self._clients: set[socket.socket] = set()  # connections still speaking usbmuxd
         self._threads: list[threading.Thread] = []
@@ -252,7 +289,10 @@ class SimUsbmuxd:
     def env(self, home: Path | str | None = None, *, tcp: bool = False) -> dict[str, str]:
         """Environment entries that point a subprocess at this usbmuxd (and, with ``home``, keep
         pymobiledevice3's home folder out of the real user's)."""
-        out = {ENV_VAR: self.tcp_address if tcp else self.address}
+        # Wi-Fi direct: the phones on the simulated LAN instead of a Bonjour browse (always set, so a
+        # test never sends multicast even when it asks ibsync for Wi-Fi devices)
+        out = {ENV_VAR: self.tcp_address if tcp else self.address,
+               WIFI_ENV_VAR: ",".join(w.env_entry() for w in self.wifi)}
         if home is not None:
             home = Path(home)
             (home / ".local" / "share").mkdir(parents=True, exist_ok=True)
@@ -261,41 +301,85 @@ class SimUsbmuxd:
 
     # ---- devices --------------------------------------------------------------------------------------------
 
-    def attach(self, device: SimDevice, connection_type: str = "USB") -> Attachment:
-        """Plug a device in (listeners get ``Attached``). It trusts the hosts it trusted before, and the
-        host whose record the folder holds for it."""
+    def trust_store(self, udid: str) -> TrustStore:
+        """The phone's trusted hosts and trust dialog, shared by every path it is reached by (USB,
+        Network, Wi-Fi direct) and kept across re-plugs. Set ``.confirm`` to make pairing wait for
+        the test's ``accept()``."""
         with self._lock:
-            if any(a.udid == device.udid for a in self._attached.values()):
-                raise ValueError(f"{device.udid} is already attached")
-            lockdownd = SimLockdownd(device)
-            previous = self._trust.get(device.udid)
-            if previous is not None:
-                lockdownd.adopt_trust(previous)
-            record = self.records.load(device.udid)
-            if record is not None and "HostID" in record and "HostCertificate" in record:
-                lockdownd.trust(record)
-            self._trust[device.udid] = lockdownd
-            attachment = Attachment(self._next_id, device, connection_type, lockdownd, DeviceRuntime(device))
+            return self._trust.setdefault(udid, TrustStore())
+
+    def _lockdownd(self, device: SimDevice) -> SimLockdownd:
+        lockdownd = SimLockdownd(device, self.trust_store(device.udid))
+        record = self.records.load(device.udid)
+        if record is not None and "HostID" in record and "HostCertificate" in record:
+            lockdownd.trust(record)  # the host whose record the folder holds
+        return lockdownd
+
+    def attach(self, device: SimDevice, connection_type: str = "USB", *, reach: Reach = Reach.OK) -> Attachment:
+        """Plug a device in (listeners get ``Attached``). It trusts the hosts it trusted before, and the
+        host whose record the folder holds for it. The same phone may be attached once per
+        connection type (USB and Network at once: two usbmuxd entries, one phone); each entry has
+        its own connections and log, the trust is the phone's."""
+        with self._lock:
+            if any(a.udid == device.udid and a.connection_type == connection_type for a in self._attached.values()):
+                raise ValueError(f"{device.udid} is already attached over {connection_type}")
+            attachment = Attachment(self._next_id, device, connection_type, self._lockdownd(device),
+                                    DeviceRuntime(device), reach=reach)
             self._next_id += 1
             self._attached[attachment.device_id] = attachment
             self._broadcast(attachment.attached_event())
         return attachment
 
-    def detach(self, udid: str) -> Attachment:
-        """Unplug a device: listeners get ``Detached``, its lockdownd and service connections end."""
+    def detach(self, udid: str, connection_type: str | None = None) -> Attachment:
+        """Unplug a device (``connection_type``: only that entry; default: every entry of the phone):
+        listeners get ``Detached``, its lockdownd and service connections end. Returns the
+        (first) attachment unplugged."""
         with self._lock:
-            attachment = self.attachment(udid)
-            del self._attached[attachment.device_id]
-            self._broadcast({"MessageType": "Detached", "DeviceID": attachment.device_id})
-        attachment.unplug()
-        return attachment
+            gone = [a for a in self._attached.values()
+                    if a.udid == udid and connection_type in (None, a.connection_type)]
+            if not gone:
+                raise KeyError(f"no attached device {udid}" + (f" over {connection_type}" if connection_type else ""))
+            for a in gone:
+                del self._attached[a.device_id]
+                self._broadcast({"MessageType": "Detached", "DeviceID": a.device_id})
+        for a in gone:
+            a.unplug()
+        return gone[0]
 
-    def attachment(self, udid: str) -> Attachment:
+    def attachment(self, udid: str, connection_type: str | None = None) -> Attachment:
+        """The device's usbmuxd entry (``connection_type``: that one; default: the first attached)."""
         with self._lock:
             for a in self._attached.values():
-                if a.udid == udid:
+                if a.udid == udid and connection_type in (None, a.connection_type):
                     return a
         raise KeyError(f"no attached device {udid}")
+
+    # ---- Wi-Fi direct ---------------------------------------------------------------------------------------
+
+    def join_wifi(self, device: SimDevice, *, reach: Reach = Reach.OK):
+        """Put the phone on the simulated LAN: its lockdownd on a TCP port of 127.0.0.1 (a
+        :class:`~.wifi.SimWifi`), trusting what the phone trusts over USB. :meth:`env` then lists it
+        in ``IBSYNC_WIFI_DEVICES``. Independent of usbmuxd: the phone may be attached as well, or not."""
+        from .wifi import SimWifi
+
+        with self._lock:
+            if device.udid in self._wifi:
+                raise ValueError(f"{device.udid} is already on Wi-Fi")
+            wifi = SimWifi(device, self._lockdownd(device), reach=reach).start()
+            self._wifi[device.udid] = wifi
+        return wifi
+
+    def leave_wifi(self, udid: str):
+        """The phone leaves the LAN (out of range): its Wi-Fi connections end."""
+        with self._lock:
+            wifi = self._wifi.pop(udid)
+        wifi.close()
+        return wifi
+
+    @property
+    def wifi(self) -> list:
+        with self._lock:
+            return list(self._wifi.values())
 
     @property
     def attachments(self) -> list[Attachment]:
@@ -310,12 +394,13 @@ class SimUsbmuxd:
         if record is None:
             record = make_pair_record(attachment.device, system_buid=self.records.buid())
         self.records.save(udid, plistlib.dumps(record))
-        attachment.lockdownd.trust(record)
+        attachment.lockdownd.trust(record)  # the phone's trust store: every path to it trusts the record
         return record
 
     def all_errors(self) -> list[str]:
         """usbmuxd/lockdownd crashes plus every attached device's service crashes: expect none."""
-        return self.errors + [e for a in self.attachments for e in a.log.errors]
+        return (self.errors + [e for a in self.attachments for e in a.log.errors]
+                + [e for w in self.wifi for e in w.all_errors()])
 
     # ---- running --------------------------------------------------------------------------------------------
 
@@ -348,9 +433,16 @@ class SimUsbmuxd:
                 return
             self._closing.set()
             clients, attachments = list(self._clients), list(self._attached.values())
+            wifi, self._wifi = list(self._wifi.values()), {}
         for sock in clients:
             _shutdown(sock)
         stuck: list[str] = []
+        for w in wifi:
+            self.errors += w.all_errors()  # kept for all_errors() after the phone left the LAN
+            try:
+                w.close(timeout)
+            except RuntimeError as e:
+                stuck.append(str(e))
         for a in attachments:
             try:
                 a.unplug(timeout)
@@ -505,6 +597,13 @@ class SimUsbmuxd:
             attachment = self._attached.get(int(req.get("DeviceID", -1)))
         if attachment is None:
             _send_packet(conn, tag, _result(Result.BADDEV))
+            return False
+        if attachment.reach is Reach.REFUSED:
+            _send_packet(conn, tag, _result(Result.CONNREFUSED))
+            return False
+        if attachment.reach is Reach.SILENT:
+            _send_packet(conn, tag, _result(Result.OK))
+            swallow(conn, self._closing, lambda: attachment.gone)
             return False
         if port == LOCKDOWN_PORT:
             _send_packet(conn, tag, _result(Result.OK))
