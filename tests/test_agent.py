@@ -336,3 +336,25 @@ def test_an_unreachable_repository_is_a_soft_failure_told_once_and_overdue_escal
     assert dev["overdue"] is True and status["overdue"] is True and code == 1
     told = [json.loads(h.body)["title"] for h in receiver.hits if h.path == "/n"]
     assert told == [f"Repository {missing} not reachable", "Fay's iPhone: backup overdue"], told
+
+
+def test_a_phone_waiting_for_its_passcode_does_not_hold_up_another(env, cli, tmp_path):
+    """Two phones into one repository at once: Gil's waits for a passcode nobody types, Hal's
+    is backed up meanwhile; Gil's attempt ends 'skipped'."""
+    cli("init")
+    gil = _device(23, name="Gil's iPhone", misbehave=Misbehaviour(passcode_prompt=PasscodePrompt(give_up_after=6)))
+    hal = _device(24, name="Hal's iPhone")
+    config = _config(tmp_path, env)
+    with run_sim_usbmuxd([gil, hal], tmp_path / "mux") as mux:
+        e = _env(mux, tmp_path)
+        agent = subprocess.Popen([sys.executable, "-m", "ibsync", "agent", "--once", "--config", str(config)], env=e,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _wait(mux.attachment(gil.udid).runtime.passcode_prompt_shown.is_set, what="Gil's passcode prompt")
+        _wait(lambda: len(_snapshots(e)) == 1, what="Hal's backup while Gil waits")
+        assert mux.attachment(gil.udid).runtime.passcode_prompt_shown.is_set()  # still waiting
+        _, err = agent.communicate(timeout=60)
+        assert agent.returncode == 0, err
+        status, _ = _status(e, config)
+    results = {d["name"]: d["last_result"] for d in status["devices"]}
+    assert results == {"Gil's iPhone": "skipped", "Hal's iPhone": "ok"}
+    assert [s["device"]["name"] for s in _snapshots(e)] == ["Hal's iPhone"]
