@@ -358,3 +358,33 @@ def test_a_phone_waiting_for_its_passcode_does_not_hold_up_another(env, cli, tmp
     results = {d["name"]: d["last_result"] for d in status["devices"]}
     assert results == {"Gil's iPhone": "skipped", "Hal's iPhone": "ok"}
     assert [s["device"]["name"] for s in _snapshots(e)] == ["Hal's iPhone"]
+
+
+def test_upkeep_after_backups_retention_prune_and_a_rotating_check(env, cli, tmp_path):
+    """keep/prune/check-subset: after each good backup the agent forgets what the policy drops,
+    prunes (here: every time) and reads the next half of the data; status shows each run."""
+    cli("init")
+    phone = _device(17, name="Kid's iPad")
+    config = _config(tmp_path, env, agent='keep = { last = 1 }\nprune = "1s"\ncheck-subset = "1/2"',
+                     devices=f'[devices."{phone.udid}"]\ninterval = "1s"')
+    with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
+        e = _env(mux, tmp_path)
+        ids = []
+        for _ in range(2):
+            r = run_subprocess(["agent", "--once", "--config", config], e)
+            assert r.returncode == 0, r.stderr
+            [snap] = _snapshots(e)  # keep last=1: the previous one was forgotten
+            ids.append(snap["id"])
+            time.sleep(1.2)  # past interval and prune's 1s
+        status, code = _status(e, config)
+        r = run_subprocess(["status", "--config", config], e)
+        check = run_subprocess(["check"], e)
+    assert ids[0] != ids[1] and code == 0
+    assert check.returncode == 0, check.stderr  # prune left a sound repository
+    runs = {(u["kind"], u["result"]) for u in status["upkeep"]}
+    assert runs == {("forget", "ok"), ("prune", "ok"), ("check", "ok")}, status["upkeep"]
+    detail = {u["kind"]: u["detail"] for u in status["upkeep"]}
+    assert "kept 1, removed 1" in detail["forget"]
+    assert detail["check"].startswith("subset 2/2")  # the second run read the other half
+    assert "packs_deleted" in detail["prune"]
+    assert "upkeep:" in r.stdout and "check" in r.stdout

@@ -76,8 +76,9 @@ def test_settings_tables_and_their_errors():
     bad = [
         ({"agent": {"intervall": "1h"}}, "unknown key(s) intervall"),
         ({"agent": {"interval": "soon"}}, "interval"),
-        ({"agent": {"keep": {"dayly": 3}}}, "unknown rule 'dayly'"),
-        ({"agent": {"keep": {"daily": 0}}}, "'daily' must be"),
+        ({"agent": {"keep": {"dayly": 3}}}, "[agent] keep: unknown key 'dayly'"),
+        ({"agent": {"keep": {"daily": 0}}}, "keeps everything"),
+        ({"agent": {"keep": {"daily": -3}}}, "[agent] keep.daily must be a whole number"),
         ({"agent": {"check-subset": "8/7"}}, "check-subset"),
         ({"agent": {"only-when-charging": "yes"}}, "true or false"),
         ({"devices": {"x": {"prune": "1d"}}}, "unknown key(s) prune"),

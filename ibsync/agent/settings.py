@@ -29,7 +29,6 @@ from typing import Any
 from ..errors import UserError
 from .schedule import Window, parse_duration
 
-_KEEP_KEYS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 #: keys a device table may override; the rest are the agent's alone
 _DEVICE_KEYS = {"repository", "interval", "window", "only-when-charging", "wifi", "grace", "keep", "healthcheck",
                 "enabled"}
@@ -48,7 +47,7 @@ class DevicePolicy:
     wifi: bool = True
     #: how long past its interval a device may go without a good backup before it is "overdue"
     grace: timedelta = timedelta(hours=24)
-    keep: dict[str, int] = field(default_factory=dict)
+    keep: dict[str, object] = field(default_factory=dict)
     healthcheck: str | None = None
     enabled: bool = True
 
@@ -166,13 +165,10 @@ def _apply(base: DevicePolicy, table: dict[str, Any], where: str) -> DevicePolic
     return replace(base, **changes)
 
 
-def parse_keep(value: object, where: str) -> dict[str, int]:
-    """``{ daily = 7, weekly = 4 }``: forget's --keep-* rules (-1 keeps one per period forever)."""
-    if not isinstance(value, dict) or not value:
-        raise UserError(f"{where}: expected a table like {{ daily = 7, weekly = 4, monthly = 12 }}")
-    for k, n in value.items():
-        if k not in _KEEP_KEYS:
-            raise UserError(f"{where}: unknown rule '{k}' (known: {', '.join(_KEEP_KEYS)})")
-        if not isinstance(n, int) or isinstance(n, bool) or (n < 1 and n != -1):
-            raise UserError(f"{where}: '{k}' must be a whole number of at least 1 (or -1: one per period forever)")
-    return dict(value)
+def parse_keep(value: object, where: str) -> dict[str, object]:
+    """``{ daily = 7, weekly = 4 }``: forget's --keep-* rules, checked as forget checks them
+    (``within = "1m"`` too; -1 or "unlimited" keeps one per period forever)."""
+    from ..maint.forget import RetentionPolicy
+
+    RetentionPolicy.from_mapping(value, where=where)  # type: ignore[arg-type]  # refuses what forget would
+    return dict(value)  # type: ignore[call-overload]

@@ -59,6 +59,8 @@ class Status:
     agent: AgentState
     devices: list[DeviceStatus]
     now: datetime
+    upkeep: list[dict[str, Any]]  # the latest retention, prune and check run of each repository
+
 
     @property
     def overdue(self) -> bool:
@@ -66,7 +68,7 @@ class Status:
 
     def to_dict(self) -> dict[str, Any]:
         return {"now": _iso(self.now), "agent": self.agent.to_dict(), "overdue": self.overdue,
-                "devices": [d.to_dict(self.now) for d in self.devices]}
+                "devices": [d.to_dict(self.now) for d in self.devices], "upkeep": self.upkeep}
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -102,7 +104,18 @@ def read_status(settings: AgentSettings, history: History, now: datetime | None 
                                  last_success=None, last_snapshot=None, last_attempt=None, last_result=None,
                                  reason="never seen by the agent", next_due=None, overdue=False, connected=None,
                                  waiting=None, enabled=policy.enabled))
-    return Status(agent_state(history), rows, now)
+    return Status(agent_state(history), rows, now, latest_upkeep(history))
+
+
+def latest_upkeep(history: History) -> list[dict[str, Any]]:
+    """The newest run of each kind (forget, prune, check) in each repository, newest first."""
+    seen: set[tuple[str, str]] = set()
+    latest = []
+    for run in history.maintenance(limit=200):
+        if (run["repository"], run["kind"]) not in seen:
+            seen.add((run["repository"], run["kind"]))
+            latest.append(run)
+    return latest
 
 
 def agent_state(history: History) -> AgentState:
@@ -148,6 +161,13 @@ def describe(status: Status) -> list[str]:
             lines.append(f"  next due:     {when}")
         elif d.reason and not d.last_attempt:
             lines.append(f"  note:         {d.reason}")
+    if status.upkeep:
+        lines.append("")
+        lines.append("upkeep:")
+        for run in status.upkeep:
+            started = _local(_parse(run["started"]))
+            lines.append(f"  {run['repository']}: {run['kind']} {started}, {run['result']}"
+                         + (f": {run['detail']}" if run["detail"] else ""))
     return lines
 
 

@@ -18,26 +18,14 @@ class CheckFailed(IbsyncError):
 @common_options
 def check_cmd(app: App, read_data: bool, subset_text: str | None) -> None:
     """Verify the repository: structure, and with --read-data (or a subset) the data."""
-    from ..maint.check import Subset, check
+    from ..maint import api
+    from ..maint.check import Subset
 
-    subset = Subset.parse(subset_text) if subset_text else None
+    subset = Subset.parse(subset_text) if subset_text else None  # bad input refused before opening
     repo = app.open_repo(load_index=False)
-    result = check(repo, read_data=read_data, subset=subset, progress=app.progress("check"))
+    result = api.check(repo, read_data=read_data, read_data_subset=subset, progress=app.progress("check"))
     if app.json:
-        app.emit_json(
-            {
-                "ok": result.ok,
-                "snapshots": result.snapshots,
-                "packs": result.packs,
-                "blobs": result.blobs,
-                "packs_read": result.packs_read,
-                "bytes_read": result.bytes_read,
-                "errors": result.errors,
-                "warnings": result.warnings,
-                "damaged_packs": result.damaged_packs,
-                "strays": result.strays,
-            }
-        )
+        app.emit_json(result.to_dict())
     else:
         for w in result.warnings:
             click.echo(f"warning: {printable(w)}", err=True)

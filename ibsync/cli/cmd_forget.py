@@ -1,16 +1,21 @@
 from __future__ import annotations
 
-from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import click
 
-from ..errors import NotFound, UserError
-from ..maint.forget import UNLIMITED, Decision, Duration, RetentionPolicy, apply_policy_by_device, group_by_device, snapshot_timestamp
-from ..model import Snapshot, utc_iso
+from ..errors import UserError
+from ..maint.forget import UNLIMITED, Duration, RetentionPolicy, snapshot_timestamp
+from ..model import DeviceInfo, Snapshot
 from ..ui.text import printable, size, table, when
 from .app import App, common_options
+from .cmd_prune import PRUNE_AGAIN, fail_if_undeleted, report_undeleted, run_prune
+
+if TYPE_CHECKING:
+    from ..maint.api import ForgetResult
 
 PRUNE_NOTE = "their data stays in the repository until 'ibsync prune' reclaims it"
+FORGET_AGAIN = "run the same 'ibsync forget' again once the storage allows it"
 
 
 class CountType(click.ParamType):
@@ -57,15 +62,6 @@ def _keep_option(name: str, what: str):
     )
 
 
-def _snapshot_dict(s: Snapshot) -> dict:
-    return {
-        "id": s.id,
-        "short_id": s.short_id,
-        "time": utc_iso(s.time),
-        "backup_date": utc_iso(s.backup_date) if s.backup_date else None,
-    }
-
-
 def _rows(snaps: list[Snapshot], reasons: dict[str, list[str]] | None) -> str:
     headers = ["ID", "Backup date", "iOS", "Files", "Size"] + (["Reasons"] if reasons is not None else [])
     rows = []
@@ -78,7 +74,10 @@ def _rows(snaps: list[Snapshot], reasons: dict[str, list[str]] | None) -> str:
 
 
 def _device_title(snaps: list[Snapshot]) -> str:
-    d = snaps[0].device
+    return _device_title_of(snaps[0].device)
+
+
+def _device_title_of(d: DeviceInfo) -> str:
     return printable(f"snapshots of {d.name} ({d.udid}):" if d.name else f"snapshots of {d.udid}:")
 
 
@@ -139,92 +138,58 @@ def forget_cmd(
             "(an empty policy would forget nothing)"
         )
 
-    from ..storage import Kind
+    from ..maint import api
 
     # forget alone deletes only snapshot objects (a shared lock suffices); with --prune it
     # deletes data too, so nothing else may run
     repo = app.open_repo(lock="exclusive" if prune else "shared")
-    snaps = repo.snapshots()
-    if device:
-        snaps = [s for s in snaps if s.of_device(device)]
-        if not snaps:
-            raise UserError(f"no snapshot of a device '{device}'")
-
-    groups: list[dict] = []
-    to_remove: list[Snapshot] = []
     if ids:
-        chosen: dict[str, Snapshot] = {}
-        for spec in ids:
-            s = repo.find_snapshot(spec, device, snapshots=snaps)
-            chosen.setdefault(s.id, s)
-        to_remove = list(chosen.values())
-        for group in group_by_device(to_remove).values():
-            groups.append({"device": asdict(group[0].device), "remove": group})
-            app.say(_device_title(group))
-            app.say(f"remove {len(group)} snapshot(s):")
-            app.say(_rows(group, None))
-            app.say("")
+        result = api.forget_snapshots(repo, ids, device=device, dry_run=dry_run)
     else:
+        result = api.apply_retention(repo, policy, device=device, dry_run=dry_run)
         app.say(f"applying policy: {policy.describe()}, per device")
-        for decisions in apply_policy_by_device(snaps, policy).values():
-            keep = [d for d in decisions if d.keep]
-            remove = [d.snapshot for d in decisions if not d.keep]
-            groups.append({"device": asdict(decisions[0].snapshot.device), "keep": keep, "remove": remove})
-            to_remove.extend(remove)
-            app.say(_device_title([d.snapshot for d in decisions]))
-            if keep:
-                app.say(f"keep {len(keep)} snapshot(s):")
-                app.say(_rows([d.snapshot for d in keep], {d.snapshot.id: d.reasons for d in keep}))
-                app.say("")
-            if remove:
-                app.say(f"remove {len(remove)} snapshot(s):")
-                app.say(_rows(remove, None))
-                app.say("")
-
-    removed: list[str] = []
-    if not dry_run:
-        # Only the snapshot objects go; every blob stays until prune finds it unused.
-        for s in to_remove:
-            try:
-                repo.storage.delete(Kind.SNAPSHOTS, s.id)
-            except NotFound:
-                pass  # forgotten by another process meanwhile: the outcome is the same
-            removed.append(s.id)
+    _print_groups(app, result)
 
     if not app.json:
         if dry_run:
-            app.say(f"would remove {len(to_remove)} snapshot(s) (dry run: nothing was deleted)")
-        elif removed:
-            app.say(f"removed {len(removed)} snapshot(s)" + ("" if prune else f"; {PRUNE_NOTE}"))
+            app.say(f"would remove {len(result.remove)} snapshot(s) (dry run: nothing was deleted)")
+        elif result.removed:
+            app.say(f"removed {len(result.removed)} snapshot(s)" + ("" if prune else f"; {PRUNE_NOTE}"))
         else:
             app.say("removed 0 snapshot(s)")
+    report_undeleted(result.failed)
     pruned = None
     if prune:
-        from .cmd_prune import run_prune
-
-        # a dry run has deleted nothing: plan as if the chosen snapshots were gone
-        pruned = run_prune(app, repo, repack_threshold / 100, dry_run, ignore={s.id for s in to_remove})
+        # a dry run has deleted nothing: plan as if the chosen snapshots were gone (a real run
+        # has deleted them, or failed to, and then they must still count as used)
+        ignore = {s.id for s in result.remove} if dry_run else set()
+        pruned = run_prune(app, repo, repack_threshold / 100, dry_run, ignore=ignore)
     if app.json:
-        doc = {
-            "dry_run": dry_run,
-            "policy": None if ids else policy.to_dict(),
-            "groups": [_group_json(g) for g in groups],
-            "remove": [s.id for s in to_remove],
-            "removed": removed,
-        }
+        doc = result.to_dict()
         if pruned is not None:
-            doc["prune"] = pruned
+            doc["prune"] = pruned.to_dict()
         app.emit_json(doc)
+    if result.failed:
+        fail_if_undeleted({**result.failed, **(pruned.failed if pruned else {})}, FORGET_AGAIN)
     if pruned is not None:
-        from .cmd_prune import PRUNE_AGAIN, fail_if_undeleted
-
-        fail_if_undeleted(pruned.get("failed", {}), PRUNE_AGAIN)
+        fail_if_undeleted(pruned.failed, PRUNE_AGAIN)
 
 
-def _group_json(group: dict) -> dict:
-    out: dict = {"device": group["device"]}
-    if "keep" in group:
-        keep: list[Decision] = group["keep"]
-        out["keep"] = [{**_snapshot_dict(d.snapshot), "reasons": d.reasons} for d in keep]
-    out["remove"] = [_snapshot_dict(s) for s in group["remove"]]
-    return out
+def _print_groups(app: App, result: ForgetResult) -> None:
+    """Per device: the snapshots kept (with why) and those removed, oldest first."""
+    for group in result.groups:
+        if group.keep is None:  # chosen by id
+            app.say(_device_title(group.remove))
+            app.say(f"remove {len(group.remove)} snapshot(s):")
+            app.say(_rows(group.remove, None))
+            app.say("")
+            continue
+        app.say(_device_title_of(group.device))
+        if group.keep:
+            app.say(f"keep {len(group.keep)} snapshot(s):")
+            app.say(_rows([d.snapshot for d in group.keep], {d.snapshot.id: d.reasons for d in group.keep}))
+            app.say("")
+        if group.remove:
+            app.say(f"remove {len(group.remove)} snapshot(s):")
+            app.say(_rows(group.remove, None))
+            app.say("")

@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from ..errors import StorageError
+from ..progress import NULL_PROGRESS
 from ..storage import Kind, object_path
 from ..ui.text import printable, size
 from .app import App, common_options
+
+if TYPE_CHECKING:  # unlock and repair import this module: they need not load prune
+    from ..maint.prune import PruneResult
 
 
 @click.command("prune")
@@ -20,10 +26,10 @@ def prune_cmd(app: App, repack_threshold: int, dry_run: bool) -> None:
     import, restore or check holds the repository. Safe to interrupt at any point. Files in
     packs/ that are not packs of this repository are listed and left in place.
     """
-    summary = run_prune(app, app.open_repo(lock="exclusive"), repack_threshold / 100, dry_run)
+    result = run_prune(app, app.open_repo(lock="exclusive"), repack_threshold / 100, dry_run)
     if app.json:
-        app.emit_json(summary)
-    fail_if_undeleted(summary.get("failed", {}), PRUNE_AGAIN)
+        app.emit_json(result.to_dict())
+    fail_if_undeleted(result.failed, PRUNE_AGAIN)
 
 
 PRUNE_AGAIN = "they are unreferenced, and the next 'ibsync prune' tries again"
@@ -41,34 +47,20 @@ def fail_if_undeleted(failed: dict[str, str], then: str) -> None:
         raise StorageError(f"{len(failed)} object(s) could not be deleted (named above); the repository is still valid: {then}")
 
 
-def run_prune(app: App, repo, threshold: float, dry_run: bool, ignore: set[str] = frozenset()) -> dict:
-    """Plan and (unless dry_run) carry out a prune; prints text (and every failed deletion, on
-    stderr), returns the JSON summary, whose "failed" the caller turns into exit status 1 after
-    printing. The caller holds the exclusive lock; ``ignore`` names snapshots to plan without."""
-    from ..maint.prune import execute_prune, plan_prune
+def run_prune(app: App, repo, threshold: float, dry_run: bool, ignore: set[str] = frozenset()) -> PruneResult:
+    """Prune through the library and print what it did: text, junk packs and every failed
+    deletion on stderr. The caller holds the exclusive lock, prints ``to_dict()`` for --json and
+    turns ``failed`` into exit status 1; ``ignore`` names snapshots to plan without."""
+    from ..maint import api
 
-    plan = plan_prune(repo, repack_threshold=threshold, ignore=ignore)
-    summary = {
-        "used_blobs": plan.used_blobs,
-        "packs_to_delete": len(plan.delete),
-        "bytes_to_delete": plan.delete_bytes,
-        "packs_to_repack": len(plan.repack),
-        "bytes_to_repack": plan.repack_bytes,
-        "packs_kept": len(plan.keep),
-        "unused_bytes_kept": plan.unused_kept_bytes,
-        "junk_packs": plan.junk,
-        "dry_run": dry_run,
-    }
+    result = api.prune(repo, repack_threshold=threshold, dry_run=dry_run, ignore_snapshots=ignore,
+                       progress=NULL_PROGRESS if dry_run else app.progress("prune"))
+    plan = result.plan
     for name, why in sorted(plan.junk.items()):
         click.echo(f"ibsync: not an ibsync pack, left in place: {printable(object_path(Kind.PACKS, name))} ({printable(why)})", err=True)
-    if not dry_run:
-        result = execute_prune(repo, plan, progress=app.progress("prune"))
-        summary.update(packs_deleted=result.packs_deleted, packs_written=result.packs_written, bytes_freed=result.bytes_freed,
-                       temporary_files_removed=result.temporary_removed, packs_left_listed=result.packs_left_listed,
-                       failed=result.failed)
-        report_undeleted(result.failed)
+    report_undeleted(result.failed)
     if app.json:
-        return summary
+        return result
     verb = "would" if dry_run else "will"
     app.say(
         f"{plan.used_blobs} blobs in use; {len(plan.delete)} pack(s) unused ({size(plan.delete_bytes)}), "
@@ -80,9 +72,9 @@ def run_prune(app: App, repo, threshold: float, dry_run: bool, ignore: set[str] 
     elif dry_run:
         app.say(f"{verb} free about {size(plan.delete_bytes + plan.repack_bytes)} before repacking")
     else:
-        app.say(f"deleted {summary['packs_deleted']} pack(s), wrote {summary['packs_written']}; freed {size(summary['bytes_freed'])}")
-    if summary.get("packs_left_listed"):
-        app.say(f"kept {summary['packs_left_listed']} unused pack(s): an old index object that lists them could not be deleted")
-    if summary.get("temporary_files_removed"):
-        app.say(f"removed {summary['temporary_files_removed']} temporary file(s) left by interrupted writes")
-    return summary
+        app.say(f"deleted {result.packs_deleted} pack(s), wrote {result.packs_written}; freed {size(result.bytes_freed)}")
+    if result.packs_left_listed:
+        app.say(f"kept {result.packs_left_listed} unused pack(s): an old index object that lists them could not be deleted")
+    if result.temporary_removed:
+        app.say(f"removed {result.temporary_removed} temporary file(s) left by interrupted writes")
+    return result

@@ -51,6 +51,26 @@ class CheckResult:
     def ok(self) -> bool:
         return not self.errors
 
+    @property
+    def problems(self) -> list[str]:
+        """What needs attention (the errors; warnings cannot affect a snapshot)."""
+        return list(self.errors)
+
+    def to_dict(self) -> dict:
+        """What ``check --json`` prints (keys in this order)."""
+        return {
+            "ok": self.ok,
+            "snapshots": self.snapshots,
+            "packs": self.packs,
+            "blobs": self.blobs,
+            "packs_read": self.packs_read,
+            "bytes_read": self.bytes_read,
+            "errors": list(self.errors),
+            "warnings": list(self.warnings),
+            "damaged_packs": list(self.damaged_packs),
+            "strays": list(self.strays),
+        }
+
 
 @dataclass(frozen=True)
 class Subset:
@@ -62,7 +82,8 @@ class Subset:
     fraction: float | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "Subset":
+    def parse(cls, text: str, *, what: str = "--read-data-subset") -> "Subset":
+        """``N%`` or ``n/t``; ``what`` names the option or config key in the error."""
         text = text.strip()
         try:
             if text.endswith("%"):
@@ -76,7 +97,18 @@ class Subset:
                 raise ValueError
             return cls(n, t)
         except ValueError:
-            raise UserError(f"--read-data-subset takes N% (0 < N <= 100) or n/t (1 <= n <= t <= 256), not '{text}'") from None
+            raise UserError(f"{what} takes N% (0 < N <= 100) or n/t (1 <= n <= t <= 256), not '{text}'") from None
+
+    def __str__(self) -> str:
+        if self.fraction is not None:
+            return f"{self.fraction * 100:g}%"
+        return f"{self.n}/{self.t}"
+
+    def following(self) -> "Subset":
+        """The group to read next time: n/t -> n+1/t, t/t -> 1/t (a random N% stays N%)."""
+        if self.fraction is not None:
+            return self
+        return Subset(self.n % self.t + 1, self.t)
 
     def select(self, names: list[str]) -> list[str]:
         if self.fraction is not None:

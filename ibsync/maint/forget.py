@@ -1,6 +1,7 @@
 """Retention policies: which snapshots ``forget`` keeps, with restic's semantics, per device.
 
-This is pure logic (no storage, no click); ``ibsync.cli.cmd_forget`` deletes what it decides.
+This is pure logic (no storage, no click); ``ibsync.maint.api.apply_retention`` deletes what it
+decides.
 
 **Grouping.** A policy is applied to each device (UDID) on its own, as restic applies it to each
 group of snapshots (host and paths by default): ``--keep-last 3`` keeps three snapshots of
@@ -43,8 +44,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
+from ..errors import UserError
 from ..model import Snapshot
 
 UNLIMITED = -1
@@ -128,6 +130,37 @@ class RetentionPolicy:
         if isinstance(w, Duration) and min(w.years, w.months, w.days, w.hours) < 0:
             raise ValueError("keep-within must not be negative")
 
+    # the keys of from_mapping, in the order error messages list them
+    KEYS = (*_COUNT_RULES, "within")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, where: str = "keep") -> "RetentionPolicy":
+        """A policy from a config table such as ``{"daily": 7, "weekly": 4, "within": "1m"}``:
+        counts are whole numbers of 0 or more or "unlimited", ``within`` a duration like
+        ``1y5m7d2h``. Anything else, and a policy with no rule, is a one-line UserError that
+        starts with ``where`` (the key the table was read from)."""
+        known = ", ".join(cls.KEYS)
+        if not isinstance(values, Mapping):
+            raise UserError(f"{where} must be a table of rules ({known}), not {type(values).__name__}")
+        counts: dict[str, int] = {}
+        within: Duration | None = None
+        for key, value in values.items():
+            if key == "within":
+                if not isinstance(value, str):
+                    raise UserError(f"{where}.within must be a duration like \"1y5m7d2h\", not {value!r}")
+                try:
+                    within = Duration.parse(value)
+                except ValueError as e:
+                    raise UserError(f"{where}.within: {e}") from None
+            elif key in _COUNT_RULES:
+                counts[key] = _count(value, f"{where}.{key}")
+            else:
+                raise UserError(f"{where}: unknown key {str(key)!r}; the known keys are {known}")
+        policy = cls(**counts, within=within)
+        if policy.is_empty():
+            raise UserError(f"{where} keeps everything: give at least one of {known} above 0")
+        return policy
+
     def has_within(self) -> bool:
         w = self.within
         if w is None:
@@ -157,6 +190,16 @@ class RetentionPolicy:
         d: dict = {n: getattr(self, n) for n in _COUNT_RULES}
         d["within"] = format_within(self.within) if self.has_within() else None  # type: ignore[arg-type]
         return d
+
+
+def _count(value: object, where: str) -> int:
+    if isinstance(value, str) and value.strip().lower() == "unlimited":
+        return UNLIMITED
+    if value == UNLIMITED and not isinstance(value, bool):  # restic's -1
+        return UNLIMITED
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:  # True is an int to Python
+        raise UserError(f"{where} must be a whole number of 0 or more, or -1 or \"unlimited\" (one per period forever), not {value!r}")
+    return value
 
 
 @dataclass

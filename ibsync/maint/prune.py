@@ -77,6 +77,32 @@ class PruneResult:
     failed: dict[str, str] = field(default_factory=dict)  # object path -> why it could not be deleted
     temporary_removed: int = 0  # .tmp-* files of interrupted writes
     packs_left_listed: int = 0  # packs kept because an old index object that lists them could not be deleted
+    dry_run: bool = False  # only planned: the counts above are all 0
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per object that could not be deleted (the repository is still valid)."""
+        return [f"could not delete {path}: {why}" for path, why in sorted(self.failed.items())]
+
+    def to_dict(self) -> dict:
+        """What ``prune --json`` prints: the plan, then (unless a dry run) what was done."""
+        plan = self.plan
+        out: dict = {
+            "used_blobs": plan.used_blobs,
+            "packs_to_delete": len(plan.delete),
+            "bytes_to_delete": plan.delete_bytes,
+            "packs_to_repack": len(plan.repack),
+            "bytes_to_repack": plan.repack_bytes,
+            "packs_kept": len(plan.keep),
+            "unused_bytes_kept": plan.unused_kept_bytes,
+            "junk_packs": dict(plan.junk),
+            "dry_run": self.dry_run,
+        }
+        if not self.dry_run:
+            out.update(packs_deleted=self.packs_deleted, packs_written=self.packs_written, bytes_freed=self.bytes_freed,
+                       temporary_files_removed=self.temporary_removed, packs_left_listed=self.packs_left_listed,
+                       failed=dict(self.failed))
+        return out
 
 
 def plan_prune(repo: Repository, *, repack_threshold: float = 0.5, ignore: set[str] = frozenset()) -> PrunePlan:
