@@ -335,15 +335,14 @@ def test_acquire_removes_its_lock_when_the_recheck_fails(env, exclusive):
 # ---- is the holder alive? -------------------------------------------------------------------------------
 
 
-def test_liveness_check_by_platform():
-    from ibsync.pids import _pid_alive_posix, _pid_alive_windows, liveness_check
+def test_pid_liveness():
+    """psutil's answer (on Windows os.kill(pid, 0) would terminate the process asked about)."""
+    from ibsync.pids import pid_alive
 
-    assert liveness_check("win32") is _pid_alive_windows  # os.kill(pid, 0) would kill it there
-    assert liveness_check("linux") is liveness_check("darwin") is _pid_alive_posix
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    assert _pid_alive_posix(os.getpid()) and not _pid_alive_posix(dead.pid)
-    assert not _pid_alive_posix(0) and not _pid_alive_posix(-1) and not _pid_alive_posix(2**80)
+    assert pid_alive(os.getpid()) and not pid_alive(dead.pid)
+    assert not pid_alive(0) and not pid_alive(-1) and not pid_alive(2**80)
 
 
 def test_a_junk_pack_claiming_a_huge_header_is_not_read_whole(env, cli, backup):
