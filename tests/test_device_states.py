@@ -172,17 +172,18 @@ def test_listed_but_unreachable_devices(mux, tmp_path):
 
     async def scenario() -> None:
         started = time.monotonic()
-        devices, unreachable = await list_connected(tolerant=True, connect_timeout=0.5)
-        assert time.monotonic() - started < 5
+        # 2 s: a good phone answers in milliseconds, but a loaded CI machine may take a second
+        devices, unreachable = await list_connected(tolerant=True, connect_timeout=2)
+        assert time.monotonic() - started < 10
         assert [d.udid for d in devices] == [good.udid]
         assert set(unreachable) == {refused.udid, silent.udid}
-        assert "did not answer within 0.5 s" in unreachable[silent.udid]
+        assert "did not answer within 2 s" in unreachable[silent.udid]
         with pytest.raises(DeviceUnreachable):
-            await list_connected(connect_timeout=0.5)  # the commands' default: one line naming it
+            await list_connected(connect_timeout=2)  # the commands' default: one line naming it
 
     asyncio.run(scenario())
-    env = {**os.environ, **mux.env(home=tmp_path / "home"), "IBSYNC_DEVICE_CONNECT_TIMEOUT": "0.5"}
-    mux.detach(silent.udid)
+    env = {**os.environ, **mux.env(home=tmp_path / "home"), "IBSYNC_DEVICE_CONNECT_TIMEOUT": "5"}
+    mux.detach(silent.udid)  # (the good phone must answer within the timeout even on a loaded machine)
     r = run_subprocess(["devices"], env)
     one_line_error(r.stderr, refused.udid, "lockdown refused")
     mux.attachment(refused.udid).reach = Reach.OK  # it woke up
