@@ -303,6 +303,21 @@ class SnapshotManifest:
             return self._entry(row, None, {"file"})
         return None
 
+    def link_target(self, file_id: str) -> str:
+        """Where a symbolic link row points (its MBFile's ``Target``; "" when it has none or the
+        row cannot be read: an odd row costs its target only)."""
+        from .mbfile import mbfile_fields
+
+        for (blob,) in self._rows("SELECT file FROM Files WHERE fileID = ?", (file_id,)):
+            if not isinstance(blob, (bytes, bytearray)):
+                return ""
+            try:
+                target = mbfile_fields(bytes(blob), ("Target",)).get("Target")
+            except (InvalidData, ValueError, KeyError, IndexError, TypeError):
+                return ""
+            return target.replace("\0", "") if isinstance(target, str) else ""
+        return ""
+
     def domains(self) -> dict[str, DomainStats]:
         """Files, folders, symlinks and file bytes (MBFile sizes) per domain."""
         out: dict[str, DomainStats] = {}

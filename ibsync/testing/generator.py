@@ -1688,6 +1688,51 @@ def _count_changed_pages_files(a: Path, b: Path) -> int:
 PROFILES = ("default", "many-files")
 
 
+def write_rows_folder(parent: Path, files: Iterable[BackupFile], *, udid: str | None = None,
+                      device_name: str = "Test iPhone", date: datetime = DAY1, password: str | None = None,
+                      directories: bool = True, rounds: int = 1_000) -> Path:
+    """Write ``parent/<udid>/`` holding exactly ``files`` (rows given by hand: a test's own domains and
+    names), plus a directory row for every parent folder when ``directories``; returns that path.
+
+    With ``password`` the folder is an encrypted iOS backup as the simulated device writes one (its
+    keybag, per-file keys and encrypted Manifest.db; ``rounds``: the keybag's PBKDF2-SHA256 rounds)."""
+    from ibsync.testing.device.crypto import DeviceKeys  # imports this module: only when asked for
+
+    udid = udid or default_udid(7)
+    rows = _sorted_files(files)
+    if directories:
+        rows = _sorted_files(_with_directories(rows, {(f.domain, f.relative_path) for f in rows}) + rows)
+    keys = DeviceKeys(udid, password, rounds) if password is not None else None
+    device_dir = _new_device_dir(parent, udid)
+    for f in rows:
+        if f.flags == FLAG_FILE:
+            data = f.data if f.data is not None else b""
+            if keys is not None:
+                data = keys.encrypt_file(f.file_id, data)
+            (device_dir / f.file_id[:2]).mkdir(exist_ok=True)
+            _write_file(device_dir / f.file_id[:2] / f.file_id, data, f.mtime)
+    image = build_manifest_db(rows)
+    if keys is not None:
+        con = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            con.deserialize(image)
+            con.execute("BEGIN")
+            con.executemany("UPDATE Files SET file = ? WHERE fileID = ?",
+                            [(keys.mbfile_blob(f), f.file_id) for f in rows if f.flags == FLAG_FILE])
+            con.execute("COMMIT")
+            image = keys.encrypt_manifest_db(con.serialize())
+        finally:
+            con.close()
+    dev = _Device(udid, device_name, "iPhone15,2", "17.5.1", "21F90", _serial(udid))
+    _write_metadata(device_dir, dev, _app_bundles({f.domain for f in rows}), date, image, atomic=False)
+    if keys is not None:
+        manifest = plistlib.loads((device_dir / "Manifest.plist").read_bytes())
+        manifest.update({"BackupKeyBag": keys.keybag, "ManifestKey": keys.manifest_key, "IsEncrypted": True})
+        _write_file(device_dir / "Manifest.plist", plistlib.dumps(manifest, fmt=plistlib.FMT_BINARY),
+                    _aware(date).timestamp())
+    return device_dir
+
+
 def generate_many_files(parent: Path, *, seed: int = 1, files: int = 50_000, udid: str | None = None,
                         device_name: str = "Test iPhone") -> Path:
     """The "many files" profile: about ``files`` small files, streamed to disk and to Manifest.db."""
