@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,13 +76,35 @@ class Agent:
     _retention_pending: dict[str, set[str]] = field(default_factory=dict)
     #: notifications on their way (held so the loop does not drop them half sent)
     _sending: set[asyncio.Task] = field(default_factory=set)
+    #: the web app's job registry (ibsync.web.jobs.Jobs): backups report their progress there
+    jobs: Any = None
+    #: UDIDs asked to be backed up now (request_backup), whether due or not
+    _requested: set[str] = field(default_factory=set)
+    _requested_lock: threading.Lock = field(default_factory=threading.Lock)
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def request_backup(self, udid: str) -> None:
+        """Back this device up at the next look, due or not ("Back up now" in the web app);
+        callable from any thread. A device that is absent, disabled or has no repository is
+        not backed up (its waiting reason says why)."""
+        with self._requested_lock:
+            self._requested.add(udid.upper())
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _take_request(self, udid: str) -> bool:
+        with self._requested_lock:
+            if udid.upper() in self._requested:
+                self._requested.discard(udid.upper())
+                return True
+            return False
 
     # ---- the loop ------------------------------------------------------------------------------
 
     async def run(self) -> None:
         self._stop = asyncio.Event()
         self._slots = asyncio.Semaphore(self.settings.parallel)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, self._stop.set)
@@ -162,11 +185,16 @@ class Agent:
             if device.udid in self._running:
                 continue
             why_not, later = self._why_not_now(device)
+            forced = why_not is not None and self._may_force(device) and self._take_request(device.udid)
+            if forced:
+                why_not, later = None, None
             if later is not None and (self._next_look is None or later < self._next_look):
                 self._next_look = later
             self.history.set_waiting(device.udid, why_not)
             if why_not is None:
-                self._running[device.udid] = asyncio.create_task(self._backup_task(device), name=f"backup {device.udid}")
+                self._take_request(device.udid)
+                self._running[device.udid] = asyncio.create_task(self._backup_task(device, forced=forced),
+                                                                 name=f"backup {device.udid}")
         await self._warn_overdue()
         if not self._running and not self.once:
             await self.maintain()
@@ -183,6 +211,12 @@ class Agent:
 
     def _policy(self, device: ConnectedDevice) -> DevicePolicy:
         return self.settings.policy(device.udid, device.name)
+
+    def _may_force(self, device: ConnectedDevice) -> bool:
+        """Whether "Back up now" may skip the schedule: not the settings that forbid a backup."""
+        policy = self._policy(device)
+        return (policy.enabled and bool(policy.repository) and (device.connection == "USB" or policy.wifi)
+                and (device.connection == "USB" or device.paired))
 
     def _why_not_now(self, device: ConnectedDevice) -> tuple[str | None, datetime | None]:
         """(None, None) when the device should be backed up now; else what it waits for (shown
@@ -219,11 +253,11 @@ class Agent:
 
     # ---- one backup ----------------------------------------------------------------------------
 
-    async def _backup_task(self, device: ConnectedDevice) -> None:
+    async def _backup_task(self, device: ConnectedDevice, *, forced: bool = False) -> None:
         assert self._slots is not None
         try:
             async with self._slots:
-                await self._backup(device)
+                await self._backup(device, forced=forced)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug must not end the agent: log it, record it, go on
@@ -232,7 +266,7 @@ class Agent:
         finally:
             self._running.pop(device.udid, None)
 
-    async def _backup(self, device: ConnectedDevice) -> None:
+    async def _backup(self, device: ConnectedDevice, *, forced: bool = False) -> None:
         policy = self._policy(device)
         label = _label(device)
         started = time.time()
@@ -262,7 +296,7 @@ class Agent:
             self._reachable(policy.repository or "")
             with opened as repo:
                 latest = repo.latest_of_device(device.udid)
-                if latest is not None and latest.time + policy.interval > datetime.now(UTC):
+                if not forced and latest is not None and latest.time + policy.interval > datetime.now(UTC):
                     # a backup made outside the agent (ibsync backup, an import) already covers it
                     self.history.record_success(device.udid, device.name, latest.time, latest.id)
                     return
@@ -271,7 +305,13 @@ class Agent:
                 if ping is not None:
                     await asyncio.to_thread(ping.start)
                 logger.info("%s: backing up over %s into %s", label, device.connection, policy.repository)
-                outcome = await self._capture(device, lockdown, repo)
+                job = self._start_job(device, policy)
+                try:
+                    outcome = await self._capture(device, lockdown, repo, job)
+                except BaseException:
+                    self._end_job(job, Outcome(SKIPPED, STOPPED))
+                    raise
+                self._end_job(job, outcome)
                 self._finish(device, policy, attempt, started, outcome)
                 attempt = None
                 if ping is not None:
@@ -308,19 +348,38 @@ class Agent:
         except (DeviceError, OSError) as e:
             raise _Skip(f"the device did not answer: {_one_line(e)}") from e
 
-    async def _capture(self, device: ConnectedDevice, lockdown: Any, repo: Any) -> Outcome:
+    def _start_job(self, device: ConnectedDevice, policy: DevicePolicy) -> Any:
+        """The web app's job for this backup (its progress bar), when the agent serves the app."""
+        if self.jobs is None:
+            return None
+        return self.jobs.start("backup", f"Backing up {device.name or device.udid}",
+                               subject={"udid": device.udid, "repo": policy.repository})
+
+    def _end_job(self, job: Any, outcome: Outcome) -> None:
+        if job is None:
+            return
+        if outcome.result == OK:
+            self.jobs.finish(job, result={"snapshot": outcome.snapshot, "label": f"New snapshot {(outcome.snapshot or '')[:8]}"})
+        else:
+            self.jobs.fail(job, f"{outcome.result}: {outcome.reason}")
+
+    async def _capture(self, device: ConnectedDevice, lockdown: Any, repo: Any, job: Any = None) -> Outcome:
         from ..capture.backup import capture
+        from ..progress import NULL_PROGRESS
 
         name = device.name or device.udid
+        progress = self.jobs.progress(job) if job is not None else NULL_PROGRESS
 
         def notify(text: str) -> None:
+            if job is not None:
+                self.jobs.update(job, message=text, force=True)
             logger.warning("%s: %s", _label(device), text)
             if "passcode" in text:
                 self._spawn(self._notify(f"Unlock {name}", f"Unlock {name} and enter its passcode to let the "
                                               "backup start.", "warning"))
 
         try:
-            outcome = await capture(lockdown, repo, notify=notify)
+            outcome = await capture(lockdown, repo, notify=notify, progress=progress)
         except DeviceError as e:
             return Outcome(*classify(e))
         except (StorageError, RepoError) as e:

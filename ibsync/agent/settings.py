@@ -11,6 +11,12 @@
     keep = { daily = 7, weekly = 4, monthly = 12, yearly = 3 }
     prune = "7d"                   # prune at most this often
     check-subset = "1/7"           # after each prune, check this share of the data, rotating
+    ui = true                      # serve the web app (README: "Web app")
+    ui-address = "127.0.0.1"       # another address needs ui-password; TLS is then on
+    ui-port = 8765
+    ui-password = "${IBSYNC_UI_PASSWORD}"        # asked by the login page; ${VAR}: from the environment
+    ui-certificate = "~/ibsync.crt"              # TLS (PEM); with ui-key. Default off loopback: self-signed
+    ui-key = "~/ibsync.key"
 
     [devices."00008110-0011223344556677"]
     repository = "offsite"
@@ -33,7 +39,20 @@ from .schedule import Window, parse_duration
 _DEVICE_KEYS = {"repository", "interval", "window", "only-when-charging", "wifi", "grace", "keep", "healthcheck",
                 "enabled"}
 _AGENT_KEYS = {"repository", "interval", "window", "only-when-charging", "wifi", "notify", "healthcheck", "keep",
-               "prune", "check-subset", "grace", "retry", "poll", "parallel"}
+               "prune", "check-subset", "grace", "retry", "poll", "parallel", "ui", "ui-address", "ui-port",
+               "ui-password", "ui-certificate", "ui-key"}
+
+
+@dataclass(frozen=True)
+class UiSettings:
+    """The web app the agent serves (``ibsync ui`` reads the same keys for its password and TLS)."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = 8765
+    password: str | None = None  # as written: ``${VAR}`` is expanded when the server starts
+    certificate: str | None = None
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,7 @@ class AgentSettings:
     poll: timedelta = timedelta(seconds=30)
     #: devices backed up at the same time (a phone waiting for its passcode must not hold up another)
     parallel: int = 4
+    ui: UiSettings = field(default_factory=UiSettings)
 
     def policy(self, udid: str, name: str | None) -> DevicePolicy:
         """The settings for a device, found by UDID (any case) or by name."""
@@ -122,7 +142,28 @@ def parse_agent_settings(doc: dict[str, Any], where: str) -> AgentSettings:
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
             raise UserError(f"{where}, [agent]: 'parallel' must be a whole number from 1 to 64")
         settings = replace(settings, parallel=n)
-    return settings
+    return replace(settings, ui=parse_ui(agent, f"{where}, [agent]"))
+
+
+def parse_ui(agent: dict[str, Any], where: str) -> UiSettings:
+    ui = UiSettings()
+    if "ui" in agent:
+        if not isinstance(agent["ui"], bool):
+            raise UserError(f"{where} ui: expected true or false")
+        ui = replace(ui, enabled=agent["ui"])
+    for key in ("ui-address", "ui-password", "ui-certificate", "ui-key"):
+        if key in agent:
+            if not isinstance(agent[key], str) or not agent[key]:
+                raise UserError(f"{where} {key}: expected a non-empty string")
+            ui = replace(ui, **{key.removeprefix("ui-"): agent[key]})
+    if "ui-port" in agent:
+        port = agent["ui-port"]
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            raise UserError(f"{where} ui-port: expected a port number from 0 to 65535")
+        ui = replace(ui, port=port)
+    if (ui.certificate is None) != (ui.key is None):
+        raise UserError(f"{where}: ui-certificate and ui-key go together (the certificate and its private key)")
+    return ui
 
 
 def parse_subset(text: object, where: str) -> tuple[int, int]:

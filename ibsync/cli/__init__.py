@@ -24,7 +24,9 @@ COMMANDS = {
     "ls": "cmd_browse:ls_cmd",
     "find": "cmd_browse:find_cmd",
     "extract": "cmd_browse:extract_cmd",
+    "export": "cmd_export:export_cmd",
     "diff": "cmd_browse:diff_cmd",
+    "mount": "cmd_mount:mount_cmd",
     "forget": "cmd_forget:forget_cmd",
     "copy": "cmd_copy:copy_cmd",
     "prune": "cmd_prune:prune_cmd",
@@ -36,6 +38,7 @@ COMMANDS = {
     "upgrade": "cmd_upgrade:upgrade_cmd",
     "agent": "cmd_agent:agent_group",
     "status": "cmd_status:status_cmd",
+    "ui": "cmd_ui:ui_cmd",
 }
 
 

@@ -39,6 +39,10 @@ def agent_group(ctx: click.Context, config_path: str | None, repo_url: str | Non
     committed, uploaded data kept), and the exit status is 0.
 
     \b
+    It also serves the web app ([agent] ui, ui-address, ui-port; README: "Web app"): the first
+    line on standard output is its login link, also kept in the state folder (ui-login.url).
+
+    \b
       ibsync agent                  # run in the foreground
       ibsync agent --once           # one pass, for cron or a timer
       ibsync agent install          # a user service started at login (systemd, launchd, Task Scheduler)
@@ -84,8 +88,19 @@ def agent_group(ctx: click.Context, config_path: str | None, repo_url: str | Non
             handler.setFormatter(type(handler.formatter)("%(asctime)s ibsync: %(message)s", "%Y-%m-%d %H:%M:%S"))
     agent = Agent(settings, history, config_path=str(path) if path.exists() else None, notifier=notifier,
                   health=health, once=once)
+    web = None
     try:
-        asyncio.run(agent.run())
+        if settings.ui.enabled and not once:
+            from ..web.agent_ui import AgentUi
+            from ..web.server import CannotListen
+
+            try:
+                web = AgentUi.start(agent, settings, path, history.path)  # prints the login link: the first line
+            except CannotListen as e:  # backups matter more than the app: run without it
+                logging.getLogger("ibsync.agent").error("%s; running without the web app", e)
+        asyncio.run(web.run_with(agent.run()) if web is not None else agent.run())
     finally:
+        if web is not None:
+            web.close()
         history.close()
         held.close()
