@@ -343,6 +343,6 @@ def _truncate(text: str, limit: int) -> bytes:
 
 
 def _user_agent() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return f"ibsync/{__version__}"

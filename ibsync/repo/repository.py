@@ -13,7 +13,7 @@ from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Callable, Iterable, Iterator
 
-from .. import __version__
+from .._version import __version__
 from ..errors import AlreadyExists, InvalidData, NotFound, RepoError, UnsupportedVersion, UserError, WrongPassword
 from ..format import index as index_format
 from ..format.chunker import Chunker, ChunkingPolicy, default_policy

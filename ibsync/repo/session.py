@@ -22,14 +22,16 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import IbsyncError, StorageError
 from ..format.index import PackIndex
 from ..format.pack import BlobType, PackWriter
 from ..storage import Kind
 from .trees import Reuse
-from .repository import Repository
+
+if TYPE_CHECKING:  # the repository makes sessions (Repository.write_session); this module never needs it at run time
+    from .repository import Repository
 
 INDEX_EVERY_PACKS = 8
 INDEX_EVERY_SECONDS = 60.0
