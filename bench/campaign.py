@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,7 +182,7 @@ def run_extras(results: Results, args: argparse.Namespace, work: Path, extras: l
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
             r = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_concurrency.py"), "-q",
                                 "-p", "no:cacheprovider", "-s"], cwd=ROOT, env=env, capture_output=True, text=True)
-            lines = [l for l in r.stdout.splitlines() if "exits" in l or "passed" in l or "failed" in l or "skipped" in l]
+            lines = [line for line in r.stdout.splitlines() if "exits" in line or "passed" in line or "failed" in line or "skipped" in line]
             record(ExtraOutcome("concurrency", "local+sftp+s3", args.seed, n,
                                 [] if r.returncode == 0 else [r.stdout[-2000:]],
                                 {"summary": lines}, round(time.monotonic() - t, 1)))
@@ -247,7 +247,7 @@ def report(results: Results) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     args.out = args.out or ROOT / "bench" / "results" / f"crash-campaign-{stamp}.json"
     results = Results(stamp, {**{k: str(v) for k, v in vars(args).items()}, "argv": sys.argv[1:] if argv is None else argv})
     work = args.work or Path(tempfile.mkdtemp(prefix="ibsync-campaign-"))

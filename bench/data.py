@@ -24,13 +24,12 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from floor import next_day_floor
-from run import GiB, MiB, ROOT, log, rmtree, run_quiet, tree_stats
-
+from run import ROOT, GiB, MiB, log, rmtree, run_quiet, tree_stats
 
 #: profile -> (generate function, mutate function) that the generator module must have
 PROFILE_API = {"default": ("generate", "mutate_folder"), "many-files": ("generate_many_files", "mutate_many_files")}
@@ -157,7 +156,7 @@ def prepare_data(work: Path, spec: DataSpec, gen, gen_spec: str) -> dict[str, An
         "mutate_summary": summary,
         "day1": {"path": str(day1), **tree_stats(day1 / udid)},
         "day2": {"path": str(day2), **tree_stats(day2 / udid)},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "meta_path": str(meta_path),
     }
     meta["floor"] = compute_floor(day1 / udid, day2 / udid)

@@ -58,7 +58,7 @@ def _ibsync(*args: str) -> list[str]:
 def _add_small_files(device: Path, count: int, seed: int) -> list[Path]:
     rnd = random.Random(seed)
     made = []
-    for i in range(count):
+    for _ in range(count):
         name = f"{rnd.getrandbits(160):040x}"
         path = device / name[:2] / name
         path.parent.mkdir(exist_ok=True)

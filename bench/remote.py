@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from run import GiB, MiB, ROOT, clean_env, log, prepare_data, rmtree, timed
+from run import ROOT, GiB, MiB, clean_env, log, prepare_data, rmtree, timed
 
 sys.path.insert(0, str(ROOT))
 from ibsync.testing.servers import BUCKET, start_seaweedfs  # noqa: E402

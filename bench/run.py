@@ -56,7 +56,7 @@ def log(msg: str) -> None:
 
 
 def run_quiet(argv: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    return subprocess.run(argv, check=True, capture_output=True, **kw)
 
 
 def du_bytes(path: Path) -> int:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .capture.restore import RestoreOutcome
 
 
-def backup_device(provider: Any, repo: Any, **options: Any) -> "CaptureOutcome":
+def backup_device(provider: Any, repo: Any, **options: Any) -> CaptureOutcome:
     """Back up a device into a repository, from code without a running event loop.
 
     Options: ``password``, ``password_file`` (else the environment, as the CLI), ``full``,
@@ -28,7 +28,7 @@ def backup_device(provider: Any, repo: Any, **options: Any) -> "CaptureOutcome":
     return run(provider, repo, **options)
 
 
-async def backup_device_async(provider: Any, repo: Any, **options: Any) -> "CaptureOutcome":
+async def backup_device_async(provider: Any, repo: Any, **options: Any) -> CaptureOutcome:
     """:func:`backup_device` as a coroutine, for callers running an event loop (pymobiledevice3
     is asyncio: a lockdown client made in a loop is used in that loop)."""
     from .capture.api import backup_device_async as run
@@ -36,7 +36,7 @@ async def backup_device_async(provider: Any, repo: Any, **options: Any) -> "Capt
     return await run(provider, repo, **options)
 
 
-def restore_to_device(provider: Any, repo: Any, snapshot: Any, **options: Any) -> "RestoreOutcome":
+def restore_to_device(provider: Any, repo: Any, snapshot: Any, **options: Any) -> RestoreOutcome:
     """Restore a snapshot (a ``Snapshot``, an id or id prefix, or 'latest') onto a device, its
     files served straight from the repository, from code without a running event loop.
 
@@ -50,7 +50,7 @@ def restore_to_device(provider: Any, repo: Any, snapshot: Any, **options: Any) -
     return run(provider, repo, snapshot, **options)
 
 
-async def restore_to_device_async(provider: Any, repo: Any, snapshot: Any, **options: Any) -> "RestoreOutcome":
+async def restore_to_device_async(provider: Any, repo: Any, snapshot: Any, **options: Any) -> RestoreOutcome:
     """:func:`restore_to_device` as a coroutine, for callers running an event loop."""
     from .capture.restore import restore_to_device_async as run
 

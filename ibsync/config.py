@@ -54,7 +54,7 @@ def default_config_path() -> Path:
 TOP_KEYS = {"repositories", "agent", "devices"}
 
 
-def load_document(path: Path | None = None) -> tuple[dict[str, Any], Path]:
+def load_document(path: str | Path | None = None) -> tuple[dict[str, Any], Path]:
     """The whole config file, parsed, and its path; empty when the default file does not exist.
     Top-level tables other than [repositories], [agent] and [devices] are refused."""
     explicit = path is not None

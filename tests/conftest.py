@@ -76,7 +76,7 @@ def ibsync_peak_rss(args: list[str], env: dict, scratch: Path, **kw) -> tuple[su
 
 def one_line_error(err: str, *needles: str) -> None:
     """Bad input's promise: one line on stderr, 'ibsync: error: ...', no traceback."""
-    lines = [l for l in err.strip().splitlines() if l]
+    lines = [line for line in err.strip().splitlines() if line]
     assert len(lines) == 1, f"expected one line, got:\n{err}"
     assert lines[0].startswith("ibsync: error:"), lines[0]
     assert "Traceback" not in err

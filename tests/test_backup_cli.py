@@ -67,7 +67,7 @@ def test_a_device_that_fails_leaves_the_last_snapshot_and_says_why(env, cli, tmp
         e = {**os.environ, **mux.env(home=tmp_path / "home")}
         [good] = _backup(e)["snapshots"]
         phone.misbehave = Misbehaviour(final_error=(207, "simulated failure"))
-        r = _backup(e, expect=1)
+        r = _backup(e, expect=7)
         assert "Traceback" not in r.stderr and "207" in r.stderr and r.stderr.strip().splitlines()[-1].startswith("ibsync: error:")
         out, _ = cli("snapshots", "--json")
         assert [s["id"] for s in json.loads(out)] == [good["id"]]
@@ -82,7 +82,7 @@ def test_backup_without_devices_is_one_line(env, cli, tmp_path):
     cli("init")
     with run_sim_usbmuxd([], tmp_path / "mux") as mux:
         r = run_subprocess(["backup"], {**os.environ, **mux.env(home=tmp_path / "home")})
-    assert r.returncode == 1
+    assert r.returncode == 7
     one_line_error(r.stderr, "no device connected")
 
 

@@ -220,6 +220,6 @@ def test_encrypted_ios_backup(env, cli, tmp_path, monkeypatch):
     assert got.read_bytes() == b"Test data"
     assert got.stat().st_mtime == 1628082463  # LastModified from the encrypted Manifest.db
     monkeypatch.setenv("IBSYNC_BACKUP_PASSWORD", "1234")
-    out, err = cli("extract", "latest", "MyTestDomain/**", tmp_path / "out2", expect=2)
+    out, err = cli("extract", "latest", "MyTestDomain/**", tmp_path / "out2", expect=4)
     assert err.strip() == "ibsync: error: wrong iOS backup password"
     assert "Traceback" not in out + err

@@ -30,7 +30,6 @@ from ibsync.testing.generator import BackupFile, mbfile_blob
 from conftest import MIT_BACKUP, copy_folder, one_line_error
 
 
-
 @dataclass
 class Row:
     """A Files row as it goes into sqlite (any types), and the payload file to write for it."""

@@ -14,7 +14,7 @@ import os
 import sqlite3
 import stat
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from hashlib import sha1
 from pathlib import Path
 
@@ -120,7 +120,7 @@ def _expected_find(oracle: dict, pattern: str) -> dict[str, list[tuple]]:
     for n, snap in enumerate(oracle["snaps"]):
         rows = oracle["rows"][snap.id]
         seen = set()
-        for fid, (domain, rel, size, mtime, content) in rows.items():
+        for _fid, (domain, rel, size, mtime, content) in rows.items():
             if not pat.matches(domain, rel):
                 continue
             path = f"{domain}/{rel}"
@@ -145,7 +145,7 @@ def _got_find(out: str) -> dict[str, list[tuple]]:
 
 
 def _iso(seconds: int) -> str:
-    return utc_iso(datetime.fromtimestamp(seconds, timezone.utc))
+    return utc_iso(datetime.fromtimestamp(seconds, UTC))
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import FAST_KDF, PASSWORD, open_repo
 
 from ibsync.cli import main
 from ibsync.errors import NotFound, UserError
@@ -26,6 +25,8 @@ from ibsync.testing.generator import (
     generate,
     write_rows_folder,
 )
+
+from conftest import FAST_KDF, PASSWORD, open_repo
 
 T = 1_700_000_000
 IOS_PASSWORD = "hunter2"

@@ -142,7 +142,7 @@ def test_a_hostile_device_gets_one_line_and_nothing_changes(case, env, cli, tmp_
         _backup(e, 0)
         good = _snapshots(cli)
         phone.misbehave = Misbehaviour(hostile=step)
-        r = _backup(e, 1)
+        r = _backup(e, 7)  # a device problem (ibsync.errors.EXIT_DEVICE)
         one_line_error(r.stderr, *needles, "nothing was committed")
         assert _snapshots(cli) == good
         cli("check")

@@ -58,7 +58,7 @@ def test_password_env_and_override(configured, cli, monkeypatch):
     cli("snapshots", "--repo", "other")
     pw = configured / "pwfile"
     pw.write_text("wrong")
-    _, err = cli("snapshots", "--repo", "other", "--password-file", pw, expect=1)  # the option wins
+    _, err = cli("snapshots", "--repo", "other", "--password-file", pw, expect=4)  # the option wins
     assert "wrong password" in err
 
 

@@ -60,7 +60,7 @@ def test_copy_selected_snapshot_and_wrong_source_password(env, cli, day1, tmp_pa
     target = tmp_path / "target"
     cli("init", "--repo", target)
     monkeypatch.setenv("IBSYNC_FROM_PASSWORD", "not the source password")
-    _, err = cli("copy", "latest", "--from-repo", env, "--repo", target, expect=1)
+    _, err = cli("copy", "latest", "--from-repo", env, "--repo", target, expect=4)
     assert "wrong password" in err
     monkeypatch.setenv("IBSYNC_FROM_PASSWORD", "correct horse battery staple")
     cli("copy", "latest", "--from-repo", env, "--repo", target)

@@ -8,12 +8,10 @@ write access to the storage can store, so NullCipher is the attacker's view."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 
 import pytest
-import zstandard
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ibsync.errors import IbsyncError

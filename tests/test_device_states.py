@@ -67,7 +67,7 @@ def test_cable_pulled_mid_backup_prints_one_line(env, cli, tmp_path):
                 time.sleep(0.005)
             m.detach(phone.udid)
             _, err = proc.communicate(timeout=60)
-            assert proc.returncode == 1
+            assert proc.returncode == 7
             assert "Future exception" not in err and "never retrieved" not in err, err
             one_line_error(err, "connection to the device was lost")
             m.attach(phone)
@@ -93,7 +93,7 @@ def test_cable_pulled_mid_restore_prints_one_line(env, cli, tmp_path):
             time.sleep(0.005)
         m.detach(blank.udid)
         _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "Future exception" not in err, err
+    assert proc.returncode == 7 and "Future exception" not in err, err
     one_line_error(err, "connection to the device was lost during the restore")
 
 
@@ -131,8 +131,8 @@ def test_passcode_never_entered_via_the_cli(env, cli, tmp_path):
     phone = _device(3, misbehave=Misbehaviour(passcode_prompt=PasscodePrompt(give_up_after=0.3)))
     with run_sim_usbmuxd([phone], tmp_path / "mux") as m:
         r = run_subprocess(["backup"], {**os.environ, **m.env(home=tmp_path / "home")})
-    assert r.returncode == 1
-    lines = [l for l in r.stderr.splitlines() if l.startswith("ibsync: error:")]
+    assert r.returncode == 7
+    lines = [line for line in r.stderr.splitlines() if line.startswith("ibsync: error:")]
     assert lines == ["ibsync: error: the device reported error 208: Device locked (MBErrorDomain/208); "
                      "nothing was committed"], r.stderr
     assert "Traceback" not in r.stderr

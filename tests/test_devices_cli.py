@@ -40,5 +40,5 @@ def test_devices_lists_paired_unpaired_and_encrypting_devices(tmp_path):
 
 def test_devices_without_usbmuxd_is_one_line(tmp_path):
     r = run_subprocess(["devices"], {**os.environ, "USBMUXD_SOCKET_ADDRESS": str(tmp_path / "none")})
-    assert r.returncode == 1
+    assert r.returncode == 7
     one_line_error(r.stderr, "cannot reach usbmuxd")

@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import one_line_error
 
 from ibsync.reader.export import PRESETS, parse_exif_time
 from ibsync.testing.generator import (
@@ -19,6 +18,8 @@ from ibsync.testing.generator import (
     generate,
     write_rows_folder,
 )
+
+from conftest import one_line_error
 
 T = 1_690_000_000
 IOS_PASSWORD = "open sesame"
@@ -139,7 +140,7 @@ def test_encrypted_needs_its_password(backups, cli, tmp_path, monkeypatch):
     _, err = cli("export", "voicemail", "latest", tmp_path / "o", "--device", "Locked", expect=2)
     one_line_error(err, "--backup-password-file")
     monkeypatch.setenv("IBSYNC_BACKUP_PASSWORD", "wrong")
-    _, err = cli("export", "voicemail", "latest", tmp_path / "o", "--device", "Locked", expect=2)
+    _, err = cli("export", "voicemail", "latest", tmp_path / "o", "--device", "Locked", expect=4)
     one_line_error(err, "wrong iOS backup password")
     assert not (tmp_path / "o").exists()
 

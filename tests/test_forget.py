@@ -6,11 +6,10 @@ import json
 import os
 import plistlib
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from conftest import MIT_BACKUP, copy_folder, tree_state
 from ibsync.maint.forget import (
     UNLIMITED,
     Duration,
@@ -21,7 +20,9 @@ from ibsync.maint.forget import (
 )
 from ibsync.model import DeviceInfo, Snapshot
 
-UTC = timezone.utc
+from conftest import MIT_BACKUP, copy_folder, tree_state
+
+UTC = UTC
 NOW = datetime(2031, 1, 1, tzinfo=UTC)  # "now" for keep-within, after every synthetic snapshot but k6
 
 
@@ -267,7 +268,7 @@ def _snapshots(cli) -> list[dict]:
 
 
 def _one_line_error(err: str, *needles: str) -> None:
-    lines = [l for l in err.strip().splitlines() if l]
+    lines = [line for line in err.strip().splitlines() if line]
     assert len(lines) == 1, f"expected one line, got:\n{err}"
     assert lines[0].startswith("ibsync: error:"), lines[0]
     for n in needles:
@@ -326,7 +327,7 @@ def test_forget_refuses_bad_requests(env, cli, tmp_path):
     _one_line_error(err, "no policy")
     _, err = cli("forget", "abcd1234", "--keep-last", "1", expect=2)
     _one_line_error(err, "not both")
-    _, err = cli("forget", "--keep-last", "1", "--device", "nope", expect=2)
+    _, err = cli("forget", "--keep-last", "1", "--device", "nope", expect=5)
     _one_line_error(err, "no snapshot of a device 'nope'")
     _, err = cli("forget", "--keep-within", "3w", expect=2)
     assert "invalid duration" in err

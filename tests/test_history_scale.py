@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ from ibsync.testing.generator import generate, mutate_folder
 from conftest import FAST_KDF, PASSWORD, copy_folder, tree_state
 
 UDID = "00008030-000A1B2C3D4E5F60"
-T0 = datetime(2024, 1, 1, 3, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 1, 1, 3, 0, tzinfo=UTC)
 FILE_MODE, DIR_MODE = 0o100644, 0o40755
 
 

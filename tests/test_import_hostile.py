@@ -7,8 +7,9 @@ import threading
 
 import pytest
 
-from conftest import MIT_BACKUP, copy_folder, one_line_error, run_subprocess
 from ibsync.source import backup_folder
+
+from conftest import MIT_BACKUP, copy_folder, one_line_error, run_subprocess
 from test_bad_input import _finished
 
 

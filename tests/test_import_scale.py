@@ -19,7 +19,6 @@ from ibsync.ingest.archiver import BATCH_FILE_MAX, Archiver, _Dir
 from ibsync.repo.repository import Repository
 from ibsync.source.folder import FolderSource
 from ibsync.storage.local import LocalStorage
-
 from ibsync.testing.generator import generate
 
 from conftest import FAST_KDF, PASSWORD, copy_folder, tree_state

@@ -6,11 +6,12 @@ import subprocess
 
 import pytest
 
-from conftest import FAST_KDF, MIT_BACKUP, PASSWORD, copy_folder, one_line_error, run_subprocess, tree_state
 from ibsync.errors import UserError
 from ibsync.repo.keys import add_key, change_password, list_keys, remove_key
 from ibsync.repo.repository import Repository
 from ibsync.storage import open_storage
+
+from conftest import FAST_KDF, MIT_BACKUP, PASSWORD, copy_folder, one_line_error, run_subprocess, tree_state
 
 OTHER = "another password, for the laptop"
 THIRD = "a third one"
@@ -70,7 +71,7 @@ def test_add_list_remove(env, cli, monkeypatch, tmp_path):
     # with the second password, remove the first key by a prefix
     out, _ = cli("key", "remove", first[0]["id"][:6], "-p", pw_file)
     assert f"removed key {first[0]['id'][:8]}" in out
-    err = _opens(cli, monkeypatch, PASSWORD, expect=1)
+    err = _opens(cli, monkeypatch, PASSWORD, expect=4)
     one_line_error(err, "wrong password")
     _opens(cli, monkeypatch, OTHER)
     assert [k["id"] for k in _keys(cli)] == [added]
@@ -121,7 +122,7 @@ def test_passwd_keeps_data(env, cli, monkeypatch, tmp_path):
     out, _ = cli("key", "passwd", "--new-password-file", new_pw)
     assert "password changed" in out
 
-    err = _opens(cli, monkeypatch, PASSWORD, expect=1)
+    err = _opens(cli, monkeypatch, PASSWORD, expect=4)
     one_line_error(err, "wrong password")
     _opens(cli, monkeypatch, THIRD)
     (new_key,) = _keys(cli)
@@ -220,7 +221,7 @@ def test_as_a_user_runs_it(env, cli):
     e = dict(os.environ, IBSYNC_PASSWORD="not it", IBSYNC_NEW_PASSWORD=OTHER)
     e.pop("IBSYNC_DEBUG", None)
     r = run_subprocess(["key", "passwd"], e, stdin=subprocess.DEVNULL)
-    assert r.returncode == 1
+    assert r.returncode == 4
     one_line_error(r.stderr, "wrong password")
     e["IBSYNC_PASSWORD"] = PASSWORD
     # the subprocess does not see the test's fast KDF, so it pays the real Argon2 cost once

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -34,7 +34,7 @@ def test_shared_locks_coexist_and_exclude_exclusive(repo):
 
 
 def _plant_lock(repo, **fields):
-    body = {"time": datetime.now(timezone.utc).isoformat(), "exclusive": True, "hostname": "elsewhere",
+    body = {"time": datetime.now(UTC).isoformat(), "exclusive": True, "hostname": "elsewhere",
             "username": "u", "pid": 1, "command": "prune"}
     body.update(fields)
     name, _ = repo.save_object(Kind.LOCKS, json.dumps(body).encode())
@@ -42,7 +42,7 @@ def _plant_lock(repo, **fields):
 
 
 def test_stale_locks_are_ignored_and_unlock_removes_them(repo, env, cli):
-    old = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
+    old = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
     _plant_lock(repo, time=old)  # not refreshed for an hour: its holder is gone
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

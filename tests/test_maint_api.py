@@ -10,7 +10,6 @@ import plistlib
 from datetime import UTC, datetime
 
 import pytest
-from conftest import MIT_BACKUP, copy_folder, open_repo
 
 from ibsync.errors import StorageError, UserError
 from ibsync.maint import api
@@ -18,6 +17,8 @@ from ibsync.maint.api import KeepPolicy, LockRequired, Subset
 from ibsync.reader.walk import collect_blobs
 from ibsync.repo.lock import RepoLock
 from ibsync.storage import Kind, LocalStorage
+
+from conftest import MIT_BACKUP, copy_folder, open_repo
 
 DAYS = {  # device -> the days its backups were made, oldest first
     "phone_a": [(2024, 1, 1), (2024, 1, 2), (2024, 2, 10), (2024, 3, 5)],

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD, ibsync_peak_rss, tree_state
 
 from ibsync.testing import many_files
 from ibsync.testing.generator import FLAG_FILE, generate_many_files, mutate_many_files
+
+from conftest import PASSWORD, ibsync_peak_rss, tree_state
 
 N_FILES = 20_000
 SEED = 5

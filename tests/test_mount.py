@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import types
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -65,7 +65,9 @@ def repo3(tmp_path_factory):
 
 def _snaps(r):
     """Device A's two snapshots, device B's, the encrypted backup's."""
-    of = lambda folder: [s for s in r.snaps if s.device.udid.upper() == folder.name.upper()]
+    def of(folder):
+        return [s for s in r.snaps if s.device.udid.upper() == folder.name.upper()]
+
     (a1, a2), (b,) = of(r.day2), of(r.other)
     return a1, a2, b, next(s for s in r.snaps if s.ios_encrypted)
 
@@ -80,7 +82,7 @@ def _env(r) -> dict:
 
 
 def _date_folder(snap) -> str:
-    return snap.backup_date.astimezone(timezone.utc).strftime("%Y-%m-%dT%H%M")
+    return snap.backup_date.astimezone(UTC).strftime("%Y-%m-%dT%H%M")
 
 
 def _files(folder: Path) -> dict[str, tuple[str, int, int, int]]:
@@ -281,7 +283,7 @@ def test_mount_one_snapshot_and_ctrl_c(repo3, mounted, tmp_path):
     assert a1.short_id in m.first_line
     files = _files(repo3.day1)
     assert sorted(os.listdir(mp)) == sorted(_domains(repo3.day1))
-    for path, (fid, size, _mtime, _mode) in list(files.items())[:50]:
+    for path, (fid, _size, _mtime, _mode) in list(files.items())[:50]:
         assert (mp / path).read_bytes() == _payload(repo3.day1, fid)
     # a folder listed page by page gives every name once, in a stable order
     home = [p.split("/", 1)[1] for p in files if p.startswith("HomeDomain/")]
@@ -349,7 +351,7 @@ def test_mount_refuses_bad_mountpoints_and_input(repo3, cli, tmp_path, monkeypat
     one_line_error(err, "MOUNTPOINT")
     _, err = cli("mount", "--webdav", empty, expect=2)
     one_line_error(err, "with --webdav there is no MOUNTPOINT")
-    _, err = cli("mount", empty, "ffffffffff", expect=2)
+    _, err = cli("mount", empty, "ffffffffff", expect=5)
     one_line_error(err, "no snapshot with id")
     # an encrypted iOS backup: the password is needed, and checked before anything is mounted
     enc = next(s for s in repo3.snaps if s.ios_encrypted)
@@ -357,7 +359,7 @@ def test_mount_refuses_bad_mountpoints_and_input(repo3, cli, tmp_path, monkeypat
     one_line_error(err, "--backup-password-file")
     wrong = tmp_path / "wrong"
     wrong.write_text("1234\n")
-    _, err = cli("mount", empty, enc.id[:12], "--backup-password-file", wrong, expect=2)
+    _, err = cli("mount", empty, enc.id[:12], "--backup-password-file", wrong, expect=4)
     one_line_error(err, "wrong iOS backup password")
     assert not os.path.ismount(empty)
     # no /dev/fuse
@@ -537,7 +539,7 @@ def test_names_are_safe_and_unique():
         return Snapshot(time=when, tree=b"\0" * 32, device=DeviceInfo(udid, name), backup_date=when,
                         ios_encrypted=False, source={}, id=sid)
 
-    t = datetime(2026, 12, 4, 3, 12, 7, tzinfo=timezone.utc)
+    t = datetime(2026, 12, 4, 3, 12, 7, tzinfo=UTC)
     snaps = [snap("AAA", "Ann's/Phone", t, "a1" * 32), snap("BBB", "Ann's/Phone", t, "b1" * 32),
              snap("CCC", "", t, "c1" * 32), snap("DDD", "..", t, "d1" * 32), snap("EEE", "x\0y", t, "e1" * 32),
              snap("FFF", "latest", t, "f1" * 32)]
@@ -593,7 +595,7 @@ def test_big_folder_is_read_in_few_pages():
     from ibsync.model import DeviceInfo, Snapshot
     from ibsync.mount.fuse import load_mfusepy, make_operations
 
-    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    when = datetime(2026, 1, 1, tzinfo=UTC)
     snap = Snapshot(time=when, tree=b"\0" * 32, device=DeviceInfo("U", "Phone"), backup_date=when,
                     ios_encrypted=False, source={}, id="ab" * 32)
     _FakeView.instances.clear()
@@ -717,7 +719,7 @@ def test_views_are_few_and_closed():
 
     from ibsync.model import DeviceInfo, Snapshot
 
-    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t = datetime(2026, 1, 1, tzinfo=UTC)
     snaps = [Snapshot(time=t + timedelta(days=i), tree=b"\0" * 32, device=DeviceInfo("U", "Phone"),
                       backup_date=t + timedelta(days=i), ios_encrypted=False, source={}, id=f"{i:02d}" * 32)
              for i in range(6)]
@@ -745,7 +747,7 @@ def test_views_in_use_are_not_closed_under_other_threads():
 
     from ibsync.model import DeviceInfo, Snapshot
 
-    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t = datetime(2026, 1, 1, tzinfo=UTC)
     snaps = [Snapshot(time=t + timedelta(days=i), tree=b"\0" * 32, device=DeviceInfo("U", "Phone"),
                       backup_date=t + timedelta(days=i), ios_encrypted=False, source={}, id=f"{i:02d}" * 32)
              for i in range(6)]

@@ -98,7 +98,7 @@ def test_server_down_ends_clearly_and_next_run_completes(seaweedfs_server, remot
         _, err = proc.communicate(timeout=120)
     finally:
         seaweedfs_server.start()
-    assert proc.returncode == 1
+    assert proc.returncode == 6
     last = err.strip().splitlines()[-1]
     assert last.startswith("ibsync: error:") and "still failing after" in last, err
     assert "Traceback" not in err
@@ -120,7 +120,7 @@ def test_two_devices_import_at_once(request, kind, remote, cli, folder, tmp_path
     (other / "Info.plist").write_bytes(info)
     procs = [start_import(folder), start_import(other)]
     results = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, results):
+    for p, (_out, err) in zip(procs, results):
         assert p.returncode == 0, err
     out, _ = cli("snapshots", "--json", "--repo", "remote")
     assert {s["device"]["udid"] for s in json.loads(out)} == {folder.name.upper(), "E" * 40}

@@ -166,7 +166,7 @@ def test_cli_encrypted_snapshot_without_password_is_one_line(env, cli, tmp_path)
         assert r.returncode == 2
         one_line_error(r.stderr, "encrypted iOS backup", "--backup-password-file")
         r = run_subprocess(["restore", "latest", "--to-device", blank.udid], {**e, "IBSYNC_BACKUP_PASSWORD": "wrong"})
-        assert r.returncode == 1
+        assert r.returncode == 7
         one_line_error(r.stderr, "device refused the restore", "password is wrong")
         pw = tmp_path / "pw"
         pw.write_text(DEVICE_PASSWORD + "\n")

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import stat
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -82,7 +82,7 @@ def save_snapshot(path: Path, build, *, folder: str = FOLDER, udid: str = UDID, 
     with repo.write_session() as session:
         w = Writer(session)
         root = w.tree(build(w), raw=raw)
-    snap = Snapshot(time=datetime.now(timezone.utc), tree=root, device=DeviceInfo(udid=udid), backup_date=None,
+    snap = Snapshot(time=datetime.now(UTC), tree=root, device=DeviceInfo(udid=udid), backup_date=None,
                     ios_encrypted=False, source={"kind": "folder", "path": "/crafted"}, folder=folder)
     repo.save_snapshot(snap)
     repo.close()
@@ -331,7 +331,7 @@ def _with_extra(env: Path, snap: Snapshot, extra) -> Snapshot:
     entries = repo.load_tree_entries(snap.tree)
     with repo.write_session() as session:
         root = Writer(session).tree(entries + extra(Writer(session)))
-    crafted = dataclasses.replace(snap, tree=root, id="", time=datetime.now(timezone.utc))
+    crafted = dataclasses.replace(snap, tree=root, id="", time=datetime.now(UTC))
     repo.save_snapshot(crafted)
     return crafted
 
@@ -415,8 +415,9 @@ def test_copy_names_the_entries_it_leaves_out(repo_path, cli, tmp_path, caplog, 
 
 
 def test_import_over_a_crafted_parent_neither_crashes_nor_keeps_its_bad_entries(repo_path, cli, tmp_path):
-    from conftest import MIT_BACKUP, copy_folder
     from ibsync.source.backup_folder import read_backup_folder
+
+    from conftest import MIT_BACKUP, copy_folder
 
     src = copy_folder(MIT_BACKUP, tmp_path / "in" / "sample_backup")
     udid = read_backup_folder(src, allow_unfinished=True).device.udid

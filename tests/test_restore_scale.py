@@ -20,11 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import ibsync_peak_rss, open_repo, run_subprocess
 
 from ibsync.format.pack import BlobType
 from ibsync.model import DeviceInfo, Snapshot
 from ibsync.reader.restorer import Batching, partial_folder, restore_folder
+
+from conftest import ibsync_peak_rss, open_repo, run_subprocess
 
 T = 1_600_000_000 * 10**9
 FOLDER = "00008030-001A2B3C4D5E6F70"

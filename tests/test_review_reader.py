@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from test_restore_safety import FOLDER, open_repository, repo_path, save_snapshot  # noqa: F401  (fixture)
-
 from ibsync.reader.paths import BadName, output_parts
+
+from test_restore_safety import FOLDER, open_repository, repo_path, save_snapshot  # noqa: F401  (fixture)
 
 
 def _copy_target(repo_path: Path, cli, target: Path, monkeypatch) -> None:
@@ -64,9 +64,8 @@ def test_diff_of_a_damaged_manifest_prints_one_line_and_no_traceback(env, cli, t
     import sqlite3
     import struct
 
-    from test_browse_hostile import backup_with, good
-
     from conftest import one_line_error, run_subprocess
+    from test_browse_hostile import backup_with, good
 
     rows = [good("HomeDomain", f"Library/f{i:04d}.txt", b"x", file_id=f"{i:040x}") for i in range(400)]
     src = backup_with(tmp_path / "sample_backup", rows)

@@ -9,10 +9,11 @@ from urllib.parse import urlsplit
 
 import fsspec
 import pytest
-from servers_fixture import server_fixture, start_or_skip, unavailable
 
 from ibsync.testing import servers
 from ibsync.testing.servers import STARTERS, Server, ServerUnavailable, port_open
+
+from servers_fixture import server_fixture, start_or_skip, unavailable
 
 sshd_server = server_fixture("sshd")
 

@@ -24,7 +24,6 @@ from pymobiledevice3.exceptions import (
 from pymobiledevice3.lockdown import create_using_usbmux
 from pymobiledevice3.services.mobilebackup2 import Mobilebackup2Service
 from pymobiledevice3.services.notification_proxy import NotificationProxyService
-from test_simdevice import SEED, SIZE, assert_folder_matches
 
 from ibsync.testing.device import SimDevice
 from ibsync.testing.device.lockdownd import (
@@ -36,6 +35,8 @@ from ibsync.testing.device.lockdownd import (
 )
 from ibsync.testing.device.usbmuxd import ENV_VAR, SimUsbmuxd, run_sim_usbmuxd
 from ibsync.testing.generator import generate_content
+
+from test_simdevice import SEED, SIZE, assert_folder_matches
 
 # UDIDs of the two shapes (old 40 hex digits from the generator, new "<chip>-<ecid>"); no real device has them,
 # which matters because pymobiledevice3 also reads /var/lib/lockdown/<udid>.plist.

@@ -1,9 +1,9 @@
 
 from ibsync.storage import LocalStorage, open_storage
+from ibsync.storage.base import Kind
 from ibsync.storage.local import TEMP_PREFIX
 from ibsync.storage.remote import FsspecStorage
 from ibsync.storage.testing import run_conformance
-from ibsync.storage.base import Kind
 
 
 def test_local_conformance(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from datetime import UTC
 from pathlib import Path
 
 import msgpack
@@ -312,11 +313,11 @@ def test_a_hostile_v2_tree_restores_only_its_safe_entries(env, cli, tmp_path):
         sub = s.save_tree([a_file("inside", [data.hex()], 5)])
         folder = {"name": "x", "type": "dir", "mode": 0o40755, "mtime_ns": T, "subtree": sub.hex()}
         root = s.save_tree([link, folder, a_file("good", [data.hex()], 5), a_file("..", [data.hex()], 5)])
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from ibsync.model import DeviceInfo, Snapshot
 
-    repo.save_snapshot(Snapshot(time=datetime.now(timezone.utc), tree=root, device=DeviceInfo(udid="U1"),
+    repo.save_snapshot(Snapshot(time=datetime.now(UTC), tree=root, device=DeviceInfo(udid="U1"),
                                 backup_date=None, ios_encrypted=False, source={"kind": "folder", "path": "/x"}))
     _, err = cli("restore", "latest", tmp_path / "out", expect=1)
     partial = tmp_path / "out" / ".U1.ibsync-partial"  # where restore leaves what it could restore

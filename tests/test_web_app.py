@@ -16,14 +16,15 @@ import threading
 import time
 
 import pytest
-from conftest import run_subprocess, tree_state
-from test_agent_notify import receiver  # noqa: F401  (pytest fixture)
-from webtools import browser, page, screenshot  # noqa: F401  (pytest fixtures)
 
 from ibsync.errors import UserError
 from ibsync.storage import Kind
 from ibsync.testing.device import SimDevice, run_sim_usbmuxd
 from ibsync.testing.generator import generate_content
+
+from conftest import run_subprocess, tree_state
+from test_agent_notify import receiver  # noqa: F401  (pytest fixture)
+from webtools import browser, page, screenshot  # noqa: F401  (pytest fixtures)
 
 RECORD_JOB_TEXTS = """
 window.ibsyncJobTexts = [];

@@ -14,8 +14,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import run_subprocess
 from starlette.routing import Mount, Route
+
+from conftest import run_subprocess
 from webtools import serve_app
 
 

@@ -15,9 +15,7 @@ from pathlib import Path
 import httpx
 import pillow_heif
 import pytest
-from conftest import ENCRYPTED_BACKUP, FAST_KDF, PASSWORD, copy_folder
 from PIL import Image
-from webtools import browser, login, page, screenshot, serve_app  # noqa: F401  (pytest fixtures)
 
 from ibsync.cli import main
 from ibsync.repo.repository import Repository
@@ -29,6 +27,9 @@ from ibsync.testing.generator import (
     generate_content,
     write_backup_folder,
 )
+
+from conftest import ENCRYPTED_BACKUP, FAST_KDF, PASSWORD, copy_folder
+from webtools import browser, login, page, screenshot, serve_app  # noqa: F401  (pytest fixtures)
 
 T0 = 1_700_000_000
 PHOTOS = "CameraRollDomain/Media/DCIM/100APPLE"
@@ -463,7 +464,7 @@ def test_view_cache_bounds_shares_and_closes():
         t.start()
     for t in threads:
         t.join()
-    assert opened == ["a"] and len({id(l.view) for l in leases}) == 1
+    assert opened == ["a"] and len({id(lease.view) for lease in leases}) == 1
     # beyond max_open, the least recently used is closed, but only once its last user is done
     for key in ("b", "c"):
         cache.acquire(key, _opener(key, log, opened)).release()

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from ..pids import pid_alive
 from ..userdirs import user_dir
@@ -77,6 +77,12 @@ def default_history_path() -> Path:
     return user_dir("state") / "agent.db"
 
 
+@overload
+def to_time(seconds: float) -> datetime: ...
+@overload
+def to_time(seconds: None) -> None: ...
+@overload
+def to_time(seconds: float | None) -> datetime | None: ...
 def to_time(seconds: float | None) -> datetime | None:
     return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
 
@@ -226,9 +232,10 @@ class History:
     @staticmethod
     def _attempt(row: tuple) -> Attempt:
         result, reason = row[7], row[8]
+        started: float = row[5]  # NOT NULL
         if result == RUNNING and not pid_alive(row[13] or 0):
             result, reason = FAILED, INTERRUPTED  # the agent died; the next one will record it so
-        return Attempt(row[0], row[1], row[2], row[3], row[4], to_time(row[5]), to_time(row[6]), result, reason,
+        return Attempt(row[0], row[1], row[2], row[3], row[4], to_time(started), to_time(row[6]), result, reason,
                        row[9], row[10], row[11], row[12])
 
     # ---- devices ------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
+from ..errors import IbsyncError
 from ..opening import RepoSource
 from ..repo.lock import Locked
-from ..errors import IbsyncError
 from .history import FAILED, OK, History
 from .settings import AgentSettings
 
@@ -39,8 +39,9 @@ def maintain_repository(source: RepoSource, name: str, udids: set[str], settings
         return
     with opened as repo:
         for udid, keep in policies.items():
-            _run(history, name, "forget", lambda: apply_retention(repo, KeepPolicy.from_mapping(keep), device=udid),
-                 lambda r: f"{_label(history, udid)}: kept {len(r.kept)}, removed {len(r.removed)}")
+            _run(history, name, "forget",
+                 lambda keep=keep, udid=udid: apply_retention(repo, KeepPolicy.from_mapping(keep), device=udid),
+                 lambda r, udid=udid: f"{_label(history, udid)}: kept {len(r.kept)}, removed {len(r.removed)}")
         if not prune_due:
             return
         pruned = _run(history, name, "prune", lambda: prune(repo), _summary)

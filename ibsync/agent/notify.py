@@ -17,6 +17,7 @@ the secrets URLs of this kind carry (passwords, tokens, the ping UUID).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import threading
@@ -91,7 +92,7 @@ async def _run_bounded_async(fn: Callable[[], Any], timeout: float, name: str) -
         return (False, None)
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
@@ -167,7 +168,7 @@ class Notifier:
         notify_type = kind if kind in KINDS else "info"
         deadline = time.monotonic() + self.timeout
         # one thread per service, so a dead server does not hold up the others
-        sends = [(name, _start_bounded(lambda p=plugin: self._deliver(p, title, body, notify_type), "ibsync-notify"))
+        sends = [(name, _start_bounded(functools.partial(self._deliver, plugin, title, body, notify_type), "ibsync-notify"))
                  for name, plugin in self._services]
         failed = []
         for name, (thread, box) in sends:

@@ -30,7 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from ..capture.discovery import ConnectedDevice
-from ..errors import DeviceDisconnected, DeviceError, DeviceUnreachable, PasscodeNotEntered, IbsyncError, RepoError, StorageError, TrustNotAnswered
+from ..errors import (
+    DeviceDisconnected,
+    DeviceError,
+    DeviceUnreachable,
+    IbsyncError,
+    PasscodeNotEntered,
+    RepoError,
+    StorageError,
+    TrustNotAnswered,
+)
 from ..opening import RepoSource
 from .history import FAILED, OK, SKIPPED, STOPPED, History
 from .schedule import format_duration, is_overdue
@@ -118,8 +127,8 @@ class Agent:
         self.history.put("stopped", None)
         logger.info("agent started (pid %d, looking for devices every %s, history %s)", os.getpid(),
                     format_duration(self.settings.poll), self.history.path)
-        self._wake = asyncio.Event()
-        watcher = None if self.once or self.discover is not None else asyncio.create_task(self._watch_usbmuxd())
+        wake_event = self._wake = asyncio.Event()
+        watcher = None if self.once or self.discover is not None else asyncio.create_task(self._watch_usbmuxd(wake_event))
         try:
             while not self._stop.is_set():
                 self._wake.clear()
@@ -146,7 +155,7 @@ class Agent:
             return poll
         return max(0.2, min(poll, (self._next_look - datetime.now(UTC)).total_seconds()))
 
-    async def _watch_usbmuxd(self) -> None:
+    async def _watch_usbmuxd(self, wake: asyncio.Event) -> None:
         """usbmuxd's Attached/Detached events wake the loop at once, so a phone plugged in is
         seen in a second rather than at the next poll; the poll stays for Wi-Fi and schedules."""
         from pymobiledevice3 import usbmux
@@ -158,7 +167,7 @@ class Agent:
                 await mux.listen()
                 while True:
                     await mux.receive_device_state_update()
-                    self._wake.set()
+                    wake.set()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # usbmuxd restarted or absent: listen again after a poll

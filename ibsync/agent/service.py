@@ -358,7 +358,8 @@ def uninstall(platform: str, *, stop: bool = True, home: Path | None = None,
         if out is None or out.returncode != 0:
             detail = _first_line(out.stderr or out.stdout) if out is not None else f"{cmd[0]} not found"
             if not _not_loaded(platform, cmd, detail, out):
-                problem = problem or f"{' '.join(cmd[:3])}: {detail or f'exit status {out.returncode}'}"
+                status = f"exit status {out.returncode}" if out is not None else ""  # None: detail says so
+                problem = problem or f"{' '.join(cmd[:3])}: {detail or status}"
         else:
             ran.append(shell_line([cmd]))
     existed = path.exists()

@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
 from typing import Any
+
 from pymobiledevice3.lockdown_service_provider import LockdownServiceProvider
 
 from ..errors import UserError
@@ -82,12 +83,14 @@ async def session_for(provider: ProviderArg, repo: RepoArg, password: str | None
     function); all of it released at the end, whatever happens."""
     from ..repo.lock import RepoLock
 
-    opened = not isinstance(repo, Repository)
-    if opened:
+    if isinstance(repo, Repository):
+        opened = False
+    else:
+        opened = True
         repo = await asyncio.to_thread(open_repository, repo, password=password, password_file=password_file)
     assert isinstance(repo, Repository)
     lock = None
-    created = None
+    created: LockdownServiceProvider | None = None
     try:
         if opened:
             lock = await asyncio.to_thread(RepoLock(repo, exclusive=False, command=command).acquire)
@@ -104,7 +107,7 @@ async def session_for(provider: ProviderArg, repo: RepoArg, password: str | None
             repo.close()
 
 
-def run_sync(coro_fn: Callable[..., Awaitable[Any]], *args: Any, **options: Any) -> Any:
+def run_sync(coro_fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, **options: Any) -> Any:
     """Run a library coroutine from code without an event loop (refused inside one: blocking it
     would stall the device's connections, which live in that loop)."""
     try:

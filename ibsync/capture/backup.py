@@ -42,14 +42,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-from pymobiledevice3.exceptions import ConnectionTerminatedError, PyMobileDevice3Exception
+from pymobiledevice3.exceptions import AfcException, ConnectionTerminatedError, PyMobileDevice3Exception
 from pymobiledevice3.lockdown_service_provider import LockdownServiceProvider
 from pymobiledevice3.safe_paths import validate_device_filename
 from pymobiledevice3.services.afc import AFC_LOCK_EX, AFC_LOCK_UN, AfcError, AfcService
-from pymobiledevice3.exceptions import AfcException
 from pymobiledevice3.services.mobilebackup2 import (
     NP_LOCAL_AUTH_DISMISSED,
     NP_LOCAL_AUTH_PRESENTED,
@@ -64,11 +63,11 @@ from pymobiledevice3.services.notification_proxy import NotificationProxyService
 
 from ..errors import DeviceDisconnected, DeviceError, PasscodeNotEntered
 from ..ingest.archiver import Archiver
-from ..source.backup_folder import describe_backup, plist_dict
 from ..model import DeviceInfo, Snapshot, split_entries, utc_iso
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
 from ..repo.session import WriteSession
+from ..source.backup_folder import describe_backup, plist_dict
 from .devicelink import DeviceLinkHost, FailedUpload, SessionEnd, TransferStats, idle_timeout_from_env
 from .store import FileStore
 from .vtree import VirtualTree
@@ -241,7 +240,8 @@ async def mobilebackup2_session(provider: LockdownServiceProvider, tree: Virtual
                               count_downloads=count_downloads, idle_timeout=timeout)
         await link.version_exchange()
         try:
-            await mb2.version_exchange(link)  # Hello: pymobiledevice3's, through our link  # type: ignore[arg-type]
+            # Hello: pymobiledevice3's, through our link (its DeviceLink's interface, not its class)
+            await mb2.version_exchange(link)  # type: ignore[arg-type]
         except (AssertionError, KeyError, IndexError, TypeError) as e:  # how pmd3 checks the answer
             raise failure("the device does not speak mobilebackup2 protocol version 2.0 or 2.1") from e
         try:
@@ -416,7 +416,7 @@ def _describe(tree: VirtualTree, udid: str) -> _Meta:
     manifest = plist_dict(tree.read_bytes(f"{udid}/Manifest.plist")) or {}
     status = plist_dict(tree.read_bytes(f"{udid}/Status.plist")) or {}
     device, backup_date, encrypted = describe_backup(info, manifest, status, udid)
-    return _Meta(device, backup_date or datetime.now(timezone.utc), encrypted, status.get("SnapshotState"))
+    return _Meta(device, backup_date or datetime.now(UTC), encrypted, status.get("SnapshotState"))
 
 
 # ---- on the way out of a failure -----------------------------------------------------------------

@@ -50,7 +50,7 @@ import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pymobiledevice3.exceptions import ConnectionTerminatedError
@@ -110,7 +110,7 @@ def _device_error(e: OSError) -> int:
 
 
 def _naive_utc(ns: int) -> datetime:
-    return datetime.fromtimestamp(ns / 1e9, timezone.utc).replace(tzinfo=None)  # plistlib wants naive UTC
+    return datetime.fromtimestamp(ns / 1e9, UTC).replace(tzinfo=None)  # plistlib wants naive UTC
 
 
 class MalformedMessage(DeviceError):

@@ -139,7 +139,7 @@ async def list_connected(wifi: bool = False, *, tolerant: bool = False, connect_
             continue
         try:
             device = await asyncio.wait_for(_describe_mux(mux), timeout)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             why = f"listed by usbmuxd ({mux.connection_type}) but lockdown did not answer within {timeout:g} s"
         except Exception as e:
             why = f"lockdown refused ({e.__class__.__name__}: {e})"
@@ -233,7 +233,8 @@ async def open_lockdown(device: ConnectedDevice, *, pair_timeout: float | None =
     bounded by ``connect_timeout`` (default :data:`CONNECT_TIMEOUT`)."""
     timeout = connect_timeout_from_env() if connect_timeout is None else connect_timeout
     if device.connection == "Wi-Fi":
-        from .wifi import WifiEndpoint, open_lockdown as open_wifi
+        from .wifi import WifiEndpoint
+        from .wifi import open_lockdown as open_wifi
 
         if device.address is None:
             raise DeviceError(f"{device.name or device.udid}: listed over Wi-Fi without an address")
@@ -268,7 +269,7 @@ async def _open_usbmux(device: ConnectedDevice, pair_timeout: float | None, time
         except PairingDialogResponsePendingError as e:
             raise TrustNotAnswered(f"{label}: 'Trust this computer' was not answered on the device"
                                    + (f" within {pair_timeout:g} s" if pair_timeout is not None else "")) from e
-    except (TimeoutError, asyncio.TimeoutError) as e:
+    except TimeoutError as e:
         raise DeviceUnreachable(f"{label}: the device did not answer within {timeout:g} s") from e
     except UserDeniedPairingError as e:
         raise DeviceError(f"{label}: the device does not trust this computer ('Don't Trust' was tapped); "

@@ -42,8 +42,8 @@ from ..model import Snapshot, name_problem
 from ..progress import NULL_PROGRESS, Progress
 from ..reader.walk import rejected_entries
 from ..repo.repository import Repository
-from .api import ProviderArg, RepoArg, run_sync, session_for
 from ..source.backup_folder import plist_dict
+from .api import ProviderArg, RepoArg, run_sync, session_for
 from .backup import Notify, _free_space, _log_warning, mobilebackup2_session
 from .devicelink import SessionEnd, TransferStats
 from .vtree import VirtualTree, VTreeError

@@ -73,7 +73,7 @@ class IncomingFile:
 
     __slots__ = ("_store", "_chunks", "_buffer", "_buffered", "_handed_over")
 
-    def __init__(self, store: "FileStore") -> None:
+    def __init__(self, store: FileStore) -> None:
         self._store = store
         self._chunks = _Chunks(store.session, store.chunker)
         self._buffer: list[bytes] = []

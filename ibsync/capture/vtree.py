@@ -44,9 +44,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
-from ..model import Node, split_entries
+from ..model import Node, file_entry, split_entries
 from ..reader.files import read_file
 from ..repo import trees
 from ..repo.repository import Repository
@@ -130,8 +130,8 @@ def entry_of_record(name: str, record: Record) -> Entry:
     """The tree entry a received file's record stands for."""
     mtime_ns, size = _RECORD.unpack_from(record)
     ids = memoryview(record)[_RECORD.size:]
-    return {"name": name, "type": "file", "mode": FILE_MODE, "mtime_ns": mtime_ns, "size": size,
-            "content": [ids[i : i + ID_SIZE].hex() for i in range(0, len(ids), ID_SIZE)]}
+    return file_entry(name, FILE_MODE, mtime_ns, size,
+                      [ids[i : i + ID_SIZE].hex() for i in range(0, len(ids), ID_SIZE)])
 
 
 def raw_ids(content: bytes | list[str]) -> bytes:
@@ -222,7 +222,7 @@ class VirtualTree:
         """What ``d`` holds under ``name``, a received file as its record."""
         node = d.get(name, d)  # d: not changed in this session
         if node is not d:
-            return node  # type: ignore[return-value]
+            return node
         if d.base is None:
             return None
         if self._lookups and d is not self._root and d is not self._root.get(self.folder):
@@ -372,7 +372,7 @@ class VirtualTree:
         elif cached:
             out = dict(self._base_entries(d.base))
         else:  # the archiver's walk: each folder once, from several threads; no need to keep it
-            out = self._usable_entries(d.base)
+            out = cast("dict[str, VDir | Entry | Record]", self._usable_entries(d.base))  # not kept: no copy
         for name, node in d.named_changes():
             if node is None:
                 out.pop(name, None)

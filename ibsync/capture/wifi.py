@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Any
@@ -43,8 +43,9 @@ DEFAULT_BROWSE_TIMEOUT = 3.0
 CONNECT_TIMEOUT = 5.0
 LOCKDOWN_PORT = 62078
 
-#: ``browse(timeout)`` -> pymobiledevice3 ``ServiceInstance``s as they are complete
-Browse = Callable[[float], AsyncIterator[Any]]
+#: ``browse(timeout)`` -> pymobiledevice3 ``ServiceInstance``s as they are complete; an async
+#: generator (iter_browse_mobdev2, or the tests' adverts), which find_paired closes when it stops early
+Browse = Callable[[float], AsyncGenerator[Any, None]]
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ async def open_lockdown(endpoint: WifiEndpoint, records: list[dict[str, Any]] | 
             lockdown = await asyncio.wait_for(
                 create_using_tcp(hostname=endpoint.host, port=endpoint.port, autopair=False, pair_record=record,
                                  keep_alive=keep_alive), timeout)
-        except (TimeoutError, asyncio.TimeoutError) as e:
+        except TimeoutError as e:
             raise DeviceUnreachable(f"{who}: no answer over Wi-Fi at {endpoint.address} within {timeout:g} s") from e
         except Exception as e:  # refused, reset, not lockdownd, ...: pymobiledevice3 raises many kinds
             raise DeviceUnreachable(f"{who}: cannot reach it over Wi-Fi at {endpoint.address} "
@@ -226,5 +227,5 @@ async def find_paired(*, timeout: float | None = None, environ: Mapping[str, str
         logger.info("Wi-Fi: Bonjour browse failed: %s", e)
     finally:
         with suppress(Exception):
-            await adverts.aclose()  # type: ignore[attr-defined]
+            await adverts.aclose()
 

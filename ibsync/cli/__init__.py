@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from .. import __version__
+from .._version import __version__
 
 # Command name -> "module:object". A command's module is imported only when that command runs
 # (or --help lists them): every command pays start-up time, an unchanged re-import is about
@@ -43,6 +43,18 @@ COMMANDS = {
 
 
 class LazyGroup(click.Group):
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The exit statuses as a table (click would rewrap an epilog into one paragraph)."""
+        from ..errors import EXIT_CODES
+
+        with formatter.section("Exit codes"):
+            formatter.write_dl([(str(code), meaning) for code, meaning in EXIT_CODES.items()])
+        formatter.write_paragraph()
+        formatter.write_text(
+            'Shell completion: eval "$(_IBSYNC_COMPLETE=bash_source ibsync)" in ~/.bashrc '
+            "(zsh_source for zsh, fish_source for fish; README: Shell completion)."
+        )
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
 
@@ -73,7 +85,6 @@ def cli() -> None:
     """
 
 
-
 INTERRUPTED = "ibsync: interrupted; data stored so far is kept and the next run reuses it"
 
 
@@ -94,7 +105,7 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time of each warning, not the one at set-up:
     main() may run many times in one process (tests, embedding) with stderr redirected."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self):
         return sys.stderr
 
@@ -115,14 +126,10 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.WARNING)
 
 
-# Exit statuses (README "Exit codes"): 0 done, 1 failed, 2 bad input, 3 repository locked (try
-# again later), 4 internal error (a bug), 130 interrupted. A script must be able to tell "retry
-# later" from a crash, so the two never share a number.
-EXIT_INTERNAL = 4
-
-
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import IbsyncError
+    # the exit statuses are ibsync.errors' table (README "Exit codes"): a script must be able
+    # to tell "retry later" from "wrong password" from a crash, so no two share a number
+    from ..errors import EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, IbsyncError
     from ..ui.text import printable
 
     debug = bool(os.environ.get("IBSYNC_DEBUG"))
@@ -130,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     try:
         # without standalone mode click returns the code of a click.exceptions.Exit (status's 1)
-        code = cli.main(args=argv, prog_name="ibsync", standalone_mode=False)
+        # NO_COLOR (no-color.org): click strips any styling even on a terminal; off a
+        # terminal it always does
+        color = False if os.environ.get("NO_COLOR") else None
+        code = cli.main(args=argv, prog_name="ibsync", standalone_mode=False, color=color)
         return code if isinstance(code, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
@@ -143,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             click.echo(INTERRUPTED, err=True)
         else:
             click.echo("ibsync: aborted", err=True)
-        return 130
+        return EXIT_INTERRUPTED
     except IbsyncError as e:
         if debug:
             raise
@@ -151,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         click.echo(INTERRUPTED, err=True)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
-        return 1
+        return EXIT_FAILED
     except Exception as e:
         if debug:
             raise

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import cast
+
 import click
 
 
@@ -84,8 +86,9 @@ def agent_group(ctx: click.Context, config_path: str | None, repo_url: str | Non
     logger = logging.getLogger("ibsync")
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     for handler in logger.handlers:  # the CLI's stderr handler: a time on every line of a long-running log
-        if getattr(handler, "ibsync_cli", False):
-            handler.setFormatter(type(handler.formatter)("%(asctime)s ibsync: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        if getattr(handler, "ibsync_cli", False):  # made with its formatter (cli/app.py), whose class is kept
+            formatter_class = type(cast(logging.Formatter, handler.formatter))
+            handler.setFormatter(formatter_class("%(asctime)s ibsync: %(message)s", "%Y-%m-%d %H:%M:%S"))
     agent = Agent(settings, history, config_path=str(path) if path.exists() else None, notifier=notifier,
                   health=health, once=once)
     web = None

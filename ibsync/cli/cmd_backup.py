@@ -48,7 +48,7 @@ def backup_cmd(app: App, device: str | None, all_devices: bool, full: bool, allo
     for d in chosen:
         label = printable(f"{d.name or d.udid} ({d.udid})")  # the device chose its name
 
-        async def one():
+        async def one(d):
             lockdown = await open_lockdown(d)
             try:
                 return await capture(lockdown, repo, full=full, allow_partial=allow_partial,
@@ -57,7 +57,7 @@ def backup_cmd(app: App, device: str | None, all_devices: bool, full: bool, allo
                 await lockdown.close()
 
         try:
-            outcome = run(one())
+            outcome = run(one(d))
         except DeviceError as e:
             if len(chosen) == 1:
                 raise

@@ -6,28 +6,28 @@ Paths are ``Domain/relative/path`` as in Manifest.db; patterns are globs (see
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import sqlite3
 import sys
 import tempfile
-import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import IbsyncError, UserError
 from ..model import Snapshot, utc_iso
-from ..ui.text import printable, size, table, when
 from ..opening import read_password_file
+from ..ui.text import printable, size, table, when
 from .app import App, common_options
 
+if TYPE_CHECKING:  # the reader modules are imported when their command runs
+    from ..reader.find import FindResult, Version
+
 BACKUP_PASSWORD_ENV = "IBSYNC_BACKUP_PASSWORD"
-EXTRACT_WORKERS = 4
 
 
 class ExtractIncomplete(IbsyncError):
@@ -48,7 +48,9 @@ def backup_password_option(func: Callable) -> Callable:
 
 
 def _device_option(func: Callable) -> Callable:
-    return click.option("--device", metavar="UDID|NAME", help="With 'latest': the latest snapshot of this device.")(func)
+    return click.option("--device", metavar="UDID|NAME", help="With 'latest': the latest snapshot of this device.")(
+        func
+    )
 
 
 def backup_password_source(password_file: str | None) -> Callable[[], str]:
@@ -84,7 +86,7 @@ def _keyring(password_file: str | None):
 
 
 def _ts(seconds: int) -> datetime:
-    return datetime.fromtimestamp(seconds, timezone.utc)
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 def _snap_ref(s: Snapshot) -> dict[str, Any]:
@@ -118,8 +120,11 @@ def _fail_on_bad_rows(bad: list[tuple[Snapshot, Any]]) -> None:
     if not bad:
         return
     for snap, b in bad:
-        click.echo(f"ibsync: cannot read the Manifest.db row {printable(b.path)} (snapshot {snap.short_id}): "
-                   f"{printable(b.reason)}", err=True)
+        click.echo(
+            f"ibsync: cannot read the Manifest.db row {printable(b.path)} (snapshot {snap.short_id}): "
+            f"{printable(b.reason)}",
+            err=True,
+        )
     raise UnreadableRows(f"{len(bad)} row(s) of Manifest.db could not be read")
 
 
@@ -146,13 +151,14 @@ def ls_cmd(app: App, snapshot: str, pattern: str | None, device: str | None, bac
       ibsync ls latest 'HomeDomain/Library/SMS'
     """
     from ..reader.manifest import SnapshotManifest
-    from ..reader.paths import PathPattern
-
     from ..reader.manifest_cache import ManifestCache
+    from ..reader.paths import PathPattern
 
     repo = app.open_repo()
     snap = repo.find_snapshot(snapshot, device)
-    with SnapshotManifest(repo, snap, _keyring(backup_password_file), cache=ManifestCache.for_repository(repo)) as manifest:
+    with SnapshotManifest(
+        repo, snap, _keyring(backup_password_file), cache=ManifestCache.for_repository(repo)
+    ) as manifest:
         if pattern is None:
             domains = manifest.domains()
             bad = [(snap, b) for b in manifest.bad_rows]
@@ -161,7 +167,13 @@ def ls_cmd(app: App, snapshot: str, pattern: str | None, device: str | None, bac
                     {
                         "snapshot": _snap_ref(snap),
                         "domains": [
-                            {"domain": d, "files": st.files, "dirs": st.dirs, "symlinks": st.symlinks, "bytes": st.bytes}
+                            {
+                                "domain": d,
+                                "files": st.files,
+                                "dirs": st.dirs,
+                                "symlinks": st.symlinks,
+                                "bytes": st.bytes,
+                            }
                             for d, st in domains.items()
                         ],
                         "unreadable_rows": _bad_rows_dicts(bad),
@@ -238,13 +250,13 @@ class SpilledTable:
     and written to an unlinked temporary file (printable cells hold no tab or newline, so a line
     of tab-separated cells reads back exactly); ``echo`` then prints the aligned table."""
 
-    def __init__(self, headers: list[str], right: set[int] = frozenset()) -> None:
+    def __init__(self, headers: list[str], right: frozenset[int] | set[int] = frozenset()) -> None:
         self.headers = headers
         self.right = right
         self.widths = [len(h) for h in headers]
         self._file = tempfile.TemporaryFile("w+", encoding="utf-8", newline="\n")
 
-    def __enter__(self) -> "SpilledTable":
+    def __enter__(self) -> SpilledTable:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -307,109 +319,6 @@ def _write_json_array(out: _Out, items: Iterable[Any]) -> None:
 # ---- find -----------------------------------------------------------------------------------
 
 
-class _Histories:
-    """Each matching path's versions, kept in a private temporary sqlite database rather than in
-    memory: ``find`` across a year of snapshots of a phone where the pattern matches most files
-    holds paths x snapshots versions. Names are stored as UTF-32-BE (surrogates passed through),
-    whose byte order is the code point order Python sorts ``str`` by, so ``ORDER BY`` lists
-    paths exactly as sorting them in Python did."""
-
-    def __init__(self) -> None:
-        self.db = sqlite3.connect("")  # "": a private temporary file, removed on close
-        self.db.executescript(
-            "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;"
-            "CREATE TABLE paths(id INTEGER PRIMARY KEY, device BLOB, domain BLOB, rel BLOB, name BLOB,"
-            " last BLOB, present INTEGER, seen INTEGER, UNIQUE(device, domain, rel));"
-            "CREATE TABLE versions(path INTEGER, snap INTEGER, size INTEGER, mtime TEXT, status TEXT);"
-        )
-        self.snaps: list[Snapshot] = []  # by the number versions refer to them with
-
-    def close(self) -> None:
-        self.db.close()
-
-    def record(self, holding, snap: Snapshot, seen_device: bool) -> None:
-        """Add one snapshot's rows to each path's history: first, new, changed, unchanged, or
-        removed (a path the device's previous snapshot held and this one does not)."""
-        n = len(self.snaps)
-        self.snaps.append(snap)
-        udid = _u32(snap.device.udid)
-        db = self.db
-        with db:
-            for e, content in holding.entries:
-                key = (udid, _u32(e.domain), _u32(e.relative_path))
-                last = _content_key(content)
-                got = db.execute("SELECT id, last, present FROM paths WHERE device = ? AND domain = ? AND rel = ?",
-                                 key).fetchone()
-                if got is None:
-                    pid = db.execute("INSERT INTO paths(device, domain, rel, name, last, present, seen) "
-                                     "VALUES (?, ?, ?, ?, ?, 1, ?)", key + (_u32(snap.device.name), last, n)).lastrowid
-                    status = "new" if seen_device else "first"
-                else:
-                    pid = got[0]
-                    if not got[2]:
-                        status = "new" if seen_device else "first"
-                    else:
-                        status = "changed" if last != got[1] else "unchanged"
-                    db.execute("UPDATE paths SET last = ?, present = 1, seen = ? WHERE id = ?", (last, n, pid))
-                db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?)",
-                           (pid, n, e.size, utc_iso(_ts(e.mtime)), status))
-            gone = "FROM paths WHERE device = ? AND present = 1 AND seen <> ?"
-            db.execute(f"INSERT INTO versions SELECT id, ?, NULL, NULL, 'removed' {gone} ORDER BY id", (n, udid, n))
-            db.execute(f"UPDATE paths SET present = 0 WHERE id IN (SELECT id {gone})", (udid, n))
-
-    def counts(self) -> tuple[int, int, int]:
-        """Paths, devices among them, version rows."""
-        paths, devices = self.db.execute("SELECT count(*), count(DISTINCT device) FROM paths").fetchone()
-        return paths, devices, self.db.execute("SELECT count(*) FROM versions").fetchone()[0]
-
-    def paths(self) -> Iterator[tuple[str, str | None, str, str, list[dict[str, Any]]]]:
-        """``(udid, device name, domain, relative path, versions)`` by device, domain and path;
-        versions oldest first (one path's versions in memory at a time)."""
-        rows = self.db.execute(
-            "SELECT p.id, p.device, p.name, p.domain, p.rel, v.snap, v.size, v.mtime, v.status "
-            "FROM paths p JOIN versions v ON v.path = p.id ORDER BY p.device, p.domain, p.rel, p.id, v.rowid"
-        )
-        current: int | None = None
-        head: tuple = ()
-        versions: list[dict[str, Any]] = []
-        for pid, device, name, domain, rel, n, size_, mtime, status in rows:
-            if pid != current:
-                if current is not None:
-                    yield head + (versions,)
-                current, versions = pid, []
-                head = (_from_u32(device), _from_u32(name), _from_u32(domain), _from_u32(rel))
-            versions.append(_version(self.snaps[n], size_, mtime, status))
-        if current is not None:
-            yield head + (versions,)
-
-
-def _u32(text: str | None) -> bytes | None:
-    return None if text is None else text.encode("utf-32-be", "surrogatepass")
-
-
-def _from_u32(raw: bytes | None) -> str | None:
-    return None if raw is None else raw.decode("utf-32-be", "surrogatepass")
-
-
-def _content_key(content: object) -> bytes | None:
-    """A short digest standing for a payload's content (blob ids and size): only compared."""
-    if content is None:
-        return None
-    return hashlib.blake2b(repr(content).encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
-def _version(snap: Snapshot, size: int | None, mtime: str | None, status: str) -> dict[str, Any]:
-    return {
-        "snapshot": snap.id,
-        "short_id": snap.short_id,
-        "backup_date": utc_iso(snap.backup_date) if snap.backup_date else None,
-        "size": size,
-        "mtime": mtime,
-        "status": status,
-        "_date": snap.backup_date,
-    }
-
-
 @click.command("find")
 @click.argument("pattern")
 @click.option("--device", metavar="UDID|NAME", help="Only snapshots of this device.")
@@ -423,83 +332,83 @@ def find_cmd(app: App, pattern: str, device: str | None, backup_password_file: s
     previous snapshot's), unchanged, or removed (gone from that snapshot on). PATTERN is a glob
     as for 'ls'; a bare file name such as sms.db matches anywhere.
     """
-    from ..reader.history import DeviceHistory
+    from ..reader.find import find_history
     from ..reader.manifest_cache import ManifestCache
     from ..reader.paths import PathPattern
 
-    pat = PathPattern(pattern)
+    PathPattern(pattern)  # a bad pattern is refused before the repository is opened
     repo = app.open_repo()
-    snaps = repo.snapshots()
-    if device:
-        snaps = [s for s in snaps if s.of_device(device)]
-        if not snaps:
-            raise UserError(f"no snapshot of a device '{device}'")
-    keyring = _keyring(backup_password_file)
-    cache = ManifestCache.for_repository(repo)
-    histories = _Histories()
-    bad: list[tuple[Snapshot, Any]] = []
-    earlier: set[str] = set()  # devices with a snapshot already looked at
-    followed: dict[str, DeviceHistory] = {}  # each device's rows, followed from snapshot to snapshot
-    try:
-        try:
-            for snap in snaps:
-                udid = snap.device.udid
-                follow = followed.get(udid)
-                if follow is None:
-                    follow = followed[udid] = DeviceHistory(repo, pat, keyring, cache)
-                holding = follow.step(snap)
-                histories.record(holding, snap, udid in earlier)
-                bad += [(snap, b) for b in holding.bad]
-                earlier.add(udid)
-        finally:
-            for follow in followed.values():
-                follow.close()
-        _echo_found(app, pattern, histories, len(snaps), bad)
-    finally:
-        histories.close()
-    _fail_on_bad_rows(bad)
+    with find_history(
+        repo, pattern, device=device, keyring=_keyring(backup_password_file), cache=ManifestCache.for_repository(repo)
+    ) as found:
+        _echo_found(app, found)
+    _fail_on_bad_rows(found.bad)
 
 
-def _echo_found(app: App, pattern: str, histories: _Histories, n_snaps: int, bad: list[tuple[Snapshot, Any]]) -> None:
-    """find's output, path by path as the history database lists them."""
+def _version_dict(v: Version) -> dict[str, Any]:
+    s = v.snapshot
+    return {
+        "snapshot": s.id,
+        "short_id": s.short_id,
+        "backup_date": utc_iso(s.backup_date) if s.backup_date else None,
+        "size": v.size,
+        "mtime": v.mtime,
+        "status": v.status,
+    }
+
+
+def _echo_found(app: App, found: FindResult) -> None:
+    """find's output, path by path as ``FindResult.paths`` lists them."""
     if app.json:
-        _emit_json_stream(iter([
-            ("pattern", pattern),
-            ("paths", JsonItems(
-                {
-                    "device": {"udid": udid, "name": name},
-                    "domain": domain,
-                    "relative_path": rel,
-                    "path": f"{domain}/{rel}",
-                    "versions": [{k: v for k, v in ver.items() if not k.startswith("_")} for ver in versions],
-                }
-                for udid, name, domain, rel, versions in histories.paths()
-            )),
-            ("unreadable_rows", _bad_rows_dicts(bad)),
-        ]))
+        _emit_json_stream(
+            iter(
+                [
+                    ("pattern", found.pattern),
+                    (
+                        "paths",
+                        JsonItems(
+                            {
+                                "device": {"udid": h.udid, "name": h.device_name},
+                                "domain": h.domain,
+                                "relative_path": h.relative_path,
+                                "path": h.path,
+                                "versions": [_version_dict(v) for v in h.versions],
+                            }
+                            for h in found.paths()
+                        ),
+                    ),
+                    ("unreadable_rows", _bad_rows_dicts(found.bad)),
+                ]
+            )
+        )
         return
-    n_paths, n_devices, n_versions = histories.counts()
-    if not n_paths:
-        click.echo(f"no snapshot holds a file matching '{printable(pattern)}'")
+    counts = found.counts()
+    if not counts.paths:
+        click.echo(f"no snapshot holds a file matching '{printable(found.pattern)}'")
         return
     out = _Out()
-    for n, (udid, name, domain, rel, versions) in enumerate(histories.paths()):
-        title = f"{domain}/{rel}"
-        if n_devices > 1:
-            title += f"  ({name or udid}, {udid})"
+    for n, h in enumerate(found.paths()):
+        title = h.path
+        if counts.devices > 1:
+            title += f"  ({h.device_name or h.udid}, {h.udid})"
         rows = [
             [
-                v["short_id"],
-                when(v["_date"]),
-                size(v["size"]) if v["size"] is not None else "-",
-                when(_ts_iso(v["mtime"])) if v["mtime"] else "-",
-                v["status"],
+                v.snapshot.short_id,
+                when(v.snapshot.backup_date),
+                size(v.size) if v.size is not None else "-",
+                when(_ts_iso(v.mtime)) if v.mtime else "-",
+                v.status,
             ]
-            for v in versions
+            for v in h.versions
         ]
-        out.write(("\n" if n else "") + printable(title) + "\n"
-                  + _indent(table(["Snapshot", "Backup date", "Size", "Modified", "Content"], rows, right={2})) + "\n")
-    out.write(f"\n{n_paths} path(s) in {n_snaps} snapshot(s); {n_versions} version row(s)\n")
+        out.write(
+            ("\n" if n else "")
+            + printable(title)
+            + "\n"
+            + _indent(table(["Snapshot", "Backup date", "Size", "Modified", "Content"], rows, right={2}))
+            + "\n"
+        )
+    out.write(f"\n{counts.paths} path(s) in {found.snapshots} snapshot(s); {counts.versions} version row(s)\n")
     out.flush()
 
 
@@ -546,123 +455,46 @@ def extract_cmd(
       ibsync extract latest 'HomeDomain/Library/SMS/sms.db' ./out
       ibsync extract 3f2a 'CameraRollDomain/**' ./photos --backup-password-file pw
     """
-    import time
-
-    from ..reader.extractor import Failure, plan_extract
-    from ..reader.manifest import SnapshotManifest
-    from ..reader.paths import PathPattern
+    from ..reader.extract import extract
+    from ..reader.manifest_cache import ManifestCache
 
     out = out.expanduser()
     repo = app.open_repo()
     snap = repo.find_snapshot(snapshot, device)
-    started = time.monotonic()
-    from ..reader.manifest_cache import ManifestCache
-
-    with SnapshotManifest(repo, snap, _keyring(backup_password_file), cache=ManifestCache.for_repository(repo)) as manifest:
-        entries = list(manifest.entries(PathPattern(pattern)))
-        failed = [Failure(b.path, b.file_id, b.reason) for b in manifest.bad_rows]
-        if not entries and not failed:
-            raise UserError(f"no file in snapshot {snap.short_id} matches '{printable(pattern)}'")
-        plan = plan_extract(entries, manifest.payload)
-        failed += plan.failed
-        if not overwrite:
-            _refuse_existing(out, plan.jobs)
-        done_files, done_bytes, write_failed = _write_jobs(app, manifest, plan.jobs, out, f"extract {snap.short_id}")
-        failed += write_failed
-    elapsed = time.monotonic() - started
-    failed.sort(key=lambda f: (f.path, f.file_id))
+    done = extract(
+        repo,
+        snap,
+        pattern,
+        out,
+        keyring=_keyring(backup_password_file),
+        cache=ManifestCache.for_repository(repo),
+        overwrite=overwrite,
+        progress=app.progress(f"extract {snap.short_id}"),
+    )
     if app.json:
         app.emit_json(
             {
                 "snapshot": _snap_ref(snap),
                 "pattern": pattern,
                 "target": str(out),
-                "files": done_files,
-                "bytes": done_bytes,
-                "seconds": round(elapsed, 3),
-                "failed": [{"path": f.path, "file_id": f.file_id, "reason": f.reason} for f in failed],
+                "files": done.files,
+                "bytes": done.bytes,
+                "seconds": round(done.seconds, 3),
+                "failed": [{"path": f.path, "file_id": f.file_id, "reason": f.reason} for f in done.failed],
             }
         )
     else:
-        app.say(f"extracted {done_files} file(s), {size(done_bytes)} from snapshot {snap.short_id} "
-                f"to {printable(out)} in {elapsed:.1f} s")
-    if failed:
-        for f in failed:
+        app.say(
+            f"extracted {done.files} file(s), {size(done.bytes)} from snapshot {snap.short_id} "
+            f"to {printable(out)} in {done.seconds:.1f} s"
+        )
+    if done.failed:
+        for f in done.failed:
             click.echo(f"ibsync: cannot extract {printable(f.path)}: {printable(f.reason)}", err=True)
-        raise ExtractIncomplete(f"{len(failed)} file(s) could not be extracted")
-
-
-def _refuse_existing(out: Path, jobs) -> None:
-    """Without --overwrite, nothing in OUT is replaced: refuse before writing anything."""
-    from ..reader.extractor import exists_below
-
-    existing = [job for job in jobs if exists_below(str(out), job.parts)]
-    if existing:
-        first = out.joinpath(*existing[0].parts)
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise UserError(f"{printable(first)} exists{more}; extract elsewhere or pass --overwrite")
-
-
-def _write_jobs(app: App, manifest, jobs, out: Path, description: str):
-    """Write every job below OUT on EXTRACT_WORKERS threads: ``(files, bytes, failures)``.
-    A job that fails leaves nothing behind and costs only itself."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ..reader.extractor import Failure, write_file
-
-    done_files = done_bytes = 0
-    failed: list[Failure] = []
-    if not jobs:
-        return done_files, done_bytes, failed
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        out_fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as e:
-        raise UserError(f"cannot use {printable(out)} as the output folder ({e.strerror})") from None
-    progress = app.progress(description)
-    progress.start(sum(job.entry.size for job in jobs), len(jobs))
-    lock = threading.Lock()
-
-    def extract_one(job) -> None:
-        nonlocal done_files, done_bytes
-        try:
-            written = write_file(out_fd, str(out), job.parts, manifest.read(job.entry, job.node), job.entry.mtime,
-                                 progress.advance)
-        except (IbsyncError, OSError, ValueError, OverflowError) as err:
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-            with lock:
-                failed.append(Failure(job.entry.path, job.entry.file_id, reason))
-            return
-        progress.advance(0, files=1)
-        with lock:
-            done_files += 1
-            done_bytes += written
-
-    pool = ThreadPoolExecutor(max_workers=EXTRACT_WORKERS, thread_name_prefix="ibsync-extract")
-    try:
-        for fut in [pool.submit(extract_one, job) for job in jobs]:
-            fut.result()
-    finally:  # on Ctrl-C, files not started are dropped; those under way finish or are removed
-        pool.shutdown(wait=True, cancel_futures=True)
-        progress.finish()
-        os.close(out_fd)
-    return done_files, done_bytes, failed
+        raise ExtractIncomplete(f"{len(done.failed)} file(s) could not be extracted")
 
 
 # ---- diff -----------------------------------------------------------------------------------
-
-
-@dataclass
-class _DomainDiff:
-    added: int = 0
-    added_bytes: int = 0
-    removed: int = 0
-    removed_bytes: int = 0
-    changed: int = 0
-    changed_bytes: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
 
 
 @click.command("diff")
@@ -685,59 +517,62 @@ def diff_cmd(
     A file changed when its stored content differs (other blobs or another size). Sizes are
     the backup's recorded file sizes: of B for added and changed files, of A for removed ones.
     """
-    from ..reader.history import diff_snapshots
+    from ..reader.diff import compare_snapshots
     from ..reader.manifest_cache import ManifestCache
 
     repo = app.open_repo()
     snaps = repo.snapshots()
     a = repo.find_snapshot(snapshot_a, device, snaps)
     b = repo.find_snapshot(snapshot_b, device, snaps)
-    found, bad = diff_snapshots(repo, a, b, _keyring(backup_password_file), ManifestCache.for_repository(repo))
-    changes = [(c.domain, c.relative_path, c.kind, c.file_id, c.size) for c in found]
-    per_domain: dict[str, _DomainDiff] = {}
-    for domain, _rel, kind, _fid, n in changes:
-        d = per_domain.setdefault(domain, _DomainDiff())
-        setattr(d, kind, getattr(d, kind) + 1)
-        setattr(d, f"{kind}_bytes", getattr(d, f"{kind}_bytes") + n)
-    per_domain = dict(sorted(per_domain.items()))
-    total = _DomainDiff()
-    for d in per_domain.values():
-        for k, v in d.__dict__.items():
-            setattr(total, k, getattr(total, k) + v)
+    d = compare_snapshots(repo, a, b, _keyring(backup_password_file), ManifestCache.for_repository(repo))
     if app.json:
         result: dict[str, Any] = {
             "a": _snap_ref(a),
             "b": _snap_ref(b),
-            "domains": {k: v.as_dict() for k, v in per_domain.items()},
-            "total": total.as_dict(),
+            "domains": {k: v.as_dict() for k, v in d.domains.items()},
+            "total": d.total.as_dict(),
         }
         if list_files:
             result["files"] = [
-                {"status": kind, "domain": domain, "relative_path": rel, "path": f"{domain}/{rel}", "size": n}
-                for domain, rel, kind, _fid, n in changes
+                {
+                    "status": c.kind,
+                    "domain": c.domain,
+                    "relative_path": c.relative_path,
+                    "path": f"{c.domain}/{c.relative_path}",
+                    "size": c.size,
+                }
+                for c in d.changes
             ]
-        result["unreadable_rows"] = _bad_rows_dicts(bad)
+        result["unreadable_rows"] = _bad_rows_dicts(d.bad)
         app.emit_json(result)
-        _fail_on_bad_rows(bad)
+        _fail_on_bad_rows(d.bad)
         return
     click.echo(f"from {a.short_id} ({when(a.backup_date)}) to {b.short_id} ({when(b.backup_date)})")
-    if a.device.udid != b.device.udid:
+    if d.different_devices:
         names = f"{a.device.name or a.device.udid} and {b.device.name or b.device.udid}"
         click.echo(f"note: different devices ({printable(names)})")
-    if not per_domain:
+    if not d.domains:
         click.echo("no file differs")
-        _fail_on_bad_rows(bad)
+        _fail_on_bad_rows(d.bad)
         return
     if list_files:
         mark = {"added": "+", "removed": "-", "changed": "M"}
-        for domain, rel, kind, _fid, n in changes:
-            click.echo(f"{mark[kind]} {printable(domain + '/' + rel)}  {size(n)}")
+        for c in d.changes:
+            click.echo(f"{mark[c.kind]} {printable(c.domain + '/' + c.relative_path)}  {size(c.size)}")
         click.echo("")
 
-    def row(name: str, d: _DomainDiff) -> list[str]:
-        return [name, str(d.added), size(d.added_bytes), str(d.removed), size(d.removed_bytes), str(d.changed), size(d.changed_bytes)]
+    def row(name: str, x) -> list[str]:
+        return [
+            name,
+            str(x.added),
+            size(x.added_bytes),
+            str(x.removed),
+            size(x.removed_bytes),
+            str(x.changed),
+            size(x.changed_bytes),
+        ]
 
-    rows = [row(name, d) for name, d in per_domain.items()]
-    rows.append(row("total", total))
+    rows = [row(name, x) for name, x in d.domains.items()]
+    rows.append(row("total", d.total))
     click.echo(table(["Domain", "Added", "Size", "Removed", "Size", "Changed", "Size"], rows, right={1, 2, 3, 4, 5, 6}))
-    _fail_on_bad_rows(bad)
+    _fail_on_bad_rows(d.bad)

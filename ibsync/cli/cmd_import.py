@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -43,7 +44,7 @@ def import_cmd(app: App, path: Path, allow_unfinished: bool, force: bool) -> Non
         else:
             app.say(f"{printable(folder)}: unchanged since snapshot {snap.short_id}; nothing to do")
     if app.json:
-        report = {"snapshots": [r.to_dict() for r in results]}
+        report: dict[str, Any] = {"snapshots": [r.to_dict() for r in results]}
         requests = getattr(repo.storage, "requests", None)  # remote storage counts its operations
         if requests is not None:
             report["storage_operations"] = {"total": sum(requests.values()), **dict(sorted(requests.items()))}

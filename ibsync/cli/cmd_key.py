@@ -7,8 +7,8 @@ import click
 
 from ..errors import UserError
 from ..model import parse_iso
-from ..ui.text import table, when
 from ..opening import read_password_file
+from ..ui.text import table, when
 from .app import App, common_options
 
 NEW_PASSWORD_FILE_HELP = "Read the new password from FILE (also $IBSYNC_NEW_PASSWORD; else a prompt)."

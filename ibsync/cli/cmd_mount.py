@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
+from ..errors import NameNotFound, UserError
 from ..ui.text import printable
 from .app import App, common_options
 from .cmd_browse import backup_password_option, backup_password_source
@@ -102,7 +102,7 @@ def mount_cmd(app: App, args: tuple[str, ...], device: str | None, webdav: bool,
     else:
         chosen = [s for s in snaps if s.of_device(device)]
         if not chosen:
-            raise UserError(f"no snapshot of a device '{device}'" if device else "the repository has no snapshots yet")
+            raise NameNotFound(f"no snapshot of a device '{device}'" if device else "the repository has no snapshots yet")
     keyring = BackupKeyring(backup_password_source(backup_password_file))
     tree = MountTree(repo, chosen, keyring, cache=ManifestCache.for_repository(repo), single=spec is not None)
     try:

@@ -47,7 +47,7 @@ def fail_if_undeleted(failed: dict[str, str], then: str) -> None:
         raise StorageError(f"{len(failed)} object(s) could not be deleted (named above); the repository is still valid: {then}")
 
 
-def run_prune(app: App, repo, threshold: float, dry_run: bool, ignore: set[str] = frozenset()) -> PruneResult:
+def run_prune(app: App, repo, threshold: float, dry_run: bool, ignore: frozenset[str] | set[str] = frozenset()) -> PruneResult:
     """Prune through the library and print what it did: text, junk packs and every failed
     deletion on stderr. The caller holds the exclusive lock, prints ``to_dict()`` for --json and
     turns ``failed`` into exit status 1; ``ignore`` names snapshots to plan without."""

@@ -11,8 +11,9 @@ content-defined chunking with large chunks, so the chunk count scales with the n
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO
 
 from pyfastcdc.cy import FastCDC
 
@@ -44,7 +45,7 @@ class ChunkingPolicy:
         return {"algorithm": "fastcdc2020", "default": asdict(self.default), "sqlite_block": self.sqlite_block}
 
     @classmethod
-    def from_config(cls, d: dict, seed: int) -> "ChunkingPolicy":
+    def from_config(cls, d: dict, seed: int) -> ChunkingPolicy:
         return cls(ChunkProfile(**d["default"]), int(d["sqlite_block"]), seed)
 
 
@@ -107,7 +108,7 @@ class Chunker:
             for chunk in self._cdc().cut_stream(f):
                 yield chunk.data
 
-    def stream(self) -> "ChunkStream":
+    def stream(self) -> ChunkStream:
         """A chunker for bytes that arrive piece by piece (a file received from a device): the
         chunks are exactly those ``split`` gives for the whole content."""
         return ChunkStream(self)

@@ -101,7 +101,7 @@ class MasterKey:
     chunker_seed: int
 
     @classmethod
-    def generate(cls) -> "MasterKey":
+    def generate(cls) -> MasterKey:
         # 62 bits: pyfastcdc shifts the seed left by one in a uint64
         return cls(os.urandom(32), os.urandom(32), (int.from_bytes(os.urandom(8), "little") >> 2) | 1)
 
@@ -111,7 +111,7 @@ class MasterKey:
         ).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "MasterKey":
+    def from_json(cls, data: bytes) -> MasterKey:
         d = json.loads(data)
         key = cls(b64d(d["encrypt"]), b64d(d["id"]), int(d["chunker_seed"]))
         if len(key.encrypt) != 32 or len(key.id_key) != 32 or not 0 < key.chunker_seed < 1 << 62:
@@ -186,7 +186,7 @@ class KdfParams:
         return self.memory_kib * self.iterations
 
     @classmethod
-    def from_doc(cls, kdf: object) -> "KdfParams":
+    def from_doc(cls, kdf: object) -> KdfParams:
         """Validate a key file's "kdf" object; MalformedKey for anything outside the bounds."""
         if not isinstance(kdf, dict):
             raise MalformedKey("'kdf' is not an object")
@@ -278,7 +278,7 @@ class KeyFile:
     sealed: bytes
 
     @classmethod
-    def parse(cls, data: bytes) -> "KeyFile":
+    def parse(cls, data: bytes) -> KeyFile:
         if len(data) > MAX_KEY_FILE_SIZE:
             raise MalformedKey(f"{len(data)} bytes, more than a key file can be")
         try:

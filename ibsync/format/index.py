@@ -11,8 +11,8 @@ every few packs, so an interrupted run keeps what it uploaded.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from ..errors import InvalidData
 from .pack import FLAG_ZSTD, BlobType, PackedBlob, check_entry

@@ -15,9 +15,10 @@ hash of its plaintext), so the name pins the whole pack without hashing its byte
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol, Sequence
+from typing import Generic, Protocol, TypeVar
 
 import blake3
 
@@ -55,7 +56,12 @@ def blob_aad(blob_id: bytes) -> bytes:
 
 
 class Sink(Protocol):
-    def write(self, data: bytes) -> object: ...
+    def write(self, data: bytes | memoryview) -> object: ...
+
+
+# The writer keeps its sink's own type, so its owner can still commit or abort it
+# (storage.Staged) without this module knowing about storage.
+S = TypeVar("S", bound=Sink)
 
 
 # Blobs are handed to the sink in writes of about this size: a small file's blob is two pieces
@@ -65,12 +71,12 @@ WRITE_BUFFER = 1 << 20
 COPY_BELOW = 64 << 10
 
 
-class PackWriter:
+class PackWriter(Generic[S]):
     """Writes sealed blobs to a sink as they come (buffered up to WRITE_BUFFER bytes);
     ``finish`` appends the sealed header and returns the pack's name. Holds only the blob list
     and the write buffer in memory."""
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: S) -> None:
         self.sink = sink
         self.blobs: list[PackedBlob] = []
         self.size = 0

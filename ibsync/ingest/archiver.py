@@ -7,30 +7,32 @@ The previous snapshot of the same device serves as the files cache: a file whose
 and mode match it, and whose blobs are all indexed, is not read again, and a folder
 whose entries all match keeps the previous tree without serialising it again.
 
-Tree entries are handled as plain dicts in ``Node.to_dict`` form: the files cache compares
-and reuses the previous snapshot's entries as they were decoded, which keeps an unchanged
-re-import of a million files from building a million objects.
+Tree entries are handled as plain dicts in ``Node.to_dict`` form, built by ``model.file_entry``
+and its siblings: the files cache compares and reuses the previous snapshot's entries as they
+were decoded, which keeps an unchanged re-import of a million files from building a million
+objects.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from operator import itemgetter
-from datetime import datetime, timezone
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from ..errors import IbsyncError, SourceError
 from ..format.chunker import SQLITE_MAGIC
 from ..format.pack import BlobType
-from ..model import DeviceInfo, Snapshot, Summary
+from ..model import DeviceInfo, Snapshot, Summary, dir_entry, file_entry, symlink_entry
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
-from ..repo.trees import Reuse
 from ..repo.session import WriteSession
+from ..repo.trees import Reuse
 from ..source.folder import SourceEntry
 
 # Outstanding tasks handed to workers; bounds memory while keeping both cores fed.
@@ -51,7 +53,8 @@ Entry = dict[str, Any]
 
 
 class Source(Protocol):
-    origin: dict
+    @property
+    def origin(self) -> dict: ...
 
     def scan(self, rel: str) -> list[SourceEntry]: ...
 
@@ -70,7 +73,7 @@ class _Dir:
     reuse: Reuse = field(default_factory=dict)  # the parent's entries the tree builder may pack again as stored
     entries: list[Entry] = field(default_factory=list)
     pending: list[tuple[Future, list[Entry]]] = field(default_factory=list)  # a batch's task and its files' entries
-    subdirs: list[tuple["_Dir", Entry]] = field(default_factory=list)
+    subdirs: list[tuple[_Dir, Entry]] = field(default_factory=list)
     tree_id: bytes | None = None
 
     def ready(self) -> bool:
@@ -82,7 +85,7 @@ class Cancelled(IbsyncError):
     pass
 
 
-def _unchanged(old: Entry | None, e: SourceEntry) -> bool:
+def _unchanged(old: Entry | None, e: SourceEntry) -> TypeGuard[Entry]:
     # Size, mtime and mode, not inode or ctime: devices and backup tools write a changed file
     # anew and rename it into place (a new mtime), and a backup folder copied to another drive
     # with its times (cp -a, rsync -a, Finder) keeps matching.
@@ -162,7 +165,7 @@ class Archiver:
         s.added_bytes = stats.stored_bytes_added
         s.duration_s = round(time.monotonic() - started, 3)
         snapshot = Snapshot(
-            time=datetime.now(timezone.utc),
+            time=datetime.now(UTC),
             tree=root.tree_id,
             device=device,
             backup_date=backup_date,
@@ -230,14 +233,14 @@ class Archiver:
                     frel, ftree = folders[next_folder]
                     ahead[frel] = self._lister.submit(self._list, frel, ftree)
                     next_folder += 1
-                entry: Entry = {"name": e.name, "type": "dir", "mode": e.mode, "mtime_ns": e.mtime_ns, "subtree": None}
+                entry: Entry = dir_entry(e.name, e.mode, e.mtime_ns, None)  # its tree id once it is written
                 sub = self._walk(prefix + e.name, None, pool, ahead.pop(prefix + e.name))
                 d.subdirs.append((sub, entry))
                 s.dirs += 1
             elif e.type == "symlink":
-                append({"name": e.name, "type": "symlink", "mode": e.mode, "mtime_ns": e.mtime_ns, "target": e.target})
+                append(symlink_entry(e.name, e.mode, e.mtime_ns, e.target))
             else:
-                if e.content is None and use_cache and _unchanged(old, e) and has_all(old["content"]):  # type: ignore[index]
+                if e.content is None and use_cache and _unchanged(old, e) and has_all(old["content"]):
                     append(old)
                     unchanged += 1
                     unchanged_bytes += e.size
@@ -251,7 +254,7 @@ class Archiver:
                     s.files_new += 1
                 else:
                     s.files_changed += 1
-                entry = {"name": e.name, "type": "file", "mode": e.mode, "mtime_ns": e.mtime_ns, "size": e.size, "content": None}
+                entry = file_entry(e.name, e.mode, e.mtime_ns, e.size, None)  # its blob ids once stored
                 if e.size > BATCH_FILE_MAX:
                     self._submit(pool, d, [(prefix + e.name, e.size)], [entry])
                     continue
@@ -288,7 +291,7 @@ class Archiver:
             self.summary.files_new += 1
         else:
             self.summary.files_changed += 1
-        return {"name": e.name, "type": "file", "mode": e.mode, "mtime_ns": e.mtime_ns, "size": e.size, "content": content}
+        return file_entry(e.name, e.mode, e.mtime_ns, e.size, content)
 
     def _submit(self, pool: ThreadPoolExecutor, d: _Dir, files: list[tuple[str, int]], entries: list[Entry]) -> None:
         self._window.acquire()

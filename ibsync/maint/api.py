@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, tzinfo
 
-from ..errors import UserError
+from ..errors import NameNotFound, UserError
 from ..model import DeviceInfo, Snapshot, utc_iso
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
@@ -137,7 +137,7 @@ def _snapshots_of(repo: Repository, device: str | None) -> list[Snapshot]:
     if device:
         snaps = [s for s in snaps if s.of_device(device)]
         if not snaps:
-            raise UserError(f"no snapshot of a device '{device}'")
+            raise NameNotFound(f"no snapshot of a device '{device}'")
     return snaps
 
 

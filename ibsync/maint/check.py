@@ -82,7 +82,7 @@ class Subset:
     fraction: float | None = None
 
     @classmethod
-    def parse(cls, text: str, *, what: str = "--read-data-subset") -> "Subset":
+    def parse(cls, text: str, *, what: str = "--read-data-subset") -> Subset:
         """``N%`` or ``n/t``; ``what`` names the option or config key in the error."""
         text = text.strip()
         try:
@@ -104,7 +104,7 @@ class Subset:
             return f"{self.fraction * 100:g}%"
         return f"{self.n}/{self.t}"
 
-    def following(self) -> "Subset":
+    def following(self) -> Subset:
         """The group to read next time: n/t -> n+1/t, t/t -> 1/t (a random N% stays N%)."""
         if self.fraction is not None:
             return self

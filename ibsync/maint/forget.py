@@ -42,9 +42,10 @@ snapshot was taken in, which it records; ibsync records UTC only). ``tz`` overri
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone, tzinfo
-from typing import Any, Callable, Iterable, Mapping
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any
 
 from ..errors import UserError
 from ..model import Snapshot
@@ -68,7 +69,7 @@ class Duration:
     _TOKEN = re.compile(r"(\d+)([ymdh])")
 
     @classmethod
-    def parse(cls, text: str) -> "Duration":
+    def parse(cls, text: str) -> Duration:
         """Parse ``2y5m7d3h`` (any subset of the units, each at most once, in any order)."""
         s = text.strip()
         if not s:
@@ -96,7 +97,7 @@ class Duration:
         return "".join(parts) or "0h"
 
 
-def format_within(within: "timedelta | Duration") -> str:
+def format_within(within: timedelta | Duration) -> str:
     """A duration the way restic prints it (``7d2h``); a timedelta that is not whole hours as Python does."""
     if isinstance(within, Duration):
         return str(within)
@@ -134,7 +135,7 @@ class RetentionPolicy:
     KEYS = (*_COUNT_RULES, "within")
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, where: str = "keep") -> "RetentionPolicy":
+    def from_mapping(cls, values: Mapping[str, Any], *, where: str = "keep") -> RetentionPolicy:
         """A policy from a config table such as ``{"daily": 7, "weekly": 4, "within": "1m"}``:
         counts are whole numbers of 0 or more or "unlimited", ``within`` a duration like
         ``1y5m7d2h``. Anything else, and a policy with no rule, is a one-line UserError that
@@ -213,12 +214,12 @@ def snapshot_timestamp(snapshot: Snapshot) -> datetime:
     """The time every rule uses: when the device made the backup, else when ibsync stored it (aware, UTC)."""
     dt = snapshot.backup_date or snapshot.time
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
 
 
 def _newest_first_key(snapshot: Snapshot) -> tuple:
-    t = snapshot.time if snapshot.time.tzinfo else snapshot.time.replace(tzinfo=timezone.utc)
+    t = snapshot.time if snapshot.time.tzinfo else snapshot.time.replace(tzinfo=UTC)
     return (snapshot_timestamp(snapshot), t, snapshot.id)
 
 
@@ -282,7 +283,7 @@ def _within_threshold(latest: datetime, within: timedelta | Duration, tz: tzinfo
             return latest - within
         wall = _add_date(_local(latest, tz).replace(tzinfo=None), -within.years, -within.months, -within.days)
         start = wall.astimezone() if tz is None else wall.replace(tzinfo=tz)
-        return start.astimezone(timezone.utc) - timedelta(hours=within.hours)
+        return start.astimezone(UTC) - timedelta(hours=within.hours)
     except (OverflowError, ValueError):
         return None
 
@@ -310,9 +311,9 @@ def apply_policy(
     threshold: datetime | None = None
     if policy.has_within():
         assert policy.within is not None
-        present = now or datetime.now(timezone.utc)
+        present = now or datetime.now(UTC)
         if present.tzinfo is None:
-            present = present.replace(tzinfo=timezone.utc)
+            present = present.replace(tzinfo=UTC)
         past = [t for t in stamps if t < present]
         if past:
             threshold = _within_threshold(max(past), policy.within, tz)

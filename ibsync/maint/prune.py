@@ -105,7 +105,7 @@ class PruneResult:
         return out
 
 
-def plan_prune(repo: Repository, *, repack_threshold: float = 0.5, ignore: set[str] = frozenset()) -> PrunePlan:
+def plan_prune(repo: Repository, *, repack_threshold: float = 0.5, ignore: frozenset[str] | set[str] = frozenset()) -> PrunePlan:
     """Decide what to delete and repack. ``repack_threshold``: the unused share of a pack's
     bytes from which it is repacked (0: any unused byte; 1.0: never repack, only delete wholly
     unused packs)."""

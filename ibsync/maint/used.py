@@ -11,7 +11,7 @@ counter per id: a lookup is one C-speed ``find`` over a few KiB, as in ``repo.in
 from __future__ import annotations
 
 from array import array
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from ..errors import IbsyncError
 from ..model import Rejected
@@ -101,7 +101,7 @@ class BlobMarks:
 
     def nbytes(self) -> int:
         """Bytes the table's arrays hold (for the benchmark's per-blob figure)."""
-        return sum(len(i) + len(c) * 4 for i, c in zip(self._ids, self._counts) if i is not None)
+        return sum(len(i) + len(c) * 4 for i, c in zip(self._ids, self._counts) if i is not None and c is not None)
 
 
 def collect_used(repo: Repository, roots: Iterable[bytes], marks: BlobMarks | None = None) -> BlobMarks:

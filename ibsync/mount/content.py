@@ -21,7 +21,8 @@ import io
 import os
 import tempfile
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import IO, cast
 
 
 class SpilledContent:
@@ -35,7 +36,7 @@ class SpilledContent:
         self._ended = False
         self._error: BaseException | None = None  # what ended the stream early: every later read past it fails
         self._have = 0  # bytes of the stream written to the spill file so far
-        self._spill = None  # the unlinked temporary file, made on the first read
+        self._spill: IO[bytes] | None = None  # the unlinked temporary file, made on the first read
         self._closed = False
         self._lock = threading.Lock()
 
@@ -64,11 +65,11 @@ class SpilledContent:
                     self._ended = True
                     self._stream = None
                     break
-                os.pwrite(self._spill.fileno(), chunk, self._have)
+                os.pwrite(cast(IO[bytes], self._spill).fileno(), chunk, self._have)  # made with the stream
                 self._have += len(chunk)
             if offset >= self._have:
                 return b""
-            return os.pread(self._spill.fileno(), min(end, self._have) - offset, offset)
+            return os.pread(cast(IO[bytes], self._spill).fileno(), min(end, self._have) - offset, offset)
 
     def close(self) -> None:
         with self._lock:

@@ -18,6 +18,7 @@ import signal
 import stat
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import IbsyncError, NotFound, UserError
@@ -102,9 +103,9 @@ class _DirCursor:
     def __init__(self, tree: MountTree, path: str) -> None:
         self._tree = tree
         self._path = path
-        self._it = None  # the folder's entries, from child number self._next on
+        self._it: Iterator[Entry] | None = None  # the folder's entries, from child number self._next on
         self._next = 0
-        self._last = None  # (number, entry) given last: the kernel may not have had room for it
+        self._last: tuple[int, Entry] | None = None  # given last: the kernel may not have had room for it
 
     def entries_from(self, start: int):
         if self._last is not None and self._last[0] == start:

@@ -17,14 +17,14 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 from ..errors import IbsyncError, NotFound, UserError
 from ..model import Snapshot
 from .content import SpilledContent
-
 
 LATEST = "latest"
 DIR_MODE = 0o555
@@ -57,7 +57,7 @@ def safe_name(name: str) -> str:
 
 def _stamp(s: Snapshot) -> datetime:
     when = s.backup_date or s.time
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def snapshot_names(snapshots: list[Snapshot]) -> dict[str, Snapshot]:
@@ -65,7 +65,7 @@ def snapshot_names(snapshots: list[Snapshot]) -> dict[str, Snapshot]:
     to the second where two share a minute; then with the snapshot id."""
     by_minute: dict[str, list[Snapshot]] = {}
     for s in snapshots:
-        by_minute.setdefault(_stamp(s).astimezone(timezone.utc).strftime("%Y-%m-%dT%H%M"), []).append(s)
+        by_minute.setdefault(_stamp(s).astimezone(UTC).strftime("%Y-%m-%dT%H%M"), []).append(s)
     named: list[tuple[str, Snapshot]] = []
     for minute, group in by_minute.items():
         if len(group) == 1:
@@ -73,7 +73,7 @@ def snapshot_names(snapshots: list[Snapshot]) -> dict[str, Snapshot]:
             continue
         by_second: dict[str, list[Snapshot]] = {}
         for s in group:
-            by_second.setdefault(_stamp(s).astimezone(timezone.utc).strftime("%Y-%m-%dT%H%M%S"), []).append(s)
+            by_second.setdefault(_stamp(s).astimezone(UTC).strftime("%Y-%m-%dT%H%M%S"), []).append(s)
         for second, same in by_second.items():
             if len(same) == 1:
                 named.append((second, same[0]))
@@ -106,10 +106,11 @@ class _Views:
     """Open ``SnapshotView``s by snapshot id, the least recently used closed beyond ``limit``
     unless a file is being read from it (``pin``/``unpin``)."""
 
-    def __init__(self, open_view: Callable[[Snapshot], object], limit: int) -> None:
+    # views are duck-typed: reader.browse.SnapshotView, or what a test's view_factory makes
+    def __init__(self, open_view: Callable[[Snapshot], Any], limit: int) -> None:
         self._open_view = open_view
         self._limit = limit
-        self._views: OrderedDict[str, object] = OrderedDict()
+        self._views: OrderedDict[str, Any] = OrderedDict()
         self._pins: dict[str, int] = {}
         self._opening: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -178,15 +179,31 @@ class _Views:
             view.close()
 
 
+# Where a path leads: the top, a device folder, a device's "latest", or a path inside a
+# snapshot (``inner``: "" for its top). One class per kind, so each carries only what it has.
 @dataclass(frozen=True)
-class _Place:
-    """Where a path leads: the top, a device folder, a device's "latest", or a path inside a
-    snapshot (``inner``: "" for its top)."""
+class _Root:
+    pass
 
-    kind: str  # "root" | "device" | "latest" | "snapshot"
-    device: str | None = None
-    snapshot: Snapshot | None = None
+
+@dataclass(frozen=True)
+class _Device:
+    device: str
+
+
+@dataclass(frozen=True)
+class _Latest:
+    device: str
+
+
+@dataclass(frozen=True)
+class _InSnapshot:
+    snapshot: Snapshot
     inner: str = ""
+    device: str | None = None  # None for the single snapshot's tree
+
+
+_Place = _Root | _Device | _Latest | _InSnapshot
 
 
 class OpenFile:
@@ -203,7 +220,7 @@ class OpenFile:
     def size(self) -> int:
         return self.content.size
 
-    def __enter__(self) -> "OpenFile":
+    def __enter__(self) -> OpenFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -255,24 +272,25 @@ class MountTree:
     def _locate(self, path: str) -> _Place | None:
         path = path.strip("/")
         if self.single is not None:
-            return _Place("snapshot", snapshot=self.single, inner=path)
+            return _InSnapshot(self.single, inner=path)
         if not path:
-            return _Place("root")
+            return _Root()
         parts = path.split("/", 2)
         snaps = self.devices.get(parts[0])
         if snaps is None:
             return None
         if len(parts) == 1:
-            return _Place("device", device=parts[0])
+            return _Device(parts[0])
         if parts[1] == LATEST:
             if len(parts) == 2:
-                return _Place("latest", device=parts[0])
+                return _Latest(parts[0])
             snap = next(reversed(snaps.values()))  # a path through the link: its target
         else:
-            snap = snaps.get(parts[1])
-            if snap is None:
+            found = snaps.get(parts[1])
+            if found is None:
                 return None
-        return _Place("snapshot", device=parts[0], snapshot=snap, inner=parts[2] if len(parts) == 3 else "")
+            snap = found
+        return _InSnapshot(snap, inner=parts[2] if len(parts) == 3 else "", device=parts[0])
 
     def _device_entry(self, name: str) -> Entry:
         snaps = self.devices[name]
@@ -301,11 +319,11 @@ class MountTree:
         place = self._locate(path)
         if place is None:
             return None
-        if place.kind == "root":
+        if isinstance(place, _Root):
             return Entry("", "dir", 0, self._top_mtime, DIR_MODE)
-        if place.kind == "device":
+        if isinstance(place, _Device):
             return self._device_entry(place.device)
-        if place.kind == "latest":
+        if isinstance(place, _Latest):
             return self._latest_entry(place.device)
         snap = place.snapshot
         if not place.inner:
@@ -323,10 +341,10 @@ class MountTree:
         place = self._locate(path)
         if place is None:
             raise NotFound(f"nothing at {path}")
-        if place.kind == "latest":  # listed through the link (WebDAV shows it as the folder)
-            place = _Place("snapshot", place.device, next(reversed(self.devices[place.device].values())))
-        if place.kind in ("root", "device"):
-            if place.kind == "root":
+        if isinstance(place, _Latest):  # listed through the link (WebDAV shows it as the folder)
+            place = _InSnapshot(next(reversed(self.devices[place.device].values())), device=place.device)
+        if isinstance(place, (_Root, _Device)):
+            if isinstance(place, _Root):
                 entries = [self._device_entry(name) for name in self.devices]
             else:
                 snaps = self.devices[place.device]
@@ -357,7 +375,7 @@ class MountTree:
     def open(self, path: str) -> OpenFile:
         """A file for reading. NotFound, or UserError for what is not a file."""
         place = self._locate(path)
-        if place is None or place.kind != "snapshot" or not place.inner:
+        if not isinstance(place, _InSnapshot) or not place.inner:
             raise UserError(f"{path} is not a file")
         snap = place.snapshot
         view = self._views.get(snap, pin=True)

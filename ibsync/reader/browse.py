@@ -18,6 +18,7 @@ UTF-8) are left out and listed in ``bad_rows``.
 
 from __future__ import annotations
 
+import builtins
 import os
 import plistlib
 import secrets
@@ -143,7 +144,7 @@ class _Index:
         return index
 
     @classmethod
-    def load(cls, path: Path, manifest: SnapshotManifest) -> _Index | None:
+    def load(cls, path: Path, manifest: SnapshotManifest | _Discard) -> _Index | None:
         """A cached index, its left-out rows noted in ``manifest``; None when it cannot be used."""
         try:
             db = _connect(str(path), read_only=True)
@@ -162,9 +163,9 @@ class _Index:
 
     def _folder(self, path: str, pending: list) -> int:
         """The number of folder ``path``, adding it and its missing ancestors as implied folders."""
-        number = self.folders.get(path)
-        if number is not None:
-            return number
+        known = self.folders.get(path)
+        if known is not None:
+            return known
         missing = [path]  # a loop, not recursion: a hostile path may be thousands of folders deep
         while True:
             parent_path = _split(missing[-1])[0]
@@ -478,7 +479,7 @@ class SnapshotView:
                 return
             low = rows[-1][0]
 
-    def search(self, text: str, *, limit: int = 200) -> list[Item]:
+    def search(self, text: str, *, limit: int = 200) -> builtins.list[Item]:
         """Files and folders with rows whose ``Domain/relative/path`` holds ``text`` (any
         case), the first ``limit`` in path order."""
         if not text or limit <= 0:

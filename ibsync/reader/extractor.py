@@ -16,8 +16,8 @@ import errno
 import os
 import secrets
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from ..model import Node
 from .mbfile import ManifestEntry

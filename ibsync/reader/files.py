@@ -9,7 +9,7 @@ checked against its id by ``Repository.decode_blob`` before a byte of it is yiel
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from ..errors import InvalidData
 from ..format.pack import PackedBlob

@@ -22,8 +22,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import cast
 
 from ..errors import UserError
 from ..model import Snapshot
@@ -319,11 +320,11 @@ class DeviceHistory:
         db_changed = False
         changed_names: set[str] = set()
         for x, y in diff_folder(self.repo, self._root, snap.tree):
-            name = (x or y)["name"]
+            name = cast(dict, x or y)["name"]  # diff_folder pairs hold at least one entry
             if name == "Manifest.db":
                 db_changed, new_db = True, y
             elif len(name) == 2:
-                changed_names.update((u or v)["name"] for u, v in diff_folder(self.repo, _subtree(x), _subtree(y)))
+                changed_names.update(cast(dict, u or v)["name"] for u, v in diff_folder(self.repo, _subtree(x), _subtree(y)))
             else:
                 changed_names.add(name)
         rowids: set[int] | None = set()
@@ -344,7 +345,7 @@ class DeviceHistory:
                 self._forget(rowid, old.got.file_id)
             row = fresh.get(rowid)
             got = evaluate(row, self.pattern, FILES) if row is not None else None
-            if got is not None:
+            if row is not None and got is not None:
                 self._rows[rowid] = _Row(order_key(row) + (rowid,), got)
                 if isinstance(got, ManifestEntry):
                     self._fids.setdefault(got.file_id, set()).add(rowid)
@@ -483,13 +484,14 @@ def _merge_all(ma: SnapshotManifest, mb: SnapshotManifest, touched: set[str]) ->
     rows_a, rows_b = ma.files_by_id(), mb.files_by_id()
     ra, rb = next(rows_a, None), next(rows_b, None)
     while ra is not None or rb is not None:
-        if rb is None or (ra is not None and ra[0] < rb[0]):
+        if ra is not None and (rb is None or ra[0] < rb[0]):
             found.append((ra[1], ra[2], "removed", ra[0]))
             ra = next(rows_a, None)
-        elif ra is None or rb[0] < ra[0]:
+        elif rb is not None and (ra is None or rb[0] < ra[0]):
             found.append((rb[1], rb[2], "added", rb[0]))
             rb = next(rows_b, None)
         else:
+            assert ra is not None and rb is not None  # the same fileID on both sides
             if rb[0] in touched:
                 found.append((rb[1], rb[2], "changed", rb[0]))
             ra, rb = next(rows_a, None), next(rows_b, None)

@@ -12,15 +12,11 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-from ..errors import InvalidData, UserError
+from ..errors import InvalidData, WrongBackupPassword
 
 _AES_BLOCK = 16
-
-
-class WrongBackupPassword(UserError):
-    """The iOS backup password does not unlock the backup's keybag."""
 
 
 class BackupKeys:
@@ -30,7 +26,7 @@ class BackupKeys:
         self._keybag = keybag  # pyiosbackup.keybag.Keybag: class -> class key
 
     @classmethod
-    def unlock(cls, manifest_plist: dict, password: str) -> "BackupKeys":
+    def unlock(cls, manifest_plist: dict, password: str) -> BackupKeys:
         from cryptography.hazmat.primitives.keywrap import InvalidUnwrap
         from pyiosbackup.keybag import Keybag
         from pyiosbackup.manifest_plist import ManifestPlist

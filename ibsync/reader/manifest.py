@@ -14,17 +14,18 @@ import os
 import plistlib
 import sqlite3
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import cast, overload
 
 from ..errors import InvalidData, UserError
 from ..model import Node, Snapshot
 from ..repo.repository import Repository
 from ..repo.trees import diff_folder
 from .files import read_file, read_file_bytes
-from .manifest_cache import ManifestCache, Rehydration, StoredFile, write_stored
 from .ios_crypto import BackupKeyring, BackupKeys
+from .manifest_cache import ManifestCache, Rehydration, StoredFile, write_stored
 from .mbfile import _KIND_OF_FLAGS, ManifestEntry, decode_mbfile, kind_of
 from .paths import PathPattern, entry_path
 
@@ -126,7 +127,7 @@ class SnapshotManifest:
                 for chunk in self.keys.decrypt_database(chunks, manifest_key):
                     f.write(chunk)
         finally:
-            if link is not None:
+            if link is not None and cache is not None:  # a link comes only from a cache
                 cache.release(link)
         self._connect(self._path, owned=True)
 
@@ -165,7 +166,7 @@ class SnapshotManifest:
             except OSError:
                 pass  # Windows: removed on close
 
-    def __enter__(self) -> "SnapshotManifest":
+    def __enter__(self) -> SnapshotManifest:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -202,7 +203,7 @@ class SnapshotManifest:
         try:
             # not 'yield from': closing this generator would close the cursor too, which raises
             # once the connection is closed (a merge left suspended when the other side failed)
-            for row in self._con.execute(sql, params):
+            for row in self._con.execute(sql, params):  # noqa: UP028 - see above
                 yield row
         except sqlite3.DatabaseError as e:
             raise InvalidData(f"snapshot {self.snapshot.short_id}: its Manifest.db is damaged ({e})") from None
@@ -365,7 +366,7 @@ class SnapshotManifest:
         return chunks
 
 
-def evaluate(row: tuple, pattern: PathPattern | None, kinds: set[str] | None) -> ManifestEntry | BadRow | None:
+def evaluate(row: tuple, pattern: PathPattern | None, kinds: set[str] | frozenset[str] | None) -> ManifestEntry | BadRow | None:
     """A ``(fileID, domain, relativePath, flags, file)`` row as an entry when it matches and is of
     one of ``kinds`` (None: any); a BadRow when it matches but cannot be used; else None."""
     file_id, domain, rel, flags, blob = row
@@ -404,7 +405,7 @@ def _sql_order(value: object) -> tuple:
         return (1, value)
     if isinstance(value, str):
         return (2, value.encode("utf-8", "surrogateescape"))
-    return (3, bytes(value))  # type: ignore[arg-type]
+    return (3, bytes(cast(bytes, value)))  # SQLite has no other type left: a blob
 
 
 def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
@@ -452,12 +453,13 @@ def changed_payloads(repo: Repository, root_a: bytes, root_b: bytes) -> set[str]
     another size, or present in one only. Only what differs is read (``diff_folder`` skips the
     ``xx/`` folders and the tree nodes two snapshots share)."""
     out: set[str] = set()
+    # diff_folder pairs what differs: one side may be missing, never both
     for x, y in diff_folder(repo, root_a, root_b):
-        name = (x or y)["name"]
+        name = cast(dict, x or y)["name"]
         if len(name) == 2:
             for u, v in diff_folder(repo, _subtree(x), _subtree(y)):
                 if _payload_key(u) != _payload_key(v):
-                    out.add((u or v)["name"])
+                    out.add(cast(dict, u or v)["name"])
         elif len(name) == 40 and (x is None or y is None or _payload_key(x)[1:] != _payload_key(y)[1:]):
             out.add(name)  # iOS < 10 layouts keep payloads at the top level
     return out
@@ -469,6 +471,12 @@ def _subtree(entry: dict | None) -> bytes | None:
     return bytes.fromhex(entry["subtree"])
 
 
+@overload
+def _payload_key(entry: dict) -> tuple: ...
+@overload
+def _payload_key(entry: None) -> None: ...
+@overload
+def _payload_key(entry: dict | None) -> tuple | None: ...
 def _payload_key(entry: dict | None) -> tuple | None:
     if entry is None:
         return None

@@ -60,7 +60,7 @@ class StoredFile:
     size: int
 
     @classmethod
-    def of(cls, repo: Repository, content: list[bytes], size: int) -> "StoredFile":
+    def of(cls, repo: Repository, content: list[bytes], size: int) -> StoredFile:
         """From a file node's blob list (lengths from the index: nothing is read)."""
         stored = cls(tuple(content), tuple(repo.locate(b).raw_length for b in content), size)
         if sum(stored.lengths) != size:
@@ -99,7 +99,7 @@ class StoredFile:
         return b"".join(parts)
 
     @classmethod
-    def decode(cls, data: bytes) -> "StoredFile | None":
+    def decode(cls, data: bytes) -> StoredFile | None:
         """The list written by ``encode``, None if it does not parse."""
         try:
             if not data.startswith(_IDS_MAGIC):
@@ -131,7 +131,7 @@ class Rehydration:
     cache_hits: int = 0
     blocks_failed: list[str] = field(default_factory=list)  # cached blocks that did not match
 
-    def add(self, other: "Rehydration") -> None:
+    def add(self, other: Rehydration) -> None:
         for k in ("blobs_read", "bytes_read", "blobs_local", "bytes_local", "files_built", "cache_hits"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         self.blocks_failed += other.blocks_failed
@@ -216,7 +216,7 @@ class ManifestCache:
         self.stats = Rehydration()
 
     @classmethod
-    def for_repository(cls, repo: Repository) -> "ManifestCache | None":
+    def for_repository(cls, repo: Repository) -> ManifestCache | None:
         """The repository's cache, or None when caching is turned off."""
         if os.environ.get("IBSYNC_NO_CACHE"):
             return None
@@ -354,7 +354,7 @@ class ManifestCache:
 
     def _entries(self) -> list[tuple[str, StoredFile]]:
         """Cached files with their id lists; a list that does not match its name is dropped."""
-        out = []
+        out: list[tuple[str, StoredFile]] = []
         try:
             names = os.listdir(self.folder)
         except OSError:
@@ -374,7 +374,7 @@ class ManifestCache:
             out.append((key, other))
         return out
 
-    def evict(self, keep: set[str] = frozenset()) -> None:
+    def evict(self, keep: frozenset[str] | set[str] = frozenset()) -> None:
         """Least recently used files beyond the limit go; so do temporary files left by killed
         processes and files without their id list (or lists without their file)."""
         now = time.time()

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Iterator
+from collections.abc import Callable, Iterator
 
 from ..errors import IbsyncError, RepoError
 from ..model import Node, Rejected, Tree, reports

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from ..format.pack import FLAG_ZSTD, BlobType, PackedBlob
 

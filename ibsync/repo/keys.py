@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from ..errors import InvalidData, UserError
 from ..format.crypto import make_key_file, storage_name
@@ -79,7 +79,7 @@ def add_key(repo: Repository, new_password: str, *, kdf: dict | None = None) -> 
     assert repo.master is not None
     if not new_password:
         raise UserError("an empty password is not allowed")
-    meta = {"created": utc_iso(datetime.now(timezone.utc)), **_who()}
+    meta = {"created": utc_iso(datetime.now(UTC)), **_who()}
     data = make_key_file(repo.master, new_password, meta=meta, kdf=kdf)
     name = storage_name(data)
     repo.storage.put(Kind.KEYS, name, data, exclusive=True)

@@ -24,9 +24,9 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
-from ..errors import IbsyncError, InvalidData, NotFound, RepoError
+from ..errors import IbsyncError, InvalidData, NotFound, RepoError, RepoLocked
 from ..format.crypto import storage_name
 from ..format.objects import open_object
 from ..model import parse_iso, utc_iso
@@ -46,10 +46,8 @@ MAX_LOCK_SIZE = 64 << 10
 log = logging.getLogger("ibsync")
 
 
-class Locked(RepoError):
+class Locked(RepoLocked):
     """Another process holds a conflicting lock."""
-
-    exit_code = 3
 
 
 class LockLost(RepoError):
@@ -67,7 +65,7 @@ class LockInfo:
     command: str
 
     def stale(self, now: datetime | None = None) -> bool:
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         if now - self.time > STALE_AFTER:
             return True
         return self.hostname == socket.gethostname() and not pid_alive(self.pid)
@@ -110,7 +108,7 @@ def _open_lock(repo, name: str, size: int) -> bytes:
 def _unknown_lock(name: str) -> LockInfo:
     # Written with the repository key (so by an ibsync, maybe a newer one) but not readable
     # here: honour it as a live exclusive lock; 'unlock --remove-all' removes it.
-    return LockInfo(name, datetime.now(timezone.utc), True, "?", "?", 0, "unknown (unreadable lock)")
+    return LockInfo(name, datetime.now(UTC), True, "?", "?", 0, "unknown (unreadable lock)")
 
 
 def _parse_lock(name: str, body: bytes) -> LockInfo:
@@ -173,7 +171,7 @@ class RepoLock:
 
     def _write(self) -> str:
         body = {
-            "time": utc_iso(datetime.now(timezone.utc)),
+            "time": utc_iso(datetime.now(UTC)),
             "exclusive": self.exclusive,
             "hostname": socket.gethostname(),
             "username": os.environ.get("USER", ""),
@@ -201,7 +199,7 @@ class RepoLock:
             " (a lock left by a crashed process expires after 30 minutes, or remove it with 'ibsync unlock')"
         )
 
-    def acquire(self) -> "RepoLock":
+    def acquire(self) -> RepoLock:
         conflicts = self._conflicts()
         if conflicts:
             raise self._refuse(conflicts)
@@ -273,7 +271,7 @@ class RepoLock:
             except IbsyncError:
                 pass  # left behind, it goes stale by itself
 
-    def __enter__(self) -> "RepoLock":
+    def __enter__(self) -> RepoLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -10,11 +10,22 @@ import re
 import socket
 import threading
 from collections import OrderedDict
-from datetime import datetime, timezone
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from typing import TypeGuard
 
 from .._version import __version__
-from ..errors import AlreadyExists, InvalidData, NotFound, RepoError, UnsupportedVersion, UserError, WrongPassword
+from ..errors import (
+    AlreadyExists,
+    InvalidData,
+    NameNotFound,
+    NotFound,
+    RepoError,
+    RepoNotFound,
+    UnsupportedVersion,
+    UserError,
+    WrongPassword,
+)
 from ..format import index as index_format
 from ..format.chunker import Chunker, ChunkingPolicy, default_policy
 from ..format.compress import Compressor
@@ -93,7 +104,7 @@ class Repository:
         self.index = MasterIndex()
         self.loaded_index: set[str] = set()
         self.index_damage: dict[str, str] = {}  # index objects load_index skipped -> why
-        self.cache = None  # an ObjectCache for remote repositories (use_cache)
+        self.cache: ObjectCache | None = None  # for remote repositories (use_cache)
         self.lock = None  # the RepoLock this process holds on the repository, if any
         self._trees: OrderedDict[bytes, Tree] = OrderedDict()
         self._trees_entries = 0  # entries held by _trees, which bounds it (not the folder count)
@@ -105,7 +116,7 @@ class Repository:
     @classmethod
     def init(
         cls, storage: Storage, password: str | None, *, kdf: dict | None = None, pack_size: int = DEFAULT_PACK_SIZE
-    ) -> "Repository":
+    ) -> Repository:
         """Create a repository; ``password=None`` makes an unencrypted one."""
         if not MIN_PACK_SIZE <= pack_size <= MAX_PACK_SIZE:
             raise UserError(f"pack size must be between {MIN_PACK_SIZE >> 20} and {MAX_PACK_SIZE >> 20} MiB")
@@ -119,7 +130,7 @@ class Repository:
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "id": os.urandom(16).hex(),
-            "created": utc_iso(datetime.now(timezone.utc)),
+            "created": utc_iso(datetime.now(UTC)),
             "encryption": encryption,
             "id_hash": ENCRYPTIONS[encryption],
             "compression": {"algorithm": "zstd", "level": DEFAULT_ZSTD_LEVEL},
@@ -154,7 +165,7 @@ class Repository:
 
     @classmethod
     def open(cls, storage: Storage, password: PasswordSource, *, password_given: bool = False,
-             known: KnownRepositories | None = None) -> "Repository":
+             known: KnownRepositories | None = None) -> Repository:
         """Open a repository. ``password`` is asked only if the repository is encrypted.
         ``password_given``: the caller has a password configured (an option, a file, a command,
         the environment): an unencrypted repository is then refused as a likely downgrade.
@@ -174,7 +185,7 @@ class Repository:
         return repo
 
     @classmethod
-    def _build(cls, storage: Storage, config: dict, master: MasterKey | None, key_name: str | None) -> "Repository":
+    def _build(cls, storage: Storage, config: dict, master: MasterKey | None, key_name: str | None) -> Repository:
         _check_settings(storage.url, config)  # after the MAC: a forged setting says "altered"
         return cls(storage, config, master, key_name)
 
@@ -461,10 +472,10 @@ class Repository:
         if device:
             snaps = [s for s in snaps if s.of_device(device)]
             if not snaps:
-                raise UserError(f"no snapshot of a device '{device}'")
+                raise NameNotFound(f"no snapshot of a device '{device}'")
         if spec == "latest":
             if not snaps:
-                raise UserError("the repository has no snapshots yet")
+                raise NameNotFound("the repository has no snapshots yet")
             udids = {s.device.udid for s in snaps}
             if len(udids) > 1:
                 raise UserError(
@@ -474,7 +485,7 @@ class Repository:
         spec = spec.lower()
         matches = [s for s in snaps if s.id.startswith(spec)]
         if not matches:
-            raise UserError(f"no snapshot with id '{spec}'")
+            raise NameNotFound(f"no snapshot with id '{spec}'")
         if len(matches) > 1:
             raise UserError(f"snapshot id '{spec}' is ambiguous: {', '.join(s.short_id for s in matches)}")
         return matches[0]
@@ -534,7 +545,7 @@ def _read_config(storage: Storage) -> dict:
     try:
         raw = storage.get(Kind.CONFIG, "config")
     except NotFound:
-        raise RepoError(f"{storage.url} is not an ibsync repository (no config); run 'ibsync init' first") from None
+        raise RepoNotFound(f"{storage.url} is not an ibsync repository (no config); run 'ibsync init' first") from None
     try:
         config = json.loads(raw)
     except ValueError as e:
@@ -593,7 +604,7 @@ def _chunking_problem(chunking: object) -> str | None:
     return None
 
 
-def _int_in(value: object, lo: int, hi: int) -> bool:
+def _int_in(value: object, lo: int, hi: int) -> TypeGuard[int]:
     return type(value) is int and lo <= value <= hi
 
 

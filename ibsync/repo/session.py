@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import IbsyncError, StorageError
 from ..format.index import PackIndex
@@ -31,6 +32,7 @@ from ..storage import Kind
 from .trees import Reuse
 
 if TYPE_CHECKING:  # the repository makes sessions (Repository.write_session); this module never needs it at run time
+    from ..storage.base import Staged
     from .repository import Repository
 
 INDEX_EVERY_PACKS = 8
@@ -52,7 +54,7 @@ class _OpenPack:
     takes it, each under ``lock``; once ``shipped`` it takes no more blobs. The lock is the
     owner's alone except at a hand-over, so it costs nothing on the hot path."""
 
-    writer: PackWriter
+    writer: PackWriter[Staged]
     lock: threading.Lock = field(default_factory=threading.Lock)
     shipped: bool = False
 
@@ -83,7 +85,7 @@ class WriteSession:
         self._last_index = time.monotonic()
         self._error: BaseException | None = None
 
-    def __enter__(self) -> "WriteSession":
+    def __enter__(self) -> WriteSession:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -207,7 +209,7 @@ class WriteSession:
         with self._lock:
             self._futures.append(fut)
 
-    def _upload(self, packer: PackWriter) -> None:
+    def _upload(self, packer: PackWriter[Staged]) -> None:
         try:
             name = packer.finish(self.repo.cipher)
             packer.sink.commit(name)

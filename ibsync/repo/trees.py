@@ -18,7 +18,8 @@ Node blobs (type TREE), msgpack; a format-1 tree blob is JSON and starts with ``
                   [name, 1, mode, mtime_ns, subtree id | nil]                  a folder
                   [name, 2, mode, mtime_ns, target]                            a symlink
                   "<JSON text of the entry>"   any entry the positional form cannot hold as it is
-                                               (kept so a rewrite never alters what readers refuse)
+                                               (kept so a rewrite never alters what readers refuse;
+                                               fields in model.ENTRY_FIELDS order)
 
 Nothing read here is trusted: every node is checked for its shape, levels go down by exactly
 one (so a walk ends), a folder may not use one node twice, and counts are bounded. A malformed
@@ -31,12 +32,23 @@ from __future__ import annotations
 import json
 from bisect import bisect_right
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from ..model import MalformedTree, Rejected, entry_problem, split_entries
+from ..model import (
+    ENTRY_FIELDS,
+    MalformedTree,
+    Rejected,
+    canonical_entry,
+    dir_entry,
+    entry_problem,
+    file_entry,
+    split_entries,
+    symlink_entry,
+)
 
 if TYPE_CHECKING:
     from .repository import Repository
@@ -46,9 +58,10 @@ LIST_NODE = 2
 ID = 32
 TYPE_CODES = {"file": 0, "dir": 1, "symlink": 2}
 _TYPE_NAMES = {v: k for k, v in TYPE_CODES.items()}
-_FILE_KEYS = frozenset({"name", "type", "mode", "mtime_ns", "size", "content"})
-_DIR_KEYS = frozenset({"name", "type", "mode", "mtime_ns", "subtree"})
-_LINK_KEYS = frozenset({"name", "type", "mode", "mtime_ns", "target"})
+# a positional entry holds exactly its type's fields, in their canonical order (model.ENTRY_FIELDS)
+_FILE_KEYS = frozenset(ENTRY_FIELDS["file"])
+_DIR_KEYS = frozenset(ENTRY_FIELDS["dir"])
+_LINK_KEYS = frozenset(ENTRY_FIELDS["symlink"])
 # what the first byte of a node blob is: a msgpack array of 3 or 4 elements
 _NODE_STARTS = (0x93, 0x94)
 
@@ -124,7 +137,8 @@ def _hex_name(name: str) -> str | bytes:
 
 
 def _positional(d: Any, store_list: Callable[[bytes], bytes]) -> list | None:
-    """The positional form of a well-formed entry, or None when it cannot hold it exactly."""
+    """The positional form of a well-formed entry, or None when it cannot hold it exactly. The
+    fields are taken by name and written by position: the dict's order does not matter."""
     if type(d) is not dict or type(d.get("name")) is not str:
         return None
     kind, keys = d.get("type"), d.keys()
@@ -151,14 +165,21 @@ def _positional(d: Any, store_list: Callable[[bytes], bytes]) -> list | None:
 
 
 def pack_entry(d: Any, store_list: Callable[[bytes], bytes]) -> bytes:
-    """One entry as stored in a leaf (msgpack), positional when it can be."""
+    """One entry as stored in a leaf (msgpack), positional when it can be; a field the format
+    does not have raises ``model.UnknownEntryField``."""
     item = _positional(d, store_list)
     if item is not None:
         try:
             return _packer.pack(item)
         except (UnicodeEncodeError, OverflowError):
             pass  # a name not UTF-8 even with escapes, or an integer beyond 64 bits
-    return _packer.pack(json.dumps(d, separators=(",", ":")))
+    return _json_entry(d)
+
+
+def _json_entry(d: Any) -> bytes:
+    """The stored form of an entry the positional form cannot hold: its JSON text, fields in
+    their canonical order (so equal entries are equal bytes however their dicts were built)."""
+    return _packer.pack(json.dumps(canonical_entry(d), separators=(",", ":")))
 
 
 def unpack_entry(item: Any, expand: Callable[[Any], Any]) -> Any:
@@ -175,18 +196,18 @@ def unpack_entry(item: Any, expand: Callable[[Any], Any]) -> Any:
     if isinstance(name, bytes):
         name = name.hex()
     kind = _TYPE_NAMES.get(code) if type(code) is int else None
-    # an unknown code must not read as a type name: "file" stored as the code is not a file
-    d: dict[str, Any] = {"name": name, "type": kind or f"code {code!r}"[:20], "mode": mode, "mtime_ns": mtime_ns}
     if kind == "file" and len(item) == 6:
-        d["size"], d["content"] = item[4], _content(item[5], expand)
-    elif kind == "dir" and len(item) == 5:
+        return file_entry(name, mode, mtime_ns, item[4], _content(item[5], expand))
+    if kind == "dir" and len(item) == 5:
         value = item[4]
-        d["subtree"] = None if value is None else value.hex() if isinstance(value, bytes) and len(value) == ID else "not an id"
-    elif kind == "symlink" and len(item) == 5:
-        d["target"] = item[4]
-    elif kind is not None:
-        d["mode"] = None  # the wrong number of fields for its type: refused
-    return d
+        return dir_entry(name, mode, mtime_ns,
+                         None if value is None else value.hex() if isinstance(value, bytes) and len(value) == ID
+                         else "not an id")
+    if kind == "symlink" and len(item) == 5:
+        return symlink_entry(name, mode, mtime_ns, item[4])
+    # an unknown code must not read as a type name: "file" stored as the code is not a file;
+    # a known type with the wrong number of fields gets no mode: both are refused
+    return {"name": name, "type": kind or f"code {code!r}"[:20], "mode": None if kind else mode, "mtime_ns": mtime_ns}
 
 
 def _content(value: Any, expand: Callable[[Any], Any]) -> Any:
@@ -318,15 +339,15 @@ class TreeBuilder:
         if reuse is not None and type(d) is dict and type(name := d.get("name")) is str:
             known = reuse.get(name)
             if known is not None and known[0] is d:
-                item = known[1]
-                return name.encode(), _packer.pack(item), _first_id(item)  # reused names are hex: ASCII
+                stored = known[1]
+                return name.encode(), _packer.pack(stored), _first_id(stored)  # reused names are hex: ASCII
         item = _positional(d, self.id_list)
         if item is not None:
             try:
                 return _key(d), _packer.pack(item), _first_id(item)
             except (UnicodeEncodeError, OverflowError):
                 pass  # a name not UTF-8 even with escapes, or an integer beyond 64 bits
-        return _key(d), _packer.pack(json.dumps(d, separators=(",", ":"))), None
+        return _key(d), _json_entry(d), None
 
     def _leaf_hits(self, keys: list[bytes], first_ids: list[bytes | None]) -> list[bool]:
         """Where a leaf may end (design §10): after an entry whose first id (a keyed hash the
@@ -415,7 +436,7 @@ def _split_ids(ids: bytes) -> list[bytes]:
 class _Reader:
     """Reads node blobs of one repository, remembering every node it read (a folder's parts)."""
 
-    def __init__(self, repo: "Repository") -> None:
+    def __init__(self, repo: Repository) -> None:
         self.repo = repo
         self.parts: list[bytes] = []
         self._seen: set[bytes] = set()
@@ -493,7 +514,7 @@ class _Reader:
         return [hexed[i : i + 2 * ID] for i in range(0, len(hexed), 2 * ID)]
 
 
-def read_folder(repo: "Repository", tree_id: bytes, data: bytes) -> tuple[list[Any], list[bytes]]:
+def read_folder(repo: Repository, tree_id: bytes, data: bytes) -> tuple[list[Any], list[bytes]]:
     """A format-2 folder's stored entries (``Node.to_dict`` form, or what split_entries refuses)
     and the ids of all its node blobs, top first."""
     reader = _Reader(repo)
@@ -545,11 +566,10 @@ def split_items(items: list[Any], expand: Callable[[Any], Any]) -> tuple[list[di
                     if (type(size) is int and 0 <= size < _I64 and type(last) is bytes and len(last) % ID == 0
                             and len(last) <= INLINE_IDS * ID):
                         h = last.hex()
-                        d = {"name": name.hex(), "type": "file", "mode": mode, "mtime_ns": mtime, "size": size,
-                             "content": [h[i : i + _HEX_ID] for i in range(0, len(h), _HEX_ID)]}
+                        d = file_entry(name.hex(), mode, mtime, size,
+                                       [h[i : i + _HEX_ID] for i in range(0, len(h), _HEX_ID)])
                 elif code == 1 and len(item) == 5 and (last is None or type(last) is bytes and len(last) == ID):
-                    d = {"name": name.hex(), "type": "dir", "mode": mode, "mtime_ns": mtime,
-                         "subtree": None if last is None else last.hex()}
+                    d = dir_entry(name.hex(), mode, mtime, None if last is None else last.hex())
         if d is not None:
             n = d["name"]
             if n in seen:
@@ -585,7 +605,7 @@ def _rejected(i: int, d: Any, problem: str) -> Rejected:
     return Rejected(name if isinstance(name, str) else repr(name)[:60], problem, d)
 
 
-def read_folder_split(repo: "Repository", tree_id: bytes, data: bytes) -> Folder:
+def read_folder_split(repo: Repository, tree_id: bytes, data: bytes) -> Folder:
     """A format-2 folder split into usable and refused entries (as ``split_entries`` splits
     ``read_folder``'s entries, at about half the cost), with its parts and reusable items."""
     reader = _Reader(repo)
@@ -597,7 +617,7 @@ def read_folder_split(repo: "Repository", tree_id: bytes, data: bytes) -> Folder
 # ---- reading by parts ------------------------------------------------------------------------
 
 
-def _path_items(repo: "Repository", tree_id: bytes, name: str, reader: _Reader) -> list[Any] | None:
+def _path_items(repo: Repository, tree_id: bytes, name: str, reader: _Reader) -> list[Any] | None:
     """The items of the leaf where ``name`` belongs, reading only the nodes on its path; None
     for a format-1 tree."""
     data = repo.load_blob(tree_id)
@@ -611,7 +631,7 @@ def _path_items(repo: "Repository", tree_id: bytes, name: str, reader: _Reader) 
     return [item for item in node[2] if _item_name(item) == name]
 
 
-def lookup(repo: "Repository", tree_id: bytes, name: str) -> dict[str, Any] | None:
+def lookup(repo: Repository, tree_id: bytes, name: str) -> dict[str, Any] | None:
     """One usable entry of a folder by name (``Node.to_dict`` form), or None: reads only the
     nodes on the name's path (and the file's list nodes). A copy of the name that a crafted tree
     stores out of order elsewhere is not seen here; readers of whole folders refuse both."""
@@ -624,7 +644,7 @@ def lookup(repo: "Repository", tree_id: bytes, name: str) -> dict[str, Any] | No
     return _usable(found[0], reader)
 
 
-def content_id(repo: "Repository", tree_id: bytes, name: str) -> bytes | None:
+def content_id(repo: Repository, tree_id: bytes, name: str) -> bytes | None:
     """A 32-byte key of the content list of the usable file ``name`` in a folder (None if there
     is none), read without the file's list nodes: two files with equal keys in one repository
     have equal content. For a long list it is the id of its top list node; for a short one,
@@ -648,7 +668,7 @@ def content_id(repo: "Repository", tree_id: bytes, name: str) -> bytes | None:
 
 
 def diff_folder(
-    repo: "Repository", old: bytes | None, new: bytes | None
+    repo: Repository, old: bytes | None, new: bytes | None
 ) -> Iterator[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
     """The usable entries of one folder that differ between two versions of it, by name, as
     (old entry or None, new entry or None), in name order, ``Node.to_dict`` form. Node blobs
@@ -674,14 +694,14 @@ def diff_folder(
 _Frontier = list[tuple[bytes, int]]
 
 
-def _parsed(repo: "Repository", nodes: dict[bytes, list], node_id: bytes, level: int | None) -> list:
+def _parsed(repo: Repository, nodes: dict[bytes, list], node_id: bytes, level: int | None) -> list:
     node = nodes.get(node_id)
     if node is None or (level is not None and node[1] != level):
         node = nodes[node_id] = parse_node(repo.load_blob(node_id), FOLDER_NODE, level)
     return node
 
 
-def _frontier(repo: "Repository", tree_id: bytes | None, nodes: dict[bytes, list]) -> _Frontier | None:
+def _frontier(repo: Repository, tree_id: bytes | None, nodes: dict[bytes, list]) -> _Frontier | None:
     if tree_id is None:
         return []
     data = repo.load_blob(tree_id)
@@ -709,7 +729,7 @@ def _without(frontier: _Frontier, drop: Counter) -> _Frontier:
     return out
 
 
-def _expand(repo: "Repository", frontier: _Frontier, level: int, nodes: dict[bytes, list]) -> _Frontier:
+def _expand(repo: Repository, frontier: _Frontier, level: int, nodes: dict[bytes, list]) -> _Frontier:
     out: _Frontier = []
     for node_id, node_level in frontier:
         if node_level != level:
@@ -722,18 +742,18 @@ def _expand(repo: "Repository", frontier: _Frontier, level: int, nodes: dict[byt
     return out
 
 
-def _leaf_items(repo: "Repository", frontier: _Frontier, nodes: dict[bytes, list]) -> list[Any]:
+def _leaf_items(repo: Repository, frontier: _Frontier, nodes: dict[bytes, list]) -> list[Any]:
     items: list[Any] = []
     for node_id, _ in frontier:
         items.extend(_parsed(repo, nodes, node_id, 0)[2])
     return items
 
 
-def _whole(repo: "Repository", tree_id: bytes | None) -> list[Any]:
+def _whole(repo: Repository, tree_id: bytes | None) -> list[Any]:
     return [] if tree_id is None else repo.load_tree_entries(tree_id)
 
 
-def _diff_items(repo: "Repository", old: list[Any], new: list[Any]) -> Iterator[tuple[dict | None, dict | None]]:
+def _diff_items(repo: Repository, old: list[Any], new: list[Any]) -> Iterator[tuple[dict | None, dict | None]]:
     """Compare stored items (format-2 leaf items or format-1 entries) by name; an entry a reader
     refuses counts as absent."""
     a, b = _by_name(old), _by_name(new)

@@ -13,7 +13,7 @@ import sqlite3
 import stat
 import struct
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote
@@ -166,7 +166,7 @@ def _read_at_most(f: BinaryIO, limit: int) -> bytes:
 
 def _date(value: object) -> datetime | None:
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
     return None
 
 
@@ -208,7 +208,9 @@ def describe_backup(info: dict, manifest: dict, status: dict, folder_name: str) 
     """The device, the backup's date and whether iOS encrypted it, from the three plists of a
     backup folder (an import reads them from disk, a capture from its virtual folder): each
     field from the first plist that has it."""
-    lockdown = manifest.get("Lockdown") if isinstance(manifest.get("Lockdown"), dict) else {}
+    lockdown = manifest.get("Lockdown")
+    if not isinstance(lockdown, dict):
+        lockdown = {}
     device = DeviceInfo(
         udid=str(info.get("Unique Identifier") or info.get("Target Identifier") or lockdown.get("UniqueDeviceID")
                  or folder_name),
@@ -248,7 +250,7 @@ def read_backup_folder(path: Path, *, allow_unfinished: bool = False) -> BackupF
 
     device, backup_date, encrypted = describe_backup(info, manifest, status, path.name)
     if backup_date is None:
-        backup_date = datetime.fromtimestamp(os.stat(path / "Status.plist").st_mtime, timezone.utc)
+        backup_date = datetime.fromtimestamp(os.stat(path / "Status.plist").st_mtime, UTC)
 
     db = path / "Manifest.db"
     if encrypted:

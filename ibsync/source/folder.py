@@ -47,7 +47,7 @@ class FolderSource:
         self.skipped: list[str] = []
 
     @classmethod
-    def open(cls, path: Path, *, allow_unfinished: bool = False) -> "FolderSource":
+    def open(cls, path: Path, *, allow_unfinished: bool = False) -> FolderSource:
         return cls(read_backup_folder(path, allow_unfinished=allow_unfinished))
 
     @property

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import Kind, ObjectInfo, Properties, Storage, object_path
 from .local import LocalStorage
+
+if TYPE_CHECKING:  # the remote backends are imported only when a URL needs one
+    from .remote import FsspecStorage
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
@@ -18,6 +21,7 @@ def open_storage(url: str, options: dict[str, Any] | None = None) -> Storage:
     if m is None or m.group(1) == "file":
         return LocalStorage(url[len("file://"):] if m else url)
     scheme = m.group(1).lower()
+    backend: type[FsspecStorage]
     if scheme in ("s3", "s3a"):
         from .s3 import S3Storage as backend
     elif scheme in ("sftp", "ssh"):

@@ -7,10 +7,12 @@ object or nothing).
 
 from __future__ import annotations
 
+import builtins
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 from ..errors import StorageError
 
@@ -127,7 +129,7 @@ class Storage(Protocol):
 
     def delete(self, kind: Kind, name: str) -> None: ...
 
-    def strays(self, kind: Kind) -> list[str]:
+    def strays(self, kind: Kind) -> builtins.list[str]:
         """What sits where ``kind``'s objects live but is not one of them, as sorted paths
         relative to the root: a name that is not 64 lowercase hex digits, a pack in the wrong
         fan-out folder, a folder, link, FIFO, socket or device, a kind folder that is a link
@@ -153,7 +155,7 @@ def join_pieces(data: bytes | Sequence[bytes]) -> bytes:
     return b"".join(data)
 
 
-def pieces_of(data: bytes | Sequence[bytes]) -> Iterable[bytes]:
+def pieces_of(data: bytes | Sequence[bytes]) -> Iterable[bytes | memoryview]:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return (data,)
     return data

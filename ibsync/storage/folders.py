@@ -21,8 +21,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 from ..errors import StorageError
 
@@ -45,7 +46,7 @@ def choose_fsync(fcntl_module: Any | None) -> Callable[[int], None]:
     drive's cache, which a power cut loses; F_FULLFSYNC flushes that cache too (Go's File.Sync,
     and so restic, does the same). Filesystems that refuse it (SMB mounts) get fsync, as in Go."""
     full = getattr(fcntl_module, "F_FULLFSYNC", None)
-    if full is None:
+    if full is None or fcntl_module is None:  # the second test only tells mypy what the first implies
         return os.fsync
 
     def full_fsync(fd: int) -> None:
@@ -132,7 +133,7 @@ def _entries(it: Iterator[os.DirEntry]) -> list[Entry]:
 class Folder(Protocol):
     rel: str  # for messages: the root's URL, then "/"-joined names
 
-    def sub(self, name: str, *, create: bool) -> "Folder":
+    def sub(self, name: str, *, create: bool) -> Folder:
         """A sub-folder; FileNotFoundError if absent (and not ``create``), Refused if a link or file."""
 
     def entries(self) -> list[Entry]: ...
@@ -147,7 +148,7 @@ class Folder(Protocol):
 
     def link(self, src: str, dst: str) -> None: ...
 
-    def move(self, src: str, dest: "Folder", dst: str) -> None:
+    def move(self, src: str, dest: Folder, dst: str) -> None:
         """Rename ``src`` here to ``dst`` in ``dest``, replacing (atomic on one filesystem)."""
 
     def unlink(self, name: str) -> None: ...
@@ -171,14 +172,14 @@ class FdFolder:
         self._owned = owned  # the root's descriptor belongs to the storage, not to this handle
 
     @classmethod
-    def open_root(cls, path: str, rel: str) -> "FdFolder":
+    def open_root(cls, path: str, rel: str) -> FdFolder:
         # the root itself may be a link the user chose (/Volumes/X): it was resolved at open
         return cls(os.open(path, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC), rel)
 
     def _refused(self, name: str) -> Refused:
         return refused(child_rel(self.rel, name), self.lstat(name))
 
-    def sub(self, name: str, *, create: bool) -> "FdFolder":
+    def sub(self, name: str, *, create: bool) -> FdFolder:
         flags = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC
         try:
             return FdFolder(os.open(name, flags, dir_fd=self.fd), child_rel(self.rel, name))
@@ -220,7 +221,7 @@ class FdFolder:
     def link(self, src: str, dst: str) -> None:
         os.link(src, dst, src_dir_fd=self.fd, dst_dir_fd=self.fd, follow_symlinks=False)
 
-    def move(self, src: str, dest: "Folder", dst: str) -> None:
+    def move(self, src: str, dest: Folder, dst: str) -> None:
         assert isinstance(dest, FdFolder)
         os.replace(src, dst, src_dir_fd=self.fd, dst_dir_fd=dest.fd)
 
@@ -246,7 +247,7 @@ class PathFolder:
         self.rel = rel
 
     @classmethod
-    def open_root(cls, path: str, rel: str) -> "PathFolder":
+    def open_root(cls, path: str, rel: str) -> PathFolder:
         if not os.path.isdir(path):
             os.stat(path)  # FileNotFoundError for a missing root
             raise NotADirectoryError(errno.ENOTDIR, "not a folder", path)
@@ -255,7 +256,7 @@ class PathFolder:
     def _p(self, name: str) -> str:
         return os.path.join(self.path, name)
 
-    def sub(self, name: str, *, create: bool) -> "PathFolder":
+    def sub(self, name: str, *, create: bool) -> PathFolder:
         try:
             st = self.lstat(name)
         except FileNotFoundError:
@@ -292,7 +293,7 @@ class PathFolder:
     def link(self, src: str, dst: str) -> None:
         os.link(self._p(src), self._p(dst))
 
-    def move(self, src: str, dest: "Folder", dst: str) -> None:
+    def move(self, src: str, dest: Folder, dst: str) -> None:
         assert isinstance(dest, PathFolder)
         os.replace(self._p(src), dest._p(dst))
 

@@ -12,6 +12,7 @@ Nothing below the root is followed if it is a link, and only regular files are o
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 import secrets
@@ -19,15 +20,25 @@ import stat
 import threading
 import time
 import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from ..errors import AlreadyExists, NotFound, StorageError
 from .base import (
-    FANNED_OUT, TEMP_PREFIX, Kind, ObjectInfo, Properties, check_name, is_fan_out_folder, is_ignored, leaves_room_for_init,
-    object_at, object_path, pieces_of,
+    FANNED_OUT,
+    TEMP_PREFIX,
+    Kind,
+    ObjectInfo,
+    Properties,
+    check_name,
+    is_fan_out_folder,
+    is_ignored,
+    leaves_room_for_init,
+    object_at,
+    object_path,
+    pieces_of,
 )
 from .folders import DIR_FD_SUPPORTED, Entry, FdFolder, Folder, PathFolder, Refused, child_rel, refused, sync_file
 
@@ -88,7 +99,7 @@ class _LocalStaged:
     """A temporary file in the kind's folder, renamed into place by commit: same filesystem,
     so the rename is atomic."""
 
-    def __init__(self, storage: "LocalStorage", kind: Kind) -> None:
+    def __init__(self, storage: LocalStorage, kind: Kind) -> None:
         self.storage = storage
         self.kind = kind
         self.name = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
@@ -307,14 +318,14 @@ class LocalStorage:
             top = folder.entries()
             scan.folders.append(("", top))
             if kind in FANNED_OUT:
-                for e in sorted(top, key=lambda e: e.name):
-                    if not is_fan_out_folder(e.name):
+                for entry in sorted(top, key=lambda entry: entry.name):
+                    if not is_fan_out_folder(entry.name):
                         continue
-                    if e.is_link:
-                        scan.links.append(f"{kind.value}/{e.name}")
-                    elif e.is_dir:
-                        with self._folder((e.name,), create=False, base=folder) as sub:
-                            scan.folders.append((e.name, sub.entries()))
+                    if entry.is_link:
+                        scan.links.append(f"{kind.value}/{entry.name}")
+                    elif entry.is_dir:
+                        with self._folder((entry.name,), create=False, base=folder) as sub:
+                            scan.folders.append((entry.name, sub.entries()))
         except StorageError:
             raise
         except OSError as e:
@@ -333,7 +344,7 @@ class LocalStorage:
         found = [ObjectInfo(e.name, e.size) for sub, entries in scan.folders for e in entries if _is_object(kind, sub, e)]
         yield from found
 
-    def strays(self, kind: Kind) -> list[str]:
+    def strays(self, kind: Kind) -> builtins.list[str]:
         if kind is Kind.CONFIG:
             return self._config_strays()
         scan = self._scan(kind)
@@ -351,7 +362,7 @@ class LocalStorage:
                 out.append(prefix + e.name)
         return sorted(out)
 
-    def _config_strays(self) -> list[str]:
+    def _config_strays(self) -> builtins.list[str]:
         try:
             _lstat_regular(self._root(create=False), "config")
         except FileNotFoundError:

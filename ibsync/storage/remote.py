@@ -15,7 +15,9 @@ Two ways to make a write atomic:
 
 from __future__ import annotations
 
+import builtins
 import errno
+import functools
 import os
 import re
 import secrets
@@ -23,15 +25,26 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
-from ..errors import AlreadyExists, IbsyncError, NotFound, StorageError
+from ..errors import AlreadyExists, IbsyncError, NotFound, StorageError, StorageUnreachable
 from ..pids import pid_alive
 from .base import (
-    FANNED_OUT, TEMP_PREFIX, Kind, ObjectInfo, Properties, check_name, is_fan_out_folder, is_ignored, join_pieces, leaves_room_for_init,
-    object_at, object_path,
+    FANNED_OUT,
+    TEMP_PREFIX,
+    Kind,
+    ObjectInfo,
+    Properties,
+    check_name,
+    is_fan_out_folder,
+    is_ignored,
+    join_pieces,
+    leaves_room_for_init,
+    object_at,
+    object_path,
 )
 from .retry import RetryPolicy, is_transient, one_line
 
@@ -64,7 +77,7 @@ def mtime_of(info: dict[str, Any]) -> float | None:
     for key in ("mtime", "LastModified", "modified", "last_modified", "created"):
         value = info.get(key)
         if isinstance(value, datetime):
-            return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+            return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
         if isinstance(value, (int, float)):
             return float(value)
     return None
@@ -97,7 +110,7 @@ def remove_stale_staging(older_than_s: float, folder: str | None = None) -> int:
 class _SpooledStaged:
     """Stages in a local temporary file, uploaded on commit (memory stays flat)."""
 
-    def __init__(self, storage: "FsspecStorage", kind: Kind) -> None:
+    def __init__(self, storage: FsspecStorage, kind: Kind) -> None:
         self.storage = storage
         self.kind = kind
         self.file = tempfile.NamedTemporaryFile(prefix=f"{STAGE_PREFIX}{os.getpid()}-", delete=False)
@@ -228,11 +241,11 @@ class FsspecStorage:
             if isinstance(e, FileNotFoundError) or e.errno == errno.ENOENT:
                 raise NotFound(f"{what} does not exist") from e
             if is_transient(e):
-                raise StorageError(f"{self.url}: {what}: {one_line(e)} (still failing after {time.monotonic() - started:.0f} s of retries)") from e
+                raise StorageUnreachable(f"{self.url}: {what}: {one_line(e)} (still failing after {time.monotonic() - started:.0f} s of retries)") from e
             raise StorageError(f"{self.url}: {what}: {one_line(e)}") from e
         except Exception as e:  # every client library raises its own types
             if is_transient(e):
-                raise StorageError(f"{self.url}: {what}: {one_line(e)} (still failing after {time.monotonic() - started:.0f} s of retries)") from e
+                raise StorageUnreachable(f"{self.url}: {what}: {one_line(e)} (still failing after {time.monotonic() - started:.0f} s of retries)") from e
             raise StorageError(f"{self.url}: {what}: {one_line(e)}") from e
 
     def _path(self, kind: Kind, name: str) -> str:
@@ -347,7 +360,7 @@ class FsspecStorage:
             if name is not None:
                 yield ObjectInfo(name, e.size)
 
-    def strays(self, kind: Kind) -> list[str]:
+    def strays(self, kind: Kind) -> builtins.list[str]:
         if kind is Kind.CONFIG:
             return self._config_strays()
         out: set[str] = set()
@@ -361,7 +374,7 @@ class FsspecStorage:
             out.add(f"{kind.value}/{_stray_path(kind, e.path)}")
         return sorted(out)
 
-    def _config_strays(self) -> list[str]:
+    def _config_strays(self) -> builtins.list[str]:
         path = f"{self.root}/config"
 
         def attempt() -> str | None:
@@ -389,13 +402,13 @@ class FsspecStorage:
                 stale += [f"{folder}/{e.path}" for e in self._kind_entries(kind) if _stale(e, cutoff)]
         for path in stale:
             try:
-                self._run("delete", path[len(self.root) + 1:], lambda: self._remove(path))
+                self._run("delete", path[len(self.root) + 1:], functools.partial(self._remove, path))
             except NotFound:
                 continue  # another prune got there first
             removed += 1
         return removed
 
-    def _entries_or_none(self, folder: str, recursive: bool) -> list[RemoteEntry]:
+    def _entries_or_none(self, folder: str, recursive: bool) -> builtins.list[RemoteEntry]:
         try:
             return self._list_entries(folder, recursive)
         except FileNotFoundError:
@@ -433,7 +446,7 @@ class FsspecStorage:
 
         return self._run("list", "listing the repository", attempt)
 
-    def _describe(self, entries: list[dict]) -> list[tuple[str, bool, list[tuple[str, bool, int]]]]:
+    def _describe(self, entries: builtins.list[dict]) -> builtins.list[tuple[str, bool, builtins.list[tuple[str, bool, int]]]]:
         out = []
         for e in entries:
             is_dir = e.get("type") == "directory"

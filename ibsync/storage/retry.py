@@ -16,8 +16,9 @@ import asyncio
 import errno
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import tenacity
 
@@ -123,7 +124,7 @@ class RetryPolicy:
     max_wait: float = 30.0
 
     @classmethod
-    def from_env(cls) -> "RetryPolicy":
+    def from_env(cls) -> RetryPolicy:
         value = os.environ.get("IBSYNC_RETRY_SECONDS")
         return cls(seconds=float(value)) if value else cls()
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import errno
 import functools
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from .remote import FsspecStorage, RemoteEntry, mtime_of
 

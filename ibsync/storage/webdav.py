@@ -16,7 +16,8 @@ from __future__ import annotations
 import functools
 import io
 import re
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from ..errors import StorageError
 from .remote import FsspecStorage
@@ -69,7 +70,8 @@ class WebdavStorage(FsspecStorage):
         if local is not None:
             self.fs.client.upload_file(local, path, overwrite=True)
         else:
-            self.fs.client.upload_fileobj(io.BytesIO(payload), path, overwrite=True)
+            # _store passes exactly one of payload and local
+            self.fs.client.upload_fileobj(io.BytesIO(cast(bytes, payload)), path, overwrite=True)
 
     @_translated
     def _rename(self, src: str, dst: str, *, replace: bool) -> None:

@@ -21,14 +21,14 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import random
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..storage.base import Kind, object_path
 from .faulty import FAULTS_ENV, Action, Fault, chance, plan_json
@@ -160,7 +160,7 @@ class Base:
     sources: dict[str, Path]  # snapshot id -> the folder it was made from
     states: dict[str, dict[str, tuple]] = field(default_factory=dict)  # folder name -> folder_state
 
-    def clone(self, into: Path) -> "Base":
+    def clone(self, into: Path) -> Base:
         shutil.rmtree(into, ignore_errors=True)  # a previous failed run's leftovers
         into.mkdir(parents=True)
         shutil.copytree(self.repo, into / "repo", symlinks=True)

@@ -36,14 +36,14 @@ something.
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import Counter
 import json
 import os
 import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Callable, Iterator, Sequence
 
 from ..errors import StorageError
 from ..storage.base import Kind, ObjectInfo, Properties, Staged, Storage, join_pieces

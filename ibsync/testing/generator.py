@@ -50,7 +50,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 __all__ = [
@@ -82,7 +82,7 @@ MODE_FILE, MODE_DIR, MODE_SYMLINK = 0o100644, 0o40755, 0o120755
 MOBILE_UID = MOBILE_GID = 501
 
 #: The day-1 backup date. File mtimes are this minus a random age.
-DAY1 = datetime(2024, 1, 1, 3, 0, 0, tzinfo=timezone.utc)
+DAY1 = datetime(2024, 1, 1, 3, 0, 0, tzinfo=UTC)
 
 # ---- proportions (at REFERENCE_SIZE; counts scale linearly with the size) -----------------------------------
 REFERENCE_SIZE = 2 * GIB
@@ -1253,11 +1253,11 @@ def _serial(udid: str) -> str:
 
 
 def _naive(d: datetime) -> datetime:
-    return d.astimezone(timezone.utc).replace(tzinfo=None) if d.tzinfo else d
+    return d.astimezone(UTC).replace(tzinfo=None) if d.tzinfo else d
 
 
 def _aware(d: datetime) -> datetime:
-    return d.replace(tzinfo=timezone.utc) if d.tzinfo is None else d
+    return d.replace(tzinfo=UTC) if d.tzinfo is None else d
 
 
 def _derived_bytes(tag: str, n: int) -> bytes:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import sys
 import threading
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported when a bar starts: most commands never draw one
+    from tqdm import tqdm
 
 
 class TerminalProgress:
@@ -13,7 +17,7 @@ class TerminalProgress:
 
     def __init__(self, description: str) -> None:
         self.description = description
-        self._bar = None
+        self._bar: tqdm[Any] | None = None
         self._files = 0
         self._total_files: int | None = None
         self._lock = threading.Lock()

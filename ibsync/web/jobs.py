@@ -7,6 +7,7 @@ pages' server-sent event streams wait on the event loop, so a change is handed o
 from __future__ import annotations
 
 import asyncio
+import builtins
 import itertools
 import threading
 import time
@@ -175,13 +176,13 @@ class Jobs:
                 return job
         return None
 
-    def snapshot(self, job_id: str | None = None) -> list[dict[str, Any]]:
+    def snapshot(self, job_id: str | None = None) -> builtins.list[dict[str, Any]]:
         with self._lock:
             jobs = [self._jobs[job_id]] if job_id is not None and job_id in self._jobs else (
                 [] if job_id is not None else list(self._jobs.values()))
             return [j.to_dict() for j in sorted(jobs, key=lambda j: -int(j.id))]
 
-    async def subscribe(self, job_id: str | None = None, *, keepalive: float = 15.0) -> AsyncIterator[list[dict[str, Any]]]:
+    async def subscribe(self, job_id: str | None = None, *, keepalive: float = 15.0) -> AsyncIterator[builtins.list[dict[str, Any]]]:
         """The job (or all jobs) now, then again after every change; an unchanged state is
         repeated every ``keepalive`` seconds (so a proxy or a dead page is noticed). Ends after
         sending a finished job's final state."""

@@ -109,7 +109,7 @@ def snapshot_chart(snaps, width: int = 720, height: int = 180) -> Chart:
     inner_w, inner_h = width - 2 * left, height - bottom - top_pad
     slot = min(inner_w / len(points), 48.0)  # a few snapshots stay bars, not walls
     bars = []
-    for i, (when, value, label) in enumerate(points):
+    for i, (_when, value, label) in enumerate(points):
         h = max(1.0, inner_h * value / peak)
         bars.append(Bar(left + i * slot + slot * 0.1, top_pad + inner_h - h, max(1.0, slot * 0.8), h, label))
     every = max(1, len(points) // 6)

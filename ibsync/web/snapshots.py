@@ -237,6 +237,7 @@ async def diff(request: Request) -> Response:
             raise HTTPException(400, "'domain' is a domain name")
     ctx, state, session = ctx_of(request), state_of(request), session_of(request)
     b = await run_in_threadpool(load_snapshot, ctx, state, repo, sid)
+    a: Snapshot | None
     if from_id:
         if not SNAPSHOT_ID.fullmatch(from_id):
             raise HTTPException(400, "'from' is a snapshot id (64 hexadecimal digits)")

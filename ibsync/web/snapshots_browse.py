@@ -9,6 +9,7 @@ text escaped into a page): nothing from a backup is served as a page of this sit
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import plistlib
 from collections.abc import Iterable, Iterator
@@ -405,7 +406,7 @@ def _members(view: SnapshotView, tops: list[Item]) -> Iterator[Member]:
             name = member_name(item.path)
             if name is None:
                 continue
-            yield Member(name, item.size, item.mtime, lambda item=item: _open(view, item))
+            yield Member(name, item.size, item.mtime, functools.partial(_open, view, item))
 
 
 def _zip_name(snap_short: str, tops: list[Item]) -> str:

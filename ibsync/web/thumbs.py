@@ -19,10 +19,10 @@ from PIL import Image, ImageOps
 
 try:  # HEIC/HEIF (the iPhone's own photo format)
     import pillow_heif
-
-    pillow_heif.register_heif_opener()
 except ImportError:  # pragma: no cover - a dependency; without it HEIC photos simply get no preview
-    pillow_heif = None
+    pass
+else:
+    pillow_heif.register_heif_opener()
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".heic", ".heif", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 MAX_IMAGE_BYTES = 48 << 20
@@ -46,7 +46,8 @@ def to_jpeg(data: bytes, max_side: int, *, quality: int = 82) -> bytes:
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageProblem("the image is too large to preview")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as opened:
+            im: Image.Image = opened  # a file-backed image, then the plain images made from it
             w, h = im.size
             if w <= 0 or h <= 0 or w * h > MAX_PIXELS:
                 raise ImageProblem(f"the image is too large to preview ({w}x{h} pixels)")

@@ -55,7 +55,7 @@ class _Pipe:
         self._parts: list[bytes] = []
         self.pending = 0
 
-    def write(self, data) -> int:
+    def write(self, data: bytes, /) -> int:
         b = bytes(data)
         self._parts.append(b)
         self.pending += len(b)
@@ -63,6 +63,10 @@ class _Pipe:
 
     def flush(self) -> None:
         pass
+
+    def close(self) -> None:
+        """Never called (zipfile leaves a file it was given open); part of the writable file
+        interface zipfile's type hints ask for."""
 
     def take(self) -> bytes:
         out = b"".join(self._parts)
@@ -80,7 +84,7 @@ def stream_zip(members: Iterable[Member]) -> Iterator[bytes]:
     fails to read raises (the archive is then cut short, which a client sees as a failed
     download, rather than a complete-looking archive with a damaged file)."""
     pipe = _Pipe()
-    zf = zipfile.ZipFile(pipe, "w", allowZip64=True)  # type: ignore[arg-type]
+    zf = zipfile.ZipFile(pipe, "w", allowZip64=True)
     first = True  # the first member goes out at once: the download shows as started
     for m in members:
         info = zipfile.ZipInfo(m.name, date_time=_date_time(m.mtime))

@@ -25,6 +25,7 @@ service, ``backup``/``restore`` (the mobilebackup2 requests), ``devicelink`` and
 """
 
 from .crypto import DeviceKeys, UnlockedBackup, WrongPassword
+from .lockdownd import TrustStore
 from .model import (
     Battery,
     HostileStep,
@@ -39,7 +40,6 @@ from .model import (
 from .provider import SimLockdown
 from .runtime import DeviceLog, DeviceRuntime
 from .services import SERVICES, start_service
-from .lockdownd import TrustStore
 from .usbmuxd import Reach, SimUsbmuxd, run_sim_usbmuxd
 from .wifi import SimWifi
 

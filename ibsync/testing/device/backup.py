@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ..generator import FLAG_FILE, BackupFile
 from ...source.backup_folder import plist_dict
+from ..generator import FLAG_FILE, BackupFile
 from . import errors, hostile
 from .crypto import DeviceKeys
 from .devicelink import EMPTY, DeviceLinkEndpoint, DroppedByDevice, Status, Upload

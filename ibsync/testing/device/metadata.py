@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import plistlib
-
-from ...reader.mbfile import mbfile_fields
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from ...reader.mbfile import mbfile_fields
 from ..generator import FLAG_FILE, BackupFile, build_manifest_db
 from .crypto import DeviceKeys
 

@@ -10,8 +10,8 @@ kept unless ``RemoveItemsNotRestored`` is set; system domains are restored whate
 
 from __future__ import annotations
 
-from ..generator import FLAG_FILE, BackupFile
 from ...source.backup_folder import plist_dict
+from ..generator import FLAG_FILE, BackupFile
 from . import errors
 from .crypto import UnlockedBackup, WrongPassword
 from .devicelink import DeviceLinkEndpoint

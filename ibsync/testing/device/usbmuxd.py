@@ -586,7 +586,7 @@ class SimUsbmuxd:
         with self._lock:
             for listener in self._listeners:
                 listener.send(event)
-            self._listeners = [l for l in self._listeners if l.alive]
+            self._listeners = [listener for listener in self._listeners if listener.alive]
 
     def _connect(self, conn: socket.socket, tag: int, req: dict[str, Any]) -> bool:
         """Connect: after Result 0 the same socket is a raw pipe to the device port. True when the device
