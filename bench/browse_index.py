@@ -34,8 +34,10 @@ def write_manifest(path: Path, files: int, seed: int = 1) -> int:
     try:
         for plan in m._domain_plans(files, seed, lex):
             rnd = random.Random(plan.name)
-            stubs = [g.BackupFile(plan.name, p, g.FLAG_FILE, day1 - g._age(rnd), g.MODE_FILE, m._size(k, rnd))
-                     for p, k in m._domain_paths(plan, seed, lex)]
+            stubs = [
+                g.BackupFile(plan.name, p, g.FLAG_FILE, day1 - g._age(rnd), g.MODE_FILE, m._size(k, rnd))
+                for p, k in m._domain_paths(plan, seed, lex)
+            ]
             for f in g._with_directories(stubs) + stubs:
                 db.add(f)
                 n += 1
@@ -77,9 +79,11 @@ def main() -> None:
     os.fsync(fd)
     os.close(fd)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    print(f"{n_rows} Manifest.db rows: build {cpu:.1f} s CPU ({cpu / n_rows * 1e6:.1f} µs a row), {wall:.1f} s wall; "
-          f"index {out.stat().st_size / 1e6:.0f} MB; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
-          f"; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{n_rows} Manifest.db rows: build {cpu:.1f} s CPU ({cpu / n_rows * 1e6:.1f} µs a row), {wall:.1f} s wall; "
+        f"index {out.stat().st_size / 1e6:.0f} MB; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+        f"; load average {os.getloadavg()[0]:.1f}"
+    )
     t = time.perf_counter()
     v = _view(browse._Index.load(out, manifest), manifest)
     print(f"  open the built index again: {(time.perf_counter() - t) * 1000:.1f} ms")
@@ -93,14 +97,17 @@ def main() -> None:
         print(f"  {label}: {best * 1000:.1f} ms ({len(got) if hasattr(got, '__len__') else got})")
 
     big, big_files = max(v._query("SELECT name, files FROM domains"), key=lambda r: r[1])
-    number, count = v._query("SELECT parent, count(*) c FROM nodes WHERE leaf = 1 GROUP BY parent "
-                             "ORDER BY c DESC LIMIT 1")[0]
+    number, count = v._query(
+        "SELECT parent, count(*) c FROM nodes WHERE leaf = 1 GROUP BY parent ORDER BY c DESC LIMIT 1"
+    )[0]
     folder = v._query("SELECT path FROM nodes WHERE folder = ?", (number,))[0][0]
     print(f"  biggest domain {big} ({big_files} files); biggest folder {folder} ({count} files)")
     timed("domains()", v.domains)
     timed("list('')", lambda: v.list(""))
     timed("list(biggest folder, limit=100)", lambda: v.list(folder, limit=100))
-    timed(f"list(biggest folder, offset={count - 100}, limit=100)", lambda: v.list(folder, offset=count - 100, limit=100))
+    timed(
+        f"list(biggest folder, offset={count - 100}, limit=100)", lambda: v.list(folder, offset=count - 100, limit=100)
+    )
     timed("count(biggest folder)", lambda: v.count(folder))
     paths = [r[0] for r in v._query("SELECT path FROM nodes ORDER BY random() LIMIT 100")]
     timed("100 x stat(random path)", lambda: [v.stat(p) for p in paths])

@@ -69,11 +69,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outages", type=int, default=5, help="rounds of each non-kill scenario (default 5)")
     p.add_argument("--sizes", default="16,32,4,12", help="MiB of folders A, B and devices P, Q (default 16,32,4,12)")
     p.add_argument("--trials", default="", help="replay only these trial numbers (comma-separated), e.g. a failure's")
-    p.add_argument("--duration", type=float, default=None,
-                   help="the typical run in seconds instead of measuring it (a failure's report gives it): "
-                        "with --seed and --trials, time kills land at the same instants")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="the typical run in seconds instead of measuring it (a failure's report gives it): "
+        "with --seed and --trials, time kills land at the same instants",
+    )
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    p.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/crash-campaign-<time>.json)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="results JSON (default bench/results/crash-campaign-<time>.json)"
+    )
     args = p.parse_args(argv)
     unknown = set(filter(None, args.only.split(","))) - set(COMMANDS + EXTRAS)
     if unknown:
@@ -107,8 +113,12 @@ def log(msg: str) -> None:
 
 def run_kills(results: Results, args: argparse.Namespace, work: Path, backend_name: str, commands: list[str]) -> None:
     sizes = Sizes(*(int(x) for x in args.sizes.split(",")))
-    with backend_for(backend_name, work) as backend, Lab(work / f"lab-{backend_name}", backend, sizes,
-                                                          local=Backend("local", work / f"lab-{backend_name}-src")) as lab:
+    with (
+        backend_for(backend_name, work) as backend,
+        Lab(
+            work / f"lab-{backend_name}", backend, sizes, local=Backend("local", work / f"lab-{backend_name}-src")
+        ) as lab,
+    ):
         for command in commands:
             if command == "backup" and backend_name != "local":
                 continue  # the capture writes through the same storage code as import; the device is local
@@ -121,14 +131,23 @@ def run_kills(results: Results, args: argparse.Namespace, work: Path, backend_na
             killed = attempts = 0
             while (killed < args.kills and attempts < 3 * args.kills) if not replay else attempts < len(replay):
                 number = replay[attempts] if replay else attempts
-                outcome = run_trial(scenario, backend_name, args.seed, number, cwork, duration,
-                                    event_kills=backend.server is None or backend_name == "sftp")
+                outcome = run_trial(
+                    scenario,
+                    backend_name,
+                    args.seed,
+                    number,
+                    cwork,
+                    duration,
+                    event_kills=backend.server is None or backend_name == "sftp",
+                )
                 attempts += 1
                 killed += outcome.killed
                 results.kills.append(outcome.as_dict())
                 status = "ok" if outcome.ok else "FAIL " + describe_failure(outcome)
-                log(f"  {command} #{outcome.trial} {outcome.kill:>16} {'killed' if outcome.killed else 'ended '} "
-                    f"at {outcome.at:.3f}s  {status}")
+                log(
+                    f"  {command} #{outcome.trial} {outcome.kill:>16} {'killed' if outcome.killed else 'ended '} "
+                    f"at {outcome.at:.3f}s  {status}"
+                )
                 save(results, args)  # after every trial: an interrupted campaign keeps its figures
 
 
@@ -143,8 +162,10 @@ def run_extras(results: Results, args: argparse.Namespace, work: Path, extras: l
 
     def record(o: ExtraOutcome) -> None:
         results.extras.append(o.as_dict())
-        log(f"  {o.scenario} on {o.backend} #{o.trial}: {'ok' if o.ok else 'FAIL ' + '; '.join(o.problems)}"
-            f"  {json.dumps({k: v for k, v in o.details.items() if 'stderr' not in k})}")
+        log(
+            f"  {o.scenario} on {o.backend} #{o.trial}: {'ok' if o.ok else 'FAIL ' + '; '.join(o.problems)}"
+            f"  {json.dumps({k: v for k, v in o.details.items() if 'stderr' not in k})}"
+        )
         save(results, args)
 
     if "disk-full" in extras:
@@ -173,19 +194,56 @@ def run_extras(results: Results, args: argparse.Namespace, work: Path, extras: l
                 for n in range(args.outages):
                     down = rnd.uniform(1, 8) if kind == "server-restart" else None
                     retry = 60.0 if kind == "server-restart" else 3.0
-                    record(server_outage(backend.server, backend, work / f"{kind}-{b}", small, big,
-                                         down_seconds=down, retry_seconds=retry, seed=args.seed, trial=n))
+                    record(
+                        server_outage(
+                            backend.server,
+                            backend,
+                            work / f"{kind}-{b}",
+                            small,
+                            big,
+                            down_seconds=down,
+                            retry_seconds=retry,
+                            seed=args.seed,
+                            trial=n,
+                        )
+                    )
     if "concurrency" in extras:
         log("== concurrency: tests/test_concurrency.py")
         for n in range(args.outages):
             t = time.monotonic()
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
-            r = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_concurrency.py"), "-q",
-                                "-p", "no:cacheprovider", "-s"], cwd=ROOT, env=env, capture_output=True, text=True)
-            lines = [line for line in r.stdout.splitlines() if "exits" in line or "passed" in line or "failed" in line or "skipped" in line]
-            record(ExtraOutcome("concurrency", "local+sftp+s3", args.seed, n,
-                                [] if r.returncode == 0 else [r.stdout[-2000:]],
-                                {"summary": lines}, round(time.monotonic() - t, 1)))
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    str(ROOT / "tests" / "test_concurrency.py"),
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-s",
+                ],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            lines = [
+                line
+                for line in r.stdout.splitlines()
+                if "exits" in line or "passed" in line or "failed" in line or "skipped" in line
+            ]
+            record(
+                ExtraOutcome(
+                    "concurrency",
+                    "local+sftp+s3",
+                    args.seed,
+                    n,
+                    [] if r.returncode == 0 else [r.stdout[-2000:]],
+                    {"summary": lines},
+                    round(time.monotonic() - t, 1),
+                )
+            )
 
 
 # ---- report -----------------------------------------------------------------------------------------------
@@ -198,12 +256,18 @@ def save(results: Results, args: argparse.Namespace) -> None:
 
 
 def report(results: Results) -> str:
-    lines = [f"# Crash campaign {results.started}", "",
-             f"`python bench/campaign.py {' '.join(results.args.get('argv', []))}` (seed {results.args.get('seed')})", ""]
+    lines = [
+        f"# Crash campaign {results.started}",
+        "",
+        f"`python bench/campaign.py {' '.join(results.args.get('argv', []))}` (seed {results.args.get('seed')})",
+        "",
+    ]
     if results.kills:
-        lines += ["| command | backend | typical run (s) | trials | killed | ended first | check ok | "
-                  "leftover packs warned | other warnings | snapshots restored | re-run ok | failures |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "| command | backend | typical run (s) | trials | killed | ended first | check ok | "
+            "leftover packs warned | other warnings | snapshots restored | re-run ok | failures |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
         for k in results.kills:
             groups[(k["command"], k["backend"])].append(k)
@@ -214,7 +278,8 @@ def report(results: Results) -> str:
                 f"{sum(k['check'].startswith('ok') for k in ks)} | {sum(bool(k['warnings']) for k in ks)} | "
                 f"{sum(bool(k['other_warnings']) for k in ks)} | "
                 f"{sum(k['snapshots_verified'] for k in ks)} | {sum(k['rerun'].startswith('exit 0') for k in ks)} | "
-                f"{sum(bool(k['problems']) for k in ks)} |")
+                f"{sum(bool(k['problems']) for k in ks)} |"
+            )
         lines.append("")
     if results.extras:
         lines += ["| scenario | backend | rounds | ok | failures |", "|---|---|---:|---:|---:|"]
@@ -234,12 +299,16 @@ def report(results: Results) -> str:
         for f in failures:
             if "command" in f:
                 typical = results.durations.get(f"{f['command']}/{f['backend']}", 0)
-                lines.append(f"- {f['command']} on {f['backend']}, seed {f['seed']}, trial {f['trial']} (typical run "
-                             f"{typical:.3f} s), kill {f['kill']} at {f['at']:.3f} s "
-                             f"({'killed' if f['killed'] else 'ended first'}): " + "; ".join(f["problems"]))
+                lines.append(
+                    f"- {f['command']} on {f['backend']}, seed {f['seed']}, trial {f['trial']} (typical run "
+                    f"{typical:.3f} s), kill {f['kill']} at {f['at']:.3f} s "
+                    f"({'killed' if f['killed'] else 'ended first'}): " + "; ".join(f["problems"])
+                )
             else:
-                lines.append(f"- {f['scenario']} on {f['backend']}, seed {f['seed']}, round {f['trial']}: "
-                             + "; ".join(p.replace("\n", " ") for p in f["problems"]))
+                lines.append(
+                    f"- {f['scenario']} on {f['backend']}, seed {f['seed']}, round {f['trial']}: "
+                    + "; ".join(p.replace("\n", " ") for p in f["problems"])
+                )
         lines.append("")
     lines += [f"- {n}" for n in results.notes]
     return "\n".join(lines) + "\n"
@@ -249,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     args.out = args.out or ROOT / "bench" / "results" / f"crash-campaign-{stamp}.json"
-    results = Results(stamp, {**{k: str(v) for k, v in vars(args).items()}, "argv": sys.argv[1:] if argv is None else argv})
+    results = Results(
+        stamp, {**{k: str(v) for k, v in vars(args).items()}, "argv": sys.argv[1:] if argv is None else argv}
+    )
     work = args.work or Path(tempfile.mkdtemp(prefix="ibsync-campaign-"))
     work.mkdir(parents=True, exist_ok=True)
     chosen = selected(args)

@@ -64,7 +64,9 @@ def run_corruption(base: campaign.Base, seeds: int, log) -> list[campaign.Corrup
             if (kind, op) in campaign.NOT_APPLICABLE:
                 continue
             for seed in range(1, seeds + 1):
-                r = campaign.run_corruption_scenario(cb, kind, op, seed, base.root / f"corrupt-{kind.value}-{op}-{seed}")
+                r = campaign.run_corruption_scenario(
+                    cb, kind, op, seed, base.root / f"corrupt-{kind.value}-{op}-{seed}"
+                )
                 if r is None:
                     continue  # nothing to swap with, nothing deleted to replay
                 results.append(r)
@@ -79,14 +81,22 @@ def detection_rows(results: list[campaign.CorruptionResult]) -> list[dict]:
         mine = [r for r in results if r.kind == kind.value and campaign.must_detect(kind, r.operation)]
         if mine:
             detected = sum(r.detected for r in mine)
-            rows.append({"kind": kind.value, "damaged": len(mine), "detected": detected,
-                         "rate": f"{100 * detected / len(mine):.0f} %"})
+            rows.append(
+                {
+                    "kind": kind.value,
+                    "damaged": len(mine),
+                    "detected": detected,
+                    "rate": f"{100 * detected / len(mine):.0f} %",
+                }
+            )
     return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=25, help="seeds per command (faults); a quarter of it per damage (corruption)")
+    ap.add_argument(
+        "--seeds", type=int, default=25, help="seeds per command (faults); a quarter of it per damage (corruption)"
+    )
     ap.add_argument("--corruption-seeds", type=int, help="seeds per kind and damage (default: seeds/4, at least 2)")
     ap.add_argument("--only", choices=("faults", "corruption"))
     ap.add_argument("--size-mib", type=float, default=2.0, help="size of the generated backup folder")
@@ -107,8 +117,11 @@ def run(args: argparse.Namespace, work: Path) -> int:
 
     base = campaign.build_base(work / "base", seed=1, size=int(args.size_mib * (1 << 20)))
     log(f"base repository ready in {work}")
-    report: dict = {"started": datetime.now().isoformat(timespec="seconds"), "seeds": args.seeds,
-                    "size_mib": args.size_mib}
+    report: dict = {
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "seeds": args.seeds,
+        "size_mib": args.size_mib,
+    }
     md = [f"# Fault and corruption campaign, {report['started']}", ""]
     if args.only != "corruption":
         faults = run_faults(base, args.seeds, log)
@@ -121,11 +134,25 @@ def run(args: argparse.Namespace, work: Path) -> int:
         corrupt = run_corruption(base, cseeds, log)
         rows = campaign.tally_corruption(corrupt)
         det = detection_rows(corrupt)
-        report["corruption"] = {"seeds": cseeds, "table": rows, "detection": det,
-                                "failures": [asdict(r) for r in corrupt if not r.ok]}
-        md += ["## Corruption", "", campaign.markdown_table(rows), "", "### Detection of damage by `check --read-data`",
-               "", campaign.markdown_table(det), ""]
-        md += [f"- {r.kind} {r.operation} seed {r.seed} ({r.target}): {r.problems[0][:400]}" for r in corrupt if not r.ok]
+        report["corruption"] = {
+            "seeds": cseeds,
+            "table": rows,
+            "detection": det,
+            "failures": [asdict(r) for r in corrupt if not r.ok],
+        }
+        md += [
+            "## Corruption",
+            "",
+            campaign.markdown_table(rows),
+            "",
+            "### Detection of damage by `check --read-data`",
+            "",
+            campaign.markdown_table(det),
+            "",
+        ]
+        md += [
+            f"- {r.kind} {r.operation} seed {r.seed} ({r.target}): {r.problems[0][:400]}" for r in corrupt if not r.ok
+        ]
     report["seconds"] = round(time.monotonic() - started, 1)
     md += ["", f"{report['seconds']} s in all."]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -161,9 +161,11 @@ def prepare_data(work: Path, spec: DataSpec, gen, gen_spec: str) -> dict[str, An
     }
     meta["floor"] = compute_floor(day1 / udid, day2 / udid)
     meta_path.write_text(json.dumps(meta, indent=2, default=str))
-    log(f"data: day 1 {meta['day1']['files']} files {meta['day1']['bytes'] / MiB:.1f} MiB ({gen_s:.1f} s); "
+    log(
+        f"data: day 1 {meta['day1']['files']} files {meta['day1']['bytes'] / MiB:.1f} MiB ({gen_s:.1f} s); "
         f"day 2 {meta['day2']['files']} files {meta['day2']['bytes'] / MiB:.1f} MiB ({copy_s:.1f} + {mutate_s:.1f} s); "
-        f"next-day floor {meta['floor']['floor_bytes'] / MiB:.2f} MiB")
+        f"next-day floor {meta['floor']['floor_bytes'] / MiB:.2f} MiB"
+    )
     return meta
 
 

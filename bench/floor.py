@@ -76,8 +76,8 @@ def _changed_pages(a: Path, b: Path) -> tuple[int, int, bytes]:
                 return n, total, b"".join(diff)
             for o in range(0, len(new), PAGE):
                 total += 1
-                page = new[o:o + PAGE]
-                if old[o:o + PAGE] != page:
+                page = new[o : o + PAGE]
+                if old[o : o + PAGE] != page:
                     n += 1
                     diff.append(page)
 
@@ -89,8 +89,10 @@ def next_day_floor(day1: Path, day2: Path) -> Floor:
     contributions = []
     for rel, st in _walk(day2):
         old = _lstat(day1 / rel)
-        if old is not None and ((old.st_ino == st.st_ino and old.st_dev == st.st_dev)
-                                or (old.st_size == st.st_size and old.st_mtime_ns == st.st_mtime_ns)):
+        if old is not None and (
+            (old.st_ino == st.st_ino and old.st_dev == st.st_dev)
+            or (old.st_size == st.st_size and old.st_mtime_ns == st.st_mtime_ns)
+        ):
             continue
         if old is None:
             data = (day2 / rel).read_bytes()

@@ -64,7 +64,9 @@ def _plist_pool(rnd: random.Random, size: int) -> bytes:
     out = bytearray(b'<?xml version="1.0" encoding="UTF-8"?>\n<plist version="1.0">\n<dict>\n')
     while len(out) < size:
         out += b"\t<key>" + rnd.choice(keys) + b"</key>\n\t<string>" + rnd.randbytes(12).hex().encode() + b"</string>\n"
-        out += b"\t<key>" + rnd.choice(keys) + b"</key>\n\t<integer>" + str(rnd.getrandbits(40)).encode() + b"</integer>\n"
+        out += (
+            b"\t<key>" + rnd.choice(keys) + b"</key>\n\t<integer>" + str(rnd.getrandbits(40)).encode() + b"</integer>\n"
+        )
     return bytes(out)
 
 
@@ -87,11 +89,11 @@ class Content:
             body = bytearray(SQLITE_MAGIC + rnd.randbytes(84))
             while len(body) < size:
                 start = rnd.randrange(len(self.text) - 4096)
-                body += self.text[start:start + 2048] + bytes(1024) + rnd.randbytes(1024)
+                body += self.text[start : start + 2048] + bytes(1024) + rnd.randbytes(1024)
             return bytes(body[:size])
         pool = self.plist if kind == "plist" else self.text
         start = rnd.randrange(len(pool) - size)
-        return pool[start:start + size] + rnd.randbytes(16)  # unique per file
+        return pool[start : start + size] + rnd.randbytes(16)  # unique per file
 
 
 def _mbfile(rnd: random.Random, size: int) -> bytes:
@@ -142,7 +144,10 @@ def next_day(device: Path, seed: int) -> int:
     """Rewrite 0.5 % of the app files (new content, same kind, mtime a day later) and their rows."""
     db = sqlite3.connect(device / "Manifest.db", isolation_level=None)
     try:
-        ids = [r[0] for r in db.execute("SELECT fileID FROM Files WHERE flags = 1 AND domain LIKE 'AppDomain-com.example.app%'")]
+        ids = [
+            r[0]
+            for r in db.execute("SELECT fileID FROM Files WHERE flags = 1 AND domain LIKE 'AppDomain-com.example.app%'")
+        ]
         rnd = random.Random(seed)
         picked = rnd.sample(ids, max(1, int(len(ids) * NEXT_DAY_SHARE)))
         content = Content(seed)
@@ -172,7 +177,9 @@ def count_files(device: Path) -> int:
 
 def ibsync_cmd() -> list[str]:
     exe = shutil.which("ibsync")
-    pyenv_real = subprocess.run(["pyenv", "which", "ibsync"], capture_output=True, text=True) if shutil.which("pyenv") else None
+    pyenv_real = (
+        subprocess.run(["pyenv", "which", "ibsync"], capture_output=True, text=True) if shutil.which("pyenv") else None
+    )
     if pyenv_real is not None and pyenv_real.returncode == 0:
         exe = pyenv_real.stdout.strip()
     assert exe, "ibsync is not installed"
@@ -222,9 +229,13 @@ def init_repo(tool: str, run: Path) -> None:
         subprocess.run(ibsync_cmd() + ["init", "--quiet"], env=env, check=True, stdout=subprocess.DEVNULL)
     else:
         env.update(RESTIC_PASSWORD=PASSWORD)
-        subprocess.run(["restic", "-r", str(run / "repo"), "--cache-dir", str(run / "cache"), "init",
-                        "--repository-version", "2"], env=env, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            ["restic", "-r", str(run / "repo"), "--cache-dir", str(run / "cache"), "init", "--repository-version", "2"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
 
 def run_bench(work: Path, tools: list[str], reps: int, seed: int, profile: bool) -> list[dict]:
@@ -240,17 +251,25 @@ def run_bench(work: Path, tools: list[str], reps: int, seed: int, profile: bool)
                 log(f"next day: {next_day(device, seed * 1000 + rep)} files rewritten")
             for tool in tools:
                 rec = run_step(tool, step, device, work / "runs" / tool, profile)
-                rec.update(rep=rep, files=files, us_per_file=rec["wall_s"] / files * 1e6,
-                           cpu_us_per_file=rec["cpu_s"] / files * 1e6)
+                rec.update(
+                    rep=rep,
+                    files=files,
+                    us_per_file=rec["wall_s"] / files * 1e6,
+                    cpu_us_per_file=rec["cpu_s"] / files * 1e6,
+                )
                 records.append(rec)
-                log(f"rep {rep} {tool:6} {step:9} wall {rec['wall_s']:6.2f} s  cpu {rec['cpu_s']:6.2f} s  "
-                    f"rss {rec['maxrss_kib'] / 1024:6.1f} MiB  {rec['us_per_file']:5.1f} us/file  load {rec['load1']:.2f}")
+                log(
+                    f"rep {rep} {tool:6} {step:9} wall {rec['wall_s']:6.2f} s  cpu {rec['cpu_s']:6.2f} s  "
+                    f"rss {rec['maxrss_kib'] / 1024:6.1f} MiB  {rec['us_per_file']:5.1f} us/file  load {rec['load1']:.2f}"
+                )
     return records
 
 
 def report(records: list[dict]) -> str:
-    lines = ["| tool | step | n | wall s (median [min-max]) | CPU s | µs/file wall | µs/file CPU | peak RSS MiB | B/file RSS |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| tool | step | n | wall s (median [min-max]) | CPU s | µs/file wall | µs/file CPU | peak RSS MiB | B/file RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     med: dict[tuple[str, str], float] = {}
     for step in ("first", "nextday", "unchanged"):
         for tool in sorted({r["tool"] for r in records}):
@@ -263,8 +282,10 @@ def report(records: list[dict]) -> str:
             c = statistics.median(r["cpu_s"] for r in rs)
             rss = statistics.median(r["maxrss_kib"] for r in rs) / 1024
             med[tool, step] = w
-            lines.append(f"| {tool} | {step} | {len(rs)} | {w:.2f} [{min(walls):.2f}-{max(walls):.2f}] | {c:.2f} | "
-                         f"{w / files * 1e6:.1f} | {c / files * 1e6:.1f} | {rss:.1f} | {rss * 1048576 / files:.0f} |")
+            lines.append(
+                f"| {tool} | {step} | {len(rs)} | {w:.2f} [{min(walls):.2f}-{max(walls):.2f}] | {c:.2f} | "
+                f"{w / files * 1e6:.1f} | {c / files * 1e6:.1f} | {rss:.1f} | {rss * 1048576 / files:.0f} |"
+            )
     for step in ("first", "nextday", "unchanged"):
         for tool in CODE:
             if (tool, step) in med and ("restic", step) in med:
@@ -288,8 +309,13 @@ def main() -> None:
     rn.add_argument("--seed", type=int, default=1)
     rn.add_argument("--profile", action="store_true", help="run ibsync under cProfile (WORK/runs/ibsync/logs/*.prof)")
     rn.add_argument("--out", type=Path)
-    rn.add_argument("--code", action="append", default=[], metavar="NAME=DIR",
-                    help="another ibsync to run as tool NAME (DIR holds its ibsync/ package)")
+    rn.add_argument(
+        "--code",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another ibsync to run as tool NAME (DIR holds its ibsync/ package)",
+    )
     args = ap.parse_args()
     work = args.work.resolve()
     if args.cmd == "make":

@@ -30,8 +30,14 @@ FAST_KDF = '{"name": "argon2id", "memory_kib": 8192, "iterations": 1, "lanes": 1
 
 
 def _env(repo: Path, cache: Path) -> dict[str, str]:
-    env = dict(os.environ, IBSYNC_REPO=str(repo), IBSYNC_PASSWORD=PASSWORD, IBSYNC_FROM_PASSWORD=PASSWORD,
-               IBSYNC_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ,
+        IBSYNC_REPO=str(repo),
+        IBSYNC_PASSWORD=PASSWORD,
+        IBSYNC_FROM_PASSWORD=PASSWORD,
+        IBSYNC_CACHE_DIR=str(cache),
+        PYTHONPATH=str(ROOT),
+    )
     env.pop("IBSYNC_PASSWORD_FILE", None)
     return env
 
@@ -50,8 +56,10 @@ def _spawn(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
 
 def _ibsync(*args: str) -> list[str]:
     # the same FAST_KDF the tests use, so building the repository does not spend seconds in Argon2
-    code = ("import sys, json, ibsync.format.crypto as c; c.DEFAULT_KDF = json.loads(sys.argv[1]); "
-            "from ibsync.cli import main; sys.exit(main(sys.argv[2:]))")
+    code = (
+        "import sys, json, ibsync.format.crypto as c; c.DEFAULT_KDF = json.loads(sys.argv[1]); "
+        "from ibsync.cli import main; sys.exit(main(sys.argv[2:]))"
+    )
     return [sys.executable, "-c", code, FAST_KDF, *args]
 
 
@@ -105,9 +113,14 @@ def main() -> None:
     blobs = len(r.index)
     results: dict[str, dict[str, float]] = {}
     commands = {
-        "baseline": [sys.executable, "-c",
-                     "import sys; from ibsync.repo.repository import Repository; from ibsync.storage import LocalStorage; "
-                     "r = Repository.open(LocalStorage(sys.argv[1]), lambda: sys.argv[2]); r.load_index()", str(repo), PASSWORD],
+        "baseline": [
+            sys.executable,
+            "-c",
+            "import sys; from ibsync.repo.repository import Repository; from ibsync.storage import LocalStorage; "
+            "r = Repository.open(LocalStorage(sys.argv[1]), lambda: sys.argv[2]); r.load_index()",
+            str(repo),
+            PASSWORD,
+        ],
         "check": _ibsync("check"),
         "prune": _ibsync("prune", "--dry-run"),
         "stats": _ibsync("stats", "--json"),

@@ -48,8 +48,10 @@ def count_objects(options: dict, prefix: str) -> tuple[int, int]:
 def rclone_remote(server) -> str:
     o = server.options
     endpoint = o["client_kwargs"]["endpoint_url"]
-    return (f":s3,provider=SeaweedFS,access_key_id={o['key']},secret_access_key={o['secret']},"
-            f"endpoint='{endpoint}',region=us-east-1:{BUCKET}")
+    return (
+        f":s3,provider=SeaweedFS,access_key_id={o['key']},secret_access_key={o['secret']},"
+        f"endpoint='{endpoint}',region=us-east-1:{BUCKET}"
+    )
 
 
 def step(argv: list[str], env: dict[str, str], work: Path, name: str) -> dict[str, Any]:
@@ -67,8 +69,12 @@ def one_rep(rep: int, server, day1: Path, day2: Path, work: Path) -> dict[str, d
     prefix = f"ibsync-{rep}-{time.monotonic_ns()}"
     config = work / f"config-{rep}.toml"
     config.write_text(server.config_toml("bench", f"s3://{BUCKET}/{prefix}"))
-    env = {**clean_env(), "IBSYNC_CONFIG": str(config), "IBSYNC_PASSWORD": PASSWORD,
-           "IBSYNC_CACHE_DIR": str(work / f"cache-{rep}")}
+    env = {
+        **clean_env(),
+        "IBSYNC_CONFIG": str(config),
+        "IBSYNC_PASSWORD": PASSWORD,
+        "IBSYNC_CACHE_DIR": str(work / f"cache-{rep}"),
+    }
     exe = [sys.executable, "-m", "ibsync"]
     subprocess.run([*exe, "init", "--repo", "bench", "--quiet"], env=env, check=True)
     for day, folder in (("first", day1), ("second", day2)):
@@ -114,28 +120,42 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = Path(__file__).resolve().parent / "results"
     results_dir.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (results_dir / f"remote-{stamp}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1, default=str))
+    (results_dir / f"remote-{stamp}.json").write_text(
+        json.dumps({"meta": meta, "records": records}, indent=1, default=str)
+    )
 
     def med(key: str, field: str) -> float:
         return statistics.median(r[key][field] for r in records)
 
-    print(f"\nS3 (SeaweedFS on 127.0.0.1), day 1 = {meta['day1']['files']} files, {meta['day1']['bytes'] / MiB:.0f} MiB; "
-          f"day 2 adds/changes {meta['mutate_summary'].get('new_bytes', 0) / MiB + meta['mutate_summary'].get('rewritten_bytes', 0) / MiB:.0f} MiB; "
-          f"medians of {args.reps}")
-    print(f"{'step':<8} {'ibsync s':>9} {'rclone s':>9} {'ratio':>6} {'ibsync objects':>15} {'rclone objects':>15} {'ibsync ops':>11}")
+    print(
+        f"\nS3 (SeaweedFS on 127.0.0.1), day 1 = {meta['day1']['files']} files, {meta['day1']['bytes'] / MiB:.0f} MiB; "
+        f"day 2 adds/changes {meta['mutate_summary'].get('new_bytes', 0) / MiB + meta['mutate_summary'].get('rewritten_bytes', 0) / MiB:.0f} MiB; "
+        f"medians of {args.reps}"
+    )
+    print(
+        f"{'step':<8} {'ibsync s':>9} {'rclone s':>9} {'ratio':>6} {'ibsync objects':>15} {'rclone objects':>15} {'ibsync ops':>11}"
+    )
     for day in ("first", "second"):
         ops = statistics.median(r[f"ibsync-{day}"]["operations"].get("total", 0) for r in records)
-        print(f"{day:<8} {med(f'ibsync-{day}', 'wall_s'):9.2f} {med(f'rclone-{day}', 'wall_s'):9.2f} "
-              f"{med(f'ibsync-{day}', 'wall_s') / med(f'rclone-{day}', 'wall_s'):6.2f} "
-              f"{med(f'ibsync-{day}', 'objects'):15.0f} {med(f'rclone-{day}', 'objects'):15.0f} {ops:11.0f}")
+        print(
+            f"{day:<8} {med(f'ibsync-{day}', 'wall_s'):9.2f} {med(f'rclone-{day}', 'wall_s'):9.2f} "
+            f"{med(f'ibsync-{day}', 'wall_s') / med(f'rclone-{day}', 'wall_s'):6.2f} "
+            f"{med(f'ibsync-{day}', 'objects'):15.0f} {med(f'rclone-{day}', 'objects'):15.0f} {ops:11.0f}"
+        )
     per_gib = med("ibsync-first", "objects") / size_gib
     ops_first = records[len(records) // 2]["ibsync-first"]["operations"]
-    print(f"ibsync objects per GiB after the first import: {per_gib:.1f} (rclone: {med('rclone-first', 'objects') / size_gib:.0f})")
+    print(
+        f"ibsync objects per GiB after the first import: {per_gib:.1f} (rclone: {med('rclone-first', 'objects') / size_gib:.0f})"
+    )
     print(f"ibsync storage operations in the first import (median rep): {ops_first}")
     faster = med("ibsync-first", "wall_s") < med("rclone-first", "wall_s")
-    print(f"{'PASS' if faster else 'FAIL'}: first import faster than rclone copy "
-          f"({med('ibsync-first', 'wall_s'):.2f} s vs {med('rclone-first', 'wall_s'):.2f} s)")
-    print(f"{'PASS' if per_gib <= MAX_OBJECTS_PER_GIB else 'FAIL'}: at most {MAX_OBJECTS_PER_GIB} objects per GiB ({per_gib:.1f})")
+    print(
+        f"{'PASS' if faster else 'FAIL'}: first import faster than rclone copy "
+        f"({med('ibsync-first', 'wall_s'):.2f} s vs {med('rclone-first', 'wall_s'):.2f} s)"
+    )
+    print(
+        f"{'PASS' if per_gib <= MAX_OBJECTS_PER_GIB else 'FAIL'}: at most {MAX_OBJECTS_PER_GIB} objects per GiB ({per_gib:.1f})"
+    )
     return 0
 
 

@@ -159,8 +159,22 @@ def prepare_data(work: Path, profile: str, size_bytes: int, files: int, seed: in
     to gigabytes, and every child we start afterwards inherits that peak in its ru_maxrss (exec
     records the parent's high-water mark), so the RSS column would measure us, not the tools.
     """
-    argv = [sys.executable, str(BENCH / "data.py"), "--work", str(work), "--profile", DATA_PROFILE[profile],
-            "--size-bytes", str(size_bytes), "--files", str(files), "--seed", str(seed), "--generator", gen_spec]
+    argv = [
+        sys.executable,
+        str(BENCH / "data.py"),
+        "--work",
+        str(work),
+        "--profile",
+        DATA_PROFILE[profile],
+        "--size-bytes",
+        str(size_bytes),
+        "--files",
+        str(files),
+        "--seed",
+        str(seed),
+        "--generator",
+        gen_spec,
+    ]
     p = subprocess.run(argv, stdout=subprocess.PIPE)
     if p.returncode != 0:
         raise SystemExit(f"data preparation failed (exit code {p.returncode}): {' '.join(argv)}")
@@ -224,17 +238,20 @@ class Ibsync(Tool):
         run_quiet([*self.exe, "init"], env=self.copy_env(), stdin=subprocess.DEVNULL)
 
     def extra_command(self, step: str, first_id: str) -> list[str]:
-        return [*self.exe, *{
-            "stats": ["stats", "--json"],
-            "check": ["check"],
-            "ls": ["ls", "latest"],
-            "ls-all": ["ls", "latest", "**"],
-            "find": ["find", "*.plist"],
-            "diff": ["diff", first_id, "latest"],
-            "copy": ["copy", "--from-repo", str(self.repo)],
-            "forget": ["forget", "--keep-last", "1"],
-            "prune": ["prune"],
-        }[step]]
+        return [
+            *self.exe,
+            *{
+                "stats": ["stats", "--json"],
+                "check": ["check"],
+                "ls": ["ls", "latest"],
+                "ls-all": ["ls", "latest", "**"],
+                "find": ["find", "*.plist"],
+                "diff": ["diff", first_id, "latest"],
+                "copy": ["copy", "--from-repo", str(self.repo)],
+                "forget": ["forget", "--keep-last", "1"],
+                "prune": ["prune"],
+            }[step],
+        ]
 
 
 class Restic(Tool):
@@ -300,7 +317,9 @@ def resolve_ibsync(arg: str | None) -> list[str]:
     if path is None:
         return [sys.executable, "-m", "ibsync"]
     if "/.pyenv/shims/" in path:
-        real = subprocess.run(["pyenv", "which", "ibsync"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        real = subprocess.run(
+            ["pyenv", "which", "ibsync"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
         if real.returncode == 0 and real.stdout.strip():
             return [real.stdout.strip()]
     return [path]
@@ -330,8 +349,11 @@ def verify(expected: Path, restored: Path) -> dict[str, Any]:
     """diff -r, then mtimes of every file and folder (nanoseconds, lstat)."""
     if not restored.is_dir():
         return {"ok": False, "content_identical": False, "diff": f"{restored} does not exist"}
-    d = subprocess.run(["diff", "-r", "-q", "--no-dereference", str(expected), str(restored)],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    d = subprocess.run(
+        ["diff", "-r", "-q", "--no-dereference", str(expected), str(restored)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     diff_lines = d.stdout.decode("utf-8", "replace").splitlines()
     file_bad, dir_bad, examples, max_diff = 0, 0, [], 0
     for root, dnames, fnames in os.walk(expected):
@@ -393,8 +415,9 @@ class StepRun:
     size_before: int
     init_size: int
 
-    def __call__(self, step: str, argv: list[str], cwd: Path, env: dict[str, str], in_bytes: int,
-                 size_of: Path | None = None) -> dict[str, Any]:
+    def __call__(
+        self, step: str, argv: list[str], cwd: Path, env: dict[str, str], in_bytes: int, size_of: Path | None = None
+    ) -> dict[str, Any]:
         """Run ``argv`` timed after an untimed sync; record it; return the record. The repository size
         (``size_of``, default the tool's repository) is measured after it, and ``added`` against the
         size before."""
@@ -407,7 +430,11 @@ class StepRun:
         size_after = du_bytes(measured)
         before = self.size_before if measured == self.tool.repo else 0
         rec: dict[str, Any] = {
-            "tool": self.tool.name, "step": step, "rep": self.rep, "argv": argv, "cwd": str(cwd),
+            "tool": self.tool.name,
+            "step": step,
+            "rep": self.rep,
+            "argv": argv,
+            "cwd": str(cwd),
             **m,
             "input_bytes": in_bytes,
             "mb_per_s": in_bytes / m["wall_s"] / 1e6 if m["wall_s"] > 0 and in_bytes else None,
@@ -427,15 +454,19 @@ class StepRun:
         self.results.save()
         if measured == self.tool.repo:
             self.size_before = size_after
-        log(f"  [rep {self.rep}] {self.tool.name:6} {step:8} wall {m['wall_s']:7.2f} s  cpu {m['cpu_s']:7.2f} s  "
+        log(
+            f"  [rep {self.rep}] {self.tool.name:6} {step:8} wall {m['wall_s']:7.2f} s  cpu {m['cpu_s']:7.2f} s  "
             f"rss {m['maxrss_kib'] / 1024:6.0f} MiB  repo {size_after / MiB:8.1f} MiB ({rec['added_bytes'] / MiB:+.1f})"
-            f"  load {load1:.1f}" + (f"  rc={m['rc']} FAILED" if m["rc"] else ""))
+            f"  load {load1:.1f}" + (f"  rc={m['rc']} FAILED" if m["rc"] else "")
+        )
         if m["rc"] != 0:
             msg = f"{self.tool.name} rep {self.rep} {step}: exit code {m['rc']}: {rec['stderr_tail'].strip()[-1500:]}"
             log("ERROR " + msg)
             self.results.doc["errors"].append(msg)
             self.results.save()
-        elif rec.get("stderr_tail", "").strip() and self.tool.name == "ibsync" and step not in ("restore", *EXTRA_STEPS):
+        elif (
+            rec.get("stderr_tail", "").strip() and self.tool.name == "ibsync" and step not in ("restore", *EXTRA_STEPS)
+        ):
             log(f"  note: ibsync {step} wrote to stderr: {rec['stderr_tail'].strip()[-300:]}")
         return rec
 
@@ -446,7 +477,9 @@ def parse_ibsync_output(step: str, out: Path, rec: dict[str, Any]) -> None:
         try:
             rep_json = json.loads(out.read_text())
             snaps = rep_json.get("snapshots", [])
-            rec["ibsync_report"] = [{"status": s.get("status"), "id": s.get("id"), "summary": s.get("summary")} for s in snaps]
+            rec["ibsync_report"] = [
+                {"status": s.get("status"), "id": s.get("id"), "summary": s.get("summary")} for s in snaps
+            ]
         except (OSError, ValueError) as e:
             rec["ibsync_report_error"] = f"{e.__class__.__name__}: {e}; stdout: {tail(out)[:500]}"
     elif step == "stats" and rec["rc"] == 0:
@@ -502,12 +535,16 @@ def one_cycle(tool_cls, rep: int, args, meta, work: Path, results: Results) -> N
         v = verify(day2 / udid, tool.restored_device())
         need_mtimes = tool.name == "ibsync"
         v["ok"] = v["content_identical"] and (not need_mtimes or v["file_mtime_mismatches"] == 0)
-        v["checked"] = f"rep {rep}: diff -r {day2 / udid} {tool.restored_device()}" + (" + file mtimes" if need_mtimes else "")
+        v["checked"] = f"rep {rep}: diff -r {day2 / udid} {tool.restored_device()}" + (
+            " + file mtimes" if need_mtimes else ""
+        )
         results.doc["verification"][tool.name] = v
         results.save()
-        log(f"  [rep {rep}] {tool.name:6} restore check: {'identical' if v['content_identical'] else 'DIFFERENT'} content; "
+        log(
+            f"  [rep {rep}] {tool.name:6} restore check: {'identical' if v['content_identical'] else 'DIFFERENT'} content; "
             f"mtime mismatches: {v['file_mtime_mismatches']} files, {v['dir_mtime_mismatches']} folders"
-            + ("" if v["ok"] else "  -> FAIL"))
+            + ("" if v["ok"] else "  -> FAIL")
+        )
         if v.get("diff"):
             log("    " + v["diff"].replace("\n", "\n    "))
 
@@ -529,8 +566,10 @@ def run_extras(tool: Ibsync, run: StepRun, first_id: str, env: dict[str, str]) -
             try:
                 tool.init_copy_target()
             except subprocess.CalledProcessError as e:
-                run.results.doc["errors"].append(f"ibsync rep {run.rep}: init of the copy target failed: "
-                                                 f"{e.stderr.decode('utf-8', 'replace')[-TAIL:]}")
+                run.results.doc["errors"].append(
+                    f"ibsync rep {run.rep}: init of the copy target failed: "
+                    f"{e.stderr.decode('utf-8', 'replace')[-TAIL:]}"
+                )
                 continue
             size_of, step_env = tool.copy_target, tool.copy_env()
         rec = run(step, tool.extra_command(step, first_id), tool.run_dir, step_env, 0, size_of=size_of)
@@ -561,7 +600,9 @@ def summarize(records: list[dict]) -> dict[tuple[str, str], dict[str, list[float
     for r in records:
         if r["rc"] != 0:
             continue
-        g = groups.setdefault((r["tool"], r["step"]), {"wall": [], "cpu": [], "rss": [], "mbs": [], "repo": [], "added": []})
+        g = groups.setdefault(
+            (r["tool"], r["step"]), {"wall": [], "cpu": [], "rss": [], "mbs": [], "repo": [], "added": []}
+        )
         g["wall"].append(r["wall_s"])
         g["cpu"].append(r["cpu_s"])
         g["rss"].append(r["maxrss_kib"] * 1024)
@@ -593,7 +634,13 @@ def table(groups, tools) -> str:
     return "\n".join(lines)
 
 
-METRICS = (("wall", "wall s"), ("cpu", "CPU s"), ("rss", "peak RSS"), ("repo", "repo size after"), ("added", "added bytes"))
+METRICS = (
+    ("wall", "wall s"),
+    ("cpu", "CPU s"),
+    ("rss", "peak RSS"),
+    ("repo", "repo size after"),
+    ("added", "added bytes"),
+)
 
 
 def ratio(a, b) -> float | None:
@@ -653,8 +700,10 @@ def ratio_target(groups, label, step, key, factor) -> dict[str, Any]:
     b = med(groups[("restic", step)][key])
     limit = factor * b
     t.update(ibsync=a, restic=b, limit=limit, ratio=ratio(a, b), verdict="PASS" if a <= limit else "FAIL")
-    t["detail"] = (f"ibsync {fmt_metric(key, a)} vs limit {fmt_metric(key, limit)}"
-                   f" ({factor:g} × restic {fmt_metric(key, b)}); ratio {fmt_ratio(t['ratio'])}")
+    t["detail"] = (
+        f"ibsync {fmt_metric(key, a)} vs limit {fmt_metric(key, limit)}"
+        f" ({factor:g} × restic {fmt_metric(key, b)}); ratio {fmt_ratio(t['ratio'])}"
+    )
     return t
 
 
@@ -666,8 +715,12 @@ def excesses(groups, tools, floor_bytes: int | None) -> dict[str, int]:
 
 
 def excess_target(groups, floor_bytes: int | None) -> dict[str, Any]:
-    t: dict[str, Any] = {"target": f"next-day bytes above the floor: ibsync ≤ {EXCESS_FACTOR:g} × restic's",
-                         "step": "second", "metric": "excess", "factor": EXCESS_FACTOR}
+    t: dict[str, Any] = {
+        "target": f"next-day bytes above the floor: ibsync ≤ {EXCESS_FACTOR:g} × restic's",
+        "step": "second",
+        "metric": "excess",
+        "factor": EXCESS_FACTOR,
+    }
     ex = excesses(groups, ["ibsync", "restic"], floor_bytes)
     if floor_bytes is None:
         t.update(verdict="FAIL", detail="no floor in the data metadata")
@@ -677,8 +730,10 @@ def excess_target(groups, floor_bytes: int | None) -> dict[str, Any]:
         a, b = ex["ibsync"], ex["restic"]
         limit = EXCESS_FACTOR * max(b, 0)
         t.update(ibsync=a, restic=b, limit=limit, ratio=ratio(a, b), verdict="PASS" if a <= limit else "FAIL")
-        t["detail"] = (f"ibsync {a / MiB:.2f} MiB vs limit {limit / MiB:.2f} MiB ({EXCESS_FACTOR:g} × restic "
-                       f"{b / MiB:.2f} MiB; floor {floor_bytes / MiB:.2f} MiB); ratio {fmt_ratio(t['ratio'])}")
+        t["detail"] = (
+            f"ibsync {a / MiB:.2f} MiB vs limit {limit / MiB:.2f} MiB ({EXCESS_FACTOR:g} × restic "
+            f"{b / MiB:.2f} MiB; floor {floor_bytes / MiB:.2f} MiB); ratio {fmt_ratio(t['ratio'])}"
+        )
     return t
 
 
@@ -690,18 +745,35 @@ def rss_targets(groups, files: int) -> list[dict[str, Any]]:
         if ("ibsync", step) not in groups:
             continue
         rss = med(groups[("ibsync", step)]["rss"])
-        out.append({"target": f"peak RSS, ibsync {step} ≤ 150 MB{note}", "step": step, "metric": "rss_abs",
-                    "ibsync": rss, "limit": RSS_LIMIT, "verdict": "PASS" if rss <= RSS_LIMIT else "FAIL",
-                    "detail": f"{rss / 1e6:.0f} MB", "target_size": files >= FULL_FILES})
+        out.append(
+            {
+                "target": f"peak RSS, ibsync {step} ≤ 150 MB{note}",
+                "step": step,
+                "metric": "rss_abs",
+                "ibsync": rss,
+                "limit": RSS_LIMIT,
+                "verdict": "PASS" if rss <= RSS_LIMIT else "FAIL",
+                "detail": f"{rss / 1e6:.0f} MB",
+                "target_size": files >= FULL_FILES,
+            }
+        )
     return out
 
 
-def evaluate_targets(groups, tools, verification, profile: str = "realistic", floor_bytes: int | None = None,
-                     files: int = 0) -> list[dict[str, Any]]:
+def evaluate_targets(
+    groups, tools, verification, profile: str = "realistic", floor_bytes: int | None = None, files: int = 0
+) -> list[dict[str, Any]]:
     out = []
     if "ibsync" not in tools or "restic" not in tools:
-        out.append({"target": "ibsync against restic", "step": "", "metric": "", "verdict": "SKIP",
-                    "detail": "needs both ibsync and restic in --tools"})
+        out.append(
+            {
+                "target": "ibsync against restic",
+                "step": "",
+                "metric": "",
+                "verdict": "SKIP",
+                "detail": "needs both ibsync and restic in --tools",
+            }
+        )
     else:
         out += [ratio_target(groups, *t) for t in ISSUE_TARGETS]
         out.append(excess_target(groups, floor_bytes))
@@ -711,14 +783,19 @@ def evaluate_targets(groups, tools, verification, profile: str = "realistic", fl
         out += rss_targets(groups, files)
     for tool in tools:
         v = verification.get(tool)
-        t = {"target": f"restored tree equals day 2 ({tool}{', with file mtimes' if tool == 'ibsync' else ''})",
-             "step": "restore", "metric": "verify"}
+        t = {
+            "target": f"restored tree equals day 2 ({tool}{', with file mtimes' if tool == 'ibsync' else ''})",
+            "step": "restore",
+            "metric": "verify",
+        }
         if v is None:
             t.update(verdict="FAIL", detail="not checked (no successful restore)")
         else:
-            t.update(verdict="PASS" if v["ok"] else "FAIL",
-                     detail=f"content {'identical' if v['content_identical'] else 'DIFFERENT'}; mtime mismatches: "
-                            f"{v['file_mtime_mismatches']} files, {v['dir_mtime_mismatches']} folders")
+            t.update(
+                verdict="PASS" if v["ok"] else "FAIL",
+                detail=f"content {'identical' if v['content_identical'] else 'DIFFERENT'}; mtime mismatches: "
+                f"{v['file_mtime_mismatches']} files, {v['dir_mtime_mismatches']} folders",
+            )
         out.append(t)
     return out
 
@@ -729,19 +806,23 @@ def floor_table(groups, tools, floor: dict[str, Any] | None) -> str:
         return "(no floor in the data metadata)"
     fb = floor["floor_bytes"]
     ex = excesses(groups, tools, fb)
-    lines = [f"floor {fb / MiB:.2f} MiB = {floor['new_files']} new files ({floor['new_zstd_bytes'] / MiB:.2f} MiB "
-             f"zstd-3 of {floor['new_raw_bytes'] / MiB:.2f}) + {floor['changed_pages']} changed 4 KiB pages of "
-             f"{floor['changed_files']} changed files ({floor['changed_page_zstd_bytes'] / MiB:.2f} MiB zstd-3; "
-             f"Manifest.db: {floor['manifest_db_pages']} of {floor['manifest_db_pages_total']} pages, "
-             f"{floor['manifest_db_zstd_bytes'] / MiB:.2f} MiB); {floor['deleted_files']} deleted",
-             "",
-             "| tool | added MiB (median) | floor MiB | excess MiB | excess / restic's excess |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"floor {fb / MiB:.2f} MiB = {floor['new_files']} new files ({floor['new_zstd_bytes'] / MiB:.2f} MiB "
+        f"zstd-3 of {floor['new_raw_bytes'] / MiB:.2f}) + {floor['changed_pages']} changed 4 KiB pages of "
+        f"{floor['changed_files']} changed files ({floor['changed_page_zstd_bytes'] / MiB:.2f} MiB zstd-3; "
+        f"Manifest.db: {floor['manifest_db_pages']} of {floor['manifest_db_pages_total']} pages, "
+        f"{floor['manifest_db_zstd_bytes'] / MiB:.2f} MiB); {floor['deleted_files']} deleted",
+        "",
+        "| tool | added MiB (median) | floor MiB | excess MiB | excess / restic's excess |",
+        "|---|---|---|---|---|",
+    ]
     for t in tools:
         if t not in ex:
             continue
-        lines.append(f"| {t} | {(ex[t] + fb) / MiB:.2f} | {fb / MiB:.2f} | {ex[t] / MiB:.2f} | "
-                     f"{fmt_ratio(ratio(ex[t], ex.get('restic')))} |")
+        lines.append(
+            f"| {t} | {(ex[t] + fb) / MiB:.2f} | {fb / MiB:.2f} | {ex[t] / MiB:.2f} | "
+            f"{fmt_ratio(ratio(ex[t], ex.get('restic')))} |"
+        )
     return "\n".join(lines)
 
 
@@ -758,7 +839,9 @@ def rss_table(records: list[dict], groups, meta: dict[str, Any]) -> str:
         files = meta["day1"]["files"] if step == "first" else meta["day2"]["files"]
         per_blob = f"{rss / n_blobs:.0f}" if n_blobs else "—"
         lines.append(f"| {step} | {len(g['rss'])} | {rss / MiB:.0f} | {rss / files:.0f} | {per_blob} |")
-    blob_note = f"{n_blobs:,.0f} blobs after the next day (ibsync stats --json)" if n_blobs else "no blob count (stats not run)"
+    blob_note = (
+        f"{n_blobs:,.0f} blobs after the next day (ibsync stats --json)" if n_blobs else "no blob count (stats not run)"
+    )
     return "\n".join(lines) + f"\n\nper file: day-1 files for first, day-2 files for the others; {blob_note}"
 
 
@@ -793,21 +876,34 @@ def report(results: Results, tools: list[str]) -> tuple[str, list[dict]]:
         "",
         floor_table(groups, tools, floor),
         "",
-        *(["### ibsync peak RSS per file and per blob", "", rss_table(doc["records"], groups, doc["data"]), ""]
-          if any(r["tool"] == "ibsync" for r in doc["records"]) else []),
-        "### Targets" + ("" if profile == "realistic" or files >= FULL_FILES
-                         else f" (at {files:,} files; the RSS targets are set for {FULL_FILES:,})"),
+        *(
+            ["### ibsync peak RSS per file and per blob", "", rss_table(doc["records"], groups, doc["data"]), ""]
+            if any(r["tool"] == "ibsync" for r in doc["records"])
+            else []
+        ),
+        "### Targets"
+        + (
+            ""
+            if profile == "realistic" or files >= FULL_FILES
+            else f" (at {files:,} files; the RSS targets are set for {FULL_FILES:,})"
+        ),
         "",
     ]
     width = max(len(t["target"]) for t in targets)
     for t in targets:
         parts.append(f"{t['verdict']:4}  {t['target']:<{width}}  {t.get('detail', '')}")
     launcher = max((r.get("launcher_maxrss_kib", 0) for r in doc["records"]), default=0)
-    floor = [f"{r['tool']} {r['step']} rep {r['rep']}" for r in doc["records"]
-             if r["rc"] == 0 and r["maxrss_kib"] <= launcher]
+    floor = [
+        f"{r['tool']} {r['step']} rep {r['rep']}"
+        for r in doc["records"]
+        if r["rc"] == 0 and r["maxrss_kib"] <= launcher
+    ]
     if floor:
-        parts += ["", f"WARNING: peak RSS of {', '.join(floor)} is not above this harness's own peak "
-                      f"({launcher / 1024:.0f} MiB), which every child inherits; those RSS values are only a floor."]
+        parts += [
+            "",
+            f"WARNING: peak RSS of {', '.join(floor)} is not above this harness's own peak "
+            f"({launcher / 1024:.0f} MiB), which every child inherits; those RSS values are only a floor.",
+        ]
     if doc["errors"]:
         parts += ["", "### Errors", ""] + [f"- {e}" for e in doc["errors"]]
     parts += ["", f"results: {results.path}"]
@@ -819,23 +915,59 @@ def report(results: Results, tools: list[str]) -> tuple[str, list[dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", choices=PROFILES, default="realistic",
-                    help="realistic: a 2 GiB-class phone sized by --size-gib (default); many-files: sized by --files")
+    ap.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default="realistic",
+        help="realistic: a 2 GiB-class phone sized by --size-gib (default); many-files: sized by --files",
+    )
     ap.add_argument("--size-gib", type=float, default=2.0, help="day-1 size in GiB, realistic profile (default 2)")
-    ap.add_argument("--files", type=int, default=FULL_FILES,
-                    help=f"day-1 file count, many-files profile (default {FULL_FILES:,}; quick run: 50000)")
-    ap.add_argument("--extras", action=argparse.BooleanOptionalAction, default=None,
-                    help="after each ibsync cycle also time stats, check, ls, find, diff, copy, forget, prune "
-                         "(default: on for many-files, off for realistic)")
+    ap.add_argument(
+        "--files",
+        type=int,
+        default=FULL_FILES,
+        help=f"day-1 file count, many-files profile (default {FULL_FILES:,}; quick run: 50000)",
+    )
+    ap.add_argument(
+        "--extras",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after each ibsync cycle also time stats, check, ls, find, diff, copy, forget, prune "
+        "(default: on for many-files, off for realistic)",
+    )
     ap.add_argument("--reps", type=int, default=3, help="repetitions per tool (default 3)")
     ap.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
-    ap.add_argument("--tools", default=",".join(ALL_TOOLS), help="comma-separated, in run order (default ibsync,restic,borg)")
-    ap.add_argument("--work", type=Path, default=BENCH / "work", help="work folder: data cache, live tree, repositories (default bench/work)")
-    ap.add_argument("--keep", action="store_true", help="keep each tool's last repository, caches, restore and logs, and live/")
-    ap.add_argument("--generator", default="ibsync.testing.generator", help="module name, or path to a .py with generate() and mutate_folder()")
-    ap.add_argument("--ibsync-cmd", default=None, help="command to run ibsync (default: the installed console script, bypassing a pyenv shim)")
-    ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/<time>-<size>g-<reps>r.json)")
-    ap.add_argument("--report", type=Path, metavar="JSON", help="only print the report of an earlier (or interrupted) run's results file")
+    ap.add_argument(
+        "--tools", default=",".join(ALL_TOOLS), help="comma-separated, in run order (default ibsync,restic,borg)"
+    )
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=BENCH / "work",
+        help="work folder: data cache, live tree, repositories (default bench/work)",
+    )
+    ap.add_argument(
+        "--keep", action="store_true", help="keep each tool's last repository, caches, restore and logs, and live/"
+    )
+    ap.add_argument(
+        "--generator",
+        default="ibsync.testing.generator",
+        help="module name, or path to a .py with generate() and mutate_folder()",
+    )
+    ap.add_argument(
+        "--ibsync-cmd",
+        default=None,
+        help="command to run ibsync (default: the installed console script, bypassing a pyenv shim)",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="results JSON (default bench/results/<time>-<size>g-<reps>r.json)"
+    )
+    ap.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        help="only print the report of an earlier (or interrupted) run's results file",
+    )
     args = ap.parse_args(argv)
 
     if args.report:
@@ -888,13 +1020,16 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = prepare_data(work, args.profile, size_bytes, args.files, args.seed, args.generator)
 
-    results = Results(out, {
-        "started": started.isoformat(timespec="seconds"),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "tools": tools,
-        "env": env_info,
-        "data": meta,
-    })
+    results = Results(
+        out,
+        {
+            "started": started.isoformat(timespec="seconds"),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "tools": tools,
+            "env": env_info,
+            "data": meta,
+        },
+    )
     results.save()
     rmtree(work / "runs")
 

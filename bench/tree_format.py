@@ -42,9 +42,16 @@ def folder(n: int, day: int = 0, changed: frozenset[int] = frozenset()) -> list[
     out = []
     for i in range(n):
         touched = i in changed
-        out.append({"name": hashlib.sha1(f"HomeDomain-Library/f{i}".encode()).hexdigest(), "type": "file",
-                    "mode": 0o100644, "mtime_ns": T + (day if touched else 0), "size": 1000 + i + (day if touched else 0),
-                    "content": [hexid(i, day if touched else 0)]})
+        out.append(
+            {
+                "name": hashlib.sha1(f"HomeDomain-Library/f{i}".encode()).hexdigest(),
+                "type": "file",
+                "mode": 0o100644,
+                "mtime_ns": T + (day if touched else 0),
+                "size": 1000 + i + (day if touched else 0),
+                "content": [hexid(i, day if touched else 0)],
+            }
+        )
     return out
 
 
@@ -93,9 +100,15 @@ def folder_day(hasher, n: int, k: int, seed: int) -> dict:
         store = Store()
         first = store.add(build(hasher, old).blobs)
         blobs, raw, stored = store.add(build(hasher, new).blobs)
-        out[fmt] = {"whole_blobs": first[0], "whole_raw": first[1], "whole_stored": first[2],
-                    "day_blobs": blobs, "day_raw": raw, "day_stored": stored,
-                    "day_stored_per_changed_entry_byte": round(stored / own, 1)}
+        out[fmt] = {
+            "whole_blobs": first[0],
+            "whole_raw": first[1],
+            "whole_stored": first[2],
+            "day_blobs": blobs,
+            "day_raw": raw,
+            "day_stored": stored,
+            "day_stored_per_changed_entry_byte": round(stored / own, 1),
+        }
     return out
 
 
@@ -115,8 +128,9 @@ def speed(hasher, n: int) -> dict:
         "format2_encode_us": round(median_us(lambda: trees.build_tree(hasher, entries), n), 2),
         "format2_rebuild_day_us": round(median_us(lambda: trees.build_tree(hasher, day, read.reuse), n), 2),
         "format2_decode_us": round(median_us(lambda: trees.read_folder(store, built.id, store.blobs[built.id]), n), 2),
-        "format2_decode_split_us": round(median_us(
-            lambda: trees.read_folder_split(store, built.id, store.blobs[built.id]), n), 2),  # type: ignore[arg-type]
+        "format2_decode_split_us": round(
+            median_us(lambda: trees.read_folder_split(store, built.id, store.blobs[built.id]), n), 2
+        ),  # type: ignore[arg-type]
     }
 
 
@@ -134,10 +148,38 @@ def id_list_day(hasher, n: int, share: float, seed: int, clustered: bool) -> dic
     out = {"ids": n, "changed_ids": len(changed), "clustered": clustered, "changed_ids_bytes": 32 * len(changed)}
     for fmt, build in (("format1", built_v1), ("format2", lambda h, e: trees.build_tree(h, e))):
         store = Store()
-        first = store.add(build(hasher, root + [{"name": "Manifest.db", "type": "file", "mode": 0o100644,
-                                                 "mtime_ns": T, "size": n * 32768, "content": ids}]).blobs)
-        blobs, raw, stored = store.add(build(hasher, root + [{"name": "Manifest.db", "type": "file", "mode": 0o100644,
-                                                              "mtime_ns": T + 1, "size": n * 32768, "content": ids2}]).blobs)
+        first = store.add(
+            build(
+                hasher,
+                root
+                + [
+                    {
+                        "name": "Manifest.db",
+                        "type": "file",
+                        "mode": 0o100644,
+                        "mtime_ns": T,
+                        "size": n * 32768,
+                        "content": ids,
+                    }
+                ],
+            ).blobs
+        )
+        blobs, raw, stored = store.add(
+            build(
+                hasher,
+                root
+                + [
+                    {
+                        "name": "Manifest.db",
+                        "type": "file",
+                        "mode": 0o100644,
+                        "mtime_ns": T + 1,
+                        "size": n * 32768,
+                        "content": ids2,
+                    }
+                ],
+            ).blobs
+        )
         out[fmt] = {"whole_stored": first[2], "day_blobs": blobs, "day_raw": raw, "day_stored": stored}
     return out
 
@@ -147,10 +189,17 @@ def main() -> None:
     ap.add_argument("--grid", action="store_true")
     args = ap.parse_args()
     hasher = keyed_id_hasher(MasterKey.generate().id_key)
-    print(json.dumps({"folder_4000_20": folder_day(hasher, 4000, 20, 1),
-                      "speed_4000": speed(hasher, 4000),
-                      "manifest_random_1pct": id_list_day(hasher, 37_500, 0.01, 1, False),
-                      "manifest_clustered_1pct": id_list_day(hasher, 37_500, 0.01, 1, True)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "folder_4000_20": folder_day(hasher, 4000, 20, 1),
+                "speed_4000": speed(hasher, 4000),
+                "manifest_random_1pct": id_list_day(hasher, 37_500, 0.01, 1, False),
+                "manifest_clustered_1pct": id_list_day(hasher, 37_500, 0.01, 1, True),
+            },
+            indent=1,
+        )
+    )
     if args.grid:
         saved = trees.LEAF_CUT, trees.INNER_CUT, trees.LIST_CUT
         for leaf_bits in (2, 3, 4):
@@ -159,16 +208,20 @@ def main() -> None:
                     trees.LEAF_CUT = dataclasses.replace(saved[0], bits=leaf_bits, min_bytes=min_bytes)
                     trees.INNER_CUT = dataclasses.replace(saved[1], bits=inner_bits)
                     f = folder_day(hasher, 4000, 20, 1)["format2"]
-                    print(f"leaf bits {leaf_bits} min {min_bytes} inner bits {inner_bits}: day {f['day_blobs']} blobs "
-                          f"{f['day_stored']} B stored ({f['day_stored_per_changed_entry_byte']}x); "
-                          f"whole {f['whole_blobs']} blobs {f['whole_stored']} B")
+                    print(
+                        f"leaf bits {leaf_bits} min {min_bytes} inner bits {inner_bits}: day {f['day_blobs']} blobs "
+                        f"{f['day_stored']} B stored ({f['day_stored_per_changed_entry_byte']}x); "
+                        f"whole {f['whole_blobs']} blobs {f['whole_stored']} B"
+                    )
         trees.LEAF_CUT, trees.INNER_CUT = saved[0], saved[1]
         for list_bits in (3, 4, 5, 6, 7):
             trees.LIST_CUT = dataclasses.replace(saved[2], bits=list_bits)
             r = id_list_day(hasher, 37_500, 0.01, 1, False)["format2"]
             c = id_list_day(hasher, 37_500, 0.01, 1, True)["format2"]
-            print(f"list bits {list_bits}: random {r['day_blobs']} blobs {r['day_stored']} B; "
-                  f"clustered {c['day_blobs']} blobs {c['day_stored']} B; whole {r['whole_stored']} B")
+            print(
+                f"list bits {list_bits}: random {r['day_blobs']} blobs {r['day_stored']} B; "
+                f"clustered {c['day_blobs']} blobs {c['day_stored']} B; whole {r['whole_stored']} B"
+            )
         trees.LIST_CUT = saved[2]
 
 

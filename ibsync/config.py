@@ -72,7 +72,9 @@ def load_document(path: str | Path | None = None) -> tuple[dict[str, Any], Path]
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
     unknown = set(doc) - TOP_KEYS
     if unknown:
-        raise UserError(f"config file {path}: unknown table(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(TOP_KEYS))})")
+        raise UserError(
+            f"config file {path}: unknown table(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(TOP_KEYS))})"
+        )
     return doc, path
 
 
@@ -89,7 +91,9 @@ def load_config(path: Path | None = None) -> dict[str, RepoConfig]:
             raise UserError(f"{where}: must be a table")
         unknown = set(table) - REPO_KEYS
         if unknown:
-            raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(REPO_KEYS))})")
+            raise UserError(
+                f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(REPO_KEYS))})"
+            )
         if not isinstance(table.get("url"), str) or not table["url"]:
             raise UserError(f"{where}: 'url' is missing")
         options = table.get("options", {})
@@ -111,6 +115,7 @@ def expand_secrets(options: dict[str, Any], where: str) -> dict[str, Any]:
 
     def expand(value: Any) -> Any:
         if isinstance(value, str):
+
             def sub(m: re.Match) -> str:
                 if m.group(1) not in os.environ:
                     raise UserError(f"{where}: environment variable {m.group(1)} is not set")

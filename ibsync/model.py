@@ -16,6 +16,7 @@ MAX_NAME_BYTES = 255
 NODE_TYPES = frozenset({"file", "dir", "symlink"})
 _INT64 = 1 << 63
 
+
 def utc_iso(dt: datetime) -> str:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
@@ -92,8 +93,10 @@ def canonical_entry(d: Any) -> Any:
     assert isinstance(kind, str)
     if not _ENTRY_KEYS[kind].issuperset(d):
         extra = sorted(str(k) for k in d.keys() - _ENTRY_KEYS[kind])
-        raise UnknownEntryField(f"tree entry {str(d.get('name'))[:80]!r}: a {kind} has no field "
-                                + ", ".join(repr(k[:40]) for k in extra[:3]))
+        raise UnknownEntryField(
+            f"tree entry {str(d.get('name'))[:80]!r}: a {kind} has no field "
+            + ", ".join(repr(k[:40]) for k in extra[:3])
+        )
     return {k: d[k] for k in fields if k in d}
 
 
@@ -394,7 +397,9 @@ class Snapshot:
         if not isinstance(summary, dict):
             raise ValueError("'summary' is not an object")
         known_summary = Summary.__dataclass_fields__
-        counts: dict[str, Any] = {k: v for k, v in summary.items() if k in known_summary and isinstance(v, (int, float))}
+        counts: dict[str, Any] = {
+            k: v for k, v in summary.items() if k in known_summary and isinstance(v, (int, float))
+        }
         source = d.get("source", {})
         parent = d.get("parent")
         return cls(

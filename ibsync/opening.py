@@ -133,8 +133,12 @@ class RepoSource:
         whether a password is given); ``password_given``: the caller has one of its own."""
         from .repo.repository import Repository
 
-        repo = Repository.open(self.storage(), password or self.password,
-                               password_given=password_given or self.password_given(), known=self.known())
+        repo = Repository.open(
+            self.storage(),
+            password or self.password,
+            password_given=password_given or self.password_given(),
+            known=self.known(),
+        )
         if not repo.storage.properties.local and not os.environ.get("IBSYNC_NO_CACHE"):
             from .repo.cache import cache_root
 

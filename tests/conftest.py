@@ -37,7 +37,9 @@ class Cli:
         self.capsys.readouterr()
         code = main([str(a) for a in args])
         out, err = self.capsys.readouterr()
-        assert code == expect, f"ibsync {' '.join(map(str, args))} exited {code}, expected {expect}\nstdout:\n{out}\nstderr:\n{err}"
+        assert code == expect, (
+            f"ibsync {' '.join(map(str, args))} exited {code}, expected {expect}\nstdout:\n{out}\nstderr:\n{err}"
+        )
         return out, err
 
 
@@ -52,7 +54,9 @@ def copy_folder(src: Path, dst: Path) -> Path:
 
 
 def run_subprocess(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ibsync", *map(str, args)], env=env, capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "ibsync", *map(str, args)], env=env, capture_output=True, text=True, **kw
+    )
 
 
 # Runs ibsync in a child and writes the child's own peak RSS (VmHWM, KiB) to argv[1]. Not
@@ -120,4 +124,3 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped on CI ({reason}); .ci/run must install what this test needs"
-

@@ -29,8 +29,9 @@ def unavailable(kind: str, err: ServerUnavailable) -> NoReturn:
     """Skip, or fail on CI, because the ``kind`` server could not be started."""
     message = f"{kind} server unavailable: {err}"
     if os.environ.get("CI"):
-        pytest.fail(f"{message}\n(CI is set: the storage servers must be installed, tests never skip them)",
-                    pytrace=False)
+        pytest.fail(
+            f"{message}\n(CI is set: the storage servers must be installed, tests never skip them)", pytrace=False
+        )
     pytest.skip(message)
 
 

@@ -1,6 +1,6 @@
 """Fixtures shared by the tests that drive the simulated device through a SimLockdown.
 
-    from simdevice_fixtures import FAST_ROUNDS, connect, repo  # noqa: F401  (pytest fixtures)
+from simdevice_fixtures import FAST_ROUNDS, connect, repo  # noqa: F401  (pytest fixtures)
 """
 
 from __future__ import annotations

@@ -28,7 +28,9 @@ def _device(seed: int, **kw) -> SimDevice:
 
 def _config(tmp_path: Path, repo: Path, agent: str = "", devices: str = "", poll: str = "1s") -> Path:
     path = tmp_path / "config.toml"
-    path.write_text(f'[agent]\nrepository = "{repo}"\ninterval = "1h"\npoll = "{poll}"\nretry = "1s"\n{agent}\n{devices}')
+    path.write_text(
+        f'[agent]\nrepository = "{repo}"\ninterval = "1h"\npoll = "{poll}"\nretry = "1s"\n{agent}\n{devices}'
+    )
     return path
 
 
@@ -56,8 +58,13 @@ def _plug_in(mux, device: SimDevice) -> None:
 
 
 def _start_agent(env: dict, config: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ibsync", "agent", "--config", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ibsync", "agent", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+        start_new_session=True,
+    )
 
 
 def _wait(condition, timeout: float = 60.0, what: str = "condition"):
@@ -158,8 +165,10 @@ def test_devices_coming_and_going_and_sigterm_mid_backup(env, cli, tmp_path):
             bob_side = mux.attachment(bob.udid)
             _wait(bob_side.runtime.passcode_prompt_shown.is_set, what="Bob's passcode prompt")
             status, _ = _status(e, config)
-            assert {d["name"]: d["last_result"] for d in status["devices"]} == {"Alice's iPhone": "ok",
-                                                                               "Bob's iPhone": "running"}
+            assert {d["name"]: d["last_result"] for d in status["devices"]} == {
+                "Alice's iPhone": "ok",
+                "Bob's iPhone": "running",
+            }
         finally:
             text = _stop(agent, log)
         assert "asking for its passcode" in text
@@ -206,7 +215,8 @@ def test_a_second_agent_is_refused_and_bad_config_is_one_line(env, cli, tmp_path
             _wait(lambda: "agent started" in log.read_text(), what="the first agent")
             r = run_subprocess(["agent", "--config", config], e, timeout=30)
             assert r.returncode == 2 and r.stderr.strip() == (
-                f"ibsync: error: another ibsync agent is running for this user (lock {tmp_path / 'state' / 'ibsync' / 'agent.lock'})")
+                f"ibsync: error: another ibsync agent is running for this user (lock {tmp_path / 'state' / 'ibsync' / 'agent.lock'})"
+            )
             status, _ = _status(e, config)
             assert status["agent"]["running"] is True and status["agent"]["pid"] == agent.pid
         finally:
@@ -224,15 +234,20 @@ def test_passcode_never_entered_is_skipped_notified_pinged_and_retried(env, cli,
     the agent tries again; this time the passcode is entered and the backup completes."""
     cli("init")
     phone = _device(17, name="Carol's iPhone", misbehave=Misbehaviour(passcode_prompt=PasscodePrompt(give_up_after=1)))
-    config = _config(tmp_path, env, agent=f'notify = ["{receiver.url("/notify", "json")}"]\n'
-                                          f'healthcheck = "{receiver.url("/ping/abc")}"')
+    config = _config(
+        tmp_path,
+        env,
+        agent=f'notify = ["{receiver.url("/notify", "json")}"]\nhealthcheck = "{receiver.url("/ping/abc")}"',
+    )
     log = tmp_path / "agent.log"
     with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
         e = _env(mux, tmp_path)
         agent = _start_agent(e, config, log)
         try:
-            status = _wait(lambda: (s := _status(e, config)[0])["devices"] and
-                           s["devices"][0]["last_result"] == "skipped" and s, what="a skipped attempt")
+            status = _wait(
+                lambda: (s := _status(e, config)[0])["devices"] and s["devices"][0]["last_result"] == "skipped" and s,
+                what="a skipped attempt",
+            )
             assert "208" in status["devices"][0]["reason"] or "passcode" in status["devices"][0]["reason"]
             side = mux.attachment(phone.udid)
             phone.misbehave = Misbehaviour(passcode_prompt=PasscodePrompt())
@@ -321,8 +336,10 @@ def test_an_unreachable_repository_is_a_soft_failure_told_once_and_overdue_escal
     phone = _device(22, name="Fay's iPhone")
     missing = tmp_path / "drive-not-plugged-in" / "repo"
     config = tmp_path / "config.toml"
-    config.write_text(f'[agent]\nrepository = "{missing}"\ninterval = "1s"\ngrace = "1s"\nretry = "1s"\n'
-                      f'notify = ["{receiver.url("/n", "json")}"]\n')
+    config.write_text(
+        f'[agent]\nrepository = "{missing}"\ninterval = "1s"\ngrace = "1s"\nretry = "1s"\n'
+        f'notify = ["{receiver.url("/n", "json")}"]\n'
+    )
     with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
         e = _env(mux, tmp_path)
         for _ in range(3):
@@ -347,8 +364,13 @@ def test_a_phone_waiting_for_its_passcode_does_not_hold_up_another(env, cli, tmp
     config = _config(tmp_path, env)
     with run_sim_usbmuxd([gil, hal], tmp_path / "mux") as mux:
         e = _env(mux, tmp_path)
-        agent = subprocess.Popen([sys.executable, "-m", "ibsync", "agent", "--once", "--config", str(config)], env=e,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "ibsync", "agent", "--once", "--config", str(config)],
+            env=e,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         _wait(mux.attachment(gil.udid).runtime.passcode_prompt_shown.is_set, what="Gil's passcode prompt")
         _wait(lambda: len(_snapshots(e)) == 1, what="Hal's backup while Gil waits")
         assert mux.attachment(gil.udid).runtime.passcode_prompt_shown.is_set()  # still waiting
@@ -365,8 +387,12 @@ def test_upkeep_after_backups_retention_prune_and_a_rotating_check(env, cli, tmp
     prunes (here: every time) and reads the next half of the data; status shows each run."""
     cli("init")
     phone = _device(17, name="Kid's iPad")
-    config = _config(tmp_path, env, agent='keep = { last = 1 }\nprune = "1s"\ncheck-subset = "1/2"',
-                     devices=f'[devices."{phone.udid}"]\ninterval = "1s"')
+    config = _config(
+        tmp_path,
+        env,
+        agent='keep = { last = 1 }\nprune = "1s"\ncheck-subset = "1/2"',
+        devices=f'[devices."{phone.udid}"]\ninterval = "1s"',
+    )
     with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
         e = _env(mux, tmp_path)
         ids = []

@@ -48,8 +48,15 @@ def receiver() -> Iterator[Receiver]:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             parts = urllib.parse.urlsplit(self.path)
-            rec.hits.append(Hit(self.command, parts.path, urllib.parse.parse_qs(parts.query),
-                                {k.lower(): v for k, v in self.headers.items()}, body))
+            rec.hits.append(
+                Hit(
+                    self.command,
+                    parts.path,
+                    urllib.parse.parse_qs(parts.query),
+                    {k.lower(): v for k, v in self.headers.items()},
+                    body,
+                )
+            )
             status = rec.statuses.pop(0) if rec.statuses else 200
             self.send_response(status)
             self.send_header("Content-Length", "2")
@@ -142,7 +149,11 @@ def test_every_url_gets_it_and_kinds_map(receiver):
     # the URLs are sent to at the same time: each gets every kind, in order
     for path in ("/a", "/b"):
         assert [json.loads(h.body)["type"] for h in receiver.hits if h.path == path] == [
-            "info", "success", "warning", "failure"]
+            "info",
+            "success",
+            "warning",
+            "failure",
+        ]
 
 
 def test_send_async_delivers_from_the_event_loop(receiver):
@@ -208,12 +219,15 @@ def test_a_hung_service_does_not_hold_up_the_others(silent_server, receiver, cap
     assert f"json://127.0.0.1:{silent_server}/hung: no answer within 1 s" in line and "/ok" not in line
 
 
-@pytest.mark.parametrize("url, secret", [
-    ("mailto://me:hunter2secret@", "hunter2secret"),          # no host: malformed
-    ("tgram://notatoken-s3cr3tvalue", "s3cr3tvalue"),            # no chat id, bad bot token
-    ("nosuchservice://user:topsecretpw@example.com/x", "topsecretpw"),
-    ("https://hc-ping.com/0a1b2c3d-secret-uuid", "0a1b2c3d"),     # a health URL is not an Apprise URL
-])
+@pytest.mark.parametrize(
+    "url, secret",
+    [
+        ("mailto://me:hunter2secret@", "hunter2secret"),  # no host: malformed
+        ("tgram://notatoken-s3cr3tvalue", "s3cr3tvalue"),  # no chat id, bad bot token
+        ("nosuchservice://user:topsecretpw@example.com/x", "topsecretpw"),
+        ("https://hc-ping.com/0a1b2c3d-secret-uuid", "0a1b2c3d"),  # a health URL is not an Apprise URL
+    ],
+)
 def test_a_bad_url_is_refused_without_quoting_its_secret(url, secret):
     with pytest.raises(UserError) as e:
         Notifier(["json://127.0.0.1:9/ok", url])
@@ -247,10 +261,17 @@ def test_health_pings_start_success_fail_and_log(receiver):
     assert ping.start() and ping.success("iPhone: ok, 3 MB in 12 s") and ping.failure("iPhone: failed, cable pulled")
     assert ping.log("iPhone: skipped, passcode not entered")
     assert [(h.method, h.path) for h in receiver.hits] == [
-        ("POST", "/ping/5f1e-uuid/start"), ("POST", "/ping/5f1e-uuid"), ("POST", "/ping/5f1e-uuid/fail"),
-        ("POST", "/ping/5f1e-uuid/log")]
-    assert [h.body for h in receiver.hits] == [b"", b"iPhone: ok, 3 MB in 12 s", b"iPhone: failed, cable pulled",
-                                               b"iPhone: skipped, passcode not entered"]
+        ("POST", "/ping/5f1e-uuid/start"),
+        ("POST", "/ping/5f1e-uuid"),
+        ("POST", "/ping/5f1e-uuid/fail"),
+        ("POST", "/ping/5f1e-uuid/log"),
+    ]
+    assert [h.body for h in receiver.hits] == [
+        b"",
+        b"iPhone: ok, 3 MB in 12 s",
+        b"iPhone: failed, cable pulled",
+        b"iPhone: skipped, passcode not entered",
+    ]
     assert receiver.hits[1].headers["content-type"].startswith("text/plain")
     # one run id ties the start to its end, so concurrent runs into one check are timed apart
     rids = {h.query["rid"][0] for h in receiver.hits}
@@ -262,7 +283,11 @@ def test_health_ping_keeps_the_urls_query_and_truncates_the_body(receiver):
     ping.failure("é" * BODY_LIMIT)  # 2 bytes each: cut at 10 kB, on a character boundary
     [hit] = receiver.hits
     assert hit.path == "/ping/key/slug/fail" and hit.query["create"] == ["1"]
-    assert len(hit.body) <= BODY_LIMIT and len(hit.body) >= BODY_LIMIT - 1 and hit.body.decode() == "é" * (len(hit.body) // 2)
+    assert (
+        len(hit.body) <= BODY_LIMIT
+        and len(hit.body) >= BODY_LIMIT - 1
+        and hit.body.decode() == "é" * (len(hit.body) // 2)
+    )
 
 
 def test_health_ping_retries_server_errors(receiver):
@@ -315,12 +340,14 @@ def test_uptime_kuma_push_urls_get_status_and_msg(receiver):
     assert "rid" not in up.query
 
 
-@pytest.mark.parametrize("url", ["ftp://example.com/x", "hc-ping.com/uuid", "https:///uuid-only", "",
-                                 "https://example.com:notaport/secret-uuid"])
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://example.com/x", "hc-ping.com/uuid", "https:///uuid-only", "", "https://example.com:notaport/secret-uuid"],
+)
 def test_a_bad_health_url_is_refused(url):
     with pytest.raises(UserError) as e:
-        HealthPing(url, where="[devices.\"iPad\"] healthcheck")
+        HealthPing(url, where='[devices."iPad"] healthcheck')
     message = str(e.value)
-    assert message.startswith("[devices.\"iPad\"] healthcheck") and "\n" not in message
+    assert message.startswith('[devices."iPad"] healthcheck') and "\n" not in message
     assert "uuid" not in message.split(":", 1)[1] or "<uuid>" in message
     assert "secret" not in message

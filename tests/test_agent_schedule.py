@@ -50,8 +50,9 @@ def test_due_backoff_and_overdue():
     day = timedelta(days=1)
     assert next_due(None, day, retry_after=None, window=None, now=now) == now
     assert next_due(now - timedelta(hours=3), day, retry_after=None, window=None, now=now) == now + timedelta(hours=21)
-    assert next_due(now - 2 * day, day, retry_after=now + timedelta(minutes=15), window=None,
-                    now=now) == now + timedelta(minutes=15)
+    assert next_due(
+        now - 2 * day, day, retry_after=now + timedelta(minutes=15), window=None, now=now
+    ) == now + timedelta(minutes=15)
     base, ceiling = timedelta(minutes=15), day
     assert [backoff(n, base, ceiling) for n in range(4)] == [timedelta(0), base, 2 * base, 4 * base]
     assert backoff(30, base, ceiling) == ceiling
@@ -62,11 +63,24 @@ def test_due_backoff_and_overdue():
 
 
 def test_settings_tables_and_their_errors():
-    doc = {"agent": {"repository": "nas", "interval": "24h", "window": "20:00-07:00", "notify": ["json://127.0.0.1:1/x"],
-                     "keep": {"daily": 7, "weekly": 4}, "prune": "7d", "check-subset": "1/7", "retry": "1m",
-                     "poll": "5s", "parallel": 2},
-           "devices": {"00008110-0011223344556677": {"repository": "offsite", "interval": "12h"},
-                       "Bob's iPad": {"enabled": False}}}
+    doc = {
+        "agent": {
+            "repository": "nas",
+            "interval": "24h",
+            "window": "20:00-07:00",
+            "notify": ["json://127.0.0.1:1/x"],
+            "keep": {"daily": 7, "weekly": 4},
+            "prune": "7d",
+            "check-subset": "1/7",
+            "retry": "1m",
+            "poll": "5s",
+            "parallel": 2,
+        },
+        "devices": {
+            "00008110-0011223344556677": {"repository": "offsite", "interval": "12h"},
+            "Bob's iPad": {"enabled": False},
+        },
+    }
     s = parse_agent_settings(doc, "cfg")
     own = s.policy("00008110-0011223344556677".lower(), "whatever")
     assert own.repository == "offsite" and own.interval == timedelta(hours=12) and str(own.window) == "20:00-07:00"
@@ -100,8 +114,16 @@ def test_history_survives_a_restart_and_a_crash_is_recognised(tmp_path):
     h.end(skipped, SKIPPED, "the passcode was not entered")
     h.close()
     # a running attempt of a process that is gone: reported as failed, and marked so by the next agent
-    child = subprocess.run([sys.executable, "-c", "import sys; from ibsync.agent.history import History; "
-                            "h = History(sys.argv[1]); h.begin('UDID-2', 'Bob', 'nas', 'USB')", str(path)], check=True)
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from ibsync.agent.history import History; "
+            "h = History(sys.argv[1]); h.begin('UDID-2', 'Bob', 'nas', 'USB')",
+            str(path),
+        ],
+        check=True,
+    )
     assert child.returncode == 0
     h = History(path)
     [crashed] = h.attempts("UDID-2")
@@ -123,8 +145,9 @@ def test_status_reports_ages_results_and_overdue(tmp_path):
     h.seen("UDID-1", "Alice's iPhone", "USB")
     a = h.begin("UDID-1", "Alice's iPhone", "nas", "USB")
     h.end(a, OK, snapshot="cd" * 32, success_time=(datetime.now(UTC) - timedelta(days=3)).timestamp())
-    s = parse_agent_settings({"agent": {"repository": "nas", "interval": "1d", "grace": "1d"},
-                              "devices": {"Listed Phone": {}}}, "cfg")
+    s = parse_agent_settings(
+        {"agent": {"repository": "nas", "interval": "1d", "grace": "1d"}, "devices": {"Listed Phone": {}}}, "cfg"
+    )
     status = read_status(s, h)
     doc = status.to_dict()
     alice = next(d for d in doc["devices"] if d["udid"] == "UDID-1")

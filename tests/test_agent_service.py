@@ -68,7 +68,14 @@ def test_systemd_unit(config):
     text = render_systemd(spec)
     lines = text.splitlines()
     [exec_start] = [line for line in lines if line.startswith("ExecStart=")]
-    assert _systemd_words(exec_start.removeprefix("ExecStart=")) == [PY, "-m", "ibsync", "agent", "--config", str(config)]
+    assert _systemd_words(exec_start.removeprefix("ExecStart=")) == [
+        PY,
+        "-m",
+        "ibsync",
+        "agent",
+        "--config",
+        str(config),
+    ]
     assert "Restart=on-failure" in lines and "RestartSec=30" in lines
     assert "Environment=PATH=/usr/local/bin:/usr/bin" in lines
     assert f'Environment="IBSYNC_CONFIG={config}"' in lines
@@ -90,7 +97,9 @@ def test_systemd_quotes_what_systemd_would_expand(tmp_path):
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path, config):
     unit = tmp_path / service.UNIT_NAME
     unit.write_text(render_systemd(default_spec("linux", config)))
-    out = subprocess.run(["systemd-analyze", "verify", str(unit)], check=False, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], check=False, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert "Unknown key" not in out.stderr and "ignoring" not in out.stderr.lower(), out.stderr
 
@@ -136,14 +145,19 @@ def test_no_secret_in_a_service_environment():
 
 def test_install_no_start_writes_the_unit_and_uninstall_removes_it(home, config):
     runner = CliRunner()
-    result = runner.invoke(install_cmd, ["--platform", "linux", "--no-start", "--config", str(config)],
-                           catch_exceptions=False)
+    result = runner.invoke(
+        install_cmd, ["--platform", "linux", "--no-start", "--config", str(config)], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     unit = home / ".config" / "systemd" / "user" / "ibsync-agent.service"
     assert unit.read_text() == render_systemd(default_spec("linux", config))
     assert "systemctl --user enable --now ibsync-agent.service" in result.output
-    assert _files(home) == [".config", ".config/systemd", ".config/systemd/user",
-                            ".config/systemd/user/ibsync-agent.service"]
+    assert _files(home) == [
+        ".config",
+        ".config/systemd",
+        ".config/systemd/user",
+        ".config/systemd/user/ibsync-agent.service",
+    ]
 
     again = runner.invoke(install_cmd, ["--platform", "linux", "--no-start", "--config", str(config)])
     assert again.exit_code == 0 and "unchanged" in again.output
@@ -169,8 +183,9 @@ def test_a_different_existing_unit_needs_force(home, config, capsys):
 
 def test_install_no_start_on_macos_and_windows(home, config):
     runner = CliRunner()
-    result = runner.invoke(install_cmd, ["--platform", "macos", "--no-start", "--config", str(config)],
-                           catch_exceptions=False)
+    result = runner.invoke(
+        install_cmd, ["--platform", "macos", "--no-start", "--config", str(config)], catch_exceptions=False
+    )
     assert result.exit_code == 0
     plist_path = home / "Library" / "LaunchAgents" / "org.ibsync.agent.plist"
     plist = plistlib.loads(plist_path.read_bytes())
@@ -178,8 +193,9 @@ def test_install_no_start_on_macos_and_windows(home, config):
     assert (home / "Library" / "Logs" / "ibsync").is_dir()  # launchd does not create it
     assert f"launchctl bootstrap gui/{os.getuid()} {plist_path}" in result.output
 
-    result = runner.invoke(install_cmd, ["--platform", "windows", "--no-start", "--config", str(config)],
-                           catch_exceptions=False)
+    result = runner.invoke(
+        install_cmd, ["--platform", "windows", "--no-start", "--config", str(config)], catch_exceptions=False
+    )
     assert result.exit_code == 0
     xml_path = home / "AppData" / "Local" / "ibsync" / "ibsync-agent.xml"
     data = xml_path.read_bytes()
@@ -193,8 +209,11 @@ def test_install_no_start_on_macos_and_windows(home, config):
 
 
 def test_print_changes_nothing(home, config, capsys):
-    for platform, check in (("linux", lambda s: "ExecStart=" in s), ("macos", lambda s: plistlib.loads(s.encode())),
-                            ("windows", lambda s: ET.fromstring(s.encode("utf-16")))):
+    for platform, check in (
+        ("linux", lambda s: "ExecStart=" in s),
+        ("macos", lambda s: plistlib.loads(s.encode())),
+        ("windows", lambda s: ET.fromstring(s.encode("utf-16"))),
+    ):
         assert main(["agent", "install", "--platform", platform, "--print", "--config", str(config)]) == 0
         out = capsys.readouterr().out
         assert check(out) and str(config) in out
@@ -298,21 +317,33 @@ def test_install_and_uninstall_run_each_platforms_commands(home, config, tmp_pat
     task = str(home / "AppData" / "Local" / "ibsync" / "ibsync-agent.xml")
     uid = os.getuid()
     expected = {
-        "linux": (["systemctl --user daemon-reload", "systemctl --user enable --now ibsync-agent.service"],
-                  ["systemctl --user daemon-reload", "systemctl --user enable --now ibsync-agent.service"],
-                  ["systemctl --user daemon-reload", "systemctl --user enable --now ibsync-agent.service",
-                   "systemctl --user restart ibsync-agent.service"],
-                  ["systemctl --user disable --now ibsync-agent.service", "systemctl --user daemon-reload"]),
-        "macos": ([f"launchctl print gui/{uid}/org.ibsync.agent", f"launchctl bootstrap gui/{uid} {plist}"],
-                  # already loaded and unchanged: started if it is not running, never interrupted
-                  [f"launchctl print gui/{uid}/org.ibsync.agent", f"launchctl kickstart gui/{uid}/org.ibsync.agent"],
-                  [f"launchctl print gui/{uid}/org.ibsync.agent", f"launchctl bootout gui/{uid}/org.ibsync.agent",
-                   f"launchctl bootstrap gui/{uid} {plist}"],
-                  [f"launchctl bootout gui/{uid}/org.ibsync.agent"]),
-        "windows": ([f"schtasks /Create /TN ibsync-agent /XML {task} /F", "schtasks /Run /TN ibsync-agent"],
-                    [f"schtasks /Create /TN ibsync-agent /XML {task} /F", "schtasks /Run /TN ibsync-agent"],
-                    [f"schtasks /Create /TN ibsync-agent /XML {task} /F", "schtasks /Run /TN ibsync-agent"],
-                    ["schtasks /End /TN ibsync-agent", "schtasks /Delete /TN ibsync-agent /F"]),
+        "linux": (
+            ["systemctl --user daemon-reload", "systemctl --user enable --now ibsync-agent.service"],
+            ["systemctl --user daemon-reload", "systemctl --user enable --now ibsync-agent.service"],
+            [
+                "systemctl --user daemon-reload",
+                "systemctl --user enable --now ibsync-agent.service",
+                "systemctl --user restart ibsync-agent.service",
+            ],
+            ["systemctl --user disable --now ibsync-agent.service", "systemctl --user daemon-reload"],
+        ),
+        "macos": (
+            [f"launchctl print gui/{uid}/org.ibsync.agent", f"launchctl bootstrap gui/{uid} {plist}"],
+            # already loaded and unchanged: started if it is not running, never interrupted
+            [f"launchctl print gui/{uid}/org.ibsync.agent", f"launchctl kickstart gui/{uid}/org.ibsync.agent"],
+            [
+                f"launchctl print gui/{uid}/org.ibsync.agent",
+                f"launchctl bootout gui/{uid}/org.ibsync.agent",
+                f"launchctl bootstrap gui/{uid} {plist}",
+            ],
+            [f"launchctl bootout gui/{uid}/org.ibsync.agent"],
+        ),
+        "windows": (
+            [f"schtasks /Create /TN ibsync-agent /XML {task} /F", "schtasks /Run /TN ibsync-agent"],
+            [f"schtasks /Create /TN ibsync-agent /XML {task} /F", "schtasks /Run /TN ibsync-agent"],
+            [f"schtasks /Create /TN ibsync-agent /XML {task} /F", "schtasks /Run /TN ibsync-agent"],
+            ["schtasks /End /TN ibsync-agent", "schtasks /Delete /TN ibsync-agent /F"],
+        ),
     }
     for platform, (first, again, replaced, removed) in expected.items():
         base = ["agent", "install", "--platform", platform]

@@ -68,7 +68,11 @@ def test_a_device_that_fails_leaves_the_last_snapshot_and_says_why(env, cli, tmp
         [good] = _backup(e)["snapshots"]
         phone.misbehave = Misbehaviour(final_error=(207, "simulated failure"))
         r = _backup(e, expect=7)
-        assert "Traceback" not in r.stderr and "207" in r.stderr and r.stderr.strip().splitlines()[-1].startswith("ibsync: error:")
+        assert (
+            "Traceback" not in r.stderr
+            and "207" in r.stderr
+            and r.stderr.strip().splitlines()[-1].startswith("ibsync: error:")
+        )
         out, _ = cli("snapshots", "--json")
         assert [s["id"] for s in json.loads(out)] == [good["id"]]
         phone.misbehave = Misbehaviour()
@@ -96,8 +100,13 @@ def test_backup_interrupted_by_the_user_keeps_data_and_the_next_run_completes(en
     phone = SimDevice.from_content(generate_content(seed=8, size_bytes=48 << 20))
     with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
         e = {**os.environ, **mux.env(home=tmp_path / "home")}
-        proc = subprocess.Popen([sys.executable, "-m", "ibsync", "backup", "--quiet"], env=e,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ibsync", "backup", "--quiet"],
+            env=e,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 60
         while len(list((env / "packs").glob("*/*"))) < 2:  # some data is stored: the capture is under way
             assert proc.poll() is None, proc.communicate()

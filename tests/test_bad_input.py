@@ -15,8 +15,6 @@ def _finished(path):
     return path
 
 
-
-
 @pytest.fixture
 def repo_env(tmp_path, cli, env):
     cli("init")
@@ -36,7 +34,10 @@ CASES = {
         "not an SQLite database",
     ),
     "malformed Info.plist": (
-        lambda p: (_finished(copy_folder(MIT_BACKUP, p)), (p / "Info.plist").write_bytes(b"<?xml version='1.0'?><plist><dict><key>a")),
+        lambda p: (
+            _finished(copy_folder(MIT_BACKUP, p)),
+            (p / "Info.plist").write_bytes(b"<?xml version='1.0'?><plist><dict><key>a"),
+        ),
         "malformed plist",
     ),
     "binary plist cut short": (

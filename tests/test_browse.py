@@ -75,8 +75,10 @@ def test_patterns():
 
 
 def test_mbfile_decoder_agrees_with_plistlib():
-    for f in (BackupFile("HomeDomain", "Library/SMS/sms.db", 1, 1_700_000_000, 0o100644, 123_456),
-              BackupFile("D", "x" * 300, 1, 2**31 + 5, 0o100600, 2**40)):
+    for f in (
+        BackupFile("HomeDomain", "Library/SMS/sms.db", 1, 1_700_000_000, 0o100644, 123_456),
+        BackupFile("D", "x" * 300, 1, 2**31 + 5, 0o100600, 2**40),
+    ):
         assert decode_mbfile(mbfile_blob(f)) == (f.size, f.mtime, f.mode, None)
     with pytest.raises(Exception, match="unreadable"):
         decode_mbfile(b"not a plist")
@@ -104,7 +106,8 @@ def test_ls_pattern_lists_the_matching_files(repo2, cli):
     files = json.loads(out)["files"]
     con = _manifest(repo2["day1"])
     expected = sorted(
-        r for (r,) in con.execute(
+        r
+        for (r,) in con.execute(
             "SELECT relativePath FROM Files WHERE flags = 1 AND domain = 'CameraRollDomain' AND relativePath LIKE 'Media/DCIM/%'"
         )
     )
@@ -149,7 +152,9 @@ def test_find_shows_both_snapshots_and_the_change(repo2, cli):
     assert "changed" in text and repo2["second"][:8] in text
     # a file nobody touched is unchanged; a deleted one is marked removed
     con = _manifest(repo2["day1"])
-    rows = con.execute("SELECT domain, relativePath FROM Files WHERE flags = 1 ORDER BY domain, relativePath").fetchall()
+    rows = con.execute(
+        "SELECT domain, relativePath FROM Files WHERE flags = 1 ORDER BY domain, relativePath"
+    ).fetchall()
     kept = next(r for r in rows if _payload(repo2["day1"], *r).read_bytes() == _payload(repo2["day2"], *r).read_bytes())
     out, _ = cli("find", "/".join(kept), "--json")
     assert [v["status"] for v in json.loads(out)["paths"][0]["versions"]] == ["first", "unchanged"]

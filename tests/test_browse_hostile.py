@@ -68,7 +68,9 @@ def backup_with(folder: Path, rows: list[Row], device_name: str | None = None, u
             con.execute("CREATE TABLE Files (fileID PRIMARY KEY, domain, relativePath, flags, file)")
             con.execute("INSERT INTO Files SELECT * FROM Typed")
             con.execute("DROP TABLE Typed")
-        con.executemany("INSERT INTO Files VALUES (?, ?, ?, ?, ?)", [(r.file_id, r.domain, r.rel, r.flags, r.file) for r in rows])
+        con.executemany(
+            "INSERT INTO Files VALUES (?, ?, ?, ?, ?)", [(r.file_id, r.domain, r.rel, r.flags, r.file) for r in rows]
+        )
     con.close()
     for r in rows:
         if r.payload is not None and isinstance(r.file_id, str):
@@ -90,7 +92,9 @@ def imported(cli, tmp_path: Path, rows: list[Row], device_name: str | None = Non
 
 def no_raw_controls(text: str) -> None:
     assert "Traceback" not in text
-    bad = [c for c in text if (ord(c) < 0x20 and c not in "\n\t") or 0x7F <= ord(c) <= 0x9F or 0x202A <= ord(c) <= 0x202E]
+    bad = [
+        c for c in text if (ord(c) < 0x20 and c not in "\n\t") or 0x7F <= ord(c) <= 0x9F or 0x202A <= ord(c) <= 0x202E
+    ]
     assert not bad, f"raw control characters reach the terminal: {bad!r}\n{text}"
 
 
@@ -129,8 +133,14 @@ def test_extract_survives_odd_rows(env, cli, tmp_path):
     assert got["AppDomain-com.google.Translate/Library/Preferences/com.google.Translate.plist"]
     assert len(got) == 4, got  # nothing else, no temporary file
     assert not (tmp_path / "escape.txt").exists()
-    for name in ("Home\\x00Domain/nul.txt", "HomeDomain/Library/" + "x" * 6000, "cannot extract HomeDomain:",
-                 "HomeDomain/.:", "HomeDomain/Library/../../escape.txt", "HomeDomain/Library//twice.txt"):
+    for name in (
+        "Home\\x00Domain/nul.txt",
+        "HomeDomain/Library/" + "x" * 6000,
+        "cannot extract HomeDomain:",
+        "HomeDomain/.:",
+        "HomeDomain/Library/../../escape.txt",
+        "HomeDomain/Library//twice.txt",
+    ):
         assert name in err, name
     assert "6 file(s) could not be extracted" in err
     # ls and find list every row, the odd names escaped
@@ -144,7 +154,9 @@ def test_extract_survives_odd_rows(env, cli, tmp_path):
 def test_duplicate_rows_write_one_file_and_report_the_rest(env, cli, tmp_path):
     """Before: rows naming one file raced on one temporary name (the winner varied, or the
     command exited 0 with one file). Now the first row by fileID is written, the others named."""
-    rows = [good("HomeDomain", "Library/dup.txt", bytes([65 + i]) * 1000, file_id=f"{i:02x}" + "0" * 38) for i in range(6)]
+    rows = [
+        good("HomeDomain", "Library/dup.txt", bytes([65 + i]) * 1000, file_id=f"{i:02x}" + "0" * 38) for i in range(6)
+    ]
     imported(cli, tmp_path, rows + [good("HomeDomain", "Library/fine.txt", b"fine")])
     for n in range(4):
         out = tmp_path / f"out{n}"
@@ -226,8 +238,10 @@ def test_invalid_utf8_names_are_listed_and_extracted(env, cli, tmp_path):
     fid = "cd" + "2" * 38
     con = sqlite3.connect(src / "Manifest.db")
     with con:  # CAST(x AS TEXT) keeps the bytes as they are: an invalid UTF-8 name
-        con.execute("INSERT INTO Files VALUES (?, 'HomeDomain', CAST(? AS TEXT), 1, ?)",
-                    (fid, b"Library/caf\xe9.txt", mbfile_blob(BackupFile("D", "x", 1, 1_700_000_000, 0o100644, 4))))
+        con.execute(
+            "INSERT INTO Files VALUES (?, 'HomeDomain', CAST(? AS TEXT), 1, ?)",
+            (fid, b"Library/caf\xe9.txt", mbfile_blob(BackupFile("D", "x", 1, 1_700_000_000, 0o100644, 4))),
+        )
     con.close()
     (src / fid[:2]).mkdir(exist_ok=True)
     (src / fid[:2] / fid).write_bytes(b"cafe")
@@ -260,8 +274,13 @@ def test_damaged_manifest_db_is_one_clear_error(env, cli, tmp_path):
     (src / "Manifest.db").write_bytes(bytes(db))
     cli("init", "-q")
     cli("import", src, "--allow-unfinished", "-q")
-    for args in (("ls", "latest"), ("ls", "latest", "**"), ("extract", "latest", "**", tmp_path / "out"),
-                 ("find", "sms.db"), ("diff", "latest", "latest")):
+    for args in (
+        ("ls", "latest"),
+        ("ls", "latest", "**"),
+        ("extract", "latest", "**", tmp_path / "out"),
+        ("find", "sms.db"),
+        ("diff", "latest", "latest"),
+    ):
         _, err = cli(*args, expect=1)
         one_line_error(err, "Manifest.db")
 
@@ -343,8 +362,11 @@ def test_diff_files_escapes_names(env, cli, tmp_path):
     cli("init", "-q")
     src = backup_with(tmp_path / "a" / "sample_backup", GOOD)
     cli("import", src, "--allow-unfinished", "-q")
-    src = backup_with(tmp_path / "b" / "sample_backup", GOOD + [odd("HomeDomain", f"Library/{EVIL}.txt", b"evil")],
-                      device_name=f"Other{EVIL}")
+    src = backup_with(
+        tmp_path / "b" / "sample_backup",
+        GOOD + [odd("HomeDomain", f"Library/{EVIL}.txt", b"evil")],
+        device_name=f"Other{EVIL}",
+    )
     cli("import", src, "--allow-unfinished", "-q")
     out, err = cli("snapshots", "--json")
     first, second = (s["id"] for s in json.loads(out))
@@ -458,13 +480,16 @@ _SAMPLE = mbfile_blob(BackupFile("HomeDomain", "Library/SMS/sms.db", 1, 1_700_00
 
 
 @settings(max_examples=1500, deadline=2000)
-@given(st.one_of(
-    st.binary(max_size=600),
-    st.integers(0, len(_SAMPLE)).map(lambda n: _SAMPLE[:n]),
-    st.lists(st.tuples(st.integers(0, len(_SAMPLE) - 1), st.integers(0, 255)), min_size=1, max_size=8).map(
-        lambda edits: _mutate(_SAMPLE, edits)),
-    st.binary(max_size=64).map(lambda tail: b"bplist00" + tail),
-))
+@given(
+    st.one_of(
+        st.binary(max_size=600),
+        st.integers(0, len(_SAMPLE)).map(lambda n: _SAMPLE[:n]),
+        st.lists(st.tuples(st.integers(0, len(_SAMPLE) - 1), st.integers(0, 255)), min_size=1, max_size=8).map(
+            lambda edits: _mutate(_SAMPLE, edits)
+        ),
+        st.binary(max_size=64).map(lambda tail: b"bplist00" + tail),
+    )
+)
 def test_mbfile_decoder_on_random_and_damaged_bytes(blob):
     """Random, truncated and mutated bytes: an answer or InvalidData, nothing else, quickly
     (the deadline) and without allocating beyond the blob (a huge count is refused, not read)."""
@@ -482,12 +507,15 @@ def _mutate(blob: bytes, edits: list[tuple[int, int]]) -> bytes:
     return bytes(b)
 
 
-@pytest.mark.parametrize("trailer", [
-    struct.pack(">6xBBQQQ", 1, 1, 2**62, 0, 8),  # an object table of 2**62 entries
-    struct.pack(">6xBBQQQ", 8, 8, 2**40, 0, 8),
-    struct.pack(">6xBBQQQ", 3, 1, 5, 0, 8),  # offsets of 3 bytes
-    struct.pack(">6xBBQQQ", 1, 1, 3, 2**63, 8),  # top object out of range
-])
+@pytest.mark.parametrize(
+    "trailer",
+    [
+        struct.pack(">6xBBQQQ", 1, 1, 2**62, 0, 8),  # an object table of 2**62 entries
+        struct.pack(">6xBBQQQ", 8, 8, 2**40, 0, 8),
+        struct.pack(">6xBBQQQ", 3, 1, 5, 0, 8),  # offsets of 3 bytes
+        struct.pack(">6xBBQQQ", 1, 1, 3, 2**63, 8),  # top object out of range
+    ],
+)
 def test_mbfile_decoder_refuses_absurd_trailers(trailer):
     with bounded_memory():
         with pytest.raises(InvalidData):

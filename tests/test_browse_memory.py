@@ -43,13 +43,20 @@ def phone(tmp_path_factory):
     with con:  # file rows without payloads: ls and find list what Manifest.db says
         rows = []
         for i in range(ROWS):
-            f = BackupFile("AppDomain-com.example.many", f"Library/Caches/c{i // 100:03d}/f{i:05d}.plist", 1,
-                           1_700_000_000 + i, 0o100644, 1000 + i)
+            f = BackupFile(
+                "AppDomain-com.example.many",
+                f"Library/Caches/c{i // 100:03d}/f{i:05d}.plist",
+                1,
+                1_700_000_000 + i,
+                0o100644,
+                1000 + i,
+            )
             rows.append((f.file_id, f.domain, f.relative_path, 1, mbfile_blob(f)))
         con.executemany("INSERT INTO Files VALUES (?, ?, ?, ?, ?)", rows)
     con.close()
-    env = dict(os.environ, IBSYNC_REPO=str(base / "repo"), IBSYNC_PASSWORD=PASSWORD,
-               IBSYNC_CACHE_DIR=str(base / "cache"))
+    env = dict(
+        os.environ, IBSYNC_REPO=str(base / "repo"), IBSYNC_PASSWORD=PASSWORD, IBSYNC_CACHE_DIR=str(base / "cache")
+    )
     env.pop("IBSYNC_PASSWORD_FILE", None)
     with pytest.MonkeyPatch.context() as mp:
         for k in ("IBSYNC_REPO", "IBSYNC_PASSWORD", "IBSYNC_CACHE_DIR"):
@@ -63,8 +70,13 @@ def phone(tmp_path_factory):
 def _peak(env: dict, *args: str) -> int:
     """Peak bytes of Python allocations of one ibsync command in its own process (stdout to
     /dev/null: the output itself must not be held either)."""
-    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *args], env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     return int(proc.stderr.strip().splitlines()[-1])
 
@@ -76,8 +88,9 @@ def _import_again(phone: dict, times: int, total: int) -> None:
         for day in range(times):  # a next day each time: an unchanged folder makes no snapshot
             mutate_folder(phone["live"], seed=50 + day)
             assert main(["import", str(phone["live"]), "-q"]) == 0
-        out = subprocess.run([sys.executable, "-m", "ibsync", "snapshots", "-q"], env=phone["env"],
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "ibsync", "snapshots", "-q"], env=phone["env"], capture_output=True, text=True
+        ).stdout
         assert f"{total} snapshot(s)" in out, out
 
 
@@ -101,4 +114,3 @@ def test_find_versions_are_not_held_in_memory(phone):
     _import_again(phone, 3, total=5)
     five = _peak(phone["env"], "find", "**", "--json")
     assert five - two < ROWS * 3 * 200, f"{(five - two) / (ROWS * 3):.0f} bytes per path and snapshot"
-

@@ -140,8 +140,10 @@ def _expected_find(oracle: dict, pattern: str) -> dict[str, list[tuple]]:
 
 
 def _got_find(out: str) -> dict[str, list[tuple]]:
-    return {p["path"]: [(v["snapshot"], v["status"], v["size"], v["mtime"]) for v in p["versions"]]
-            for p in json.loads(out)["paths"]}
+    return {
+        p["path"]: [(v["snapshot"], v["status"], v["size"], v["mtime"]) for v in p["versions"]]
+        for p in json.loads(out)["paths"]
+    }
 
 
 def _iso(seconds: int) -> str:
@@ -170,16 +172,22 @@ def _db_blob_reads(oracle: dict, snap_id: str) -> int:
     for blob_id in oracle["db"][snap_id].ids:
         loc = r.locate(blob_id)
         spans.setdefault(loc.pack_id.hex(), []).append((loc.offset, loc.offset + loc.length))
-    return sum(1 for name, off, n in CountingStorage.reads
-               for a, b in spans.get(name, ()) if off < b and a < off + n)
+    return sum(1 for name, off, n in CountingStorage.reads for a, b in spans.get(name, ()) if off < b and a < off + n)
 
 
 def test_find_across_snapshots_reads_what_changed(counted, cli, capsys):
     oracle = counted["oracle"]
     db_size = max(s.size for s in oracle["db"].values())
     blocks_changed = sum(
-        len({i for i in range(max(len(a.ids), len(b.ids))) if i >= len(a.ids) or i >= len(b.ids) or a.ids[i] != b.ids[i]})
-        for a, b in zip(list(oracle["db"].values()), list(oracle["db"].values())[1:]))
+        len(
+            {
+                i
+                for i in range(max(len(a.ids), len(b.ids)))
+                if i >= len(a.ids) or i >= len(b.ids) or a.ids[i] != b.ids[i]
+            }
+        )
+        for a, b in zip(list(oracle["db"].values()), list(oracle["db"].values())[1:])
+    )
     assert db_size > 2 << 20 and blocks_changed < DAYS * len(oracle["db"][oracle["snaps"][0].id].ids) / 4
     _read_bytes()
     started = time.perf_counter()
@@ -197,9 +205,11 @@ def test_find_across_snapshots_reads_what_changed(counted, cli, capsys):
     trees = DAYS * (128 << 10)  # root trees and the changed folders' trees, compressed
     assert got < floor + trees and got < straightforward / 3, (got, floor, straightforward)
     with capsys.disabled():
-        print(f"\nfind '**' over {DAYS} snapshots of a {db_size >> 10} KiB Manifest.db "
-              f"({blocks_changed} blocks changed in all): read {got >> 10} KiB of packs in {wall:.2f} s; "
-              f"first database and changed blocks: {floor >> 10} KiB; every database whole: {straightforward >> 10} KiB")
+        print(
+            f"\nfind '**' over {DAYS} snapshots of a {db_size >> 10} KiB Manifest.db "
+            f"({blocks_changed} blocks changed in all): read {got >> 10} KiB of packs in {wall:.2f} s; "
+            f"first database and changed blocks: {floor >> 10} KiB; every database whole: {straightforward >> 10} KiB"
+        )
     for pattern in ("sms.db", "HomeDomain/**", "CameraRollDomain/Media/**", "nothing-matches-this"):
         out, _ = cli("find", pattern, "--json")
         assert _got_find(out) == _expected_find(oracle, pattern), pattern
@@ -302,7 +312,9 @@ def test_extract_uses_the_cache(counted, cli, tmp_path):
     cli("extract", snap, "HomeDomain/Library/SMS/sms.db", tmp_path / "out")
     assert _db_blob_reads(oracle, snap) == 0
     fid = sha1(b"HomeDomain-Library/SMS/sms.db").hexdigest()
-    assert (tmp_path / "out" / "HomeDomain" / "Library" / "SMS" / "sms.db").stat().st_size == oracle["rows"][snap][fid][2]
+    assert (tmp_path / "out" / "HomeDomain" / "Library" / "SMS" / "sms.db").stat().st_size == oracle["rows"][snap][fid][
+        2
+    ]
 
 
 def test_rows_that_change_without_their_payload(env, cli, tmp_path):
@@ -321,8 +333,10 @@ def test_rows_that_change_without_their_payload(env, cli, tmp_path):
     with con:  # day 2: one MBFile gets a new time, its payload stays
         f = BackupFile("HomeDomain", "Library/f0007.txt", 1, 1_800_000_000, 0o100644, 2)
         con.execute("UPDATE Files SET file = ? WHERE fileID = ?", (mbfile_blob(f), f"{7:040x}"))
-        con.execute("INSERT INTO Files VALUES (?, 'HomeDomain', 'Library/NewFolder', 2, ?)",
-                    ("ee" * 20, mbfile_blob(BackupFile("HomeDomain", "Library/NewFolder", 2, 1, 0o40755, 0))))
+        con.execute(
+            "INSERT INTO Files VALUES (?, 'HomeDomain', 'Library/NewFolder', 2, ?)",
+            ("ee" * 20, mbfile_blob(BackupFile("HomeDomain", "Library/NewFolder", 2, 1, 0o40755, 0))),
+        )
         con.execute("DELETE FROM Files WHERE fileID = ?", (f"{9:040x}",))
     con.close()
     cli("import", src, "--allow-unfinished", "-q")
@@ -337,7 +351,11 @@ def test_rows_that_change_without_their_payload(env, cli, tmp_path):
         out, _ = cli("find", pattern, "--json")
         assert _got_find(out) == _expected_find(oracle, pattern), pattern
     out, _ = cli("find", "f0007.txt", "--json")
-    assert [v["mtime"] for v in json.loads(out)["paths"][0]["versions"]] == [_iso(1_700_000_000), _iso(1_800_000_000), _iso(1_800_000_000)]
+    assert [v["mtime"] for v in json.loads(out)["paths"][0]["versions"]] == [
+        _iso(1_700_000_000),
+        _iso(1_800_000_000),
+        _iso(1_800_000_000),
+    ]
     snaps = [s.id for s in oracle["snaps"]]
     for a, b in zip(snaps, snaps[1:]):
         out, _ = cli("diff", a, b, "--json", "--files")

@@ -85,8 +85,10 @@ def world(tmp_path_factory):
     with sqlite3.connect(plain / "Manifest.db") as con:
         con.execute("DELETE FROM Files WHERE domain = 'SysContainerDomain-com.apple.geod' AND flags = 2")
         # a name that is not UTF-8 (bytes ff): left out of browsing like the other unusable names
-        con.execute("INSERT INTO Files SELECT 'f' || substr(fileID, 2), domain, CAST(X'4c6962726172792fff2e747874' AS TEXT),"
-                    " flags, file FROM Files WHERE relativePath = 'Library/SMS/sms.db'")
+        con.execute(
+            "INSERT INTO Files SELECT 'f' || substr(fileID, 2), domain, CAST(X'4c6962726172792fff2e747874' AS TEXT),"
+            " flags, file FROM Files WHERE relativePath = 'Library/SMS/sms.db'"
+        )
     encrypted = write_rows_folder(base / "enc", rows, udid="c" * 40, password=IOS_PASSWORD)
     for folder in (generated, plain, encrypted):
         _import(folder, repo)
@@ -121,8 +123,12 @@ def test_generated_snapshot_matches_its_folder(world):
         assert [i.path for i in walked] == sorted(p for p, r in rows.items() if r[0] in (FLAG_FILE, FLAG_SYMLINK))
         for item in walked:
             flags, size, mtime, mode, fid = rows[item.path]
-            assert (item.size if item.kind == "file" else 0, item.mtime, item.mode, item.file_id) == \
-                   (size if flags == FLAG_FILE else 0, mtime, mode & 0o7777, fid)
+            assert (item.size if item.kind == "file" else 0, item.mtime, item.mode, item.file_id) == (
+                size if flags == FLAG_FILE else 0,
+                mtime,
+                mode & 0o7777,
+                fid,
+            )
             assert item.name == item.path.rsplit("/", 1)[1]
         # every file's bytes, verified and equal to the payload in the folder
         for item in walked:
@@ -146,15 +152,19 @@ def test_generated_snapshot_matches_its_folder(world):
         assert summaries["CameraRollDomain"].title == "Camera Roll"
         assert summaries["CameraRollDomain"].group == "Photos & media"
         assert summaries["HomeDomain"].group == "Messages & home"
-        order = [(["Apps", "Photos & media", "Messages & home", "System"].index(d.group), d.title.casefold())
-                 for d in v.domains()]
+        order = [
+            (["Apps", "Photos & media", "Messages & home", "System"].index(d.group), d.title.casefold())
+            for d in v.domains()
+        ]
         assert order == sorted(order)
         assert {a.bundle_id for a in v.apps()} >= {"net.whatsapp.WhatsApp"}
         # each folder lists exactly its direct children, folders first then by name
         for folder in ("HomeDomain", "HomeDomain/Library", "CameraRollDomain/Media"):
             kids = v.list(folder)
-            expect = sorted((p for p in rows if p.startswith(folder + "/") and "/" not in p[len(folder) + 1:]),
-                            key=lambda p: (rows[p][0] != FLAG_DIR, p))
+            expect = sorted(
+                (p for p in rows if p.startswith(folder + "/") and "/" not in p[len(folder) + 1 :]),
+                key=lambda p: (rows[p][0] != FLAG_DIR, p),
+            )
             assert [i.path for i in kids] == expect
             assert v.count(folder) == len(expect)
         assert not v.bad_rows
@@ -178,24 +188,39 @@ def test_hand_made_snapshot(world):
         # implied folders: no row of their own, still folders, file_id None
         implied = v.stat("SysContainerDomain-com.apple.geod/Implied")
         assert implied == Item("SysContainerDomain-com.apple.geod/Implied", "Implied", "dir", 0, 0, 0o755, None)
-        assert [i.path for i in v.list("SysContainerDomain-com.apple.geod")] == ["SysContainerDomain-com.apple.geod/Implied"]
+        assert [i.path for i in v.list("SysContainerDomain-com.apple.geod")] == [
+            "SysContainerDomain-com.apple.geod/Implied"
+        ]
         assert [i.name for i in v.list("SysContainerDomain-com.apple.geod/Implied/Deeper")] == ["leaf.bin"]
-        assert [i.path for i in v.walk("SysContainerDomain-com.apple.geod")] == \
-               ["SysContainerDomain-com.apple.geod/Implied/Deeper/leaf.bin"]
+        assert [i.path for i in v.walk("SysContainerDomain-com.apple.geod")] == [
+            "SysContainerDomain-com.apple.geod/Implied/Deeper/leaf.bin"
+        ]
         # hostile names are left out and named in bad_rows, nothing of them is listed
         lib = [i.name for i in v.list("HomeDomain/Library")]
         assert lib == ["Clash", "Many", "Notes", "SMS", "link"]
         assert v.stat("HomeDomain/Library/Clash") == Item("HomeDomain/Library/Clash", "Clash", "dir", 0, 0, 0o755, None)
         assert [i.path for i in v.list("HomeDomain/Library/Clash")] == ["HomeDomain/Library/Clash/inner.txt"]
-        files_in_home = sum(1 for r in rows.values() if r.domain == "HomeDomain" and r.flags == FLAG_FILE
-                            and "/." not in r.relative_path and "//" not in r.relative_path and r.relative_path != "Library/Clash")
+        files_in_home = sum(
+            1
+            for r in rows.values()
+            if r.domain == "HomeDomain"
+            and r.flags == FLAG_FILE
+            and "/." not in r.relative_path
+            and "//" not in r.relative_path
+            and r.relative_path != "Library/Clash"
+        )
         home_summary = {d.name: d for d in v.domains()}["HomeDomain"]
         assert home_summary.files == files_in_home == len([i for i in v.walk("HomeDomain") if i.kind == "file"])
         assert not [i for i in v.walk("") if "escape" in i.path or "double" in i.path or "dot.txt" in i.path]
-        assert {b.path for b in v.bad_rows} == {"HomeDomain/Library/../escape.txt", "HomeDomain/Library//double.txt",
-                                                 "HomeDomain/Library/./dot.txt",  # and the generator's folder rows:
-                                                 "HomeDomain/Library/..", "HomeDomain/Library/.", "HomeDomain/Library/",
-                                                 "HomeDomain/Library/\udcff.txt"}
+        assert {b.path for b in v.bad_rows} == {
+            "HomeDomain/Library/../escape.txt",
+            "HomeDomain/Library//double.txt",
+            "HomeDomain/Library/./dot.txt",  # and the generator's folder rows:
+            "HomeDomain/Library/..",
+            "HomeDomain/Library/.",
+            "HomeDomain/Library/",
+            "HomeDomain/Library/\udcff.txt",
+        }
         # paging through a folder of 3 folders and 250 files
         many = "HomeDomain/Library/Many"
         assert v.count(many) == 253
@@ -210,8 +235,10 @@ def test_hand_made_snapshot(world):
         assert walked == sorted(walked) and len(walked) == 254
         assert [i.path for i in v.walk("HomeDomain/Library/SMS/sms.db")] == ["HomeDomain/Library/SMS/sms.db"]
         # search: case-insensitive, rows only, path order, limited
-        assert [i.path for i in v.search("IMG_000")] == ["CameraRollDomain/Media/DCIM/100APPLE/IMG_0001.JPG",
-                                                          "CameraRollDomain/Media/DCIM/100APPLE/IMG_0002.HEIC"]
+        assert [i.path for i in v.search("IMG_000")] == [
+            "CameraRollDomain/Media/DCIM/100APPLE/IMG_0001.JPG",
+            "CameraRollDomain/Media/DCIM/100APPLE/IMG_0002.HEIC",
+        ]
         assert [i.path for i in v.search("ünïcode mém")] == ["MediaDomain/Media/Recordings/Ünïcode Mémo.m4a"]
         assert [i.path for i in v.search("ÜNÏCODE")] == ["MediaDomain/Media/Recordings/Ünïcode Mémo.m4a"]
         assert len(v.search("file", limit=7)) == 7
@@ -259,8 +286,11 @@ def test_views_share_threads(world):
     with _view(world, "b") as v:
         expect = [i.name for i in v.list("HomeDomain/Library/Many")]
         with ThreadPoolExecutor(4) as pool:
-            got = list(pool.map(lambda o: [i.name for i in v.list("HomeDomain/Library/Many", offset=o, limit=50)],
-                                range(0, 253, 50)))
+            got = list(
+                pool.map(
+                    lambda o: [i.name for i in v.list("HomeDomain/Library/Many", offset=o, limit=50)], range(0, 253, 50)
+                )
+            )
         assert [n for page in got for n in page] == expect
 
 
@@ -279,8 +309,10 @@ def test_index_is_cached_for_plaintext_backups_only(world, monkeypatch):
     with monkeypatch.context() as mp, SnapshotView(repo, world["snaps"]["b"], cache=cache) as v:
         mp.setattr("ibsync.reader.browse._Index.build", None)  # loaded, not built again
         assert ([i.path for i in v.walk("")], sorted(b.path for b in v.bad_rows), v.domains()) == first
-        assert v.list("HomeDomain/Library/Many", offset=3, limit=2) == [v.stat("HomeDomain/Library/Many/file000.txt"),
-                                                                        v.stat("HomeDomain/Library/Many/file001.txt")]
+        assert v.list("HomeDomain/Library/Many", offset=3, limit=2) == [
+            v.stat("HomeDomain/Library/Many/file000.txt"),
+            v.stat("HomeDomain/Library/Many/file001.txt"),
+        ]
     # a damaged cached index is rebuilt, not trusted
     (browse_dir / f"{key}.v1.db").write_bytes(b"not a database")
     with SnapshotView(repo, world["snaps"]["b"], cache=cache) as v:
@@ -295,24 +327,42 @@ def test_app_names_from_both_plists():
     iTunesMetadata item name, CFBundleDisplayName); odd values fall back to the bundle id."""
     from ibsync.reader.apps import build_apps, describe
 
-    manifest = {"Applications": {
-        "net.whatsapp.WhatsApp": {"CFBundleVersion": "24.1", "Path": "/private/var/containers/Bundle/Application/X/WhatsApp.app"},
-        "com.example.odd": {"Path": 42, "CFBundleVersion": ["no"]},
-        "com.example.meta": {"CFBundleIdentifier": "com.example.meta"},
-    }}
-    info = {"Applications": {
-        "com.example.meta": {"iTunesMetadata": plistlib.dumps({"itemName": "Meta App", "bundleShortVersionString": "2.0"})},
-        "com.example.shown": {"CFBundleDisplayName": "Shown Name"},
-        "com.example.broken": {"iTunesMetadata": b"not a plist"},
-    }, "Installed Applications": ["com.example.installed", 7]}
-    domains = ["AppDomain-net.whatsapp.WhatsApp", "AppDomainGroup-group.net.whatsapp.WhatsApp.shared",
-               "AppDomainPlugin-net.whatsapp.WhatsApp.Intents", "AppDomain-com.example.meta",
-               "AppDomain-org.unlisted.App", "AppDomainGroup-group.org.nobody", "HomeDomain"]
+    manifest = {
+        "Applications": {
+            "net.whatsapp.WhatsApp": {
+                "CFBundleVersion": "24.1",
+                "Path": "/private/var/containers/Bundle/Application/X/WhatsApp.app",
+            },
+            "com.example.odd": {"Path": 42, "CFBundleVersion": ["no"]},
+            "com.example.meta": {"CFBundleIdentifier": "com.example.meta"},
+        }
+    }
+    info = {
+        "Applications": {
+            "com.example.meta": {
+                "iTunesMetadata": plistlib.dumps({"itemName": "Meta App", "bundleShortVersionString": "2.0"})
+            },
+            "com.example.shown": {"CFBundleDisplayName": "Shown Name"},
+            "com.example.broken": {"iTunesMetadata": b"not a plist"},
+        },
+        "Installed Applications": ["com.example.installed", 7],
+    }
+    domains = [
+        "AppDomain-net.whatsapp.WhatsApp",
+        "AppDomainGroup-group.net.whatsapp.WhatsApp.shared",
+        "AppDomainPlugin-net.whatsapp.WhatsApp.Intents",
+        "AppDomain-com.example.meta",
+        "AppDomain-org.unlisted.App",
+        "AppDomainGroup-group.org.nobody",
+        "HomeDomain",
+    ]
     apps = build_apps(manifest, info, domains)
     assert (apps["net.whatsapp.WhatsApp"].name, apps["net.whatsapp.WhatsApp"].version) == ("WhatsApp", "24.1")
-    assert apps["net.whatsapp.WhatsApp"].domains == ("AppDomain-net.whatsapp.WhatsApp",
-                                                     "AppDomainGroup-group.net.whatsapp.WhatsApp.shared",
-                                                     "AppDomainPlugin-net.whatsapp.WhatsApp.Intents")
+    assert apps["net.whatsapp.WhatsApp"].domains == (
+        "AppDomain-net.whatsapp.WhatsApp",
+        "AppDomainGroup-group.net.whatsapp.WhatsApp.shared",
+        "AppDomainPlugin-net.whatsapp.WhatsApp.Intents",
+    )
     assert (apps["com.example.meta"].name, apps["com.example.meta"].version) == ("Meta App", "2.0")
     assert apps["com.example.shown"].name == "Shown Name"
     assert (apps["com.example.odd"].name, apps["com.example.odd"].version) == ("com.example.odd", None)
@@ -332,8 +382,11 @@ def test_prepare_reports_progress(world):
     seen = []
     with SnapshotView(world["repo"], world["snaps"]["a"]) as v:  # no cache: built here
         v.prepare(lambda done, total: seen.append((done, total)))
-        total = sqlite3.connect(f"file:{world['generated'] / 'Manifest.db'}?mode=ro", uri=True).execute(
-            "SELECT count(*) FROM Files").fetchone()[0]
+        total = (
+            sqlite3.connect(f"file:{world['generated'] / 'Manifest.db'}?mode=ro", uri=True)
+            .execute("SELECT count(*) FROM Files")
+            .fetchone()[0]
+        )
         assert seen and seen[-1] == (total, total)
         assert [d for d, _ in seen] == sorted(d for d, _ in seen)
         assert v.count("") == len(v.domains())

@@ -71,8 +71,9 @@ def assert_same_backup(ours: Path, theirs: Path) -> None:
     for name in a:
         if name in PER_BACKUP:
             pa, pb = plistlib.loads(a[name]), plistlib.loads(b[name])
-            assert {k: v for k, v in pa.items() if k not in PER_BACKUP[name]} == \
-                   {k: v for k, v in pb.items() if k not in PER_BACKUP[name]}, name
+            assert {k: v for k, v in pa.items() if k not in PER_BACKUP[name]} == {
+                k: v for k, v in pb.items() if k not in PER_BACKUP[name]
+            }, name
         else:
             assert a[name] == b[name], name
     assert a["Manifest.db"] == b["Manifest.db"]
@@ -112,8 +113,12 @@ def test_full_backup_restores_as_pymobiledevice3_writes_it(device, connect, repo
     assert_same_backup(ours, theirs)
     # the snapshot says what an import of pymobiledevice3's folder would
     snap, info = outcome.snapshot, read_backup_folder(theirs)
-    assert (snap.device, snap.ios_encrypted, snap.snapshot_state, snap.folder) == \
-           (info.device, info.ios_encrypted, info.snapshot_state, theirs.name)
+    assert (snap.device, snap.ios_encrypted, snap.snapshot_state, snap.folder) == (
+        info.device,
+        info.ios_encrypted,
+        info.snapshot_state,
+        theirs.name,
+    )
     assert snap.backup_date == read_backup_folder(ours).backup_date
     assert snap.source["kind"] == "device" and snap.summary.files == len(files_of(ours))
 
@@ -134,8 +139,10 @@ def test_incremental_sends_only_changes_and_both_snapshots_restore(device, conne
     log = lockdown.log
     assert log.backups == ["incremental"] and not outcome.full
     assert set(log.uploaded_payloads()) == changed and 5 < len(changed) < len(device.payloads()) // 4
-    assert log.downloaded == [[f"{device.udid}/Status.plist"],
-                              [f"{device.udid}/Manifest.plist", f"{device.udid}/Manifest.db"]]
+    assert log.downloaded == [
+        [f"{device.udid}/Status.plist"],
+        [f"{device.udid}/Manifest.plist", f"{device.udid}/Manifest.db"],
+    ]
     s = outcome.snapshot.summary
     assert outcome.snapshot.parent == first.id
     assert s.files_unmodified > 0.7 * s.files and s.bytes_read == outcome.bytes_received
@@ -158,6 +165,7 @@ def test_incremental_loads_only_the_folders_it_touches(device, connect, repo, mo
     loaded: list[bytes] = []
     archiving = []
     load, archive = Repository.load_tree_entries, Archiver.archive
+
     def load_tree_entries(self, tree_id):
         if not archiving:
             loaded.append(tree_id)
@@ -495,8 +503,12 @@ def test_capture_over_usbmuxd_lockdown_and_tls(device, repo, cli, tmp_path, monk
     with SimUsbmuxd(tmp_path / "mux", [device], tcp=True) as mux:
         monkeypatch.setenv(ENV_VAR, mux.address)
         mux.pair(device.udid, make_pair_record(device, system_buid="SIM-BUID"))
-        outcome = ibsync.backup_device(lambda: create_using_usbmux(
-            serial=device.udid, autopair=False, pairing_records_cache_folder=tmp_path / "pr"), repo)
+        outcome = ibsync.backup_device(
+            lambda: create_using_usbmux(
+                serial=device.udid, autopair=False, pairing_records_cache_folder=tmp_path / "pr"
+            ),
+            repo,
+        )
         granted = mux.attachment(device.udid).lockdownd.granted
         errors = mux.all_errors()
     assert errors == [], "\n".join(errors)

@@ -35,28 +35,50 @@ WALL = 120
 
 # (case, what the device sends, what the one line must say)
 HOSTILE = {
-    "missing argument": (HostileStep(message=("DLMessageCreateDirectory",)),
-                         ["malformed DLMessageCreateDirectory message", "path (argument 1) is missing"]),
-    "path of the wrong type": (HostileStep(message=("DLContentsOfDirectory", 42)),
-                               ["malformed DLContentsOfDirectory message", "an integer, not a string"]),
-    "paths of the wrong type": (HostileStep(message=("DLMessageRemoveItems", "Snapshot", {}, 0.0)),
-                                ["malformed DLMessageRemoveItems message", "a string, not an array"]),
-    "a move of non-strings": (HostileStep(message=("DLMessageMoveItems", {"a": 7}, {}, 0.0)),
-                              ["malformed DLMessageMoveItems message", "not strings to strings"]),
-    "a file name not UTF-8": (HostileStep(upload_names=(b"HomeDomain-Library/\xff\xfe.db", b"x/Snapshot/aa/bb")),
-                              ["malformed DLMessageUploadFiles message", "not UTF-8"]),
-    "not a plist": (HostileStep(raw_message=b"\x00\x01 not a plist"),
-                    ["malformed DeviceLink message", "not a valid plist"]),
-    "not an array": (HostileStep(raw_message=plistlib.dumps({"DLMessageCreateDirectory": "x"})),
-                     ["malformed DeviceLink message", "a dictionary instead of an array"]),
-    "a 4 GiB message length": (HostileStep(announce_length=0xFFFFFFF0, then=Then.HANG),
-                               ["malformed DeviceLink message", "4294967280 bytes long", "16 MiB"]),
-    "out of order": (HostileStep(message=("DLMessageDeviceReady",)),
-                     ["malformed DLMessageDeviceReady message", "start of a session"]),
-    "a host's message": (HostileStep(message=("DLMessageStatusResponse", 0, "x", {})),
-                         ["malformed DLMessageStatusResponse message"]),
-    "a result without an error code": (HostileStep(message=("DLMessageProcessMessage", "done")),
-                                       ["malformed DLMessageProcessMessage message", "a string, not a dictionary"]),
+    "missing argument": (
+        HostileStep(message=("DLMessageCreateDirectory",)),
+        ["malformed DLMessageCreateDirectory message", "path (argument 1) is missing"],
+    ),
+    "path of the wrong type": (
+        HostileStep(message=("DLContentsOfDirectory", 42)),
+        ["malformed DLContentsOfDirectory message", "an integer, not a string"],
+    ),
+    "paths of the wrong type": (
+        HostileStep(message=("DLMessageRemoveItems", "Snapshot", {}, 0.0)),
+        ["malformed DLMessageRemoveItems message", "a string, not an array"],
+    ),
+    "a move of non-strings": (
+        HostileStep(message=("DLMessageMoveItems", {"a": 7}, {}, 0.0)),
+        ["malformed DLMessageMoveItems message", "not strings to strings"],
+    ),
+    "a file name not UTF-8": (
+        HostileStep(upload_names=(b"HomeDomain-Library/\xff\xfe.db", b"x/Snapshot/aa/bb")),
+        ["malformed DLMessageUploadFiles message", "not UTF-8"],
+    ),
+    "not a plist": (
+        HostileStep(raw_message=b"\x00\x01 not a plist"),
+        ["malformed DeviceLink message", "not a valid plist"],
+    ),
+    "not an array": (
+        HostileStep(raw_message=plistlib.dumps({"DLMessageCreateDirectory": "x"})),
+        ["malformed DeviceLink message", "a dictionary instead of an array"],
+    ),
+    "a 4 GiB message length": (
+        HostileStep(announce_length=0xFFFFFFF0, then=Then.HANG),
+        ["malformed DeviceLink message", "4294967280 bytes long", "16 MiB"],
+    ),
+    "out of order": (
+        HostileStep(message=("DLMessageDeviceReady",)),
+        ["malformed DLMessageDeviceReady message", "start of a session"],
+    ),
+    "a host's message": (
+        HostileStep(message=("DLMessageStatusResponse", 0, "x", {})),
+        ["malformed DLMessageStatusResponse message"],
+    ),
+    "a result without an error code": (
+        HostileStep(message=("DLMessageProcessMessage", "done")),
+        ["malformed DLMessageProcessMessage message", "a string, not a dictionary"],
+    ),
     "silence": (HostileStep(then=Then.HANG), [f"the device sent nothing for {IDLE} s"]),
 }
 
@@ -121,8 +143,9 @@ def test_flush_is_safe_against_concurrent_save_blob(tmp_path):
 
 
 def _backup(env: dict, expect: int) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "ibsync", "backup", "--json"], env=env, capture_output=True,
-                       text=True, timeout=WALL)
+    r = subprocess.run(
+        [sys.executable, "-m", "ibsync", "backup", "--json"], env=env, capture_output=True, text=True, timeout=WALL
+    )
     assert r.returncode == expect, r.stderr
     return r
 
@@ -211,8 +234,10 @@ def test_a_move_out_of_the_backup_folder_is_refused(phone, connect, repo, tmp_pa
 
     lockdown = connect(phone)
     ibsync.backup_device(lockdown, repo)
-    escape = {f"{phone.udid}/Status.plist": str(_outside(tmp_path)),
-              f"{phone.udid}/Manifest.plist": f"{phone.udid}/../../{_outside(tmp_path)}"}
+    escape = {
+        f"{phone.udid}/Status.plist": str(_outside(tmp_path)),
+        f"{phone.udid}/Manifest.plist": f"{phone.udid}/../../{_outside(tmp_path)}",
+    }
     for src, dst in escape.items():
         phone.misbehave = Misbehaviour(hostile=HostileStep(message=("DLMessageMoveItems", {src: dst}, {}, 0.0)))
         lockdown.log.clear()

@@ -119,10 +119,16 @@ def _outcome(fn, data: bytes):
 
 def test_bplist_reads_what_plistlib_reads():
     rnd = random.Random(3)
-    messages = [plistlib.dumps(["DLMessageMoveItems", {f"U/Snapshot/{i:02x}/{'a' * 40}": f"U/{i:02x}/{'a' * 40}"},
-                                {}, 12.5], fmt=plistlib.FMT_BINARY) for i in range(3)]
-    messages += [plistlib.dumps([_value(rnd) for _ in range(rnd.randint(1, 6))], fmt=plistlib.FMT_BINARY)
-                 for _ in range(400)]
+    messages = [
+        plistlib.dumps(
+            ["DLMessageMoveItems", {f"U/Snapshot/{i:02x}/{'a' * 40}": f"U/{i:02x}/{'a' * 40}"}, {}, 12.5],
+            fmt=plistlib.FMT_BINARY,
+        )
+        for i in range(3)
+    ]
+    messages += [
+        plistlib.dumps([_value(rnd) for _ in range(rnd.randint(1, 6))], fmt=plistlib.FMT_BINARY) for _ in range(400)
+    ]
     for data in messages:
         assert bplist.loads(data) == plistlib.loads(data)
         assert repr(bplist.loads(data)) == repr(plistlib.loads(data))
@@ -132,8 +138,9 @@ def test_bplist_damaged_input_gives_what_plistlib_gives():
     """Totality: on any bytes the fast reader either agrees with plistlib or hands over to it, so
     a damaged message is accepted or refused exactly as before."""
     rnd = random.Random(4)
-    seeds = [plistlib.dumps([_value(rnd) for _ in range(rnd.randint(1, 4))], fmt=plistlib.FMT_BINARY)
-             for _ in range(150)]
+    seeds = [
+        plistlib.dumps([_value(rnd) for _ in range(rnd.randint(1, 4))], fmt=plistlib.FMT_BINARY) for _ in range(150)
+    ]
     checked = 0
     for data in seeds:
         for _ in range(20):
@@ -177,8 +184,14 @@ def test_received_files_are_held_compactly():
         tracemalloc.stop()
     assert grown / OVERLAY_FILES < OVERLAY_BYTES_PER_FILE, f"{grown / OVERLAY_FILES:.0f} bytes a file"
     entry = tree.file(f"U/{ids[7][:2]}/{ids[7]}")
-    assert entry == {"name": ids[7], "type": "file", "mode": 0o100644, "mtime_ns": 1_700_000_000_000_000_000,
-                     "size": 1007, "content": contents[7]}
+    assert entry == {
+        "name": ids[7],
+        "type": "file",
+        "mode": 0o100644,
+        "mtime_ns": 1_700_000_000_000_000_000,
+        "size": 1007,
+        "content": contents[7],
+    }
 
 
 def test_compact_names_and_records_read_back_as_entries():
@@ -225,8 +238,13 @@ def test_capture_of_a_large_phone_stays_within_memory(tmp_path, env):
         child_env.update(mux.env(home=tmp_path / "home"))
         init = subprocess.run([sys.executable, "-m", "ibsync", "init"], env=child_env, capture_output=True)
         assert init.returncode == 0, init.stderr
-        r, peak = ibsync_peak_rss(["backup", "--device", device.udid, "--json", "--quiet"], child_env, tmp_path,
-                                  capture_output=True, text=True)
+        r, peak = ibsync_peak_rss(
+            ["backup", "--device", device.udid, "--json", "--quiet"],
+            child_env,
+            tmp_path,
+            capture_output=True,
+            text=True,
+        )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)["snapshots"][0]
     assert report["files_received"] == LARGE_FILES + 3

@@ -86,15 +86,18 @@ def race(env: dict[str, str], storage, sources: list, argv_of) -> Race:
             assert "in use" in stderr, stderr
             out.retried += 1
             result = run(argv_of(source), env)
-        assert result.returncode == 0, f"{' '.join(map(str, argv_of(source)))}: exit {result.returncode}: {result.stderr}"
+        assert result.returncode == 0, (
+            f"{' '.join(map(str, argv_of(source)))}: exit {result.returncode}: {result.stderr}"
+        )
         out.imports.append(result)
     # the point of the test: prune and the imports met (one of them was refused), not ran one after the other
     assert LOCKED in out.prune or out.retried or LOCKED in out.forget, f"no overlap: {out}"
     return out
 
 
-def assert_every_snapshot_restores(env: dict[str, str], expected: dict[str, Path], work: Path,
-                                   older: dict[tuple[str, str], Path] | None = None) -> None:
+def assert_every_snapshot_restores(
+    env: dict[str, str], expected: dict[str, Path], work: Path, older: dict[tuple[str, str], Path] | None = None
+) -> None:
     """Each device's latest snapshot is there and restores byte-identical; so does any older one left."""
     snaps = json.loads(run(["snapshots", "--json"], env).stdout)
     latest = {}
@@ -160,8 +163,12 @@ def test_four_captures_at_once_with_forget_and_prune_meanwhile(env, cli, tmp_pat
     from ibsync.testing.generator import generate_content
 
     cli("init", "--pack-size", "4")
-    phones = [SimDevice.from_content(generate_content(seed=50 + i, size_bytes=3 << 20, udid=f"{i + 1:x}" * 40,
-                                                      device_name=f"Phone {i}")) for i in range(DEVICES)]
+    phones = [
+        SimDevice.from_content(
+            generate_content(seed=50 + i, size_bytes=3 << 20, udid=f"{i + 1:x}" * 40, device_name=f"Phone {i}")
+        )
+        for i in range(DEVICES)
+    ]
     with run_sim_usbmuxd(phones, tmp_path / "mux") as mux:
         e = child_env(dict(os.environ), **mux.env(home=tmp_path / "home"))
         first = run(["backup", "--device", phones[0].udid, "-q"], e)  # an older snapshot for forget to remove

@@ -23,18 +23,23 @@ def configured(tmp_path, monkeypatch):
     """A config naming a local repository whose password comes from a command; no IBSYNC_* env."""
     for var in ("IBSYNC_REPO", "IBSYNC_PASSWORD", "IBSYNC_PASSWORD_FILE", "IBSYNC_PASSWORD_COMMAND"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr("ibsync.format.crypto.DEFAULT_KDF", {"name": "argon2id", "memory_kib": 8192, "iterations": 1, "lanes": 1})
+    monkeypatch.setattr(
+        "ibsync.format.crypto.DEFAULT_KDF", {"name": "argon2id", "memory_kib": 8192, "iterations": 1, "lanes": 1}
+    )
     secret = tmp_path / "secret"
     secret.write_text(PASSWORD)
-    cfg = _write(tmp_path / "config.toml", f"""
+    cfg = _write(
+        tmp_path / "config.toml",
+        f"""
 [repositories.drive]
-url = "{tmp_path / 'repo'}"
+url = "{tmp_path / "repo"}"
 password-command = "cat {secret}"
 
 [repositories.other]
-url = "{tmp_path / 'other'}"
+url = "{tmp_path / "other"}"
 password-env = "OTHER_PW"
-""")
+""",
+    )
     monkeypatch.setenv("IBSYNC_CONFIG", str(cfg))
     return tmp_path
 
@@ -74,20 +79,26 @@ def test_bad_config_is_one_line_and_quotes_no_secret(tmp_path, monkeypatch):
     r = run_subprocess(["snapshots", "--repo", "x", "--config", tmp_path / "nope.toml"], {**os.environ})
     one_line_error(r.stderr, "does not exist")
     # a failing password command: its output (which may hold a secret) is not shown
-    cfg = _write(tmp_path / "c.toml", f'[repositories.x]\nurl = "{tmp_path / "r"}"\npassword-command = "echo $MY_SECRET; exit 3"\n')
+    cfg = _write(
+        tmp_path / "c.toml",
+        f'[repositories.x]\nurl = "{tmp_path / "r"}"\npassword-command = "echo $MY_SECRET; exit 3"\n',
+    )
     r = run_subprocess(["init", "--repo", "x", "--config", cfg], {**os.environ})
     one_line_error(r.stderr, "password command failed with exit code 3")
     assert "s3cr3t-value" not in r.stderr + r.stdout
 
 
 def test_secret_references_and_storage_options(tmp_path, monkeypatch):
-    cfg = _write(tmp_path / "c.toml", """
+    cfg = _write(
+        tmp_path / "c.toml",
+        """
 [repositories.mem]
 url = "memory://ibsync-config-test"
 [repositories.mem.options]
 token = "${TOKEN}"
 nested = { key = "k-${TOKEN}" }
-""")
+""",
+    )
     repos = load_config(cfg)
     rc = resolve_repo("mem", repos)
     with pytest.raises(UserError, match="TOKEN is not set"):

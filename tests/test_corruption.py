@@ -43,7 +43,9 @@ def cb(corruption_base, monkeypatch):
     return corruption_base
 
 
-CASES = [(k, op) for k in campaign.CORRUPT_KINDS for op in campaign.OPERATIONS if (k, op) not in campaign.NOT_APPLICABLE]
+CASES = [
+    (k, op) for k in campaign.CORRUPT_KINDS for op in campaign.OPERATIONS if (k, op) not in campaign.NOT_APPLICABLE
+]
 _results: dict[tuple[str, str], campaign.CorruptionResult] = {}
 
 

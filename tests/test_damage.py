@@ -29,8 +29,6 @@ def big_folder(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("big"), seed=12, size_bytes=160 << 20)
 
 
-
-
 def test_flipped_byte_is_found_by_check_and_refused_by_restore(env, cli, folder, tmp_path):
     cli("init")
     cli("import", folder)
@@ -79,7 +77,10 @@ def test_missing_pack_is_reported(env, cli, folder, tmp_path):
 def _start_import(env_vars, folder):
     return subprocess.Popen(
         [sys.executable, "-m", "ibsync", "import", str(folder), "--quiet"],
-        env={**env_vars, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env_vars, "PYTHONFAULTHANDLER": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -62,11 +62,13 @@ def mutate(data: bytes, draw) -> bytes:
         if op == "flip" and raw:
             raw[pos] ^= draw(st.integers(1, 255))
         elif op == "cut":
-            raw = raw[:pos] + raw[pos + draw(st.integers(1, 16)):]
+            raw = raw[:pos] + raw[pos + draw(st.integers(1, 16)) :]
         elif op == "insert":
             raw[pos:pos] = draw(st.binary(min_size=1, max_size=8))
         elif op == "u32" and len(raw) >= pos + 4:
-            raw[pos:pos + 4] = struct.pack("<I", draw(st.sampled_from([0, 1, 2**31, 2**32 - 1, len(raw), len(raw) + 1])))
+            raw[pos : pos + 4] = struct.pack(
+                "<I", draw(st.sampled_from([0, 1, 2**31, 2**32 - 1, len(raw), len(raw) + 1]))
+            )
     return bytes(raw)
 
 
@@ -108,8 +110,10 @@ def test_pack_header_plaintext_fields(junk, count, hlen):
 def an_index(draw) -> bytes:
     packs = []
     for p in range(draw(st.integers(0, 3))):
-        blobs = [index_format.PackedBlob(BlobType(i % 2), bytes([p, i]) * 16, i * 10, 10, 20, bool(i % 2))
-                 for i in range(draw(st.integers(0, 4)))]
+        blobs = [
+            index_format.PackedBlob(BlobType(i % 2), bytes([p, i]) * 16, i * 10, 10, 20, bool(i % 2))
+            for i in range(draw(st.integers(0, 4)))
+        ]
         packs.append(index_format.PackIndex(bytes([p]) * 32, blobs))
     return index_format.encode_index(packs)
 
@@ -125,11 +129,13 @@ def test_index_object(data):
 
 
 @FUZZ
-@given(st.one_of(
-    st.binary(max_size=300),
-    mutated(lambda draw: seal_object(draw(st.binary(max_size=2000)), "index", NULL, COMPRESSOR)),
-    mutated(lambda draw: seal_object(b"a" * draw(st.integers(100, 5000)), "snapshots", NULL, COMPRESSOR)),
-))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        mutated(lambda draw: seal_object(draw(st.binary(max_size=2000)), "index", NULL, COMPRESSOR)),
+        mutated(lambda draw: seal_object(b"a" * draw(st.integers(100, 5000)), "snapshots", NULL, COMPRESSOR)),
+    )
+)
 def test_unpacked_object(data):
     only_ibsync_errors(open_object, data, "index", NULL, COMPRESSOR)
 
@@ -172,7 +178,7 @@ def test_unpacked_object_that_claims_a_huge_size_is_refused_without_allocating_i
 # ---- trees and snapshots (JSON) -------------------------------------------------------------------
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=12),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
     max_leaves=20,
 )
@@ -196,10 +202,18 @@ def test_tree(data):
 
 
 GOOD_SNAPSHOT = {
-    "time": "2024-01-01T00:00:00Z", "tree": "00" * 32,
-    "device": {"udid": "U", "name": "n", "product_type": "p", "ios_version": "1", "build_version": "b",
-               "serial_number": "s"},
-    "backup_date": "2024-01-01T00:00:00Z", "summary": {"files": 1},
+    "time": "2024-01-01T00:00:00Z",
+    "tree": "00" * 32,
+    "device": {
+        "udid": "U",
+        "name": "n",
+        "product_type": "p",
+        "ios_version": "1",
+        "build_version": "b",
+        "serial_number": "s",
+    },
+    "backup_date": "2024-01-01T00:00:00Z",
+    "summary": {"files": 1},
 }
 
 
@@ -245,9 +259,17 @@ def test_key_file(data):
 
 # ---- config ----------------------------------------------------------------------------------------
 
-GOOD_CONFIG = {"format": "ibsync-repository", "version": 1, "id": "ab" * 16, "created": "2024-01-01T00:00:00Z",
-               "encryption": "none", "id_hash": "blake3", "compression": {"algorithm": "zstd", "level": 3},
-               "chunking": {"min": 1, "avg": 2, "max": 4}, "pack_size": 4 << 20}
+GOOD_CONFIG = {
+    "format": "ibsync-repository",
+    "version": 1,
+    "id": "ab" * 16,
+    "created": "2024-01-01T00:00:00Z",
+    "encryption": "none",
+    "id_hash": "blake3",
+    "compression": {"algorithm": "zstd", "level": 3},
+    "chunking": {"min": 1, "avg": 2, "max": 4},
+    "pack_size": 4 << 20,
+}
 
 
 @st.composite

@@ -57,8 +57,13 @@ def test_cable_pulled_mid_backup_prints_one_line(env, cli, tmp_path):
     with run_sim_usbmuxd([phone], tmp_path / "mux") as m:
         e = {**os.environ, **m.env(home=tmp_path / "home")}
         for round_ in range(2):  # the traceback came on most pulls, not all: pull twice
-            proc = subprocess.Popen([sys.executable, "-m", "ibsync", "backup", "--full"], env=e,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ibsync", "backup", "--full"],
+                env=e,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             attachment = m.attachment(phone.udid)
             deadline = time.monotonic() + 60
             while len(attachment.log.uploaded) < 5 + 20 * round_:  # files are flowing
@@ -82,9 +87,24 @@ def test_cable_pulled_mid_restore_prints_one_line(env, cli, tmp_path):
         e = {**os.environ, **m.env(home=tmp_path / "home")}
         r = run_subprocess(["backup", "--device", phone.udid], e)
         assert r.returncode == 0, r.stderr
-        proc = subprocess.Popen([sys.executable, "-m", "ibsync", "restore", "latest", "--device", phone.udid,
-                                 "--to-device", blank.udid, "--no-reboot"], env=e,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ibsync",
+                "restore",
+                "latest",
+                "--device",
+                phone.udid,
+                "--to-device",
+                blank.udid,
+                "--no-reboot",
+            ],
+            env=e,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         attachment = m.attachment(blank.udid)
         deadline = time.monotonic() + 60
         while sum(len(x) for x in attachment.log.downloaded) < 10:  # files are flowing to the device
@@ -110,8 +130,10 @@ def test_disconnect_and_passcode_timeout_are_distinct_types(connect, repo):  # n
         ibsync.backup_device(lockdown, repo, notify=said.append)
     assert isinstance(locked.value, PasscodeNotEntered) and not isinstance(locked.value, DeviceDisconnected)
     assert said and "passcode" in said[0]
-    assert lockdown.log.relayed[-2:] == ["com.apple.LocalAuthentication.ui.presented",
-                                          "com.apple.LocalAuthentication.ui.dismissed"]
+    assert lockdown.log.relayed[-2:] == [
+        "com.apple.LocalAuthentication.ui.presented",
+        "com.apple.LocalAuthentication.ui.dismissed",
+    ]
     # answered in time (auto_enter_after first): the backup goes through
     phone.misbehave = Misbehaviour(passcode_prompt=PasscodePrompt(auto_enter_after=0.1, give_up_after=5))
     assert ibsync.backup_device(lockdown, repo).snapshot is not None
@@ -133,8 +155,9 @@ def test_passcode_never_entered_via_the_cli(env, cli, tmp_path):
         r = run_subprocess(["backup"], {**os.environ, **m.env(home=tmp_path / "home")})
     assert r.returncode == 7
     lines = [line for line in r.stderr.splitlines() if line.startswith("ibsync: error:")]
-    assert lines == ["ibsync: error: the device reported error 208: Device locked (MBErrorDomain/208); "
-                     "nothing was committed"], r.stderr
+    assert lines == [
+        "ibsync: error: the device reported error 208: Device locked (MBErrorDomain/208); nothing was committed"
+    ], r.stderr
     assert "Traceback" not in r.stderr
 
 

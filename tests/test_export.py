@@ -90,8 +90,14 @@ EXPECTED = {  # preset -> {path below OUT: (source path, mtime)}
         "2.amr": (f"{HOME}/Library/Voicemail/2.amr", T + 12),
     },
     "whatsapp-media": {
-        "4912345@s.whatsapp.net/a/b/e1c2.jpg": (f"{WA_GROUP}/Message/Media/4912345@s.whatsapp.net/a/b/e1c2.jpg", T + 14),
-        "4912345@s.whatsapp.net/c/d/voice.opus": (f"{WA_GROUP}/Message/Media/4912345@s.whatsapp.net/c/d/voice.opus", T + 15),
+        "4912345@s.whatsapp.net/a/b/e1c2.jpg": (
+            f"{WA_GROUP}/Message/Media/4912345@s.whatsapp.net/a/b/e1c2.jpg",
+            T + 14,
+        ),
+        "4912345@s.whatsapp.net/c/d/voice.opus": (
+            f"{WA_GROUP}/Message/Media/4912345@s.whatsapp.net/c/d/voice.opus",
+            T + 15,
+        ),
     },
     "sms-attachments": {
         "ab/11/GUID-1/IMG_5000.jpeg": (f"{MEDIA}/Library/SMS/Attachments/ab/11/GUID-1/IMG_5000.jpeg", T + 17),
@@ -101,8 +107,11 @@ EXPECTED = {  # preset -> {path below OUT: (source path, mtime)}
 
 
 def _files_below(out: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(out)): (p.read_bytes(), int(p.stat().st_mtime))
-            for p in sorted(out.rglob("*")) if p.is_file() or p.is_symlink()}
+    return {
+        str(p.relative_to(out)): (p.read_bytes(), int(p.stat().st_mtime))
+        for p in sorted(out.rglob("*"))
+        if p.is_file() or p.is_symlink()
+    }
 
 
 @pytest.fixture
@@ -154,8 +163,13 @@ def test_list(cli):
     assert "CameraRollDomain/Media/DCIM/**" in out and "HomeDomain/Library/Voicemail/*.amr" in out
     assert "AppDomainGroup-group.com.apple.VoiceMemos.shared/Recordings/*.m4a" in out
     data = json.loads(cli("export", "--list", "--json")[0])
-    assert [p["name"] for p in data["presets"]] == ["photos", "voice-memos", "voicemail", "whatsapp-media",
-                                                    "sms-attachments"]
+    assert [p["name"] for p in data["presets"]] == [
+        "photos",
+        "voice-memos",
+        "voicemail",
+        "whatsapp-media",
+        "sms-attachments",
+    ]
     out, _ = cli("export", "--help")
     assert "--list" in out and "--overwrite" in out and "--backup-password-file" in out and "--device" in out
 
@@ -216,8 +230,13 @@ def test_hostile_names(env, cli, tmp_path):
 def test_exif_times():
     assert parse_exif_time("2023:06:01 12:34:56", "+02:00") == EXIF_UTC
     assert parse_exif_time("2023:06:01 12:34:56\x00", "-03:30") == EXIF_UTC + 2 * 3600 + 3 * 3600 + 1800
-    for when, offset in (("2023:06:01 12:34:56", None), ("garbage", "+02:00"), (b"x", "+02:00"),
-                         ("2023:06:01 12:34:56", "02:00"), ("0000:00:00 00:00:00", "+00:00")):
+    for when, offset in (
+        ("2023:06:01 12:34:56", None),
+        ("garbage", "+02:00"),
+        (b"x", "+02:00"),
+        ("2023:06:01 12:34:56", "02:00"),
+        ("0000:00:00 00:00:00", "+00:00"),
+    ):
         assert parse_exif_time(when, offset) is None
 
 

@@ -142,8 +142,13 @@ def test_duplicate_exclusive_put_reports_already_exists(tmp_path):
 
 
 def test_truncate_corrupt_drop(tmp_path):
-    s = storage(tmp_path, Fault("put", Action.TRUNCATE), Fault("get", Action.CORRUPT),
-                Fault("commit", Action.DROP), Fault("write", Action.TRUNCATE, skip=1))
+    s = storage(
+        tmp_path,
+        Fault("put", Action.TRUNCATE),
+        Fault("get", Action.CORRUPT),
+        Fault("commit", Action.DROP),
+        Fault("write", Action.TRUNCATE, skip=1),
+    )
     data = bytes(range(200))
     s.put(Kind.INDEX, NAME, data)
     stored = s.inner.get(Kind.INDEX, NAME)
@@ -185,8 +190,9 @@ SEEDS = {c: (1, 2) for c in campaign.FAULT_COMMANDS}  # more: bench/campaign_fau
 @pytest.mark.parametrize("command,seed", [(c, s) for c in campaign.FAULT_COMMANDS for s in SEEDS[c]])
 def test_command_under_one_fault(scenario_env, command, seed):
     base = scenario_env
-    result = campaign.run_fault_scenario(base, command, seed, calls_of(base, command),
-                                         base.root / f"run-{command}-{seed}")
+    result = campaign.run_fault_scenario(
+        base, command, seed, calls_of(base, command), base.root / f"run-{command}-{seed}"
+    )
     assert result.injected, f"the fault {result.fault} never fired: the scenario tested nothing"
     assert result.ok, f"{command} with {result.fault} (seed {seed}):\n" + "\n".join(result.problems)
 
@@ -196,7 +202,13 @@ def test_repair_treats_a_read_error_as_a_read_error(scenario_env, command):
     """A pack that could not be read this time (the connection dropped) is not a damaged pack:
     repair must not drop it from the index, nor remove the snapshots that use it."""
     base = scenario_env
-    result = campaign.run_fault_scenario(base, command, 0, {}, base.root / f"read-error-{command}",
-                                         fault=Fault("get", Action.FAIL, kinds=frozenset({Kind.PACKS}), transient=True))
+    result = campaign.run_fault_scenario(
+        base,
+        command,
+        0,
+        {},
+        base.root / f"read-error-{command}",
+        fault=Fault("get", Action.FAIL, kinds=frozenset({Kind.PACKS}), transient=True),
+    )
     assert result.injected
     assert result.ok, "\n".join(result.problems)

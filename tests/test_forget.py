@@ -110,10 +110,17 @@ CASES = {
     "within 11d: the boundary itself is out": (WITHIN, RetentionPolicy(within=Duration(days=11)), ["k6", "k5", "k4"]),
     "within 1m: calendar month": (WITHIN, RetentionPolicy(within=Duration(months=1)), ["k6", "k5", "k4", "k3", "k2"]),
     "within 10d12h": (WITHIN, RetentionPolicy(within=Duration(days=10, hours=12)), ["k6", "k5", "k4"]),
-    "within 10d25h: hours are exact hours": (WITHIN, RetentionPolicy(within=Duration(days=10, hours=25)), ["k6", "k5", "k4", "k3"]),
+    "within 10d25h: hours are exact hours": (
+        WITHIN,
+        RetentionPolicy(within=Duration(days=10, hours=25)),
+        ["k6", "k5", "k4", "k3"],
+    ),
     "within 36 hours as a timedelta": (WITHIN, RetentionPolicy(within=timedelta(hours=36)), ["k6", "k5"]),
     "within 1m from 31 March is after 2 March (Go AddDate)": (
-        MONTH_END, RetentionPolicy(within=Duration(months=1)), ["n3", "n2"]),
+        MONTH_END,
+        RetentionPolicy(within=Duration(months=1)),
+        ["n3", "n2"],
+    ),
     "within + last": (WITHIN, RetentionPolicy(last=4, within=Duration(days=1)), ["k6", "k5", "k4", "k3"]),
 }
 
@@ -141,7 +148,14 @@ def test_every_reason_is_listed():
     policy = RetentionPolicy(last=1, daily=2, weekly=1, monthly=1, yearly=1, within=Duration(days=1))
     got = reasons(apply_policy(SUNDAYS, policy, tz=UTC, now=NOW))
     assert got == {
-        "s11": ["within 1d", "last snapshot", "daily snapshot", "weekly snapshot", "monthly snapshot", "yearly snapshot"],
+        "s11": [
+            "within 1d",
+            "last snapshot",
+            "daily snapshot",
+            "weekly snapshot",
+            "monthly snapshot",
+            "yearly snapshot",
+        ],
         "s10": ["daily snapshot"],
     }
 
@@ -226,12 +240,25 @@ def test_policy_validation_and_description():
         RetentionPolicy(within=timedelta(hours=-1))
     p = RetentionPolicy(last=2, daily=7, weekly=UNLIMITED, within=Duration(years=1, days=2))
     assert p.describe() == "keep 2 latest, 7 daily, all weekly snapshots and all snapshots within 1y2d of the newest"
-    assert p.to_dict() == {"last": 2, "hourly": 0, "daily": 7, "weekly": -1, "monthly": 0, "yearly": 0, "within": "1y2d"}
+    assert p.to_dict() == {
+        "last": 2,
+        "hourly": 0,
+        "daily": 7,
+        "weekly": -1,
+        "monthly": 0,
+        "yearly": 0,
+        "within": "1y2d",
+    }
 
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("1y5m7d2h", Duration(1, 5, 7, 2)), ("7d", Duration(days=7)), (" 2h3d ", Duration(days=3, hours=2)), ("0d", Duration())],
+    [
+        ("1y5m7d2h", Duration(1, 5, 7, 2)),
+        ("7d", Duration(days=7)),
+        (" 2h3d ", Duration(days=3, hours=2)),
+        ("0d", Duration()),
+    ],
 )
 def test_duration_parse(text, expected):
     assert Duration.parse(text) == expected

@@ -121,7 +121,12 @@ def test_master_index_lookup():
     for b in w.blobs[::97]:
         loc = idx.get(b.id)
         assert (loc.pack_id, loc.offset, loc.length, loc.raw_length, loc.type, loc.compressed) == (
-            pack, b.offset, b.length, b.raw_length, b.type, b.compressed
+            pack,
+            b.offset,
+            b.length,
+            b.raw_length,
+            b.type,
+            b.compressed,
         )
     assert idx.get(os.urandom(32)) is None
     assert sorted(bid for bid, _ in idx.entries()) == sorted(ids)

@@ -146,8 +146,15 @@ def test_content_shape(day1):
     assert {(f.domain, f.relative_path) for f in files} >= BIG_DBS
     assert len({f.file_id for f in day1.files}) == len(day1.files)
     domains = {f.domain for f in day1.files}
-    for d in ("HomeDomain", "CameraRollDomain", "MediaDomain", "KeychainDomain", "WirelessDomain",
-              "AppDomain-net.whatsapp.WhatsApp", "AppDomainGroup-group.net.whatsapp.WhatsApp.shared"):
+    for d in (
+        "HomeDomain",
+        "CameraRollDomain",
+        "MediaDomain",
+        "KeychainDomain",
+        "WirelessDomain",
+        "AppDomain-net.whatsapp.WhatsApp",
+        "AppDomainGroup-group.net.whatsapp.WhatsApp.shared",
+    ):
         assert d in domains
     assert any(d.startswith("SysSharedContainerDomain-") for d in domains)
     assert [f for f in day1.files if f.flags == FLAG_SYMLINK and f.target and f.data is None]
@@ -221,9 +228,20 @@ def test_plists(day1, day1_dir):
     info_bytes = (day1_dir / "Info.plist").read_bytes()
     assert info_bytes.startswith(b"<?xml")
     info = plistlib.loads(info_bytes)
-    for key in ("Build Version", "Device Name", "Display Name", "GUID", "Installed Applications", "Product Type",
-                "Product Version", "Serial Number", "Target Identifier", "Unique Identifier", "iTunes Version",
-                "Last Backup Date"):
+    for key in (
+        "Build Version",
+        "Device Name",
+        "Display Name",
+        "GUID",
+        "Installed Applications",
+        "Product Type",
+        "Product Version",
+        "Serial Number",
+        "Target Identifier",
+        "Unique Identifier",
+        "iTunes Version",
+        "Last Backup Date",
+    ):
         assert key in info
     assert info["Target Type"] == "Device" and info["Unique Identifier"] == day1.udid.upper()
     for name in ("Manifest.plist", "Status.plist"):
@@ -241,6 +259,7 @@ def test_plists(day1, day1_dir):
 
 def test_pyiosbackup_reads_the_folder(day1, day1_dir):
     import pyiosbackup  # a dependency of pymobiledevice3
+
     backup = pyiosbackup.Backup.from_path(day1_dir, password="")
     try:
         assert backup.target_identifier == day1.udid
@@ -293,7 +312,7 @@ def test_mutate_folder_changes_only_what_a_device_would(day1, tmp_path):
         new = (device_dir / fid[:2] / fid).read_bytes()
         old_bytes = big_before[fid]
         pages = max(len(new), len(old_bytes)) // 4096
-        changed_pages = sum(1 for o in range(0, pages * 4096, 4096) if new[o:o + 4096] != old_bytes[o:o + 4096])
+        changed_pages = sum(1 for o in range(0, pages * 4096, 4096) if new[o : o + 4096] != old_bytes[o : o + 4096])
         assert 5 <= changed_pages <= 40, (path, changed_pages, pages)
         assert summary["edited_db_pages_changed"][path] == changed_pages
         assert len(new) - len(old_bytes) <= 8 * 4096  # edited in place: the db grows by a few pages at most

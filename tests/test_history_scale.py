@@ -190,9 +190,16 @@ def _month(path: Path, days: int = 30, folders: int = 12, files: int = 8) -> tup
                     entries.append(_file(f"{i:02d}", blob, len(data)))
                 sub = session.save_tree(entries)
                 root.append({"name": f"{f:02x}", "type": "dir", "mode": DIR_MODE, "mtime_ns": 1, "subtree": sub.hex()})
-            snaps.append(Snapshot(time=T0 + timedelta(days=day), tree=session.save_tree(root), device=DeviceInfo(UDID),
-                                  backup_date=T0 + timedelta(days=day), ios_encrypted=False,
-                                  source={"kind": "folder", "path": "/crafted"}))
+            snaps.append(
+                Snapshot(
+                    time=T0 + timedelta(days=day),
+                    tree=session.save_tree(root),
+                    device=DeviceInfo(UDID),
+                    backup_date=T0 + timedelta(days=day),
+                    ios_encrypted=False,
+                    source={"kind": "folder", "path": "/crafted"},
+                )
+            )
     for s in snaps:
         repo.save_snapshot(s)
     return _open(path), snaps
@@ -233,6 +240,7 @@ class TreeVisits:
             if not self._inside:
                 self.trees[tree_id] += 1
             return real(tree_id)
+
         return counted
 
 

@@ -177,10 +177,18 @@ def test_a_folder_finishes_while_an_earlier_one_still_stores_a_file(tmp_path):
     slow: Future = Future()
     done: Future = Future()
     done.set_result([[b"\x01" * 32]])
-    early = _Dir("00", None, [], pending=[(slow, [{"name": "a", "type": "file", "mode": 0o100644, "mtime_ns": 1,
-                                                   "size": 1, "content": None}])])
-    late = _Dir("01", None, [], pending=[(done, [{"name": "b", "type": "file", "mode": 0o100644, "mtime_ns": 1,
-                                                  "size": 1, "content": None}])])
+    early = _Dir(
+        "00",
+        None,
+        [],
+        pending=[(slow, [{"name": "a", "type": "file", "mode": 0o100644, "mtime_ns": 1, "size": 1, "content": None}])],
+    )
+    late = _Dir(
+        "01",
+        None,
+        [],
+        pending=[(done, [{"name": "b", "type": "file", "mode": 0o100644, "mtime_ns": 1, "size": 1, "content": None}])],
+    )
     archiver._queue = [early, late]
     with archiver.repo.write_session() as session:
         archiver.session = session

@@ -17,8 +17,6 @@ OTHER = "another password, for the laptop"
 THIRD = "a third one"
 
 
-
-
 def _keys(cli) -> list[dict]:
     out, _ = cli("key", "list", "--json")
     return json.loads(out)
@@ -209,8 +207,12 @@ def test_library_api(env, cli, tmp_path):
     unencrypted = tmp_path / "plain"
     cli("init", "--no-encryption", "--repo", unencrypted)
     plain = Repository.open(open_storage(str(unencrypted)), lambda: PASSWORD)
-    for call in (lambda: list_keys(plain), lambda: add_key(plain, OTHER), lambda: remove_key(plain, "ab"),
-                 lambda: change_password(plain, OTHER)):
+    for call in (
+        lambda: list_keys(plain),
+        lambda: add_key(plain, OTHER),
+        lambda: remove_key(plain, "ab"),
+        lambda: change_password(plain, OTHER),
+    ):
         with pytest.raises(UserError, match="not encrypted"):
             call()
 
@@ -234,4 +236,3 @@ def test_as_a_user_runs_it(env, cli):
     r = run_subprocess(["key", "list", "--json"], e, stdin=subprocess.DEVNULL)
     (key,) = json.loads(r.stdout)
     assert key["current"] and key["kdf"]["memory_kib"] == 32768
-

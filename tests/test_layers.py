@@ -23,6 +23,10 @@ def test_no_two_modules_of_the_package_import_each_other():
 
     graph = grimp.build_graph("ibsync", exclude_type_checking_imports=True)
     production = [m for m in graph.modules if not m.startswith("ibsync.testing")]
-    mutual = sorted((a, b) for a in production for b in graph.find_modules_directly_imported_by(a)
-                    if a < b and a in graph.find_modules_directly_imported_by(b))
+    mutual = sorted(
+        (a, b)
+        for a in production
+        for b in graph.find_modules_directly_imported_by(a)
+        if a < b and a in graph.find_modules_directly_imported_by(b)
+    )
     assert mutual == []

@@ -26,3 +26,8 @@ def test_mypy_finds_nothing(tmp_path):
     r = _run(["mypy", "--cache-dir", str(tmp_path / "mypy-cache")], timeout=600)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert "Success: no issues found" in r.stdout
+
+
+def test_code_is_formatted_as_ruff_formats_it():
+    r = _run(["ruff", "format", "--check", "--no-cache", "ibsync", "tests", "bench"], timeout=300)
+    assert r.returncode == 0, "run 'ruff format ibsync tests bench':\n" + r.stdout[-6000:] + r.stderr[-2000:]

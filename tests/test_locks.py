@@ -34,8 +34,14 @@ def test_shared_locks_coexist_and_exclude_exclusive(repo):
 
 
 def _plant_lock(repo, **fields):
-    body = {"time": datetime.now(UTC).isoformat(), "exclusive": True, "hostname": "elsewhere",
-            "username": "u", "pid": 1, "command": "prune"}
+    body = {
+        "time": datetime.now(UTC).isoformat(),
+        "exclusive": True,
+        "hostname": "elsewhere",
+        "username": "u",
+        "pid": 1,
+        "command": "prune",
+    }
     body.update(fields)
     name, _ = repo.save_object(Kind.LOCKS, json.dumps(body).encode())
     return name

@@ -29,8 +29,11 @@ DAYS = {  # device -> the days its backups were made, oldest first
 def _backup(folder, i: int, date: datetime) -> None:
     """Turn the folder into backup number i, made at ``date``, with one file of its own content."""
     with open(folder / "Status.plist", "wb") as f:
-        plistlib.dump({"SnapshotState": "finished", "BackupState": "new", "Version": "3.3",
-                       "Date": date.replace(tzinfo=None)}, f, fmt=plistlib.FMT_BINARY)
+        plistlib.dump(
+            {"SnapshotState": "finished", "BackupState": "new", "Version": "3.3", "Date": date.replace(tzinfo=None)},
+            f,
+            fmt=plistlib.FMT_BINARY,
+        )
     changed = next((folder / "12").iterdir())
     changed.write_bytes(f"backup {i} of {folder.name}\n".encode() * (i + 1))
     mtime = 1_700_000_000_000_000_000 + i * 1_000_000_000
@@ -79,7 +82,9 @@ def test_retention_removes_what_the_policy_says_then_prune_frees_its_data(env, r
     assert result.failed == {}
     by_device = {g.device.udid: g for g in result.groups}
     assert [(d.snapshot.id, d.reasons) for d in by_device["phone_a"].keep] == [
-        (a[3], ["daily snapshot", "monthly snapshot"]), (a[2], ["daily snapshot"])]
+        (a[3], ["daily snapshot", "monthly snapshot"]),
+        (a[2], ["daily snapshot"]),
+    ]
     assert by_device["phone_b"].remove == [] and {s.id for s in result.kept} == {a[3], a[2], *b}
     assert _stored(repo, Kind.SNAPSHOTS) == {a[2], a[3], *b}
     doc = json.loads(json.dumps(result.to_dict()))
@@ -162,17 +167,20 @@ def test_check_subsets_together_read_everything_and_damage_is_a_result(env, repo
     assert results[other].ok and results[other].damaged_packs == []
 
 
-@pytest.mark.parametrize("values,needles", [
-    ({"dayly": 7}, ["unknown key 'dayly'", "last, hourly, daily, weekly, monthly, yearly, within"]),
-    ({"daily": -2}, ["keep.daily", "0 or more", "unlimited"]),
-    ({"daily": "7"}, ["keep.daily"]),
-    ({"weekly": True}, ["keep.weekly"]),
-    ({"within": "3w"}, ["keep.within", "invalid duration"]),
-    ({"within": 30}, ["keep.within", "1y5m7d2h"]),
-    ({}, ["keeps everything", "daily"]),
-    ({"daily": 0}, ["keeps everything"]),
-    ([("daily", 7)], ["must be a table"]),
-])
+@pytest.mark.parametrize(
+    "values,needles",
+    [
+        ({"dayly": 7}, ["unknown key 'dayly'", "last, hourly, daily, weekly, monthly, yearly, within"]),
+        ({"daily": -2}, ["keep.daily", "0 or more", "unlimited"]),
+        ({"daily": "7"}, ["keep.daily"]),
+        ({"weekly": True}, ["keep.weekly"]),
+        ({"within": "3w"}, ["keep.within", "invalid duration"]),
+        ({"within": 30}, ["keep.within", "1y5m7d2h"]),
+        ({}, ["keeps everything", "daily"]),
+        ({"daily": 0}, ["keeps everything"]),
+        ([("daily", 7)], ["must be a table"]),
+    ],
+)
 def test_bad_policies_are_refused_in_one_line(values, needles):
     with pytest.raises(UserError) as e:
         KeepPolicy.from_mapping(values)
@@ -182,8 +190,9 @@ def test_bad_policies_are_refused_in_one_line(values, needles):
 
 
 def test_good_policies_and_subsets_from_config():
-    p = KeepPolicy.from_mapping({"daily": 7, "weekly": 4, "monthly": 12, "yearly": 3, "last": "unlimited",
-                                 "within": "1m"}, where="agent.keep")
+    p = KeepPolicy.from_mapping(
+        {"daily": 7, "weekly": 4, "monthly": 12, "yearly": 3, "last": "unlimited", "within": "1m"}, where="agent.keep"
+    )
     assert (p.daily, p.weekly, p.monthly, p.yearly, p.last, str(p.within)) == (7, 4, 12, 3, -1, "1m")
     with pytest.raises(UserError, match="^agent.keep: unknown key 'x'"):
         KeepPolicy.from_mapping({"x": 1}, where="agent.keep")

@@ -97,8 +97,14 @@ def test_a_same_host_lock_with_pid_0_is_stale(env, cli):
 
     cli("init")
     repo = open_repo(env)
-    body = {"time": "2099-01-01T00:00:00Z", "exclusive": True, "hostname": socket.gethostname(),
-            "username": "u", "pid": 0, "command": "prune"}
+    body = {
+        "time": "2099-01-01T00:00:00Z",
+        "exclusive": True,
+        "hostname": socket.gethostname(),
+        "username": "u",
+        "pid": 0,
+        "command": "prune",
+    }
     repo.save_object(Kind.LOCKS, json.dumps(body).encode())
     cli("snapshots")  # PID 0 names a process group, never a holder: not alive
 
@@ -106,8 +112,14 @@ def test_a_same_host_lock_with_pid_0_is_stale(env, cli):
 def test_unlock_reports_a_lock_it_could_not_delete(env, cli):
     cli("init")
     repo = open_repo(env)
-    body = {"time": "2000-01-01T00:00:00Z", "exclusive": True, "hostname": "elsewhere",
-            "username": "u", "pid": 1, "command": "prune"}
+    body = {
+        "time": "2000-01-01T00:00:00Z",
+        "exclusive": True,
+        "hostname": "elsewhere",
+        "username": "u",
+        "pid": 1,
+        "command": "prune",
+    }
     name, _ = repo.save_object(Kind.LOCKS, json.dumps(body).encode())
     with _failing_deletes(Kind.LOCKS) as failed:
         _, err = cli("unlock", expect=1)

@@ -43,8 +43,10 @@ class RowChanges:
 def file_rows(db: Path) -> dict[tuple[str, str], bytes]:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return {(d, p): blob for d, p, blob in con.execute(
-            "SELECT domain, relativePath, file FROM Files WHERE flags = ?", (FLAG_FILE,))}
+        return {
+            (d, p): blob
+            for d, p, blob in con.execute("SELECT domain, relativePath, file FROM Files WHERE flags = ?", (FLAG_FILE,))
+        }
     finally:
         con.close()
 
@@ -132,8 +134,11 @@ def test_many_small_files_round_trip_and_next_day_reads_only_what_changed(env, c
     st = payload(dev, *edited).stat()
     assert [(r["domain"], r["relative_path"], r["size"]) for r in rows] == [(*edited, st.st_size)]
     assert rows[0]["mtime"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime))
-    for key, statuses in ((edited, ["first", "changed"]), (min(changes.inserted), ["new"]),
-                          (min(changes.deleted), ["first", "removed"])):
+    for key, statuses in (
+        (edited, ["first", "changed"]),
+        (min(changes.inserted), ["new"]),
+        (min(changes.deleted), ["first", "removed"]),
+    ):
         out, _ = cli("find", "/".join(key), "--json")
         paths = json.loads(out)["paths"]
         assert [p["path"] for p in paths] == ["/".join(key)]
@@ -144,18 +149,38 @@ def test_many_small_files_round_trip_and_next_day_reads_only_what_changed(env, c
 def test_import_and_restore_of_a_hundred_thousand_files_stay_in_bounded_memory(files_tmp):
     """Peak RSS of import and restore (each its own process) under a generous limit."""
     tmp_path = files_tmp
-    env = {**os.environ, "IBSYNC_REPO": str(tmp_path / "repo"), "IBSYNC_PASSWORD": PASSWORD,
-           "IBSYNC_CACHE_DIR": str(tmp_path / "cache")}
+    env = {
+        **os.environ,
+        "IBSYNC_REPO": str(tmp_path / "repo"),
+        "IBSYNC_PASSWORD": PASSWORD,
+        "IBSYNC_CACHE_DIR": str(tmp_path / "cache"),
+    }
     env.pop("IBSYNC_PASSWORD_FILE", None)
-    gen = [sys.executable, "-m", "ibsync.testing.generator", "generate", str(tmp_path / "live"),
-           "--profile", "many-files", "--files", str(SLOW_FILES), "--seed", str(SEED)]
+    gen = [
+        sys.executable,
+        "-m",
+        "ibsync.testing.generator",
+        "generate",
+        str(tmp_path / "live"),
+        "--profile",
+        "many-files",
+        "--files",
+        str(SLOW_FILES),
+        "--seed",
+        str(SEED),
+    ]
     subprocess.run(gen, check=True, stdout=subprocess.DEVNULL)
     dev = next((tmp_path / "live").iterdir())
     ibsync = [sys.executable, "-m", "ibsync"]
     subprocess.run([*ibsync, "init"], env=env, check=True, capture_output=True)
     peaks = {}
-    for name, args in (("import", ["import", str(dev), "-q"]), ("restore", ["restore", "latest", str(tmp_path / "out")])):
-        r, peaks[name] = ibsync_peak_rss(args, env, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for name, args in (
+        ("import", ["import", str(dev), "-q"]),
+        ("restore", ["restore", "latest", str(tmp_path / "out")]),
+    ):
+        r, peaks[name] = ibsync_peak_rss(
+            args, env, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         assert r.returncode == 0, r.stderr
     assert sum(1 for _ in (tmp_path / "out" / dev.name).rglob("*")) == sum(1 for _ in dev.rglob("*"))
     shown = {k: f"{v / 1e6:.0f} MB" for k, v in peaks.items()}

@@ -59,12 +59,14 @@ def repo3(tmp_path_factory):
     snaps = Repository.open(LocalStorage(repo), lambda: PASSWORD).snapshots()
     pw = base / "ios-pw"
     pw.write_text(ENCRYPTED_PASSWORD + "\n")
-    return types.SimpleNamespace(repo=repo, base=base, day1=day1, day2=live, other=other, encrypted=encrypted,
-                                 snaps=snaps, pw=pw)
+    return types.SimpleNamespace(
+        repo=repo, base=base, day1=day1, day2=live, other=other, encrypted=encrypted, snaps=snaps, pw=pw
+    )
 
 
 def _snaps(r):
     """Device A's two snapshots, device B's, the encrypted backup's."""
+
     def of(folder):
         return [s for s in r.snaps if s.device.udid.upper() == folder.name.upper()]
 
@@ -74,8 +76,12 @@ def _snaps(r):
 
 def _env(r) -> dict:
     env = dict(os.environ)
-    env.update(IBSYNC_REPO=str(r.repo), IBSYNC_PASSWORD=PASSWORD, IBSYNC_CACHE_DIR=str(r.base / "cache"),
-               PYTHONFAULTHANDLER="1")
+    env.update(
+        IBSYNC_REPO=str(r.repo),
+        IBSYNC_PASSWORD=PASSWORD,
+        IBSYNC_CACHE_DIR=str(r.base / "cache"),
+        PYTHONFAULTHANDLER="1",
+    )
     env.pop("IBSYNC_BACKUP_PASSWORD", None)
     env.pop("IBSYNC_PASSWORD_FILE", None)
     return env
@@ -104,8 +110,10 @@ def _symlinks(folder: Path) -> dict[str, str]:
 
     con = sqlite3.connect(f"file:{folder / 'Manifest.db'}?mode=ro", uri=True)
     try:
-        return {f"{d}/{r}": mbfile_fields(blob, ("Target",))["Target"]
-                for d, r, blob in con.execute("SELECT domain, relativePath, file FROM Files WHERE flags = 4")}
+        return {
+            f"{d}/{r}": mbfile_fields(blob, ("Target",))["Target"]
+            for d, r, blob in con.execute("SELECT domain, relativePath, file FROM Files WHERE flags = 4")
+        }
     finally:
         con.close()
 
@@ -127,8 +135,13 @@ class Mounted:
 
     def __init__(self, args: list, env: dict, mountpoint: Path | None) -> None:
         self.mountpoint = mountpoint
-        self.proc = subprocess.Popen([sys.executable, "-m", "ibsync", "mount", *map(str, args)], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ibsync", "mount", *map(str, args)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.first_line = ""
         deadline = time.monotonic() + 60
         if mountpoint is not None:
@@ -206,8 +219,11 @@ def test_mount_all_snapshots(repo3, mounted, tmp_path):
 
     # every file of both days and of the other device: bytes, size, mtime, permission bits
     checked = 0
-    for snap_dir, folder in ((mp / dev_a / _date_folder(a1), repo3.day1), (mp / dev_a / "latest", repo3.day2),
-                             (mp / dev_b / _date_folder(b), repo3.other)):
+    for snap_dir, folder in (
+        (mp / dev_a / _date_folder(a1), repo3.day1),
+        (mp / dev_a / "latest", repo3.day2),
+        (mp / dev_b / _date_folder(b), repo3.other),
+    ):
         files = _files(folder)
         domains = {p.split("/", 1)[0] for p in files}
         assert domains <= set(os.listdir(snap_dir))
@@ -219,8 +235,11 @@ def test_mount_all_snapshots(repo3, mounted, tmp_path):
     assert checked > 200
     # what changed between the days reads as each day had it
     d1, d2 = _files(repo3.day1), _files(repo3.day2)
-    changed = [p for p in d1.keys() & d2.keys() if d1[p][0:2] != d2[p][0:2] or
-               _payload(repo3.day1, d1[p][0]) != _payload(repo3.day2, d2[p][0])]
+    changed = [
+        p
+        for p in d1.keys() & d2.keys()
+        if d1[p][0:2] != d2[p][0:2] or _payload(repo3.day1, d1[p][0]) != _payload(repo3.day2, d2[p][0])
+    ]
     assert changed
     p = changed[0]
     assert (mp / dev_a / _date_folder(a1) / p).read_bytes() != (mp / dev_a / "latest" / p).read_bytes()
@@ -230,7 +249,7 @@ def test_mount_all_snapshots(repo3, mounted, tmp_path):
     data = _payload(repo3.day2, big[1][0])
     assert len(data) > 100_000
     pieces = [(len(data) - 5000, 5000), (0, 4096), (len(data) // 2, 70_000), (10, 10), (len(data) + 10, 100)]
-    assert _read_at(mp / dev_a / "latest" / big[0], pieces) == [data[o:o + n] for o, n in pieces]
+    assert _read_at(mp / dev_a / "latest" / big[0], pieces) == [data[o : o + n] for o, n in pieces]
 
     # the encrypted iOS backup, decrypted, with its recorded time
     domain, rel, plain, mtime = ENCRYPTED_FILE
@@ -373,8 +392,9 @@ def test_mount_without_libfuse_says_install_fuse3(repo3, tmp_path):
     mp.mkdir()
     env = _env(repo3)
     env["FUSE_LIBRARY_PATH"] = str(tmp_path / "libfuse-missing.so")
-    r = subprocess.run([sys.executable, "-m", "ibsync", "mount", str(mp)], env=env, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "ibsync", "mount", str(mp)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2
     one_line_error(r.stderr, "install fuse3")
     assert not os.path.ismount(mp)
@@ -389,8 +409,13 @@ def test_mount_leftover_mount_is_named(repo3, mounted, tmp_path):
     m.proc.kill()
     m.proc.wait()
     try:
-        r = subprocess.run([sys.executable, "-m", "ibsync", "mount", str(mp)], env=_env(repo3), capture_output=True,
-                           text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "ibsync", "mount", str(mp)],
+            env=_env(repo3),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 2
         one_line_error(r.stderr, "fusermount3 -u")
     finally:
@@ -414,8 +439,11 @@ def test_damaged_data_is_an_io_error_naming_the_file(repo3, mounted, tmp_path):
             users.setdefault(c, []).append(path)
     files = _files(repo3.other)
     by_fid = {fid: p for p, (fid, *_r) in files.items()}
-    blob_id, fid = next((blob, paths[0].rsplit("/", 1)[-1]) for blob, paths in users.items()
-                        if len(paths) == 1 and paths[0].rsplit("/", 1)[-1] in by_fid and repo.locate(blob).length > 1000)
+    blob_id, fid = next(
+        (blob, paths[0].rsplit("/", 1)[-1])
+        for blob, paths in users.items()
+        if len(paths) == 1 and paths[0].rsplit("/", 1)[-1] in by_fid and repo.locate(blob).length > 1000
+    )
     loc = repo.locate(blob_id)
     pack = repo_path / "packs" / loc.pack_id.hex()[:2] / loc.pack_id.hex()
     data = bytearray(pack.read_bytes())
@@ -454,10 +482,12 @@ def test_webdav(repo3, mounted):
     client = Client(url, retry=False)
     try:
         assert sorted(client.ls("/", detail=False)) == sorted([dev_a, dev_b, dev_enc])
-        assert sorted(x.rsplit("/", 1)[-1] for x in client.ls(dev_a, detail=False)) == \
-            sorted([_date_folder(a1), _date_folder(a2), "latest"])
-        assert sorted(x.rsplit("/", 1)[-1] for x in client.ls(f"{dev_a}/latest", detail=False)) == \
-            sorted(_domains(repo3.day2))
+        assert sorted(x.rsplit("/", 1)[-1] for x in client.ls(dev_a, detail=False)) == sorted(
+            [_date_folder(a1), _date_folder(a2), "latest"]
+        )
+        assert sorted(x.rsplit("/", 1)[-1] for x in client.ls(f"{dev_a}/latest", detail=False)) == sorted(
+            _domains(repo3.day2)
+        )
         files = _files(repo3.day2)
         for path, (fid, size, mtime, _mode) in list(files.items())[:40]:
             for snap_dir in ("latest", _date_folder(a2)):
@@ -486,8 +516,11 @@ def test_webdav(repo3, mounted):
         for method in ("PUT", "DELETE", "MKCOL", "PROPPATCH"):
             r = http.request(method, client.join_url(f"{dev_a}/latest/{big}"), content=b"x")
             assert r.status_code in (403, 405), (method, r.status_code)
-        r = http.request("MOVE", client.join_url(f"{dev_a}/latest/{big}"),
-                         headers={"Destination": str(client.join_url(f"{dev_a}/latest/moved"))})
+        r = http.request(
+            "MOVE",
+            client.join_url(f"{dev_a}/latest/{big}"),
+            headers={"Destination": str(client.join_url(f"{dev_a}/latest/moved"))},
+        )
         assert r.status_code in (403, 405)
         with client.open(f"{dev_a}/latest/{big}", "rb") as f:
             assert f.read() == data
@@ -536,21 +569,41 @@ def test_names_are_safe_and_unique():
     from ibsync.model import DeviceInfo, Snapshot
 
     def snap(udid, name, when, sid):
-        return Snapshot(time=when, tree=b"\0" * 32, device=DeviceInfo(udid, name), backup_date=when,
-                        ios_encrypted=False, source={}, id=sid)
+        return Snapshot(
+            time=when,
+            tree=b"\0" * 32,
+            device=DeviceInfo(udid, name),
+            backup_date=when,
+            ios_encrypted=False,
+            source={},
+            id=sid,
+        )
 
     t = datetime(2026, 12, 4, 3, 12, 7, tzinfo=UTC)
-    snaps = [snap("AAA", "Ann's/Phone", t, "a1" * 32), snap("BBB", "Ann's/Phone", t, "b1" * 32),
-             snap("CCC", "", t, "c1" * 32), snap("DDD", "..", t, "d1" * 32), snap("EEE", "x\0y", t, "e1" * 32),
-             snap("FFF", "latest", t, "f1" * 32)]
+    snaps = [
+        snap("AAA", "Ann's/Phone", t, "a1" * 32),
+        snap("BBB", "Ann's/Phone", t, "b1" * 32),
+        snap("CCC", "", t, "c1" * 32),
+        snap("DDD", "..", t, "d1" * 32),
+        snap("EEE", "x\0y", t, "e1" * 32),
+        snap("FFF", "latest", t, "f1" * 32),
+    ]
     names = device_names(snaps)
     assert set(names) == {"Ann's_Phone (AAA)", "Ann's_Phone (BBB)", "CCC", "_..", "x_y", "latest (FFF)"}
     assert all("/" not in n and "\0" not in n for n in names)
     assert safe_name("") == "_" and safe_name(".") == "_."
-    same_minute = [snap("A", "p", t, "01" * 32), snap("A", "p", t.replace(second=9), "02" * 32),
-                   snap("A", "p", t.replace(second=9), "03" * 32), snap("A", "p", t.replace(minute=13), "04" * 32)]
-    assert list(snapshot_names(same_minute)) == ["2026-12-04T031207", "2026-12-04T031209-02020202",
-                                                  "2026-12-04T031209-03030303", "2026-12-04T0313"]
+    same_minute = [
+        snap("A", "p", t, "01" * 32),
+        snap("A", "p", t.replace(second=9), "02" * 32),
+        snap("A", "p", t.replace(second=9), "03" * 32),
+        snap("A", "p", t.replace(minute=13), "04" * 32),
+    ]
+    assert list(snapshot_names(same_minute)) == [
+        "2026-12-04T031207",
+        "2026-12-04T031209-02020202",
+        "2026-12-04T031209-03030303",
+        "2026-12-04T0313",
+    ]
 
 
 class _FakeView:
@@ -577,7 +630,7 @@ class _FakeView:
     def list(self, path, *, offset=0, limit=None):
         assert not self.closed, "a closed view was used"
         self.lists += 1
-        return self.items[offset: None if limit is None else offset + limit]
+        return self.items[offset : None if limit is None else offset + limit]
 
     def open(self, item):
         assert not self.closed, "a closed view was used"
@@ -596,8 +649,15 @@ def test_big_folder_is_read_in_few_pages():
     from ibsync.mount.fuse import load_mfusepy, make_operations
 
     when = datetime(2026, 1, 1, tzinfo=UTC)
-    snap = Snapshot(time=when, tree=b"\0" * 32, device=DeviceInfo("U", "Phone"), backup_date=when,
-                    ios_encrypted=False, source={}, id="ab" * 32)
+    snap = Snapshot(
+        time=when,
+        tree=b"\0" * 32,
+        device=DeviceInfo("U", "Phone"),
+        backup_date=when,
+        ios_encrypted=False,
+        source={},
+        id="ab" * 32,
+    )
     _FakeView.instances.clear()
     tree = MountTree(None, [snap], single=True, view_factory=lambda r, s, k, cache: _FakeView(r, s, n=200_000))
     ops = make_operations(tree, load_mfusepy())
@@ -687,8 +747,13 @@ def test_big_folder_through_the_kernel(mounted, tmp_path):
     mp.mkdir()
     script = tmp_path / "big.py"
     script.write_text(_BIG_FOLDER_MOUNT)
-    proc = subprocess.Popen([sys.executable, str(script), str(mp), str(n)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(mp), str(n)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONFAULTHANDLER="1"),
+    )
     m = Mounted.__new__(Mounted)
     m.mountpoint, m.proc = mp, proc
     try:
@@ -704,7 +769,7 @@ def test_big_folder_through_the_kernel(mounted, tmp_path):
         assert len(seen) == n and all(is_file for _n, is_file in seen)
         st = os.stat(mp / "D" / "name-012345")
         assert (st.st_size, int(st.st_mtime)) == (12345 % 97, 1_700_000_000 + 12345)
-        assert (mp / "D" / "name-000050").read_bytes() == (b"name-000050" * 10)[:50 % 97]
+        assert (mp / "D" / "name-000050").read_bytes() == (b"name-000050" * 10)[: 50 % 97]
         code, out, err = m.stop()
         assert code == 0, err
         lists = int(out.split("lists ")[1].split()[0])
@@ -720,9 +785,18 @@ def test_views_are_few_and_closed():
     from ibsync.model import DeviceInfo, Snapshot
 
     t = datetime(2026, 1, 1, tzinfo=UTC)
-    snaps = [Snapshot(time=t + timedelta(days=i), tree=b"\0" * 32, device=DeviceInfo("U", "Phone"),
-                      backup_date=t + timedelta(days=i), ios_encrypted=False, source={}, id=f"{i:02d}" * 32)
-             for i in range(6)]
+    snaps = [
+        Snapshot(
+            time=t + timedelta(days=i),
+            tree=b"\0" * 32,
+            device=DeviceInfo("U", "Phone"),
+            backup_date=t + timedelta(days=i),
+            ios_encrypted=False,
+            source={},
+            id=f"{i:02d}" * 32,
+        )
+        for i in range(6)
+    ]
     _FakeView.instances.clear()
     tree = MountTree(None, snaps, max_views=3, view_factory=lambda r, s, k, cache: _FakeView(r, s, n=3))
     names = list(tree.devices["Phone"])
@@ -748,9 +822,18 @@ def test_views_in_use_are_not_closed_under_other_threads():
     from ibsync.model import DeviceInfo, Snapshot
 
     t = datetime(2026, 1, 1, tzinfo=UTC)
-    snaps = [Snapshot(time=t + timedelta(days=i), tree=b"\0" * 32, device=DeviceInfo("U", "Phone"),
-                      backup_date=t + timedelta(days=i), ios_encrypted=False, source={}, id=f"{i:02d}" * 32)
-             for i in range(6)]
+    snaps = [
+        Snapshot(
+            time=t + timedelta(days=i),
+            tree=b"\0" * 32,
+            device=DeviceInfo("U", "Phone"),
+            backup_date=t + timedelta(days=i),
+            ios_encrypted=False,
+            source={},
+            id=f"{i:02d}" * 32,
+        )
+        for i in range(6)
+    ]
 
     class SlowView(_FakeView):
         def list(self, path, *, offset=0, limit=None):
@@ -789,11 +872,11 @@ def test_spilled_content_reads_anywhere_and_streams_once():
     def stream():
         opened.append(1)
         for i in range(0, len(data), 100_000):
-            yield data[i:i + 100_000]
+            yield data[i : i + 100_000]
 
     c = SpilledContent(stream, len(data))
     pieces = [(len(data) - 10, 100), (5, 7), (1_000_000, 300_000), (0, 1), (len(data), 10), (2_999_999, 2)]
-    assert [c.read(o, n) for o, n in pieces] == [data[o:o + n] for o, n in pieces]
+    assert [c.read(o, n) for o, n in pieces] == [data[o : o + n] for o, n in pieces]
     assert opened == [1]
     f = ContentFile(c)
     f.seek(-3, os.SEEK_END)

@@ -22,8 +22,6 @@ def day1(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("day1"), seed=21, size_bytes=24 << 20)
 
 
-
-
 def _repo_bytes(path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -76,8 +74,12 @@ def test_prune_killed_at_random_instants(env, cli, day1, tmp_path):
     e = dict(os.environ)
     rnd = random.Random(7)
     for _ in range(5):
-        proc = subprocess.Popen([sys.executable, "-m", "ibsync", "prune", "--repack-threshold", "1", "-q"],
-                                env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ibsync", "prune", "--repack-threshold", "1", "-q"],
+            env=e,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         time.sleep(rnd.uniform(0.1, 0.9))
         proc.kill()
         proc.communicate(timeout=60)
@@ -137,8 +139,13 @@ def test_prune_started_during_a_running_import_refuses(env, cli, tmp_path):
     folder = generate(tmp_path / "src", seed=23, size_bytes=96 << 20)
     cli("init", "--pack-size", "4")
     e = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-m", "ibsync", "import", str(folder), "-q"], env=e,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ibsync", "import", str(folder), "-q"],
+        env=e,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not ((env / "locks").exists() and any((env / "locks").iterdir())):  # the import holds its lock
         assert proc.poll() is None and time.monotonic() < deadline, "the import ended before prune could start"

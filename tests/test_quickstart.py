@@ -15,8 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_quickstart_runs_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("IBSYNC_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this ibsync, this python
-    r = subprocess.run(["sh", str(ROOT / "examples" / "quickstart.sh"), str(tmp_path / "qs")], env=env,
-                       capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        ["sh", str(ROOT / "examples" / "quickstart.sh"), str(tmp_path / "qs")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     assert "full, " in out and "incremental, " in out  # the phone was backed up twice over the protocol

@@ -49,7 +49,10 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def start_import(folder, **extra_env: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "ibsync", "import", str(folder), "--json", "--repo", "remote"],
-        env=subprocess_env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(**extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -200,7 +200,10 @@ def test_repair_packs_then_snapshots_rewrites_what_lost_a_blob(env, cli, two_day
         new = repo.load_snapshot(d["rewritten_as"])
         old = before[d["id"]]
         assert new.source["repaired_from"] == d["id"]
-        assert (after[d["rewritten_as"]]["backup_date"], after[d["rewritten_as"]]["time"]) == (old["backup_date"], old["time"])
+        assert (after[d["rewritten_as"]]["backup_date"], after[d["rewritten_as"]]["time"]) == (
+            old["backup_date"],
+            old["time"],
+        )
         removed = new.source["removed"]
         assert removed == sorted([f"{p}/" for p in d["lost_folders"]] + d["lost_files"])
         target = tmp_path / d["id"][:8]
@@ -224,7 +227,8 @@ def test_repair_snapshots_removes_a_snapshot_whose_top_folder_is_lost(env, cli, 
         cli("restore", s["id"], tmp_path / s["short_id"])
         assert tree_state(tmp_path / s["short_id"] / name) == _expected_after(
             states[s["source"]["repaired_from"]] if "repaired_from" in s.get("source", {}) else states[s["id"]],
-            s.get("source", {}).get("removed", []))
+            s.get("source", {}).get("removed", []),
+        )
 
 
 def test_rewriting_is_repeatable_after_an_interruption(env, cli, two_days, tmp_path):
@@ -232,8 +236,11 @@ def test_rewriting_is_repeatable_after_an_interruption(env, cli, two_days, tmp_p
     keeps the rewrite already saved (no second copy) and removes the original."""
     pack = _damage_blob(env, _pick(env, "data"))
     cli("repair", "packs", pack)
-    o = _faulted(["repair", "snapshots", "--json"],
-                 Fault("delete", Action.FAIL, kinds=frozenset({Kind.SNAPSHOTS}), times=None), tmp_path)
+    o = _faulted(
+        ["repair", "snapshots", "--json"],
+        Fault("delete", Action.FAIL, kinds=frozenset({Kind.SNAPSHOTS}), times=None),
+        tmp_path,
+    )
     assert o.code == 1 and "could not delete snapshots/" in o.err, o.describe()
     first = {d["id"]: d["rewritten_as"] for d in json.loads(o.out)}
     assert set(first) <= {s["id"] for s in _snapshots(cli)}  # originals still there, beside their rewrites
@@ -292,8 +299,9 @@ def test_check_counts_authenticated_leftovers_as_a_warning(env, cli, two_days):
         obj.unlink()
     # an index of every pack but one: that one is left over
     infos = {i.name: i.size for i in repo.storage.list(Kind.PACKS)}
-    repo.save_full_index(PackIndex(bytes.fromhex(n), read_pack_header(repo, n, s)) for n, s in sorted(infos.items())
-                         if n != pack)
+    repo.save_full_index(
+        PackIndex(bytes.fromhex(n), read_pack_header(repo, n, s)) for n, s in sorted(infos.items()) if n != pack
+    )
     out, _ = cli("check", "--json", expect=1)  # the snapshots need that pack's blobs
     doc = json.loads(out)
     assert any("1 pack(s) not in any index" in w and "prune removes them" in w for w in doc["warnings"])

@@ -141,7 +141,9 @@ def test_junk_snapshot_object_does_not_hide_the_others(env, cli, backup, tmp_pat
     lines = r.stderr.splitlines()
     assert len(lines) == 2 and all(line.startswith("ibsync: snapshot object ") for line in lines), r.stderr
     for name in junk:
-        assert any(name[:12] in line and line.endswith("'ibsync repair snapshots' removes it") for line in lines), r.stderr
+        assert any(name[:12] in line and line.endswith("'ibsync repair snapshots' removes it") for line in lines), (
+            r.stderr
+        )
     cli("restore", "latest", tmp_path / "out")
     assert tree_state(tmp_path / "out" / backup.name) == tree_state(backup)
     repo = Repository.open(LocalStorage(env), lambda: PASSWORD)
@@ -157,8 +159,13 @@ def test_malformed_key_files_are_skipped(env, cli, caplog):
         "00" * 32: b"\xff not json",
         "01" * 32: b"[1, 2]",
         "02" * 32: json.dumps({"version": 1, "kdf": {"name": "argon2id"}}).encode(),
-        "03" * 32: json.dumps({"version": 1, "data": 5, "kdf": {"name": "argon2id", "memory_kib": "x",
-                                                             "iterations": 1, "lanes": 1, "salt": "AAAAAAAAAAA="}}).encode(),
+        "03" * 32: json.dumps(
+            {
+                "version": 1,
+                "data": 5,
+                "kdf": {"name": "argon2id", "memory_kib": "x", "iterations": 1, "lanes": 1, "salt": "AAAAAAAAAAA="},
+            }
+        ).encode(),
     }
     for name, data in planted.items():
         (env / "keys" / name).write_bytes(data)
@@ -179,25 +186,32 @@ def _limited(max_bytes: int):
 def _planted_key(kdf: dict, salt_bytes: int = 16) -> bytes:
     import base64
 
-    return json.dumps({"version": 1, "kdf": {"name": "argon2id", **kdf,
-                                             "salt": base64.b64encode(os.urandom(salt_bytes)).decode()},
-                       "data": base64.b64encode(os.urandom(100)).decode()}).encode()
+    return json.dumps(
+        {
+            "version": 1,
+            "kdf": {"name": "argon2id", **kdf, "salt": base64.b64encode(os.urandom(salt_bytes)).decode()},
+            "data": base64.b64encode(os.urandom(100)).decode(),
+        }
+    ).encode()
 
 
 def test_absurd_kdf_parameters_are_refused_without_deriving(env, cli):
     """In a real process with 2 GiB of address space: before the fix these ran for hours or
     ran out of memory before the real key was tried."""
     cli("init")
-    absurd = [{"iterations": 1_000_000, "memory_kib": 8192, "lanes": 1},
-              {"iterations": 1, "memory_kib": 64 << 20, "lanes": 1},
-              {"iterations": 1, "memory_kib": 1 << 16, "lanes": 1 << 20}]
+    absurd = [
+        {"iterations": 1_000_000, "memory_kib": 8192, "lanes": 1},
+        {"iterations": 1, "memory_kib": 64 << 20, "lanes": 1},
+        {"iterations": 1, "memory_kib": 1 << 16, "lanes": 1 << 20},
+    ]
     for i, kdf in enumerate(absurd):
         (env / "keys" / (f"{i:02x}" * 32)).write_bytes(_planted_key(kdf))
     (env / "keys" / ("0a" * 32)).write_bytes(_planted_key({"iterations": 1, "memory_kib": 8192, "lanes": 1}, 1 << 20))
     started = time.monotonic()
     try:
-        r = run_subprocess(["snapshots"], dict(os.environ), stdin=subprocess.DEVNULL, timeout=60,
-                           preexec_fn=_limited(2 << 30))
+        r = run_subprocess(
+            ["snapshots"], dict(os.environ), stdin=subprocess.DEVNULL, timeout=60, preexec_fn=_limited(2 << 30)
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("opening derived a planted key with absurd parameters")
     assert r.returncode == 0, r.stderr
@@ -212,7 +226,9 @@ def test_key_files_tried_are_capped(env, cli, monkeypatch):
     # well formed, as cheap as the real key, and named before it: keys are tried in name order,
     # and the real key's name is random ("00", "01", ... would let it come 20th in ~8 % of runs)
     for i in range(MAX_KEYS_TRIED + 5):
-        (env / "keys" / (f"000000{i:02x}" + "0" * 56)).write_bytes(make_key_file(stranger, f"other {i}", meta={}, kdf=FAST_KDF))
+        (env / "keys" / (f"000000{i:02x}" + "0" * 56)).write_bytes(
+            make_key_file(stranger, f"other {i}", meta={}, kdf=FAST_KDF)
+        )
     cli("snapshots")  # the key that opened it last time is tried first
     (env.parent / "cache" / "known-repositories.json").unlink(missing_ok=True)
     _, err = cli("snapshots", expect=4)  # a wrong password (ibsync.errors.EXIT_PASSWORD)
@@ -226,8 +242,14 @@ def test_slow_key_derivation_is_interruptible(env, cli):
     # within the accepted bounds (256 MiB x 16 passes), about 5-10 s here
     (env / "keys" / ("00" * 32)).write_bytes(_planted_key({"iterations": 16, "memory_kib": 256 << 10, "lanes": 1}))
     e = dict(os.environ, IBSYNC_PASSWORD="not the password")
-    proc = subprocess.Popen([sys.executable, "-m", "ibsync", "snapshots"], env=e, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ibsync", "snapshots"],
+        env=e,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(3)  # past start-up and the real key, inside the planted key's derivation
         assert proc.poll() is None, proc.communicate()
@@ -322,8 +344,17 @@ def test_failed_init_removes_its_key_file(env, cli):
     assert "not empty" in err
 
 
-@pytest.mark.parametrize("field,value", [("device", {"udid": 5}), ("device", {"name": "no udid"}), ("folder", ["a"]),
-                                         ("folder_mode", "x"), ("tree", "00"), ("summary", [1])])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("device", {"udid": 5}),
+        ("device", {"name": "no udid"}),
+        ("folder", ["a"]),
+        ("folder_mode", "x"),
+        ("tree", "00"),
+        ("summary", [1]),
+    ],
+)
 def test_snapshot_of_the_wrong_shape_is_skipped_not_a_crash(env, cli, backup, monkeypatch, field, value):
     # Anyone who can write an unencrypted repository writes snapshots: every field is checked once.
     monkeypatch.delenv("IBSYNC_PASSWORD")

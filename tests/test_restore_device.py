@@ -34,7 +34,9 @@ def device(content) -> SimDevice:
     return SimDevice.from_content(content)
 
 
-def restored_onto(connect, repo: str, snapshot, udid: str = "0" * 40, **options) -> tuple[SimDevice, SimLockdown, RestoreOutcome]:
+def restored_onto(
+    connect, repo: str, snapshot, udid: str = "0" * 40, **options
+) -> tuple[SimDevice, SimLockdown, RestoreOutcome]:
     blank = SimDevice(udid=udid)
     lockdown = connect(blank)
     outcome = ibsync.restore_to_device(lockdown, repo, snapshot, **options)

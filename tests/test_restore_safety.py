@@ -82,8 +82,15 @@ def save_snapshot(path: Path, build, *, folder: str = FOLDER, udid: str = UDID, 
     with repo.write_session() as session:
         w = Writer(session)
         root = w.tree(build(w), raw=raw)
-    snap = Snapshot(time=datetime.now(UTC), tree=root, device=DeviceInfo(udid=udid), backup_date=None,
-                    ios_encrypted=False, source={"kind": "folder", "path": "/crafted"}, folder=folder)
+    snap = Snapshot(
+        time=datetime.now(UTC),
+        tree=root,
+        device=DeviceInfo(udid=udid),
+        backup_date=None,
+        ios_encrypted=False,
+        source={"kind": "folder", "path": "/crafted"},
+        folder=folder,
+    )
     repo.save_snapshot(snap)
     repo.close()
     return snap
@@ -100,7 +107,9 @@ def state_outside(root: Path, *inside: Path) -> dict[str, tuple]:
         for name in dirnames + filenames:
             p = here / name
             st = p.lstat()
-            body = p.read_bytes() if stat.S_ISREG(st.st_mode) else (os.readlink(p) if stat.S_ISLNK(st.st_mode) else None)
+            body = (
+                p.read_bytes() if stat.S_ISREG(st.st_mode) else (os.readlink(p) if stat.S_ISLNK(st.st_mode) else None)
+            )
             out[str(p.relative_to(root))] = (stat.S_IFMT(st.st_mode), st.st_mode, st.st_mtime_ns, body)
     return out
 
@@ -122,9 +131,14 @@ def test_unsafe_names_are_refused_by_name_and_nothing_lands_outside(repo_path, c
     def build(w: Writer) -> list:
         return [
             w.file("Info.plist", b"good root file"),
-            w.dir("a", [w.file("ok.txt", b"good nested file"),
-                        w.file("../../../sentinel/deep.txt", b"escape from a folder"),
-                        w.file("x/../../../../sentinel/dotdot.txt", b"escape through a name with separators")]),
+            w.dir(
+                "a",
+                [
+                    w.file("ok.txt", b"good nested file"),
+                    w.file("../../../sentinel/deep.txt", b"escape from a folder"),
+                    w.file("x/../../../../sentinel/dotdot.txt", b"escape through a name with separators"),
+                ],
+            ),
             w.file("../../sentinel/pwned.txt", b"escape"),
             w.file(absolute, b"absolute"),
             w.file("..\\..\\windows.txt", b"windows separators"),
@@ -151,8 +165,17 @@ def test_unsafe_names_are_refused_by_name_and_nothing_lands_outside(repo_path, c
     assert (dest / "a" / "ok.txt").read_bytes() == b"good nested file"
     assert sorted(os.listdir(dest)) == ["Info.plist", "a"] and os.listdir(dest / "a") == ["ok.txt"]
     # every refused entry is named, escaped
-    for name in ("a/../../../sentinel/deep.txt", "a/x/../../../../sentinel/dotdot.txt", "../../sentinel/pwned.txt",
-                 absolute, "..\\..\\windows.txt", "nul\\x00name", "n" * 256, "'..'", "'.'"):
+    for name in (
+        "a/../../../sentinel/deep.txt",
+        "a/x/../../../../sentinel/dotdot.txt",
+        "../../sentinel/pwned.txt",
+        absolute,
+        "..\\..\\windows.txt",
+        "nul\\x00name",
+        "n" * 256,
+        "'..'",
+        "'.'",
+    ):
         assert name in err, name
     assert "path separator" in err and "NUL" in err and "256 bytes" in err
     assert err.strip().splitlines()[-1].startswith("ibsync: error: 9 entries of the snapshot refused")
@@ -163,14 +186,17 @@ def test_unsafe_names_are_refused_by_name_and_nothing_lands_outside(repo_path, c
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("folder, udid", [
-    ("../escaped", UDID),
-    ("", "../../escaped-udid"),
-    ("a/b", UDID),
-    ("ABSOLUTE", UDID),
-    ("..", UDID),
-    ("bad\\name", UDID),
-])
+@pytest.mark.parametrize(
+    "folder, udid",
+    [
+        ("../escaped", UDID),
+        ("", "../../escaped-udid"),
+        ("a/b", UDID),
+        ("ABSOLUTE", UDID),
+        ("..", UDID),
+        ("bad\\name", UDID),
+    ],
+)
 def test_unsafe_folder_name_is_refused_before_anything_is_created(repo_path, cli, tmp_path, folder, udid):
     if folder == "ABSOLUTE":
         folder = str(tmp_path / "outside" / "dev")
@@ -224,15 +250,29 @@ def test_crafted_trees_fail_per_entry_and_check_reports_them(repo_path, cli, tmp
     assert os.listdir(target) == [dest.parent.name]
     assert sorted(os.listdir(dest)) == ["Info.plist", "fine", "junk"] and os.listdir(dest / "junk") == []
     assert (dest / "fine" / "kept.txt").read_bytes() == b"kept"
-    for needle in ("'': refused: its name is empty", "'s': refused: its name appears 2 times",
-                   "'dup': refused: its name appears 2 times", "'badmode'", "'badtype'", "'badhex'",
-                   "'badlink'", "'emptylink'", "not a tree entry", "its name is not text",
-                   "'junk': its folder listing cannot be read"):
+    for needle in (
+        "'': refused: its name is empty",
+        "'s': refused: its name appears 2 times",
+        "'dup': refused: its name appears 2 times",
+        "'badmode'",
+        "'badtype'",
+        "'badhex'",
+        "'badlink'",
+        "'emptylink'",
+        "not a tree entry",
+        "its name is not text",
+        "'junk': its folder listing cannot be read",
+    ):
         assert needle in err, needle
 
     _, err = cli("check", expect=1)
-    for needle in ("'s' is unusable: its name appears 2 times", "'dup' is unusable", "'' is unusable",
-                   "'badtype' is unusable", "junk"):
+    for needle in (
+        "'s' is unusable: its name appears 2 times",
+        "'dup' is unusable",
+        "'' is unusable",
+        "'badtype' is unusable",
+        "junk",
+    ):
         assert needle in err, needle
 
 
@@ -302,12 +342,15 @@ def test_device_folder_that_is_a_symlink_is_not_written_through(repo_path, cli, 
 
 
 def test_setuid_setgid_and_sticky_bits_are_masked(repo_path, cli, tmp_path):
-    save_snapshot(repo_path, lambda w: [
-        w.file("Info.plist", b"x", mode=0o104755),  # setuid
-        w.file("g", b"y", mode=0o102750),  # setgid
-        w.dir("t", [w.file("f", b"z", mode=0o106644)], mode=0o041777),  # sticky folder
-        w.dir("sg", [], mode=0o042755),  # setgid folder
-    ])
+    save_snapshot(
+        repo_path,
+        lambda w: [
+            w.file("Info.plist", b"x", mode=0o104755),  # setuid
+            w.file("g", b"y", mode=0o102750),  # setgid
+            w.dir("t", [w.file("f", b"z", mode=0o106644)], mode=0o041777),  # sticky folder
+            w.dir("sg", [], mode=0o042755),  # setgid folder
+        ],
+    )
     target = tmp_path / "target"
     cli("restore", "latest", target)
     dest = target / FOLDER
@@ -336,11 +379,17 @@ def _with_extra(env: Path, snap: Snapshot, extra) -> Snapshot:
     return crafted
 
 
-@pytest.mark.parametrize("extra, named", [
-    (lambda w: [w.file("../../../escape.txt", b"x")], "'../../../escape.txt': refused: its name holds a path separator"),
-    (lambda w: [w.file("Info.plist", b"a second Info.plist")], "'Info.plist': refused: its name appears 2 times"),
-    (lambda w: [w.dir("..", [w.file("Manifest.db", b"x")])], "'..': refused: its name is '..'"),
-])
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (
+            lambda w: [w.file("../../../escape.txt", b"x")],
+            "'../../../escape.txt': refused: its name holds a path separator",
+        ),
+        (lambda w: [w.file("Info.plist", b"a second Info.plist")], "'Info.plist': refused: its name appears 2 times"),
+        (lambda w: [w.dir("..", [w.file("Manifest.db", b"x")])], "'..': refused: its name is '..'"),
+    ],
+)
 def test_restore_to_device_refuses_a_crafted_snapshot_before_the_device_asks(captured, connect, env, extra, named):
     phone, snap = captured
     crafted = _with_extra(env, snap, extra)
@@ -369,8 +418,11 @@ def test_restore_to_device_refuses_an_unsafe_device_folder(captured, connect, en
 def test_virtual_tree_never_lists_or_serves_an_unusable_entry(captured, env):
     """What the device could ask for while a restore or capture runs over a crafted snapshot."""
     _, snap = captured
-    crafted = _with_extra(env, snap, lambda w: [w.file("../escape", b"x"), w.file("two", b"1"), w.file("two", b"2"),
-                                                w.file("nul\0", b"x")])
+    crafted = _with_extra(
+        env,
+        snap,
+        lambda w: [w.file("../escape", b"x"), w.file("two", b"1"), w.file("two", b"2"), w.file("nul\0", b"x")],
+    )
     tree = VirtualTree(open_repository(env), snap.folder, crafted.tree)
     listed = tree.listdir(snap.folder)
     assert "../escape" not in listed and "two" not in listed and "nul\0" not in listed and "Manifest.db" in listed
@@ -382,16 +434,20 @@ def test_virtual_tree_never_lists_or_serves_an_unusable_entry(captured, env):
 def test_prune_keeps_the_data_of_refused_entries(repo_path, cli):
     """Refused entries are still the snapshot's: prune must not delete their data (a later
     ibsync, or repair, may yet recover them under a safe name)."""
-    snap = save_snapshot(repo_path, lambda w: [
-        w.file("ok", b"kept"),
-        w.file("../refused", b"refused but still referenced " * 100),
-        w.dir("..", [w.file("f", b"below a refused folder " * 100)]),
-    ])
+    snap = save_snapshot(
+        repo_path,
+        lambda w: [
+            w.file("ok", b"kept"),
+            w.file("../refused", b"refused but still referenced " * 100),
+            w.dir("..", [w.file("f", b"below a refused folder " * 100)]),
+        ],
+    )
     repo = open_repository(repo_path)
     refused_dir = next(e for e in repo.load_tree_entries(snap.tree) if e["name"] == "..")
     ids = [c for e in repo.load_tree_entries(snap.tree) if e["type"] == "file" for c in e["content"]]
-    ids += [refused_dir["subtree"]] + [c for e in repo.load_tree_entries(bytes.fromhex(refused_dir["subtree"]))
-                                       for c in e["content"]]
+    ids += [refused_dir["subtree"]] + [
+        c for e in repo.load_tree_entries(bytes.fromhex(refused_dir["subtree"])) for c in e["content"]
+    ]
     repo.close()
     cli("prune", "--repack-threshold", "0")
     repo = open_repository(repo_path)
@@ -422,8 +478,12 @@ def test_import_over_a_crafted_parent_neither_crashes_nor_keeps_its_bad_entries(
     src = copy_folder(MIT_BACKUP, tmp_path / "in" / "sample_backup")
     udid = read_backup_folder(src, allow_unfinished=True).device.udid
     # the "previous backup" of this phone, written by someone who chose its entries
-    crafted = save_snapshot(repo_path, lambda w: [w.file("Info.plist", b"x"), w.file("../evil", b"y"), 42,
-                                                  {"name": "Manifest.db", "type": "dir"}], udid=udid, raw=True)
+    crafted = save_snapshot(
+        repo_path,
+        lambda w: [w.file("Info.plist", b"x"), w.file("../evil", b"y"), 42, {"name": "Manifest.db", "type": "dir"}],
+        udid=udid,
+        raw=True,
+    )
     cli("import", "--allow-unfinished", src)
     cli("forget", crafted.id)
     cli("check")  # the new snapshot carries none of the parent's refused entries
@@ -437,8 +497,13 @@ def test_unreadable_data_is_not_called_refused_and_a_lost_top_folder_creates_not
         sub = Writer(session).tree([Writer(session).file("f", b"x")])
     pack = repo.index.get(sub).pack_id.hex()
     repo.close()
-    snap = save_snapshot(repo_path, lambda w: [
-        w.file("Info.plist", b"kept"), {"name": "d", "type": "dir", "mode": 0o40755, "mtime_ns": T, "subtree": sub.hex()}])
+    snap = save_snapshot(
+        repo_path,
+        lambda w: [
+            w.file("Info.plist", b"kept"),
+            {"name": "d", "type": "dir", "mode": 0o40755, "mtime_ns": T, "subtree": sub.hex()},
+        ],
+    )
     # the sub-folder's tree blob lost: data damage, not a refused entry
     (repo_path / "packs" / pack[:2] / pack).unlink()
     _, err = cli("restore", snap.id[:8], tmp_path / "out", expect=1)
@@ -468,8 +533,16 @@ def test_a_device_asking_for_host_files_during_a_restore_gets_none(captured, con
     asked: dict[str, bytes | None] = {}
 
     def ask_for_host_files(link, root: str) -> None:
-        paths = [str(secret), f"{root}/../../../../../..{secret}", f"{root}/../{root}/Info.plist",
-                 "/etc/passwd", f"{root}//Info.plist", f"{root}/./Info.plist", root, f"{root}/00"]
+        paths = [
+            str(secret),
+            f"{root}/../../../../../..{secret}",
+            f"{root}/../{root}/Info.plist",
+            "/etc/passwd",
+            f"{root}//Info.plist",
+            f"{root}/./Info.plist",
+            root,
+            f"{root}/00",
+        ]
         got, _ = link.download_files(paths, 100.0)
         asked.update(got)
 

@@ -44,8 +44,17 @@ class Made:
         return sum(self.blobs.values())
 
 
-def make_snapshot(repo_path: Path, *, files: int, blocks: tuple[int, int], block: int, seed: int = 1,
-                  compressible: bool = True, folders: int = 16, interleave: bool = False) -> Made:
+def make_snapshot(
+    repo_path: Path,
+    *,
+    files: int,
+    blocks: tuple[int, int],
+    block: int,
+    seed: int = 1,
+    compressible: bool = True,
+    folders: int = 16,
+    interleave: bool = False,
+) -> Made:
     """``files`` files of ``blocks`` blocks of ``block`` bytes each (every block unique), spread
     over ``folders`` folders, like a phone's many small multi-block sqlite databases. With
     ``interleave`` the blocks are stored round robin (every file's first block, then every
@@ -65,8 +74,11 @@ def make_snapshot(repo_path: Path, *, files: int, blocks: tuple[int, int], block
     counts: dict[str, int] = {}
     with repo.write_session() as session:
         ids: dict[tuple[int, int], bytes] = {}
-        order = [(i, b) for b in range(blocks[1]) for i in range(files)] if interleave else \
-            [(i, b) for i in range(files) for b in range(blocks[1])]
+        order = (
+            [(i, b) for b in range(blocks[1]) for i in range(files)]
+            if interleave
+            else [(i, b) for i in range(files) for b in range(blocks[1])]
+        )
         for i, b in order:
             if b < len(planned[i][2]):
                 ids[i, b] = session.save_blob(BlobType.DATA, planned[i][2][b])[0]
@@ -74,16 +86,32 @@ def make_snapshot(repo_path: Path, *, files: int, blocks: tuple[int, int], block
         for i, (folder, name, pieces) in enumerate(planned):
             data = b"".join(pieces)
             mode, mtime = 0o100644 if i % 3 else 0o100600, T + i * 1_000_003
-            by_folder.setdefault(folder, []).append({"name": name, "type": "file", "mode": mode, "mtime_ns": mtime,
-                                                     "size": len(data),
-                                                     "content": [ids[i, b].hex() for b in range(len(pieces))]})
+            by_folder.setdefault(folder, []).append(
+                {
+                    "name": name,
+                    "type": "file",
+                    "mode": mode,
+                    "mtime_ns": mtime,
+                    "size": len(data),
+                    "content": [ids[i, b].hex() for b in range(len(pieces))],
+                }
+            )
             made[f"{folder}/{name}"] = (data, mode & 0o777, mtime)
             counts[f"{folder}/{name}"] = len(pieces)
-        top = [{"name": f, "type": "dir", "mode": 0o40755, "mtime_ns": T - 1, "subtree": session.save_tree(e).hex()}
-               for f, e in by_folder.items()]
+        top = [
+            {"name": f, "type": "dir", "mode": 0o40755, "mtime_ns": T - 1, "subtree": session.save_tree(e).hex()}
+            for f, e in by_folder.items()
+        ]
         root = session.save_tree(top)
-    snap = Snapshot(time=datetime.now(UTC), tree=root, device=DeviceInfo(udid=FOLDER), backup_date=None,
-                    ios_encrypted=False, source={"kind": "folder", "path": "/generated"}, folder=FOLDER)
+    snap = Snapshot(
+        time=datetime.now(UTC),
+        tree=root,
+        device=DeviceInfo(udid=FOLDER),
+        backup_date=None,
+        ios_encrypted=False,
+        source={"kind": "folder", "path": "/generated"},
+        folder=FOLDER,
+    )
     repo.save_snapshot(snap)
     repo.close()
     return Made(snap, made, counts)
@@ -117,6 +145,7 @@ def _low_limit(n: int):
     def set_limit() -> None:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+
     return set_limit
 
 
@@ -130,12 +159,28 @@ def test_restore_under_a_low_open_file_limit(env, cli, tmp_path):
     cli("init")
     made = make_snapshot(env, files=2000, blocks=(2, 3), block=8 << 10, interleave=True)
     repo = open_repo(env)
-    assert len({repo.index.get(bytes.fromhex(c)).pack_id for e in repo.load_tree_entries(made.snapshot.tree)
-                for f in repo.load_tree_entries(bytes.fromhex(e["subtree"])) for c in f["content"]}) == 1
+    assert (
+        len(
+            {
+                repo.index.get(bytes.fromhex(c)).pack_id
+                for e in repo.load_tree_entries(made.snapshot.tree)
+                for f in repo.load_tree_entries(bytes.fromhex(e["subtree"]))
+                for c in f["content"]
+            }
+        )
+        == 1
+    )
     repo.close()
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "ibsync", "restore", "latest", str(out), "--json"], env=dict(os.environ),
-                       capture_output=True, text=True, preexec_fn=_low_limit(64), timeout=300, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "ibsync", "restore", "latest", str(out), "--json"],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        preexec_fn=_low_limit(64),
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     assert json_of(r.stdout)["files"] == 2000
     assert_restored(out / FOLDER, made)
@@ -166,8 +211,14 @@ sys.exit(main(sys.argv[1:]))
 
 def killed_restore(args: list, at: int, how: str = "SIGKILL") -> subprocess.CompletedProcess:
     env = {**os.environ, "KILL_AT_PACK_READ": str(at), "KILL_WITH": how}
-    return subprocess.run([sys.executable, "-c", _KILLER, *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", _KILLER, *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", "SIGTERM"])
@@ -289,8 +340,11 @@ def test_failed_files_are_named_the_rest_restored_and_nothing_moved_into_place(e
     before = restored_files(out / FOLDER)
     # one pack goes missing for a while
     repo = open_repo(env)
-    entries = {f"{e['name']}/{f['name']}": f for e in repo.load_tree_entries(made.snapshot.tree)
-               for f in repo.load_tree_entries(bytes.fromhex(e["subtree"]))}
+    entries = {
+        f"{e['name']}/{f['name']}": f
+        for e in repo.load_tree_entries(made.snapshot.tree)
+        for f in repo.load_tree_entries(bytes.fromhex(e["subtree"]))
+    }
     repo.close()
     pack = _pack_of(env, next(iter(entries.values()))["content"][0])
     hidden = tmp_path / "hidden-pack"
@@ -341,8 +395,15 @@ def test_memory_per_file_stays_small(env, cli, tmp_path):
     cli("init")
     make_snapshot(env, files=60_000, blocks=(1, 1), block=200, folders=256)
     out = tmp_path / "out"
-    r, peak = ibsync_peak_rss(["restore", "latest", str(out), "--quiet"], dict(os.environ), tmp_path,
-                              capture_output=True, text=True, timeout=900, check=False)
+    r, peak = ibsync_peak_rss(
+        ["restore", "latest", str(out), "--quiet"],
+        dict(os.environ),
+        tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     assert peak < 100_000 * 1024, f"{peak >> 10} KiB peak for 60,000 files"
     assert sum(len(files) for _, _, files in os.walk(out / FOLDER)) == 60_000

@@ -23,11 +23,14 @@ def test_copy_carries_no_data_of_the_entries_it_leaves_out(repo_path, cli, tmp_p
     rule, 'keep what refused entries name'), and failed the whole copy when a refused entry
     named a blob the source does not have."""
     missing = "ab" * 32
-    snap = save_snapshot(repo_path, lambda w: [
-        w.file("Info.plist", b"kept"),
-        w.file("../escape.txt", b"left out, never sent " * 50),
-        {"name": "../ghost", "type": "file", "mode": 0o100644, "mtime_ns": 0, "size": 1, "content": [missing]},
-    ])
+    snap = save_snapshot(
+        repo_path,
+        lambda w: [
+            w.file("Info.plist", b"kept"),
+            w.file("../escape.txt", b"left out, never sent " * 50),
+            {"name": "../ghost", "type": "file", "mode": 0o100644, "mtime_ns": 0, "size": 1, "content": [missing]},
+        ],
+    )
     repo = open_repository(repo_path)
     left_out = next(e for e in repo.load_tree_entries(snap.tree) if e["name"] == "../escape.txt")["content"][0]
     repo.close()

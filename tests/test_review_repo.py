@@ -20,8 +20,9 @@ from conftest import MIT_BACKUP
 
 
 def _pack(n: int) -> index_format.PackIndex:
-    return index_format.PackIndex(os.urandom(32), [PackedBlob(BlobType.DATA, os.urandom(32), i * 10, 10, 20, True)
-                                                   for i in range(n)])
+    return index_format.PackIndex(
+        os.urandom(32), [PackedBlob(BlobType.DATA, os.urandom(32), i * 10, 10, 20, True) for i in range(n)]
+    )
 
 
 def test_index_object_with_a_bad_last_pack_yields_nothing():

@@ -40,7 +40,13 @@ def test_encrypted_repository_reveals_no_names(env, cli, tmp_path):
     cli("init")
     cli("import", src, "--allow-unfinished")
     blob = b"".join(p.read_bytes() for p in env.rglob("*") if p.is_file())
-    for needle in (b"Manifest.db", b"sample_backup", b"12e90d5b620bbdeaaa88de34607ebf880fa708f5", b"HomeDomain", b"SQLite"):
+    for needle in (
+        b"Manifest.db",
+        b"sample_backup",
+        b"12e90d5b620bbdeaaa88de34607ebf880fa708f5",
+        b"HomeDomain",
+        b"SQLite",
+    ):
         assert needle not in blob
 
 
@@ -59,6 +65,12 @@ def test_manifest_db_opened_without_side_files(env, cli, tmp_path):
     try:
         cli("init")
         cli("import", src, "--allow-unfinished")
-        assert sorted(p.name for p in src.iterdir()) == ["12", "Info.plist", "Manifest.db", "Manifest.plist", "Status.plist"]
+        assert sorted(p.name for p in src.iterdir()) == [
+            "12",
+            "Info.plist",
+            "Manifest.db",
+            "Manifest.plist",
+            "Status.plist",
+        ]
     finally:
         os.chmod(src, 0o755)

@@ -31,8 +31,9 @@ DEVICE_NAME = "Zelda's Secret iPhone"
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("secret-src"), seed=23, size_bytes=4 << 20, udid=UDID,
-                    device_name=DEVICE_NAME)
+    return generate(
+        tmp_path_factory.mktemp("secret-src"), seed=23, size_bytes=4 << 20, udid=UDID, device_name=DEVICE_NAME
+    )
 
 
 def needles(folder: Path) -> dict[bytes, str]:
@@ -62,11 +63,11 @@ def needles(folder: Path) -> dict[bytes, str]:
     for p in rnd.sample(payloads, min(25, len(payloads))):
         data = p.read_bytes()
         start = rnd.randrange(len(data) - 64)
-        found[data[start:start + 48]] = f"content of {p.name}"
+        found[data[start : start + 48]] = f"content of {p.name}"
         packed = zstandard.ZstdCompressor(level=3).compress(data)
         if len(packed) > 200:
             mid = len(packed) // 2
-            found[packed[mid:mid + 32]] = f"zstd content of {p.name}"
+            found[packed[mid : mid + 32]] = f"zstd content of {p.name}"
     found[PASSWORD.encode()] = "the password"
     return found
 
@@ -78,16 +79,29 @@ def leaks(data: bytes, wanted: dict[bytes, str]) -> set[str]:
 def test_nothing_readable_in_repository_cache_or_output(seaweedfs_server, folder, tmp_path, monkeypatch, cli):
     monkeypatch.setenv("IBSYNC_PASSWORD", PASSWORD)
     monkeypatch.setenv("IBSYNC_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr("ibsync.format.crypto.DEFAULT_KDF", {"name": "argon2id", "memory_kib": 8192, "iterations": 1, "lanes": 1})
+    monkeypatch.setattr(
+        "ibsync.format.crypto.DEFAULT_KDF", {"name": "argon2id", "memory_kib": 8192, "iterations": 1, "lanes": 1}
+    )
     url = seaweedfs_server.new_url("secrets")
     configure(tmp_path, monkeypatch, seaweedfs_server, "remote", url)
     wanted = needles(folder)
     assert len(wanted) > 100
 
     outputs = []
-    for args in (["init"], ["import", folder], ["import", folder, "--json"], ["snapshots"], ["snapshots", "--json"],
-                 ["check", "--read-data"], ["check", "--json"], ["stats"], ["stats", "--json"],
-                 ["restore", "latest", tmp_path / "out"], ["key", "list"], ["key", "list", "--json"]):
+    for args in (
+        ["init"],
+        ["import", folder],
+        ["import", folder, "--json"],
+        ["snapshots"],
+        ["snapshots", "--json"],
+        ["check", "--read-data"],
+        ["check", "--json"],
+        ["stats"],
+        ["stats", "--json"],
+        ["restore", "latest", tmp_path / "out"],
+        ["key", "list"],
+        ["key", "list", "--json"],
+    ):
         outputs.append(cli(*args, "--repo", "remote"))
     monkeypatch.setenv("IBSYNC_PASSWORD", "not " + PASSWORD)
     outputs.append(cli("snapshots", "--repo", "remote", expect=1))
@@ -114,14 +128,20 @@ def test_nothing_readable_in_repository_cache_or_output(seaweedfs_server, folder
 def test_lock_objects_hold_no_secret(tmp_path, folder):
     """A lock names host, user, pid and command: sealed like a snapshot, so none of it is
     readable, and the password is nowhere in it."""
-    env = {**os.environ, "IBSYNC_PASSWORD": PASSWORD, "IBSYNC_REPO": str(tmp_path / "repo"),
-           "IBSYNC_CACHE_DIR": str(tmp_path / "cache")}
+    env = {
+        **os.environ,
+        "IBSYNC_PASSWORD": PASSWORD,
+        "IBSYNC_REPO": str(tmp_path / "repo"),
+        "IBSYNC_CACHE_DIR": str(tmp_path / "cache"),
+    }
     env.pop("IBSYNC_CONFIG", None)
     subprocess.run([sys.executable, "-m", "ibsync", "init"], env=env, check=True, capture_output=True)
-    code = ("import os\nfrom ibsync.repo.repository import Repository\nfrom ibsync.repo.lock import RepoLock\n"
-            "from ibsync.storage import LocalStorage\n"
-            "r = Repository.open(LocalStorage(os.environ['IBSYNC_REPO']), lambda: os.environ['IBSYNC_PASSWORD'])\n"
-            "RepoLock(r, exclusive=False, command='import').acquire()\nos._exit(0)\n")
+    code = (
+        "import os\nfrom ibsync.repo.repository import Repository\nfrom ibsync.repo.lock import RepoLock\n"
+        "from ibsync.storage import LocalStorage\n"
+        "r = Repository.open(LocalStorage(os.environ['IBSYNC_REPO']), lambda: os.environ['IBSYNC_PASSWORD'])\n"
+        "RepoLock(r, exclusive=False, command='import').acquire()\nos._exit(0)\n"
+    )
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     locks = list((tmp_path / "repo" / "locks").iterdir())
     assert locks
@@ -156,17 +176,25 @@ def test_password_not_on_any_command_line(tmp_path):
     """ps shows command lines: a running import (and the key-derivation helper it starts)
     carries the password in its environment or a pipe, never in argv."""
     big = generate(tmp_path / "src", seed=24, size_bytes=48 << 20)
-    env = {**os.environ, "IBSYNC_PASSWORD": PASSWORD, "IBSYNC_REPO": str(tmp_path / "repo"),
-           "IBSYNC_CACHE_DIR": str(tmp_path / "cache")}
+    env = {
+        **os.environ,
+        "IBSYNC_PASSWORD": PASSWORD,
+        "IBSYNC_REPO": str(tmp_path / "repo"),
+        "IBSYNC_CACHE_DIR": str(tmp_path / "cache"),
+    }
     env.pop("IBSYNC_CONFIG", None)
     # a key derivation heavy enough to run in its helper process, which gets the password too
     from ibsync.repo.repository import Repository
     from ibsync.storage import LocalStorage
 
-    Repository.init(LocalStorage(tmp_path / "repo"), PASSWORD,
-                    kdf={"name": "argon2id", "memory_kib": 256 << 10, "iterations": 2, "lanes": 1})
-    proc = subprocess.Popen([sys.executable, "-m", "ibsync", "import", str(big)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    Repository.init(
+        LocalStorage(tmp_path / "repo"),
+        PASSWORD,
+        kdf={"name": "argon2id", "memory_kib": 256 << 10, "iterations": 2, "lanes": 1},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ibsync", "import", str(big)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     seen: dict[int, bytes] = {}
     while proc.poll() is None:
         for pid in _descendants(proc.pid):

@@ -104,8 +104,15 @@ def fake_server(tmp_path: Path, code: str) -> Server:
     def never_ready() -> None:
         raise ConnectionRefusedError("nothing listens")
 
-    return Server(kind="fake", options={}, workdir=tmp_path, root="fake://x", ports=[1],
-                  argv=[sys.executable, "-c", code], probe=never_ready)
+    return Server(
+        kind="fake",
+        options={},
+        workdir=tmp_path,
+        root="fake://x",
+        ports=[1],
+        argv=[sys.executable, "-c", code],
+        probe=never_ready,
+    )
 
 
 def test_server_that_exits_reports_its_log(tmp_path: Path) -> None:
@@ -116,9 +123,11 @@ def test_server_that_exits_reports_its_log(tmp_path: Path) -> None:
 
 
 def test_server_never_ready_times_out_and_is_killed(tmp_path: Path) -> None:
-    code = ("import os, subprocess, sys, time; print('still booting', flush=True);"
-            "child = subprocess.Popen([sys.executable, '-c', 'import os, time; os.setsid(); time.sleep(60)']);"
-            "open('pids', 'w').write(f'{os.getpid()} {child.pid}'); time.sleep(60)")
+    code = (
+        "import os, subprocess, sys, time; print('still booting', flush=True);"
+        "child = subprocess.Popen([sys.executable, '-c', 'import os, time; os.setsid(); time.sleep(60)']);"
+        "open('pids', 'w').write(f'{os.getpid()} {child.pid}'); time.sleep(60)"
+    )
     server = fake_server(tmp_path, code)
     with pytest.raises(ServerUnavailable, match=r"(?s)not ready after 1 s.*ConnectionRefusedError.*still booting"):
         server.start(timeout=1)

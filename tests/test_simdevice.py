@@ -70,7 +70,9 @@ def restore(lockdown: SimLockdown, parent: Path, source: str, password: str = ""
 def folder_rows(device_dir: Path) -> dict[str, tuple[str, str, int]]:
     con = sqlite3.connect(f"file:{device_dir / 'Manifest.db'}?mode=ro&immutable=1", uri=True)
     try:
-        return {fid: (d, p, fl) for fid, d, p, fl in con.execute("SELECT fileID, domain, relativePath, flags FROM Files")}
+        return {
+            fid: (d, p, fl) for fid, d, p, fl in con.execute("SELECT fileID, domain, relativePath, flags FROM Files")
+        }
     finally:
         con.close()
 
@@ -112,9 +114,11 @@ def test_full_backup_writes_a_valid_folder_matching_the_device(device, connect, 
     assert all(name.startswith(f"{device.udid}/Snapshot/") for name in log.uploaded)
     assert log.sent.count("DLMessageMoveItems") == len(device.payloads()) + 1
     assert log.removed[-1] == f"{device.udid}/Snapshot"
-    assert log.host_notifications[:3] == ["com.apple.itunes-mobdev.syncWillStart",
-                                          "com.apple.itunes-mobdev.syncLockRequest",
-                                          "com.apple.itunes-mobdev.syncDidStart"]
+    assert log.host_notifications[:3] == [
+        "com.apple.itunes-mobdev.syncWillStart",
+        "com.apple.itunes-mobdev.syncLockRequest",
+        "com.apple.itunes-mobdev.syncDidStart",
+    ]
     info = plistlib.loads((device_dir / "Info.plist").read_bytes())
     assert info["Installed Applications"] == device.installed_apps()
     assert set(info["Applications"]) == set(device.installed_apps())
@@ -128,8 +132,10 @@ def test_incremental_backup_sends_only_what_changed(device, connect, tmp_path):
     device_dir = backup(lockdown, tmp_path, full=False)
     log = lockdown.log
     assert log.backups == ["incremental"]
-    assert log.downloaded == [[f"{device.udid}/Status.plist"],
-                              [f"{device.udid}/Manifest.plist", f"{device.udid}/Manifest.db"]]
+    assert log.downloaded == [
+        [f"{device.udid}/Status.plist"],
+        [f"{device.udid}/Manifest.plist", f"{device.udid}/Manifest.db"],
+    ]
     assert sorted(log.uploaded_payloads()) == sorted([changed, added])
     assert f"{device.udid}/{deleted[:2]}/{deleted}" in log.removed
     assert_folder_matches(device_dir, device)
@@ -299,8 +305,10 @@ def test_passcode_prompt_holds_the_backup_until_entered(device, connect, tmp_pat
     with caplog.at_level(logging.WARNING):
         asyncio.run(scenario())
     assert "Please enter the device passcode" in caplog.text  # pymobiledevice3 saw the notification
-    assert lockdown.log.relayed == ["com.apple.LocalAuthentication.ui.presented",
-                                    "com.apple.LocalAuthentication.ui.dismissed"]
+    assert lockdown.log.relayed == [
+        "com.apple.LocalAuthentication.ui.presented",
+        "com.apple.LocalAuthentication.ui.dismissed",
+    ]
     assert_folder_matches(tmp_path / device.udid, device)
 
 

@@ -87,8 +87,12 @@ def wait_for(probe: Callable[[], Any], timeout: float = 5.0) -> Any:
 
 
 def expected_values(device: SimDevice) -> dict[str, Any]:
-    return {**device.lockdown_values(), "DevicePublicKey": device_public_key_pem(device.udid),
-            "WiFiAddress": wifi_address(device.udid), "ProtocolVersion": "2"}
+    return {
+        **device.lockdown_values(),
+        "DevicePublicKey": device_public_key_pem(device.udid),
+        "WiFiAddress": wifi_address(device.udid),
+        "ProtocolVersion": "2",
+    }
 
 
 # ---- discovery ----------------------------------------------------------------------------------------------
@@ -136,8 +140,9 @@ def test_connect_refuses_unknown_devices_and_ports(mux, device):
 
 def test_autopair_then_the_usbmuxd_record_is_enough(mux, device, tmp_path):
     async def run() -> None:
-        lockdown = await create_using_usbmux(serial=device.udid, autopair=True,
-                                             pairing_records_cache_folder=tmp_path / "cache")
+        lockdown = await create_using_usbmux(
+            serial=device.udid, autopair=True, pairing_records_cache_folder=tmp_path / "cache"
+        )
         async with lockdown:
             assert lockdown.paired and lockdown.udid == device.udid
             assert lockdown.all_values == expected_values(device)
@@ -147,8 +152,9 @@ def test_autopair_then_the_usbmuxd_record_is_enough(mux, device, tmp_path):
         assert saved is not None and saved["HostID"] in mux.attachment(device.udid).lockdownd.trusted_hosts()
         assert (tmp_path / "cache" / f"{device.udid}.plist").exists()
         # a second client with an empty cache finds usbmuxd's record (ReadPairRecord) and needs no Pair
-        async with await create_using_usbmux(serial=device.udid, autopair=False,
-                                             pairing_records_cache_folder=tmp_path / "empty") as again:
+        async with await create_using_usbmux(
+            serial=device.udid, autopair=False, pairing_records_cache_folder=tmp_path / "empty"
+        ) as again:
             assert again.paired and again.all_values == expected_values(device)
 
     asyncio.run(run())
@@ -158,8 +164,9 @@ def test_autopair_then_the_usbmuxd_record_is_enough(mux, device, tmp_path):
 
 def test_unpaired_device_shows_only_public_values(mux, device, tmp_path):
     async def run() -> None:
-        async with await create_using_usbmux(serial=device.udid, autopair=False,
-                                             pairing_records_cache_folder=tmp_path / "cache") as lockdown:
+        async with await create_using_usbmux(
+            serial=device.udid, autopair=False, pairing_records_cache_folder=tmp_path / "cache"
+        ) as lockdown:
             assert not lockdown.paired
             assert lockdown.all_values == {k: v for k, v in expected_values(device).items() if k in PUBLIC_KEYS}
             with pytest.raises(NotPairedError):
@@ -179,8 +186,9 @@ def test_old_ios_and_the_other_lockdown_requests(version, tls, tmp_path, monkeyp
         monkeypatch.setenv(ENV_VAR, mux.address)
 
         async def run() -> None:
-            async with await create_using_usbmux(serial=device.udid, autopair=True,
-                                                 pairing_records_cache_folder=tmp_path / "cache") as lockdown:
+            async with await create_using_usbmux(
+                serial=device.udid, autopair=True, pairing_records_cache_folder=tmp_path / "cache"
+            ) as lockdown:
                 assert lockdown.service.writer.get_extra_info("ssl_object").version() == tls
                 await lockdown.set_value("on", "com.example.sim", "Switch")
                 assert await lockdown.get_value("com.example.sim") == {"Switch": "on"}
@@ -209,8 +217,9 @@ def test_mobilebackup2_backup_over_usbmuxd(mux, device, records, tmp_path):
     mux.pair(device.udid, record_for(records, device))
 
     async def run() -> None:
-        lockdown = await create_using_usbmux(serial=device.udid, autopair=False,
-                                             pairing_records_cache_folder=tmp_path / "cache")
+        lockdown = await create_using_usbmux(
+            serial=device.udid, autopair=False, pairing_records_cache_folder=tmp_path / "cache"
+        )
         async with lockdown, Mobilebackup2Service(lockdown) as service:
             assert lockdown.paired
             await service.backup(full=True, backup_directory=tmp_path / "backup")
@@ -219,8 +228,11 @@ def test_mobilebackup2_backup_over_usbmuxd(mux, device, records, tmp_path):
     assert_folder_matches(tmp_path / "backup" / device.udid, device)
     attachment = mux.attachment(device.udid)
     granted = attachment.lockdownd.granted
-    assert {name for name, _ in granted} >= {"com.apple.mobilebackup2", "com.apple.afc",
-                                             "com.apple.mobile.notification_proxy"}
+    assert {name for name, _ in granted} >= {
+        "com.apple.mobilebackup2",
+        "com.apple.afc",
+        "com.apple.mobile.notification_proxy",
+    }
     assert all(tls for _, tls in granted), "every service ran over TLS (EnableServiceSSL)"
     assert sorted(attachment.log.services) == sorted(name for name, _ in granted)
     assert attachment.log.backups == ["full"]
@@ -234,14 +246,23 @@ def test_pymobiledevice3_cli_finds_the_device_through_the_environment(device, re
     with run_sim_usbmuxd([device], tmp_path / "mux", pair_records={device.udid: record_for(records, device)}) as mux:
         env.update(mux.env(home=tmp_path / "home"))
         commands = {"list": ["usbmux", "list"], "info": ["lockdown", "info"]}
-        procs = {k: subprocess.Popen([sys.executable, "-m", "pymobiledevice3", *args], env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k, args in commands.items()}
+        procs = {
+            k: subprocess.Popen(
+                [sys.executable, "-m", "pymobiledevice3", *args],
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for k, args in commands.items()
+        }
         outs = {k: p.communicate(timeout=60) + (p.returncode,) for k, p in procs.items()}
     for name, (out, err, rc) in outs.items():
         assert rc == 0, f"pymobiledevice3 {' '.join(commands[name])} exited {rc}\n{out}\n{err}"
     listed = json.loads(outs["list"][0])
     assert [(d["UniqueDeviceID"], d["ConnectionType"], d["DeviceName"]) for d in listed] == [
-        (device.udid, "USB", device.name)]
+        (device.udid, "USB", device.name)
+    ]
     info = json.loads(outs["info"][0])
     assert info["UniqueDeviceID"] == device.udid and info["SerialNumber"] == device.serial_number
     # paired through usbmuxd's record: nothing was written into the (redirected) home folder

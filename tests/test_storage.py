@@ -1,4 +1,3 @@
-
 from ibsync.storage import LocalStorage, open_storage
 from ibsync.storage.base import Kind
 from ibsync.storage.local import TEMP_PREFIX

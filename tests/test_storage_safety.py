@@ -37,6 +37,7 @@ samba_server = server_fixture("samba")
 seaweedfs_server = server_fixture("seaweedfs")
 wsgidav_server = server_fixture("wsgidav")
 
+
 @pytest.fixture(autouse=True)
 def private_tempdir(tmp_path, monkeypatch):
     """Staging files of other ibsync processes on this machine (killed ones included) stay out
@@ -284,7 +285,11 @@ def test_fifo_in_place_of_an_object_errs_at_once(tmp_path, kind, mode):
     s = local(tmp_path / "repo", mode)
     name = "config" if kind is Kind.CONFIG else HEX
     s.put(kind, name, b"real")
-    path = tmp_path / "repo" / (name if kind is Kind.CONFIG else f"{kind.value}/{'ab/' if kind is Kind.PACKS else ''}{name}")
+    path = (
+        tmp_path
+        / "repo"
+        / (name if kind is Kind.CONFIG else f"{kind.value}/{'ab/' if kind is Kind.PACKS else ''}{name}")
+    )
     path.unlink()
     os.mkfifo(path)
     try:
@@ -458,7 +463,12 @@ def test_local_stale_temporary_objects_are_removed_by_age(tmp_path, mode):
     s = local(root, mode)
     s.put(Kind.PACKS, HEX, b"pack")
     s.put(Kind.CONFIG, "config", b"{}")
-    old = [root / "packs" / "ab" / ".tmp-old1", root / "packs" / ".tmp-old2", root / "snapshots" / ".tmp-old3", root / ".tmp-old4"]
+    old = [
+        root / "packs" / "ab" / ".tmp-old1",
+        root / "packs" / ".tmp-old2",
+        root / "snapshots" / ".tmp-old3",
+        root / ".tmp-old4",
+    ]
     new = [root / "packs" / "ab" / ".tmp-new1", root / "index" / ".tmp-new2"]
     for p in old + new:
         p.parent.mkdir(exist_ok=True)
@@ -550,9 +560,13 @@ def test_refused_login_is_not_retried(sshd_server, tmp_path, monkeypatch, wrong)
     stranger = tmp_path / "stranger_ed25519"
     stranger.write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_private_key())
     other_hosts = tmp_path / "known_hosts"
-    other_hosts.write_text(f"[127.0.0.1]:{sshd_server.port} {asyncssh.generate_private_key('ssh-ed25519').export_public_key().decode()}")
+    other_hosts.write_text(
+        f"[127.0.0.1]:{sshd_server.port} {asyncssh.generate_private_key('ssh-ed25519').export_public_key().decode()}"
+    )
     options = dict(sshd_server.options)
-    options["client_keys" if wrong == "client key" else "known_hosts"] = [str(stranger)] if wrong == "client key" else str(other_hosts)
+    options["client_keys" if wrong == "client key" else "known_hosts"] = (
+        [str(stranger)] if wrong == "client key" else str(other_hosts)
+    )
     started = time.monotonic()
     with pytest.raises(StorageError) as raised:
         open_storage(sshd_server.new_url("refused"), options)
@@ -561,8 +575,13 @@ def test_refused_login_is_not_retried(sshd_server, tmp_path, monkeypatch, wrong)
 
 
 def test_unreachable_sftp_server_from_the_cli(tmp_path):
-    env = {**os.environ, "IBSYNC_REPO": f"sftp://someone@127.0.0.1:{closed_port()}/repo", "IBSYNC_PASSWORD": "pw",
-           "IBSYNC_CACHE_DIR": str(tmp_path / "c"), "IBSYNC_RETRY_SECONDS": "1"}
+    env = {
+        **os.environ,
+        "IBSYNC_REPO": f"sftp://someone@127.0.0.1:{closed_port()}/repo",
+        "IBSYNC_PASSWORD": "pw",
+        "IBSYNC_CACHE_DIR": str(tmp_path / "c"),
+        "IBSYNC_RETRY_SECONDS": "1",
+    }
     done = run_subprocess(["snapshots"], env, timeout=120)
     assert done.returncode == 1, done.stderr
     # the retry policy's one warning when it starts waiting, then the one-line error
@@ -641,7 +660,9 @@ def test_an_object_deleted_while_its_folder_is_listed_is_skipped(tmp_path, monke
     def racing(e):
         if e.name == names[1]:
             # by its full path: e.path is only the name when the folder was listed by descriptor
-            os.unlink(tmp_path / "repo" / "locks" / e.name)  # gone just before its stat, as when another process deletes it
+            os.unlink(
+                tmp_path / "repo" / "locks" / e.name
+            )  # gone just before its stat, as when another process deletes it
         return real(e)
 
     monkeypatch.setattr(folders, "_entry", racing)

@@ -55,18 +55,43 @@ def _old_literals() -> list[dict]:
     out = []
     for i in range(60):  # fileID files of one blob: most of a phone
         name = hashlib.sha1(f"HomeDomain-file-{i}".encode()).hexdigest()
-        out.append({"name": name, "type": "file", "mode": 0o100644, "mtime_ns": MTIME + i, "size": 100 + i,
-                    "content": [_id(f"blob {i}")]})
-    out.append({"name": "Manifest.db", "type": "file", "mode": 0o100644, "mtime_ns": MTIME, "size": 40 << 15,
-                "content": [_id(f"block {k}") for k in range(40)]})  # more than 32 ids: an id list
+        out.append(
+            {
+                "name": name,
+                "type": "file",
+                "mode": 0o100644,
+                "mtime_ns": MTIME + i,
+                "size": 100 + i,
+                "content": [_id(f"blob {i}")],
+            }
+        )
+    out.append(
+        {
+            "name": "Manifest.db",
+            "type": "file",
+            "mode": 0o100644,
+            "mtime_ns": MTIME,
+            "size": 40 << 15,
+            "content": [_id(f"block {k}") for k in range(40)],
+        }
+    )  # more than 32 ids: an id list
     out.append({"name": "Status.plist", "type": "file", "mode": 0o100600, "mtime_ns": -5, "size": 0, "content": []})
     out.append({"name": "00", "type": "dir", "mode": 0o040755, "mtime_ns": MTIME, "subtree": _id("tree 00")})
     out.append({"name": "empty", "type": "dir", "mode": 0o040700, "mtime_ns": 0, "subtree": None})
     out.append({"name": "link", "type": "symlink", "mode": 0o120777, "mtime_ns": MTIME, "target": "Info.plist"})
-    out.append({"name": "Caf\u00e9 n\u00e4me", "type": "file", "mode": 0o100644, "mtime_ns": MTIME, "size": 1,
-                "content": [_id("cafe")]})
-    out.append({"name": "raw\udcff", "type": "file", "mode": 0o100644, "mtime_ns": MTIME, "size": 2,
-                "content": [_id("raw")]})  # a non-UTF-8 name from a Linux folder
+    out.append(
+        {
+            "name": "Caf\u00e9 n\u00e4me",
+            "type": "file",
+            "mode": 0o100644,
+            "mtime_ns": MTIME,
+            "size": 1,
+            "content": [_id("cafe")],
+        }
+    )
+    out.append(
+        {"name": "raw\udcff", "type": "file", "mode": 0o100644, "mtime_ns": MTIME, "size": 2, "content": [_id("raw")]}
+    )  # a non-UTF-8 name from a Linux folder
     return out
 
 
@@ -106,8 +131,11 @@ OLD_FORMAT2_SMALL = bytes.fromhex(
     "b0f1292375d7304acc3f5d8a6ecc7e0c720895a46c696e6b02cda1ffcf17979cfe3d85cd15aa496e666f2e706c697374"
 )
 # entries readers refuse (only repair hands them back) or the positional form cannot hold: JSON text
-REFUSED = [{"name": "weird", "type": "fifo", "mode": 4480, "mtime_ns": 1}, "not a dict",
-           {"name": "UP", "type": "file", "mode": 0o100644, "mtime_ns": 1, "size": 1, "content": ["AB" * 32]}]
+REFUSED = [
+    {"name": "weird", "type": "fifo", "mode": 4480, "mtime_ns": 1},
+    "not a dict",
+    {"name": "UP", "type": "file", "mode": 0o100644, "mtime_ns": 1, "size": 1, "content": ["AB" * 32]},
+]
 OLD_FORMAT2_REFUSED = bytes.fromhex(
     "93010093ac226e6f742061206469637422d98d7b226e616d65223a225550222c2274797065223a2266696c65222c226d6f6465223a33"
     "333138382c226d74696d655f6e73223a312c2273697a65223a312c22636f6e74656e74223a5b22414241424142414241424142414241"
@@ -210,8 +238,9 @@ def test_entries_stored_as_json_text_do_not_depend_on_key_order(seed):
 def test_canonical_entry_orders_fields_and_keeps_what_it_cannot_judge():
     d = file_entry("a", 0o100644, 1, 2, ["00" * 32])
     assert canonical_entry(d) is d  # already canonical: no copy (the hot path)
-    back = canonical_entry({"content": d["content"], "size": 2, "mtime_ns": 1, "mode": 0o100644, "type": "file",
-                            "name": "a"})
+    back = canonical_entry(
+        {"content": d["content"], "size": 2, "mtime_ns": 1, "mode": 0o100644, "type": "file", "name": "a"}
+    )
     assert list(back.items()) == list(d.items())
     for other in ("text", 5, None, {"name": "x", "type": "fifo", "zzz": 1, "name2": 2}):
         assert canonical_entry(other) is other  # refused by every reader, whatever it holds
@@ -269,8 +298,9 @@ def test_node_to_dict_uses_the_constructors():
 def test_a_received_file_of_a_capture_is_a_constructed_entry():
     ids = bytes(range(32)) + bytes(32)
     d = entry_of_record("0d79a305197fba57c15bc8b397f0afe2bf8fa9be", pack_record(MTIME, 77, ids))
-    assert d == file_entry("0d79a305197fba57c15bc8b397f0afe2bf8fa9be", FILE_MODE, MTIME, 77,
-                           [ids[:32].hex(), ids[32:].hex()])
+    assert d == file_entry(
+        "0d79a305197fba57c15bc8b397f0afe2bf8fa9be", FILE_MODE, MTIME, 77, [ids[:32].hex(), ids[32:].hex()]
+    )
     assert tuple(d) == ENTRY_FIELDS["file"]
 
 
@@ -298,7 +328,8 @@ def test_readers_refuse_an_entry_with_an_unknown_field():
     stored = json.dumps({"nodes": [bad, file_entry("g", 0o100644, 1, 0, [])]}).encode()
     good, rejected = split_entries(decode_tree_entries(stored))
     assert [d["name"] for d in good] == ["g"] and [(r.name, r.reason) for r in rejected] == [
-        ("f", "it has a field its type does not have")]
+        ("f", "it has a field its type does not have")
+    ]
     item = trees.msgpack.packb(json.dumps(bad))  # format 2: an entry stored as its JSON text
     good2, rejected2, _ = trees.split_items([trees.msgpack.unpackb(item)], lambda ref: None)
     assert good2 == [] and rejected2[0].reason == "it has a field its type does not have"

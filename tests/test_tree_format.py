@@ -97,9 +97,22 @@ def test_entries_round_trip_exactly(tmp_path, encrypted):
         {"name": "nosub", "type": "dir", "mode": 0o40755, "mtime_ns": 0, "subtree": None},
         {"name": "link", "type": "symlink", "mode": 0o120777, "mtime_ns": T, "target": "../x"},
         {"name": "empty", "type": "file", "mode": 0o100600, "mtime_ns": T, "size": 0, "content": []},
-        {"name": "big", "type": "file", "mode": 0o100600, "mtime_ns": T, "size": 5 << 30,
-         "content": [blob(i, "big") for i in range(5000)]},
-        {"name": "caf\u00e9 \U0001f600", "type": "file", "mode": 0o100644, "mtime_ns": 1, "size": 1, "content": [blob(9)]},
+        {
+            "name": "big",
+            "type": "file",
+            "mode": 0o100600,
+            "mtime_ns": T,
+            "size": 5 << 30,
+            "content": [blob(i, "big") for i in range(5000)],
+        },
+        {
+            "name": "caf\u00e9 \U0001f600",
+            "type": "file",
+            "mode": 0o100644,
+            "mtime_ns": 1,
+            "size": 1,
+            "content": [blob(9)],
+        },
         {"name": "raw\udcff", "type": "file", "mode": 0o100644, "mtime_ns": 1, "size": 1, "content": [blob(8)]},
     ]
     rnd.shuffle(entries)
@@ -181,8 +194,10 @@ def test_a_long_content_list_is_stored_apart_and_shared(tmp_path):
     ids2 = list(ids)
     for i in changed:
         ids2[i] = blob(i, "manifest-day2")
-    others = [a_file("Info.plist", [blob(1, "i")]), {"name": "00", "type": "dir", "mode": 0o40755, "mtime_ns": T,
-                                                      "subtree": blob(2)}]
+    others = [
+        a_file("Info.plist", [blob(1, "i")]),
+        {"name": "00", "type": "dir", "mode": 0o40755, "mtime_ns": T, "subtree": blob(2)},
+    ]
     root1 = others + [a_file("Manifest.db", ids, 37_500 * 32768)]
     root2 = others + [a_file("Manifest.db", ids2, 37_500 * 32768)]
     root3 = [dict(d, mtime_ns=T + 1) if d["name"] == "Info.plist" else d for d in root1]
@@ -266,8 +281,18 @@ def test_malformed_entries_are_refused_by_name(tmp_path):
     tree = repo.load_tree(top)
     assert [n.name for n in tree] == ["ok"]
     refused = {r.name: r.reason for r in tree.rejected}
-    assert set(refused) >= {"../up", "badtype", "file-as-code", "short", "oddids", "baddir", "badlist", "biglist",
-                            "emptylink", "rawbad"}
+    assert set(refused) >= {
+        "../up",
+        "badtype",
+        "file-as-code",
+        "short",
+        "oddids",
+        "baddir",
+        "badlist",
+        "biglist",
+        "emptylink",
+        "rawbad",
+    }
     assert refused["badlist"] == "its size or content is malformed"
     assert refused["file-as-code"].startswith("its type")
     assert len(tree.rejected) == len(items) - 1
@@ -275,8 +300,10 @@ def test_malformed_entries_are_refused_by_name(tmp_path):
     assert paths["../up"].startswith("refused: its name")
 
 
-@pytest.mark.parametrize("case", ["child level", "level too high", "node twice", "not msgpack", "wrong kind",
-                                  "keys and ids differ", "list level"])
+@pytest.mark.parametrize(
+    "case",
+    ["child level", "level too high", "node twice", "not msgpack", "wrong kind", "keys and ids differ", "list level"],
+)
 def test_malformed_nodes_make_the_folder_unreadable(tmp_path, case):
     repo = fresh_repo(tmp_path / "repo")
     (l1,) = save_raw(repo, leaf(pos("a")))
@@ -317,8 +344,16 @@ def test_a_hostile_v2_tree_restores_only_its_safe_entries(env, cli, tmp_path):
 
     from ibsync.model import DeviceInfo, Snapshot
 
-    repo.save_snapshot(Snapshot(time=datetime.now(UTC), tree=root, device=DeviceInfo(udid="U1"),
-                                backup_date=None, ios_encrypted=False, source={"kind": "folder", "path": "/x"}))
+    repo.save_snapshot(
+        Snapshot(
+            time=datetime.now(UTC),
+            tree=root,
+            device=DeviceInfo(udid="U1"),
+            backup_date=None,
+            ios_encrypted=False,
+            source={"kind": "folder", "path": "/x"},
+        )
+    )
     _, err = cli("restore", "latest", tmp_path / "out", expect=1)
     partial = tmp_path / "out" / ".U1.ibsync-partial"  # where restore leaves what it could restore
     assert sorted(str(p.relative_to(partial)) for p in (partial / "U1").rglob("*")) == ["U1/good"]
@@ -328,19 +363,35 @@ def test_a_hostile_v2_tree_restores_only_its_safe_entries(env, cli, tmp_path):
 
 _values = st.recursive(
     st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | st.binary(max_size=40) | st.text(max_size=8),
-    lambda c: st.lists(c, max_size=5), max_leaves=20)
-_items = st.one_of(_values, st.tuples(st.text(max_size=4) | st.binary(max_size=3), st.integers(-1, 3),
-                                      _values, _values, _values).map(list),
-                   st.tuples(st.text(max_size=4), st.just(0), st.integers(0, 7), st.integers(0, 7), st.integers(0, 9),
-                             st.binary(max_size=70) | st.tuples(st.binary(min_size=32, max_size=32),
-                                                                 st.integers(-2, 5)).map(list)).map(list))
+    lambda c: st.lists(c, max_size=5),
+    max_leaves=20,
+)
+_items = st.one_of(
+    _values,
+    st.tuples(st.text(max_size=4) | st.binary(max_size=3), st.integers(-1, 3), _values, _values, _values).map(list),
+    st.tuples(
+        st.text(max_size=4),
+        st.just(0),
+        st.integers(0, 7),
+        st.integers(0, 7),
+        st.integers(0, 9),
+        st.binary(max_size=70) | st.tuples(st.binary(min_size=32, max_size=32), st.integers(-2, 5)).map(list),
+    ).map(list),
+)
 _nodes = st.tuples(st.integers(0, 3), st.integers(-1, 3), st.lists(_items, max_size=6)).map(list) | st.tuples(
-    st.integers(1, 2), st.integers(0, 3), st.lists(st.binary(max_size=4), max_size=3), st.binary(max_size=100)).map(list)
+    st.integers(1, 2), st.integers(0, 3), st.lists(st.binary(max_size=4), max_size=3), st.binary(max_size=100)
+).map(list)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(st.binary(max_size=300), st.binary(max_size=200).map(lambda b: b"\x93" + b),
-                 _values.map(msgpack.packb), _nodes.map(msgpack.packb)))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.binary(max_size=200).map(lambda b: b"\x93" + b),
+        _values.map(msgpack.packb),
+        _nodes.map(msgpack.packb),
+    )
+)
 def test_node_decoding_is_total(data):
     for kind in (trees.FOLDER_NODE, trees.LIST_NODE):
         try:
@@ -353,11 +404,22 @@ def test_node_decoding_is_total(data):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.fixed_dictionaries({
-    "name": st.text(min_size=1, max_size=12), "type": st.sampled_from(["file", "dir", "symlink"]),
-    "mode": st.integers(0, 1 << 32), "mtime_ns": st.integers(-(1 << 63), (1 << 63) - 1),
-    "size": st.integers(0, 1 << 40), "ids": st.lists(st.binary(min_size=32, max_size=32), max_size=3),
-    "target": st.text(max_size=5)}), max_size=30))
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "name": st.text(min_size=1, max_size=12),
+                "type": st.sampled_from(["file", "dir", "symlink"]),
+                "mode": st.integers(0, 1 << 32),
+                "mtime_ns": st.integers(-(1 << 63), (1 << 63) - 1),
+                "size": st.integers(0, 1 << 40),
+                "ids": st.lists(st.binary(min_size=32, max_size=32), max_size=3),
+                "target": st.text(max_size=5),
+            }
+        ),
+        max_size=30,
+    )
+)
 def test_entry_encoding_round_trips(raw):
     """Every dict-form entry, well-formed or not, comes back as it went in."""
     entries = []
@@ -435,8 +497,10 @@ def test_a_version_1_repository_upgrades_in_place(env, cli, tmp_path, monkeypatc
     assert (tmp_path / "third" / "dev" / "12" / changed.name).read_bytes() == changed.read_bytes()
 
 
-@pytest.mark.parametrize("version, needle", [(3, "format 3"), (0, "version is not a positive integer"),
-                                             ("2", "version is not a positive integer")])
+@pytest.mark.parametrize(
+    "version, needle",
+    [(3, "format 3"), (0, "version is not a positive integer"), ("2", "version is not a positive integer")],
+)
 def test_config_versions_this_ibsync_cannot_read_are_refused(env, cli, version, needle):
     cli("init", "--no-encryption")
     config = json.loads((env / "config").read_bytes())
@@ -497,16 +561,17 @@ def test_prune_keeps_every_node_blob(env, cli, tmp_path):
 
 # ---- fast reading and rebuilding (issue 9: format 2 as cheap per entry as format 1) ------------
 
+
 def _hasher(b: bytes) -> bytes:
     return hashlib.blake2b(b, key=b"k" * 32, digest_size=32).digest()
 
 
 _HOSTILE_FIELDS = [
-    [b"", "ab", "Manifest.db", "..", b"\x01" * 128, None],         # name
-    [False, True, 2, 7, None],                                     # type code
-    [-1, 1 << 32, True, None],                                     # mode
-    [1 << 63, -(1 << 63) - 1, 1.5, False],                         # mtime_ns
-    [-1, 1 << 63, None, b"\x01" * 32, "x", True],                  # size
+    [b"", "ab", "Manifest.db", "..", b"\x01" * 128, None],  # name
+    [False, True, 2, 7, None],  # type code
+    [-1, 1 << 32, True, None],  # mode
+    [1 << 63, -(1 << 63) - 1, 1.5, False],  # mtime_ns
+    [-1, 1 << 63, None, b"\x01" * 32, "x", True],  # size
     [b"\x04" * 33, b"\x05" * (33 * 32), None, [b"\x06" * 32, 40], "t", [b"\x06" * 31, 40]],  # ids
 ]
 
@@ -520,12 +585,26 @@ def _hostile(item: list, field: int, value: object) -> list:
 
 # items in the positional form a writer makes (the fast path's), and each with one field wrong
 _fast_shaped = st.one_of(
-    st.tuples(st.binary(min_size=1, max_size=3), st.just(0), st.just(0o100644), st.just(T), st.integers(0, 9),
-              st.sampled_from([b"", b"\x02" * 32, b"\x03" * 64])).map(list),
-    st.tuples(st.binary(min_size=1, max_size=2), st.just(1), st.just(0o40755), st.just(T),
-              st.sampled_from([None, b"\x07" * 32, b"\x07" * 31, b""])).map(list),
-).flatmap(lambda item: st.integers(-1, len(item) - 1).flatmap(
-    lambda f: st.sampled_from(_HOSTILE_FIELDS[f] if f >= 0 else [None]).map(lambda v: _hostile(item, f, v))))
+    st.tuples(
+        st.binary(min_size=1, max_size=3),
+        st.just(0),
+        st.just(0o100644),
+        st.just(T),
+        st.integers(0, 9),
+        st.sampled_from([b"", b"\x02" * 32, b"\x03" * 64]),
+    ).map(list),
+    st.tuples(
+        st.binary(min_size=1, max_size=2),
+        st.just(1),
+        st.just(0o40755),
+        st.just(T),
+        st.sampled_from([None, b"\x07" * 32, b"\x07" * 31, b""]),
+    ).map(list),
+).flatmap(
+    lambda item: st.integers(-1, len(item) - 1).flatmap(
+        lambda f: st.sampled_from(_HOSTILE_FIELDS[f] if f >= 0 else [None]).map(lambda v: _hostile(item, f, v))
+    )
+)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -558,16 +637,20 @@ def test_a_changed_folder_rebuilt_from_its_parent_equals_a_fresh_build(tmp_path)
     """A 3,000-entry folder read back, 1 % of it changed, a few added and removed: the rebuild
     that packs the unchanged entries as stored gives the canonical tree, and reuses them."""
     repo = fresh_repo(tmp_path / "r")
-    entries = fileid_folder(3000) + [a_file("Manifest.db", [blob(i, "m") for i in range(40)]),
-                                     {"name": "ab", "type": "dir", "mode": 0o40755, "mtime_ns": T, "subtree": None}]
+    entries = fileid_folder(3000) + [
+        a_file("Manifest.db", [blob(i, "m") for i in range(40)]),
+        {"name": "ab", "type": "dir", "mode": 0o40755, "mtime_ns": T, "subtree": None},
+    ]
     with repo.write_session() as s:
         tid = s.save_tree(entries)
     old = repo.load_folder(tid)
     assert old.rejected == [] and len(old.good) == 3002 and len(old.reuse) == 3001  # not the listed file
     assert repo.build_tree(old.good, old.reuse).id == tid
     rnd = random.Random(5)
-    new = [dict(d, size=d["size"] + 1, content=[blob(i, "new")]) if rnd.random() < 0.01 else d
-           for i, d in enumerate(old.good)]
+    new = [
+        dict(d, size=d["size"] + 1, content=[blob(i, "new")]) if rnd.random() < 0.01 else d
+        for i, d in enumerate(old.good)
+    ]
     new = new[40:] + fileid_folder(3010)[3000:]
     rnd.shuffle(new)
     assert repo.build_tree(new, old.reuse).blobs == repo.build_tree(new).blobs
@@ -596,6 +679,8 @@ def test_a_next_day_import_rebuilds_changed_folders_canonically(env, cli, tmp_pa
     snaps = sorted(repo.snapshots(), key=lambda s: s.time)
     root = repo.load_folder(snaps[-1].tree)
     sub = next(d for d in root.good if d["name"] == changed.parent.name)
-    assert sub["subtree"] != next(d for d in repo.load_folder(snaps[0].tree).good if d["name"] == sub["name"])["subtree"]
+    assert (
+        sub["subtree"] != next(d for d in repo.load_folder(snaps[0].tree).good if d["name"] == sub["name"])["subtree"]
+    )
     for tree_id in (snaps[-1].tree, bytes.fromhex(sub["subtree"])):
         assert repo.build_tree(repo.load_folder(tree_id).good).id == tree_id

@@ -39,8 +39,14 @@ new MutationObserver(() => {
 
 def start_ui(env: dict, *args: str) -> tuple[subprocess.Popen, str]:
     """`ibsync ui --no-browser --port 0 ...` and the login link it prints first."""
-    proc = subprocess.Popen([sys.executable, "-m", "ibsync", "ui", "--no-browser", "--port", "0", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ibsync", "ui", "--no-browser", "--port", "0", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     line: list[str] = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
     reader.start()
@@ -77,8 +83,7 @@ def phone_setup(env, cli, tmp_path, receiver):  # noqa: F811
     cli("init")
     phone = SimDevice.from_content(generate_content(seed=31, size_bytes=2 << 20), name="Alice's iPhone")
     config = tmp_path / "config.toml"
-    config.write_text(f'[agent]\nrepository = "{env}"\ninterval = "1h"\n'
-                      f'notify = ["{receiver.url("/hook", "json")}"]\n')
+    config.write_text(f'[agent]\nrepository = "{env}"\ninterval = "1h"\nnotify = ["{receiver.url("/hook", "json")}"]\n')
     with run_sim_usbmuxd([phone], tmp_path / "mux") as mux:
         e = {**os.environ, **mux.env(home=tmp_path / "home"), "XDG_STATE_HOME": str(tmp_path / "state")}
         yield phone, config, e
@@ -125,7 +130,9 @@ def test_login_backup_now_repository_and_restore(phone_setup, page, tmp_path, re
         text = bar.locator(".job-text").inner_text()
         assert text.startswith("Done · 100 %"), text
         seen = page.evaluate("window.ibsyncJobTexts")
-        moving = [t for t in seen if not t.startswith("Done") and re.search(r"[1-9][0-9.]* [KM]B · [1-9][0-9]* files", t)]
+        moving = [
+            t for t in seen if not t.startswith("Done") and re.search(r"[1-9][0-9.]* [KM]B · [1-9][0-9]* files", t)
+        ]
         assert moving, seen  # live updates while it ran, not only the end
         screenshot(page, "dashboard-backup-done")
         job = page.request.get(f"{base}/api/jobs/{job_id}").json()
@@ -192,9 +199,14 @@ def test_the_agent_serves_the_app_and_backs_up_on_request(phone_setup, page, tmp
     phone, config, e = phone_setup
     config.write_text(config.read_text() + 'poll = "1s"\nui-port = 0\n')
     log = tmp_path / "agent.log"
-    agent = subprocess.Popen([sys.executable, "-m", "ibsync", "agent", "--config", str(config)], env=e,
-                             stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,  # noqa: SIM115
-                             start_new_session=True)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "ibsync", "agent", "--config", str(config)],
+        env=e,
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),
+        text=True,  # noqa: SIM115
+        start_new_session=True,
+    )
     try:
         line: list[str] = []
         reader = threading.Thread(target=lambda: line.append(agent.stdout.readline()), daemon=True)
@@ -231,8 +243,11 @@ def test_the_agent_serves_the_app_and_backs_up_on_request(phone_setup, page, tmp
         assert len(snaps) == 2 and job["result"]["snapshot"] == snaps[-1]["id"]
         assert job["result"]["url"] == f"/repositories/repo/snapshots/{snaps[-1]['id']}/browse"
         link = page.locator(f'section.device[data-udid="{phone.udid}"] .last-success a.snapshot-link')
-        page.wait_for_function(f"() => document.querySelector('section.device .last-success a.snapshot-link')"
-                               f"?.textContent === '{snaps[-1]['id'][:8]}'", timeout=30_000)
+        page.wait_for_function(
+            f"() => document.querySelector('section.device .last-success a.snapshot-link')"
+            f"?.textContent === '{snaps[-1]['id'][:8]}'",
+            timeout=30_000,
+        )
         assert link.inner_text() == snaps[-1]["id"][:8]
         screenshot(page, "agent-dashboard")
     finally:

@@ -25,8 +25,14 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def request(url: str, *, method: str = "GET", data: bytes | None = None, headers: dict | None = None,
-            context: ssl.SSLContext | None = None) -> tuple[int, dict, str]:
+def request(
+    url: str,
+    *,
+    method: str = "GET",
+    data: bytes | None = None,
+    headers: dict | None = None,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int, dict, str]:
     """(status, headers, body) without following redirects."""
     handlers = [_NoRedirect()] + ([urllib.request.HTTPSHandler(context=context)] if context else [])
     opener = urllib.request.build_opener(*handlers)
@@ -91,8 +97,9 @@ def test_no_route_answers_without_the_session(app):
         status, headers, body = request(app.base_url + path, method=method, data=b"" if method == "POST" else None)
         assert status == 401, (method, path, status, body[:200])
         # a browser asking for a page is sent to the login page instead
-        status, headers, _ = request(app.base_url + path, method=method, headers={"Accept": "text/html"},
-                                     data=b"" if method == "POST" else None)
+        status, headers, _ = request(
+            app.base_url + path, method=method, headers={"Accept": "text/html"}, data=b"" if method == "POST" else None
+        )
         assert status in (303, 401), (method, path, status)
         if status == 303:
             assert headers["location"] == "/login"
@@ -134,24 +141,34 @@ def test_cross_site_and_forged_posts_are_refused(app):
         ({}, f"csrf={csrf}".encode()),  # neither Origin nor Sec-Fetch-Site
     ]
     for extra, body in tries:
-        status, _, text = request(url, method="POST", data=body,
-                                  headers={"Cookie": cookie, "Content-Type": form, **extra})
+        status, _, text = request(
+            url, method="POST", data=body, headers={"Cookie": cookie, "Content-Type": form, **extra}
+        )
         assert status == 403, (extra, body, status, text)
         assert request(app.base_url + "/", headers={"Cookie": cookie})[0] == 200, (extra, body)
     # "Back up now" and a restore likewise
     for path, body in (("/devices/ABC/backup", b""), ("/restore", b"repo=repo&snapshot=x&to=folder&folder=/tmp")):
-        status, _, _ = request(app.base_url + path, method="POST", data=body,
-                               headers={"Cookie": cookie, "Content-Type": form, "Origin": "http://evil.example"})
+        status, _, _ = request(
+            app.base_url + path,
+            method="POST",
+            data=body,
+            headers={"Cookie": cookie, "Content-Type": form, "Origin": "http://evil.example"},
+        )
         assert status == 403
     assert app.ctx.jobs.list() == []
     # the real thing passes: same origin and the session's token (form field or header)
-    status, headers, _ = request(url, method="POST", data=f"csrf={csrf}".encode(),
-                                 headers={"Cookie": cookie, "Content-Type": form, "Origin": app.base_url})
+    status, headers, _ = request(
+        url,
+        method="POST",
+        data=f"csrf={csrf}".encode(),
+        headers={"Cookie": cookie, "Content-Type": form, "Origin": app.base_url},
+    )
     assert status == 303 and headers["location"] == "/login"
     assert request(app.base_url + "/", headers={"Cookie": cookie})[0] == 401  # logged out
     cookie, csrf = logged_in_again(app)
-    status, _, _ = request(url, method="POST", headers={"Cookie": cookie, "X-CSRF-Token": csrf,
-                                                         "Sec-Fetch-Site": "same-origin"})
+    status, _, _ = request(
+        url, method="POST", headers={"Cookie": cookie, "X-CSRF-Token": csrf, "Sec-Fetch-Site": "same-origin"}
+    )
     assert status == 303
 
 
@@ -177,8 +194,13 @@ def test_a_foreign_host_header_is_refused(app):
 
 
 def _start_ui(env: dict, *args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "ibsync", "ui", "--no-browser", "--port", "0", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ibsync", "ui", "--no-browser", "--port", "0", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line: list[str] = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
     reader.start()
@@ -218,14 +240,21 @@ def test_other_addresses_need_a_password_and_get_tls(env, cli, tmp_path):
         assert status == 200 and 'type="password"' in page
         assert request(base + "/", context=tls)[0] == 401
         origin = {"Origin": base, "Content-Type": "application/x-www-form-urlencoded"}
-        status, headers, page = request(base + "/login", method="POST", data=b"password=wrong", headers=origin,
-                                        context=tls)
+        status, headers, page = request(
+            base + "/login", method="POST", data=b"password=wrong", headers=origin, context=tls
+        )
         assert status == 403 and "set-cookie" not in headers and "Wrong password" in page
-        status, headers, _ = request(base + "/login", method="POST", data=b"password=correct+horse",
-                                     headers={**origin, "Origin": "https://evil.example"}, context=tls)
+        status, headers, _ = request(
+            base + "/login",
+            method="POST",
+            data=b"password=correct+horse",
+            headers={**origin, "Origin": "https://evil.example"},
+            context=tls,
+        )
         assert status == 403 and "set-cookie" not in headers
-        status, headers, _ = request(base + "/login", method="POST", data=b"password=correct+horse", headers=origin,
-                                     context=tls)
+        status, headers, _ = request(
+            base + "/login", method="POST", data=b"password=correct+horse", headers=origin, context=tls
+        )
         assert status == 303
         cookie, raw = session_cookie(headers)
         assert "Secure" in raw and "HttpOnly" in raw
@@ -255,8 +284,13 @@ def test_the_agent_refuses_an_open_address_without_a_password_and_ui_false_serve
     assert not (tmp_path / "state" / "ibsync" / "ui-login.url").exists()
 
     config.write_text(f'[agent]\nrepository = "{env}"\nui = false\nui-address = "0.0.0.0"\n')
-    agent = subprocess.Popen([sys.executable, "-m", "ibsync", "agent", "--config", str(config)], env=e,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "ibsync", "agent", "--config", str(config)],
+        env=e,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "state" / "ibsync" / "agent.db").exists():  # it has started
@@ -271,14 +305,17 @@ def test_the_agent_refuses_an_open_address_without_a_password_and_ui_false_serve
     assert not (tmp_path / "state" / "ibsync" / "ui-login.url").exists()
 
 
-@pytest.mark.parametrize("table, message", [
-    ({"ui-port": "8765"}, "ui-port: expected a port number"),
-    ({"ui-port": 70000}, "ui-port: expected a port number"),
-    ({"ui": "yes"}, "ui: expected true or false"),
-    ({"ui-password": ""}, "ui-password: expected a non-empty string"),
-    ({"ui-certificate": "/x.pem"}, "ui-certificate and ui-key go together"),
-    ({"ui-adress": "0.0.0.0"}, "unknown key(s) ui-adress"),
-])
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ({"ui-port": "8765"}, "ui-port: expected a port number"),
+        ({"ui-port": 70000}, "ui-port: expected a port number"),
+        ({"ui": "yes"}, "ui: expected true or false"),
+        ({"ui-password": ""}, "ui-password: expected a non-empty string"),
+        ({"ui-certificate": "/x.pem"}, "ui-certificate and ui-key go together"),
+        ({"ui-adress": "0.0.0.0"}, "unknown key(s) ui-adress"),
+    ],
+)
 def test_bad_ui_settings_are_one_line_errors(table, message):
     from ibsync.agent.settings import parse_agent_settings
     from ibsync.errors import UserError
@@ -291,9 +328,26 @@ def test_bad_ui_settings_are_one_line_errors(table, message):
 def test_ui_settings_are_read():
     from ibsync.agent.settings import parse_agent_settings
 
-    ui = parse_agent_settings({"agent": {"ui": False, "ui-address": "::1", "ui-port": 9000, "ui-password": "${PW}",
-                                         "ui-certificate": "~/c.pem", "ui-key": "~/k.pem"}}, "x").ui
+    ui = parse_agent_settings(
+        {
+            "agent": {
+                "ui": False,
+                "ui-address": "::1",
+                "ui-port": 9000,
+                "ui-password": "${PW}",
+                "ui-certificate": "~/c.pem",
+                "ui-key": "~/k.pem",
+            }
+        },
+        "x",
+    ).ui
     assert (ui.enabled, ui.address, ui.port, ui.password, ui.certificate, ui.key) == (
-        False, "::1", 9000, "${PW}", "~/c.pem", "~/k.pem")
+        False,
+        "::1",
+        9000,
+        "${PW}",
+        "~/c.pem",
+        "~/k.pem",
+    )
     default = parse_agent_settings({}, "x").ui
     assert (default.enabled, default.address, default.port, default.password) == (True, "127.0.0.1", 8765, None)

@@ -70,8 +70,9 @@ def _with_parents(files: list[BackupFile]) -> list[BackupFile]:
 
 
 def _ours_day1() -> dict[str, bytes]:
-    bplist = plistlib.dumps({"Greeting": "hello from a binary plist", "Count": 3, "Nested": {"a": [1, 2]}},
-                            fmt=plistlib.FMT_BINARY)
+    bplist = plistlib.dumps(
+        {"Greeting": "hello from a binary plist", "Count": 3, "Nested": {"a": [1, 2]}}, fmt=plistlib.FMT_BINARY
+    )
     return {
         f"{PHOTOS}/IMG_9001.PNG": _image("PNG", (640, 480), (30, 120, 200)),
         f"{PHOTOS}/IMG_9002.JPG": _image("JPEG", (800, 600), (200, 80, 40)),
@@ -97,8 +98,9 @@ def _content(base, ours: dict[str, bytes], day: int):
     files = [f for f in base.files if (f.domain, f.relative_path) not in mine]
     files += [_file(p, data, T0 + day * 86400) for p, data in ours.items()]
     files = _with_parents(files)
-    return dataclasses.replace(base, files=files, backup_date=base.backup_date + timedelta(days=day),
-                               manifest_db=None, manifest_signature=None)
+    return dataclasses.replace(
+        base, files=files, backup_date=base.backup_date + timedelta(days=day), manifest_db=None, manifest_signature=None
+    )
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +132,17 @@ def world(tmp_path_factory):
     assert len(plain) == 2 and len(encrypted) == 1
     config = base / "config.toml"
     config.write_text(f'[repositories.phone]\nurl = "{repo}"\n')
-    return {"repo": repo, "config": config, "udid": generated.udid, "first": plain[0], "second": plain[1],
-            "encrypted": encrypted[0], "day1": day1, "day2": day2, "cache": base / "cache"}
+    return {
+        "repo": repo,
+        "config": config,
+        "udid": generated.udid,
+        "first": plain[0],
+        "second": plain[1],
+        "encrypted": encrypted[0],
+        "day1": day1,
+        "day2": day2,
+        "cache": base / "cache",
+    }
 
 
 @pytest.fixture
@@ -170,8 +181,15 @@ def _snap_url(world, which: str, page: str) -> str:
 
 def test_paths_outside_the_snapshot_are_refused(world, app):
     c = _client(app)
-    for bad in ("../etc/passwd", "/etc/passwd", "HomeDomain/../../x", "HomeDomain/./Library", "HomeDomain//Library",
-                "HomeDomain/Library\0x", ".."):
+    for bad in (
+        "../etc/passwd",
+        "/etc/passwd",
+        "HomeDomain/../../x",
+        "HomeDomain/./Library",
+        "HomeDomain//Library",
+        "HomeDomain/Library\0x",
+        "..",
+    ):
         for page_ in ("browse", "file", "preview", "thumb", "zip"):
             r = c.get(_snap_url(world, "second", page_), params={"path": bad})
             assert r.status_code == 400, (page_, bad, r.status_code, r.text[:200])
@@ -226,12 +244,16 @@ def test_file_download_and_zip_stream(world, app):
     assert all(not n.startswith("/") and ".." not in n.split("/") for n in z.namelist())
     # a selection (POST with the CSRF token): a file and a folder, each once
     token = _csrf(c, world)
-    r = c.post(_snap_url(world, "second", "zip"),
-               data={"csrf": token, "path": [f"{PHOTOS}/IMG_9001.PNG", f"{NOTES}/Sub", f"{NOTES}/Sub/deep.bin"]},
-               headers={"Origin": app.base_url})
+    r = c.post(
+        _snap_url(world, "second", "zip"),
+        data={"csrf": token, "path": [f"{PHOTOS}/IMG_9001.PNG", f"{NOTES}/Sub", f"{NOTES}/Sub/deep.bin"]},
+        headers={"Origin": app.base_url},
+    )
     assert r.status_code == 200, r.text[:300]
     z = zipfile.ZipFile(io.BytesIO(r.content))
-    assert sorted(z.namelist()) == sorted([f"{PHOTOS}/IMG_9001.PNG", f"{NOTES}/Sub/deep.bin", f"{NOTES}/Sub/new-today.txt"])
+    assert sorted(z.namelist()) == sorted(
+        [f"{PHOTOS}/IMG_9001.PNG", f"{NOTES}/Sub/deep.bin", f"{NOTES}/Sub/new-today.txt"]
+    )
     assert z.read(f"{PHOTOS}/IMG_9001.PNG") == world["day2"][f"{PHOTOS}/IMG_9001.PNG"]
 
 
@@ -283,8 +305,9 @@ def test_encrypted_backup_asks_for_its_password(world, app):
     r = c.post(unlock, data={"csrf": token, "password": "1234", "next": browse}, headers={"Origin": app.base_url})
     assert r.status_code == 403 and "Wrong iOS backup password" in r.text
     assert c.get(browse).status_code == 303  # still locked
-    r = c.post(unlock, data={"csrf": token, "password": ENCRYPTED_PASSWORD, "next": browse},
-               headers={"Origin": app.base_url})
+    r = c.post(
+        unlock, data={"csrf": token, "password": ENCRYPTED_PASSWORD, "next": browse}, headers={"Origin": app.base_url}
+    )
     assert r.status_code == 303 and r.headers["location"] == browse
     r = c.get(f"/repositories/phone/snapshots/{snap.id}/file", params={"path": "MyTestDomain/Media/Test.txt"})
     assert r.status_code == 200 and r.content == b"Test data"
@@ -313,8 +336,11 @@ def test_diff_lists_changes_by_domain(world, app):
     r = c.get(_snap_url(world, "second", "diff"))  # default: against the device's previous snapshot
     assert r.status_code == 200
     assert world["first"].short_id in r.text and world["second"].short_id in r.text
-    for kind, path in (("changed", f"{NOTES}/shopping.txt"), ("removed", f"{NOTES}/Sub/gone-tomorrow.txt"),
-                       ("added", f"{NOTES}/Sub/new-today.txt")):
+    for kind, path in (
+        ("changed", f"{NOTES}/shopping.txt"),
+        ("removed", f"{NOTES}/Sub/gone-tomorrow.txt"),
+        ("added", f"{NOTES}/Sub/new-today.txt"),
+    ):
         assert f'data-kind="{kind}" data-path="{path}"' in r.text, (kind, path)
     assert 'data-domain="HomeDomain"' in r.text
     r = c.get(_snap_url(world, "second", "diff"), params={"from": world["first"].id, "domain": "HomeDomain"})
@@ -477,6 +503,7 @@ def test_view_cache_bounds_shares_and_closes():
     now[0] = 1000.0
     cache.acquire("d", _opener("d", log, opened)).release()
     assert ("closed", "b") in log and ("closed", "c") in log and ("closed", "d") not in log
+
     # a failing opener reaches the caller and is retried next time
     def fail(stack, progress):
         raise RuntimeError("no")

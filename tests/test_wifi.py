@@ -122,8 +122,10 @@ def test_bonjour_adverts_are_matched_to_pair_records_before_any_connection(tmp_p
             for a in adverts:
                 yield a
 
-        found = [(ep, client) async for ep, client in
-                 wifi.find_paired(browse=browse, use_advert_port=True, environ={}, timeout=0.5)]
+        found = [
+            (ep, client)
+            async for ep, client in wifi.find_paired(browse=browse, use_advert_port=True, environ={}, timeout=0.5)
+        ]
         try:
             assert [ep.udid for ep, _ in found] == [ours.udid]  # the private-MAC advert is the same phone
             assert found[0][0].address == ours_lan.address and found[0][1].paired
@@ -186,8 +188,11 @@ def own_pmd3_home(tmp_path, monkeypatch):
 
 def test_static_list_parsing():
     eps = wifi.static_endpoints(" A=127.0.0.1:5000 , B=[::1]:62078,C=host.local ,")
-    assert [(e.udid, e.host, e.port) for e in eps] == [("A", "127.0.0.1", 5000), ("B", "::1", 62078),
-                                                        ("C", "host.local", 62078)]
+    assert [(e.udid, e.host, e.port) for e in eps] == [
+        ("A", "127.0.0.1", 5000),
+        ("B", "::1", 62078),
+        ("C", "host.local", 62078),
+    ]
     assert eps[1].address == "[::1]:62078"
     for bad in ("A", "=1.2.3.4:1", "A=1.2.3.4:0", "A=1.2.3.4:x"):
         with pytest.raises(Exception, match="IBSYNC_WIFI_DEVICES"):

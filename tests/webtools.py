@@ -25,8 +25,15 @@ from typing import Any
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(os.environ.get("IBSYNC_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts")) / "web"
 
 
@@ -55,8 +62,14 @@ class RunningApp:
             self.ctx.history.close()
 
 
-def start_app(config_path: str | Path | None, *, history_path: str | Path | None = None, port: int = 0,
-              password: str | None = None, **ctx_kw: Any) -> RunningApp:
+def start_app(
+    config_path: str | Path | None,
+    *,
+    history_path: str | Path | None = None,
+    port: int = 0,
+    password: str | None = None,
+    **ctx_kw: Any,
+) -> RunningApp:
     """The app for a config file, served on 127.0.0.1 (any free port unless ``port``) by uvicorn
     in a thread of this process; ``history_path``: the agent's history (default: the one in
     $XDG_STATE_HOME)."""
@@ -71,8 +84,9 @@ def start_app(config_path: str | Path | None, *, history_path: str | Path | None
     ctx = WebContext.load(config_path, history=history, auth=listener.auth, **ctx_kw)
     app = create_app(ctx)
     server = make_server(app, listener)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener.sock]}, name="ibsync-web-test",
-                              daemon=True)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [listener.sock]}, name="ibsync-web-test", daemon=True
+    )
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:

@@ -104,10 +104,20 @@ class Attempt:
     files: int | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"udid": self.udid, "name": self.name, "repository": self.repository, "connection": self.connection,
-                "started": _iso(self.started), "ended": _iso(self.ended), "result": self.result, "reason": self.reason,
-                "snapshot": self.snapshot, "bytes_added": self.bytes_added, "bytes_received": self.bytes_received,
-                "files": self.files}
+        return {
+            "udid": self.udid,
+            "name": self.name,
+            "repository": self.repository,
+            "connection": self.connection,
+            "started": _iso(self.started),
+            "ended": _iso(self.ended),
+            "result": self.result,
+            "reason": self.reason,
+            "snapshot": self.snapshot,
+            "bytes_added": self.bytes_added,
+            "bytes_received": self.bytes_received,
+            "files": self.files,
+        }
 
 
 @dataclass(frozen=True)
@@ -155,20 +165,33 @@ class History:
 
     def begin(self, udid: str, name: str | None, repository: str | None, connection: str | None) -> int:
         with self._tx() as db:
-            cur = db.execute("INSERT INTO attempts (udid, name, repository, connection, started, result, pid) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (udid, name, repository, connection, time.time(), RUNNING, os.getpid()))
+            cur = db.execute(
+                "INSERT INTO attempts (udid, name, repository, connection, started, result, pid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (udid, name, repository, connection, time.time(), RUNNING, os.getpid()),
+            )
             return int(cur.lastrowid or 0)
 
-    def end(self, attempt: int, result: str, reason: str | None = None, *, snapshot: str | None = None,
-            bytes_added: int | None = None, bytes_received: int | None = None, files: int | None = None,
-            success_time: float | None = None) -> None:
+    def end(
+        self,
+        attempt: int,
+        result: str,
+        reason: str | None = None,
+        *,
+        snapshot: str | None = None,
+        bytes_added: int | None = None,
+        bytes_received: int | None = None,
+        files: int | None = None,
+        success_time: float | None = None,
+    ) -> None:
         assert result in (OK, SKIPPED, FAILED)
         now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE attempts SET ended=?, result=?, reason=?, snapshot=?, bytes_added=?, bytes_received=?, "
-                       "files=? WHERE id=?",
-                       (now, result, reason, snapshot, bytes_added, bytes_received, files, attempt))
+            db.execute(
+                "UPDATE attempts SET ended=?, result=?, reason=?, snapshot=?, bytes_added=?, bytes_received=?, "
+                "files=? WHERE id=?",
+                (now, result, reason, snapshot, bytes_added, bytes_received, files, attempt),
+            )
             if result == OK:
                 udid = db.execute("SELECT udid FROM attempts WHERE id=?", (attempt,)).fetchone()[0]
                 self._success(db, udid, success_time or now, snapshot)
@@ -182,23 +205,33 @@ class History:
 
     @staticmethod
     def _success(db: sqlite3.Connection, udid: str, when: float, snapshot: str | None) -> None:
-        db.execute("UPDATE devices SET last_success=?, last_snapshot=? WHERE udid=? AND "
-                   "(last_success IS NULL OR last_success < ?)", (when, snapshot, udid, when))
+        db.execute(
+            "UPDATE devices SET last_success=?, last_snapshot=? WHERE udid=? AND "
+            "(last_success IS NULL OR last_success < ?)",
+            (when, snapshot, udid, when),
+        )
 
     def mark_interrupted(self) -> int:
         """Every ``running`` attempt whose process is gone becomes ``failed`` (interrupted); the
         number of them."""
         with self._tx() as db:
-            stale = [row[0] for row in db.execute("SELECT id, pid FROM attempts WHERE result=?", (RUNNING,))
-                     if not pid_alive(row[1] or 0) or row[1] == os.getpid()]
+            stale = [
+                row[0]
+                for row in db.execute("SELECT id, pid FROM attempts WHERE result=?", (RUNNING,))
+                if not pid_alive(row[1] or 0) or row[1] == os.getpid()
+            ]
             for attempt in stale:
-                db.execute("UPDATE attempts SET result=?, reason=?, ended=COALESCE(ended, ?) WHERE id=?",
-                           (FAILED, INTERRUPTED, time.time(), attempt))
+                db.execute(
+                    "UPDATE attempts SET result=?, reason=?, ended=COALESCE(ended, ?) WHERE id=?",
+                    (FAILED, INTERRUPTED, time.time(), attempt),
+                )
         return len(stale)
 
     def attempts(self, udid: str | None = None, limit: int = 50) -> list[Attempt]:
-        query = "SELECT id, udid, name, repository, connection, started, ended, result, reason, snapshot, " \
-                "bytes_added, bytes_received, files, pid FROM attempts"
+        query = (
+            "SELECT id, udid, name, repository, connection, started, ended, result, reason, snapshot, "
+            "bytes_added, bytes_received, files, pid FROM attempts"
+        )
         args: tuple[Any, ...] = ()
         if udid is not None:
             query += " WHERE udid=?"
@@ -213,8 +246,9 @@ class History:
     def unsuccessful_in_a_row(self, udid: str) -> int:
         """Attempts since the last good one that were skipped or failed (for the back-off)."""
         n = 0
-        for row in self._db.execute("SELECT result FROM attempts WHERE udid=? ORDER BY started DESC, id DESC LIMIT 64",
-                                    (udid,)):
+        for row in self._db.execute(
+            "SELECT result FROM attempts WHERE udid=? ORDER BY started DESC, id DESC LIMIT 64", (udid,)
+        ):
             if row[0] == OK:
                 break
             if row[0] in (SKIPPED, FAILED):
@@ -235,14 +269,30 @@ class History:
         started: float = row[5]  # NOT NULL
         if result == RUNNING and not pid_alive(row[13] or 0):
             result, reason = FAILED, INTERRUPTED  # the agent died; the next one will record it so
-        return Attempt(row[0], row[1], row[2], row[3], row[4], to_time(started), to_time(row[6]), result, reason,
-                       row[9], row[10], row[11], row[12])
+        return Attempt(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            to_time(started),
+            to_time(row[6]),
+            result,
+            reason,
+            row[9],
+            row[10],
+            row[11],
+            row[12],
+        )
 
     # ---- devices ------------------------------------------------------------------------------
 
     def _ensure(self, db: sqlite3.Connection, udid: str, name: str | None) -> None:
-        db.execute("INSERT INTO devices (udid, name, first_seen) VALUES (?, ?, ?) ON CONFLICT(udid) DO UPDATE SET "
-                   "name=COALESCE(excluded.name, devices.name)", (udid, name, time.time()))
+        db.execute(
+            "INSERT INTO devices (udid, name, first_seen) VALUES (?, ?, ?) ON CONFLICT(udid) DO UPDATE SET "
+            "name=COALESCE(excluded.name, devices.name)",
+            (udid, name, time.time()),
+        )
 
     def seen(self, udid: str, name: str | None, connection: str | None) -> None:
         with self._tx() as db:
@@ -259,13 +309,18 @@ class History:
             db.execute("UPDATE devices SET connection=NULL WHERE udid=?", (udid,))
 
     def device(self, udid: str) -> DeviceRecord | None:
-        row = self._db.execute("SELECT udid, name, first_seen, last_seen, connection, last_success, last_snapshot, "
-                               "waiting FROM devices WHERE upper(udid)=upper(?)", (udid,)).fetchone()
+        row = self._db.execute(
+            "SELECT udid, name, first_seen, last_seen, connection, last_success, last_snapshot, "
+            "waiting FROM devices WHERE upper(udid)=upper(?)",
+            (udid,),
+        ).fetchone()
         return None if row is None else self._device(row)
 
     def devices(self) -> list[DeviceRecord]:
-        rows = self._db.execute("SELECT udid, name, first_seen, last_seen, connection, last_success, last_snapshot, "
-                                "waiting FROM devices ORDER BY name, udid").fetchall()
+        rows = self._db.execute(
+            "SELECT udid, name, first_seen, last_seen, connection, last_success, last_snapshot, "
+            "waiting FROM devices ORDER BY name, udid"
+        ).fetchall()
         return [self._device(r) for r in rows]
 
     @staticmethod
@@ -292,13 +347,17 @@ class History:
 
     def begin_maintenance(self, repository: str, kind: str) -> int:
         with self._tx() as db:
-            cur = db.execute("INSERT INTO maintenance (repository, kind, started, result) VALUES (?, ?, ?, ?)",
-                             (repository, kind, time.time(), RUNNING))
+            cur = db.execute(
+                "INSERT INTO maintenance (repository, kind, started, result) VALUES (?, ?, ?, ?)",
+                (repository, kind, time.time(), RUNNING),
+            )
             return int(cur.lastrowid or 0)
 
     def end_maintenance(self, run: int, result: str, detail: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE maintenance SET ended=?, result=?, detail=? WHERE id=?", (time.time(), result, detail, run))
+            db.execute(
+                "UPDATE maintenance SET ended=?, result=?, detail=? WHERE id=?", (time.time(), result, detail, run)
+            )
 
     def last_maintenance(self, repository: str, kind: str, *, result: str | None = OK) -> datetime | None:
         query = "SELECT MAX(started) FROM maintenance WHERE repository=? AND kind=?"
@@ -309,10 +368,21 @@ class History:
         return to_time(self._db.execute(query, args).fetchone()[0])
 
     def maintenance(self, limit: int = 50) -> list[dict[str, Any]]:
-        rows = self._db.execute("SELECT repository, kind, started, ended, result, detail FROM maintenance "
-                                "ORDER BY started DESC LIMIT ?", (limit,)).fetchall()
-        return [{"repository": r[0], "kind": r[1], "started": _iso(to_time(r[2])), "ended": _iso(to_time(r[3])),
-                 "result": r[4], "detail": r[5]} for r in rows]
+        rows = self._db.execute(
+            "SELECT repository, kind, started, ended, result, detail FROM maintenance ORDER BY started DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            {
+                "repository": r[0],
+                "kind": r[1],
+                "started": _iso(to_time(r[2])),
+                "ended": _iso(to_time(r[3])),
+                "result": r[4],
+                "detail": r[5],
+            }
+            for r in rows
+        ]
 
     # ---- the agent itself ---------------------------------------------------------------------
 

@@ -18,13 +18,15 @@ from .settings import AgentSettings
 logger = logging.getLogger("ibsync.agent")
 
 
-def maintain_repository(source: RepoSource, name: str, udids: set[str], settings: AgentSettings,
-                        history: History) -> None:
+def maintain_repository(
+    source: RepoSource, name: str, udids: set[str], settings: AgentSettings, history: History
+) -> None:
     policies = {udid: settings.policy(udid, _name(history, udid)).keep for udid in udids}
     policies = {udid: keep for udid, keep in policies.items() if keep}
     last_prune = history.last_maintenance(name, "prune")
     prune_due = settings.prune_every is not None and (
-        last_prune is None or datetime.now(UTC) - last_prune >= settings.prune_every)
+        last_prune is None or datetime.now(UTC) - last_prune >= settings.prune_every
+    )
     if not policies and not prune_due:
         return
     from ..maint.api import KeepPolicy, apply_retention, check, prune
@@ -39,9 +41,13 @@ def maintain_repository(source: RepoSource, name: str, udids: set[str], settings
         return
     with opened as repo:
         for udid, keep in policies.items():
-            _run(history, name, "forget",
-                 lambda keep=keep, udid=udid: apply_retention(repo, KeepPolicy.from_mapping(keep), device=udid),
-                 lambda r, udid=udid: f"{_label(history, udid)}: kept {len(r.kept)}, removed {len(r.removed)}")
+            _run(
+                history,
+                name,
+                "forget",
+                lambda keep=keep, udid=udid: apply_retention(repo, KeepPolicy.from_mapping(keep), device=udid),
+                lambda r, udid=udid: f"{_label(history, udid)}: kept {len(r.kept)}, removed {len(r.removed)}",
+            )
         if not prune_due:
             return
         pruned = _run(history, name, "prune", lambda: prune(repo), _summary)
@@ -49,8 +55,13 @@ def maintain_repository(source: RepoSource, name: str, udids: set[str], settings
             return
         _, total = settings.check_subset
         n = int(history.get(f"check-next:{name}") or settings.check_subset[0])
-        checked = _run(history, name, "check", lambda: check(repo, read_data_subset=f"{n}/{total}"),
-                       lambda r: f"subset {n}/{total}: " + _summary(r))
+        checked = _run(
+            history,
+            name,
+            "check",
+            lambda: check(repo, read_data_subset=f"{n}/{total}"),
+            lambda r: f"subset {n}/{total}: " + _summary(r),
+        )
         if checked is not None:
             history.put(f"check-next:{name}", str(n % total + 1))
 

@@ -143,8 +143,10 @@ class Notifier:
             if plugin is None:
                 # Apprise's own reason is not shown: it may quote the token it found invalid
                 if schema in ("http", "https"):
-                    why = ("a web address is not an Apprise URL: for a webhook write json://, form:// or xml:// "
-                           "(jsons:// ... for https); a health check URL goes in 'healthcheck'")
+                    why = (
+                        "a web address is not an Apprise URL: for a webhook write json://, form:// or xml:// "
+                        "(jsons:// ... for https); a health check URL goes in 'healthcheck'"
+                    )
                 elif schema in _known_schemas(apprise):
                     why = f"the {schema}:// URL is incomplete or malformed"
                 else:
@@ -168,8 +170,10 @@ class Notifier:
         notify_type = kind if kind in KINDS else "info"
         deadline = time.monotonic() + self.timeout
         # one thread per service, so a dead server does not hold up the others
-        sends = [(name, _start_bounded(functools.partial(self._deliver, plugin, title, body, notify_type), "ibsync-notify"))
-                 for name, plugin in self._services]
+        sends = [
+            (name, _start_bounded(functools.partial(self._deliver, plugin, title, body, notify_type), "ibsync-notify"))
+            for name, plugin in self._services
+        ]
         failed = []
         for name, (thread, box) in sends:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -188,8 +192,9 @@ class Notifier:
         on meanwhile."""
         if not self._services:
             return True
-        finished, result = await _run_bounded_async(lambda: self.send(title, body, kind), self.timeout + 1.0,
-                                                    "ibsync-notify")
+        finished, result = await _run_bounded_async(
+            lambda: self.send(title, body, kind), self.timeout + 1.0, "ibsync-notify"
+        )
         return finished and result is True
 
     def _deliver(self, plugin: Any, title: str, body: str, notify_type: str) -> str:
@@ -249,8 +254,15 @@ class HealthPing:
     times (connection errors, 5xx and 429); one warning if they all fail.
     """
 
-    def __init__(self, url: str, *, where: str = "[agent] healthcheck", timeout: float = PING_TIMEOUT,
-                 attempts: int = PING_ATTEMPTS, backoff: float = PING_BACKOFF) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        where: str = "[agent] healthcheck",
+        timeout: float = PING_TIMEOUT,
+        attempts: int = PING_ATTEMPTS,
+        backoff: float = PING_BACKOFF,
+    ) -> None:
         self.url = check_health_url(url, where)
         self.timeout = timeout
         self.attempts = max(1, attempts)
@@ -286,8 +298,12 @@ class HealthPing:
         query = [(k, v) for k, v in query if k != "rid"] + [("rid", self.run_id)]
         url = urllib.parse.urlunsplit(parts._replace(path=path or "/", query=urllib.parse.urlencode(query)))
         data = _truncate(body, BODY_LIMIT)
-        return urllib.request.Request(url, data=data, method="POST", headers={
-            "Content-Type": "text/plain; charset=utf-8", "User-Agent": _user_agent()})
+        return urllib.request.Request(
+            url,
+            data=data,
+            method="POST",
+            headers={"Content-Type": "text/plain; charset=utf-8", "User-Agent": _user_agent()},
+        )
 
     def _ping(self, suffix: str, body: str) -> bool:
         try:
@@ -311,8 +327,12 @@ class HealthPing:
                     last = _one_line(getattr(reason, "strerror", None) or reason) or type(e).__name__
             logger.warning("health ping %s to %s failed: %s", suffix or "success", _redacted(self.url), last)
         except Exception as e:  # noqa: BLE001 - a ping must never stop a backup
-            logger.warning("health ping %s to %s failed: %s", suffix or "success", _redacted(self.url),
-                           _one_line(e) or type(e).__name__)
+            logger.warning(
+                "health ping %s to %s failed: %s",
+                suffix or "success",
+                _redacted(self.url),
+                _one_line(e) or type(e).__name__,
+            )
         return False
 
 
@@ -331,8 +351,10 @@ def check_health_url(url: str, where: str = "[agent] healthcheck") -> str:
     if "://" not in url:
         raise UserError(f"{where}: must be an http:// or https:// URL, e.g. https://hc-ping.com/<uuid>")
     if parts.scheme not in ("http", "https") or not host:
-        raise UserError(f"{where} ({_redacted(url)}): must be an http:// or https:// URL with a host, "
-                        "e.g. https://hc-ping.com/<uuid>")
+        raise UserError(
+            f"{where} ({_redacted(url)}): must be an http:// or https:// URL with a host, "
+            "e.g. https://hc-ping.com/<uuid>"
+        )
     return url
 
 

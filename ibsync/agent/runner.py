@@ -125,10 +125,16 @@ class Agent:
         self.history.put("pid", str(os.getpid()))
         self.history.put("started", _now_iso())
         self.history.put("stopped", None)
-        logger.info("agent started (pid %d, looking for devices every %s, history %s)", os.getpid(),
-                    format_duration(self.settings.poll), self.history.path)
+        logger.info(
+            "agent started (pid %d, looking for devices every %s, history %s)",
+            os.getpid(),
+            format_duration(self.settings.poll),
+            self.history.path,
+        )
         wake_event = self._wake = asyncio.Event()
-        watcher = None if self.once or self.discover is not None else asyncio.create_task(self._watch_usbmuxd(wake_event))
+        watcher = (
+            None if self.once or self.discover is not None else asyncio.create_task(self._watch_usbmuxd(wake_event))
+        )
         try:
             while not self._stop.is_set():
                 self._wake.clear()
@@ -202,8 +208,9 @@ class Agent:
             self.history.set_waiting(device.udid, why_not)
             if why_not is None:
                 self._take_request(device.udid)
-                self._running[device.udid] = asyncio.create_task(self._backup_task(device, forced=forced),
-                                                                 name=f"backup {device.udid}")
+                self._running[device.udid] = asyncio.create_task(
+                    self._backup_task(device, forced=forced), name=f"backup {device.udid}"
+                )
         await self._warn_overdue()
         if not self._running and not self.once:
             await self.maintain()
@@ -211,8 +218,9 @@ class Agent:
     async def _discover(self) -> tuple[list[ConnectedDevice], dict[str, str]]:
         discover = self.discover or discover_devices
         try:
-            return await discover(wifi=self.settings.defaults.wifi or any(
-                t.get("wifi") for t in self.settings.devices.values()))
+            return await discover(
+                wifi=self.settings.defaults.wifi or any(t.get("wifi") for t in self.settings.devices.values())
+            )
         except DeviceError as e:  # usbmuxd missing or down: every device is absent, not an agent failure
             if self.history.notice_due("usbmuxd", DAY):
                 logger.warning("%s", e)
@@ -224,8 +232,12 @@ class Agent:
     def _may_force(self, device: ConnectedDevice) -> bool:
         """Whether "Back up now" may skip the schedule: not the settings that forbid a backup."""
         policy = self._policy(device)
-        return (policy.enabled and bool(policy.repository) and (device.connection == "USB" or policy.wifi)
-                and (device.connection == "USB" or device.paired))
+        return (
+            policy.enabled
+            and bool(policy.repository)
+            and (device.connection == "USB" or policy.wifi)
+            and (device.connection == "USB" or device.paired)
+        )
 
     def _why_not_now(self, device: ConnectedDevice) -> tuple[str | None, datetime | None]:
         """(None, None) when the device should be backed up now; else what it waits for (shown
@@ -234,7 +246,7 @@ class Agent:
         if not policy.enabled:
             return "disabled in the config file (enabled = false)", None
         if not policy.repository:
-            return "no repository for it: set [agent] repository or [devices.\"<UDID>\"] repository", None
+            return 'no repository for it: set [agent] repository or [devices."<UDID>"] repository', None
         if device.connection != "USB" and not policy.wifi:
             return f"seen over {device.connection}, but wifi = false for it", None
         if device.connection != "USB" and not device.paired:
@@ -295,11 +307,18 @@ class Agent:
                 opened = await asyncio.to_thread(source.open, lock="shared", command="agent backup")
             except (StorageError, OSError) as e:
                 await self._unreachable(policy.repository or "", e)
-                self._record(device, policy, None, started,
-                             Outcome(SKIPPED, f"repository {policy.repository} not reachable: {_one_line(e)}"))
+                self._record(
+                    device,
+                    policy,
+                    None,
+                    started,
+                    Outcome(SKIPPED, f"repository {policy.repository} not reachable: {_one_line(e)}"),
+                )
                 return
             except IbsyncError as e:  # wrong password, damaged repository, locked exclusively...
-                self._record(device, policy, None, started, Outcome(FAILED, f"repository {policy.repository}: {_one_line(e)}"))
+                self._record(
+                    device, policy, None, started, Outcome(FAILED, f"repository {policy.repository}: {_one_line(e)}")
+                )
                 await self._notify_failure(device, f"repository {policy.repository}: {_one_line(e)}")
                 return
             self._reachable(policy.repository or "")
@@ -333,8 +352,7 @@ class Agent:
                         await asyncio.to_thread(ping.log, line)
         except asyncio.CancelledError:
             if attempt is not None:
-                self._finish(device, policy, attempt, started,
-                             Outcome(SKIPPED, STOPPED))
+                self._finish(device, policy, attempt, started, Outcome(SKIPPED, STOPPED))
             raise
         finally:
             await _close(lockdown)
@@ -347,8 +365,15 @@ class Agent:
         def notify(text: str) -> None:
             logger.warning("%s: %s", _label(device), text)
             name = device.name or device.udid
-            self._spawn(self._notify(f"Trust this computer on {name}", f"Unlock {name} and tap Trust to let ibsync "
-                                     "back it up.", "warning", key=f"trust:{device.udid}", every=DAY))
+            self._spawn(
+                self._notify(
+                    f"Trust this computer on {name}",
+                    f"Unlock {name} and tap Trust to let ibsync back it up.",
+                    "warning",
+                    key=f"trust:{device.udid}",
+                    every=DAY,
+                )
+            )
 
         try:
             return await open_lockdown(device, pair_timeout=TRUST_TIMEOUT, notify=notify)
@@ -361,14 +386,19 @@ class Agent:
         """The web app's job for this backup (its progress bar), when the agent serves the app."""
         if self.jobs is None:
             return None
-        return self.jobs.start("backup", f"Backing up {device.name or device.udid}",
-                               subject={"udid": device.udid, "repo": policy.repository})
+        return self.jobs.start(
+            "backup",
+            f"Backing up {device.name or device.udid}",
+            subject={"udid": device.udid, "repo": policy.repository},
+        )
 
     def _end_job(self, job: Any, outcome: Outcome) -> None:
         if job is None:
             return
         if outcome.result == OK:
-            self.jobs.finish(job, result={"snapshot": outcome.snapshot, "label": f"New snapshot {(outcome.snapshot or '')[:8]}"})
+            self.jobs.finish(
+                job, result={"snapshot": outcome.snapshot, "label": f"New snapshot {(outcome.snapshot or '')[:8]}"}
+            )
         else:
             self.jobs.fail(job, f"{outcome.result}: {outcome.reason}")
 
@@ -384,8 +414,11 @@ class Agent:
                 self.jobs.update(job, message=text, force=True)
             logger.warning("%s: %s", _label(device), text)
             if "passcode" in text:
-                self._spawn(self._notify(f"Unlock {name}", f"Unlock {name} and enter its passcode to let the "
-                                              "backup start.", "warning"))
+                self._spawn(
+                    self._notify(
+                        f"Unlock {name}", f"Unlock {name} and enter its passcode to let the backup start.", "warning"
+                    )
+                )
 
         try:
             outcome = await capture(lockdown, repo, notify=notify, progress=progress)
@@ -394,26 +427,48 @@ class Agent:
         except (StorageError, RepoError) as e:
             return Outcome(FAILED, f"repository: {_one_line(e)}")
         s = outcome.snapshot
-        return Outcome(OK, None, s.id, s.summary.added_bytes, outcome.bytes_received, outcome.files_received,
-                       when=s.time.timestamp())
+        return Outcome(
+            OK,
+            None,
+            s.id,
+            s.summary.added_bytes,
+            outcome.bytes_received,
+            outcome.files_received,
+            when=s.time.timestamp(),
+        )
 
-    def _finish(self, device: ConnectedDevice, policy: DevicePolicy, attempt: int, started: float,
-                outcome: Outcome) -> None:
-        self.history.end(attempt, outcome.result, outcome.reason, snapshot=outcome.snapshot,
-                         bytes_added=outcome.bytes_added, bytes_received=outcome.bytes_received, files=outcome.files,
-                         success_time=outcome.when)
+    def _finish(
+        self, device: ConnectedDevice, policy: DevicePolicy, attempt: int, started: float, outcome: Outcome
+    ) -> None:
+        self.history.end(
+            attempt,
+            outcome.result,
+            outcome.reason,
+            snapshot=outcome.snapshot,
+            bytes_added=outcome.bytes_added,
+            bytes_received=outcome.bytes_received,
+            files=outcome.files,
+            success_time=outcome.when,
+        )
         self._log(device, policy, started, outcome)
         if outcome.result == OK:
             self._retention_pending.setdefault(policy.repository or "", set()).add(device.udid)
             recovered = self.history.clear_notice(f"failed:{device.udid}")
             self.history.clear_notice(f"overdue:{device.udid}")
             if recovered:
-                self._spawn(self._notify(f"{device.name or device.udid} backed up again", self._line(device, policy, started, outcome), "success"))
+                self._spawn(
+                    self._notify(
+                        f"{device.name or device.udid} backed up again",
+                        self._line(device, policy, started, outcome),
+                        "success",
+                    )
+                )
         elif outcome.result == FAILED:
             self._spawn(self._notify_failure(device, outcome.reason or "failed"))
 
-    def _record(self, device: ConnectedDevice, policy: DevicePolicy, attempt: int | None, started: float,
-                outcome: Outcome) -> None:
+    def _record(
+        self, device: ConnectedDevice, policy: DevicePolicy, attempt: int | None, started: float, outcome: Outcome
+    ) -> None:
         """An attempt that ended before the device was asked for anything."""
         attempt = self.history.begin(device.udid, device.name, policy.repository, device.connection)
         self._finish(device, policy, attempt, started, outcome)
@@ -421,8 +476,10 @@ class Agent:
     def _line(self, device: ConnectedDevice, policy: DevicePolicy, started: float, outcome: Outcome) -> str:
         parts = [f"{_label(device)}: {outcome.result}"]
         if outcome.result == OK:
-            parts.append(f"snapshot {(outcome.snapshot or '')[:8]}, {_size(outcome.bytes_added)} added, "
-                         f"{outcome.files} files received ({_size(outcome.bytes_received)})")
+            parts.append(
+                f"snapshot {(outcome.snapshot or '')[:8]}, {_size(outcome.bytes_added)} added, "
+                f"{outcome.files} files received ({_size(outcome.bytes_received)})"
+            )
         parts.append(f"{time.time() - started:.0f} s")
         parts.append(f"repository {policy.repository}")
         if outcome.reason:
@@ -430,7 +487,9 @@ class Agent:
         return ", ".join(parts)
 
     def _log(self, device: ConnectedDevice, policy: DevicePolicy, started: float, outcome: Outcome) -> None:
-        level = logging.INFO if outcome.result == OK else logging.WARNING if outcome.result == SKIPPED else logging.ERROR
+        level = (
+            logging.INFO if outcome.result == OK else logging.WARNING if outcome.result == SKIPPED else logging.ERROR
+        )
         logger.log(level, "%s", self._line(device, policy, started, outcome))
 
     # ---- telling the person --------------------------------------------------------------------
@@ -440,21 +499,28 @@ class Agent:
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _notify(self, title: str, body: str, kind: str, *, key: str | None = None, every: float | None = None) -> None:
+    async def _notify(
+        self, title: str, body: str, kind: str, *, key: str | None = None, every: float | None = None
+    ) -> None:
         if key is not None and not self.history.notice_due(key, every):
             return
         if self.notifier is not None:
             await self.notifier.send_async(title, body, kind)
 
     async def _notify_failure(self, device: ConnectedDevice, reason: str) -> None:
-        await self._notify(f"Backup of {device.name or device.udid} failed", reason, "failure",
-                           key=f"failed:{device.udid}", every=None)
+        await self._notify(
+            f"Backup of {device.name or device.udid} failed", reason, "failure", key=f"failed:{device.udid}", every=None
+        )
 
     async def _unreachable(self, repository: str, e: BaseException) -> None:
         logger.warning("repository %s not reachable: %s", repository, _one_line(e))
-        await self._notify(f"Repository {repository} not reachable",
-                           f"ibsync cannot reach {repository} ({_one_line(e)}); it will keep trying.", "warning",
-                           key=f"unreachable:{repository}", every=None)
+        await self._notify(
+            f"Repository {repository} not reachable",
+            f"ibsync cannot reach {repository} ({_one_line(e)}); it will keep trying.",
+            "warning",
+            key=f"unreachable:{repository}",
+            every=None,
+        )
 
     def _reachable(self, repository: str) -> None:
         self.history.clear_notice(f"unreachable:{repository}")
@@ -468,8 +534,9 @@ class Agent:
             if is_overdue(rec.last_success, rec.first_seen, policy.interval, policy.grace, now):
                 since = rec.last_success or rec.first_seen
                 assert since is not None
-                text = (f"{rec.name or rec.udid} has had no good backup for {format_duration(now - since)}"
-                        + (f" (last: {_local(rec.last_success)})" if rec.last_success else " (never backed up)"))
+                text = f"{rec.name or rec.udid} has had no good backup for {format_duration(now - since)}" + (
+                    f" (last: {_local(rec.last_success)})" if rec.last_success else " (never backed up)"
+                )
                 if self.history.notice_due(f"overdue:{rec.udid}", DAY):
                     logger.warning("%s", text)
                     await self._notify(f"{rec.name or rec.udid}: backup overdue", text, "warning")
@@ -488,8 +555,9 @@ class Agent:
     def _maintain_one(self, repository: str, udids: set[str]) -> None:
         from .maintenance import maintain_repository
 
-        maintain_repository(RepoSource(repository, config_path=self.config_path), repository, udids, self.settings,
-                            self.history)
+        maintain_repository(
+            RepoSource(repository, config_path=self.config_path), repository, udids, self.settings, self.history
+        )
 
 
 class _Skip(Exception):

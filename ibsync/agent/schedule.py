@@ -21,13 +21,13 @@ def parse_duration(text: object, where: str) -> timedelta:
     weeks (as systemd timers write them; ``m`` is minutes here, unlike forget's ``--keep-within``,
     which follows restic's calendar months)."""
     if not isinstance(text, str) or not text.strip():
-        raise UserError(f"{where}: expected a duration like \"24h\", \"90m\" or \"7d\"")
+        raise UserError(f'{where}: expected a duration like "24h", "90m" or "7d"')
     s = text.replace(" ", "")
     pos, seconds = 0, 0
     while pos < len(s):
         m = _DURATION.match(s, pos)
         if m is None:
-            raise UserError(f"{where}: {text!r} is not a duration (numbers with s, m, h, d or w, like \"1d12h\")")
+            raise UserError(f'{where}: {text!r} is not a duration (numbers with s, m, h, d or w, like "1d12h")')
         seconds += int(m.group(1)) * _UNITS[m.group(2)]
         pos = m.end()
     if seconds <= 0:
@@ -61,14 +61,14 @@ class Window:
     @classmethod
     def parse(cls, text: object, where: str) -> Window:
         if not isinstance(text, str):
-            raise UserError(f"{where}: expected a time window like \"20:00-07:00\"")
+            raise UserError(f'{where}: expected a time window like "20:00-07:00"')
         parts = text.replace(" ", "").split("-")
         try:
             if len(parts) != 2:
                 raise ValueError
             start, end = (time.fromisoformat(p) for p in parts)
         except ValueError:
-            raise UserError(f"{where}: {text!r} is not a time window like \"20:00-07:00\" (local times, HH:MM)") from None
+            raise UserError(f'{where}: {text!r} is not a time window like "20:00-07:00" (local times, HH:MM)') from None
         if start == end:
             raise UserError(f"{where}: the window {text!r} is empty; leave 'window' out to allow any time")
         return cls(start, end)
@@ -97,8 +97,14 @@ def backoff(failures_in_a_row: int, base: timedelta, ceiling: timedelta) -> time
     return min(base * (2 ** min(failures_in_a_row - 1, 20)), ceiling)
 
 
-def next_due(last_success: datetime | None, interval: timedelta, *, retry_after: datetime | None,
-             window: Window | None, now: datetime) -> datetime:
+def next_due(
+    last_success: datetime | None,
+    interval: timedelta,
+    *,
+    retry_after: datetime | None,
+    window: Window | None,
+    now: datetime,
+) -> datetime:
     """When the device should next be backed up: its last good snapshot plus the interval (now
     if it has none), not before the back-off of a recent unsuccessful attempt, moved to the
     window's next opening."""
@@ -110,8 +116,9 @@ def next_due(last_success: datetime | None, interval: timedelta, *, retry_after:
     return due
 
 
-def is_overdue(last_success: datetime | None, first_seen: datetime | None, interval: timedelta, grace: timedelta,
-               now: datetime) -> bool:
+def is_overdue(
+    last_success: datetime | None, first_seen: datetime | None, interval: timedelta, grace: timedelta, now: datetime
+) -> bool:
     """No good backup for longer than the interval plus the grace period (counted from when the
     agent first knew the device, for one never backed up)."""
     since = last_success or first_seen

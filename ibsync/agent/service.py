@@ -61,8 +61,10 @@ class ServiceSpec:
             raise UserError("the service needs a program to run")
         for name in self.env:
             if _SECRET_NAME.search(name):
-                raise UserError(f"environment variable {name} looks like a secret and is not written into a "
-                                "service file: name a password file or command in the config file instead")
+                raise UserError(
+                    f"environment variable {name} looks like a secret and is not written into a "
+                    "service file: name a password file or command in the config file instead"
+                )
         for arg in [*self.argv, *self.env.values(), *self.env]:
             if "\n" in arg or "\r" in arg or "\0" in arg:
                 raise UserError("a service command line or environment value cannot contain a line break")
@@ -76,8 +78,9 @@ def current_platform() -> str:
     return {"darwin": "macos", "win32": "windows"}.get(sys.platform, "linux")
 
 
-def default_spec(platform: str, config: Path | None = None, *, home: Path | None = None,
-                 environ: Mapping[str, str] | None = None) -> ServiceSpec:
+def default_spec(
+    platform: str, config: Path | None = None, *, home: Path | None = None, environ: Mapping[str, str] | None = None
+) -> ServiceSpec:
     """The spec for this installation: the current interpreter (its absolute path, not resolved,
     so a virtual environment stays the one that runs) with ``-m ibsync``, so the service runs
     the very ibsync that installed it whatever PATH the service manager gives it."""
@@ -91,8 +94,13 @@ def default_spec(platform: str, config: Path | None = None, *, home: Path | None
     user = environ.get("USERNAME") or environ.get("USER") or ""
     if platform == "windows" and environ.get("USERDOMAIN") and user:
         user = f"{environ['USERDOMAIN']}\\{user}"
-    return ServiceSpec(program=[os.path.abspath(sys.executable), "-m", "ibsync"], config=config, env=env,
-                       log_dir=home / "Library" / "Logs" / "ibsync", user=user)
+    return ServiceSpec(
+        program=[os.path.abspath(sys.executable), "-m", "ibsync"],
+        config=config,
+        env=env,
+        log_dir=home / "Library" / "Logs" / "ibsync",
+        user=user,
+    )
 
 
 # --- rendering ----------------------------------------------------------------------------
@@ -252,8 +260,10 @@ def start_commands(platform: str, path: Path, replaced: bool, uid: int, loaded: 
         if loaded and not replaced:  # start it if it is not running; never interrupt a backup
             return [["launchctl", "kickstart", target]]
         # a loaded agent must be booted out before its plist is loaded again
-        return [*([["launchctl", "bootout", target]] if loaded else []),
-                ["launchctl", "bootstrap", f"gui/{uid}", str(path)]]
+        return [
+            *([["launchctl", "bootout", target]] if loaded else []),
+            ["launchctl", "bootstrap", f"gui/{uid}", str(path)],
+        ]
     return [["schtasks", "/Create", "/TN", TASK_NAME, "/XML", str(path), "/F"], ["schtasks", "/Run", "/TN", TASK_NAME]]
 
 
@@ -266,8 +276,10 @@ def stop_commands(platform: str, uid: int) -> list[list[str]]:
 
 
 def shell_line(cmds: Sequence[Sequence[str]]) -> str:
-    return " && ".join(subprocess.list2cmdline(c) if current_platform() == "windows" else " ".join(
-        _sh_quote(a) for a in c) for c in cmds)
+    return " && ".join(
+        subprocess.list2cmdline(c) if current_platform() == "windows" else " ".join(_sh_quote(a) for a in c)
+        for c in cmds
+    )
 
 
 def _sh_quote(arg: str) -> str:
@@ -302,9 +314,16 @@ class Result:
     next_steps: str = ""
 
 
-def install(platform: str, spec: ServiceSpec, *, start: bool = True, force: bool = False,
-            home: Path | None = None, environ: Mapping[str, str] | None = None,
-            run: Runner = _run) -> Result:
+def install(
+    platform: str,
+    spec: ServiceSpec,
+    *,
+    start: bool = True,
+    force: bool = False,
+    home: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    run: Runner = _run,
+) -> Result:
     """Write the service file and (``start``) register and start it. An existing file that
     differs is replaced only with ``force``; an identical one is left as it is."""
     home = Path.home() if home is None else home
@@ -312,8 +331,10 @@ def install(platform: str, spec: ServiceSpec, *, start: bool = True, force: bool
     data = _encode(platform, render(platform, spec))
     old = _read(path)
     if old is not None and old != data and not force:
-        raise UserError(f"{path} exists and differs from the service ibsync would write: "
-                        "--force to replace it, --print to see the new one")
+        raise UserError(
+            f"{path} exists and differs from the service ibsync would write: "
+            "--force to replace it, --print to see the new one"
+        )
     changed = old != data
     uid = user_id()
     loaded = False
@@ -341,8 +362,14 @@ def install(platform: str, spec: ServiceSpec, *, start: bool = True, force: bool
     return Result(path, changed, ran)
 
 
-def uninstall(platform: str, *, stop: bool = True, home: Path | None = None,
-              environ: Mapping[str, str] | None = None, run: Runner = _run) -> Result:
+def uninstall(
+    platform: str,
+    *,
+    stop: bool = True,
+    home: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    run: Runner = _run,
+) -> Result:
     """Stop and unregister the service (``stop``) and remove its file. Nothing installed is not
     an error. The file is removed even when the service manager cannot be reached; the error
     then says what is left to do."""
@@ -379,8 +406,9 @@ def uninstall(platform: str, *, stop: bool = True, home: Path | None = None,
         problem = ""  # no file: nothing was installed here, whatever the service manager says
     if problem:
         gone = f"{path} is removed" if existed else f"{path} was not there"
-        raise UserError(f"{gone}, but {problem}; if the agent still runs, stop it with: "
-                        f"{shell_line(stop_commands(platform, uid))}")
+        raise UserError(
+            f"{gone}, but {problem}; if the agent still runs, stop it with: {shell_line(stop_commands(platform, uid))}"
+        )
     return Result(path, existed, ran)
 
 
@@ -413,8 +441,10 @@ def _must(run: Runner, cmd: Sequence[str], then: str, platform: str) -> None:
     detail = _first_line(out.stderr) or _first_line(out.stdout) or f"exit status {out.returncode}"
     hint = ""
     if platform == "linux" and re.search(r"bus|XDG_RUNTIME_DIR", detail, re.IGNORECASE):
-        hint = (" (no user service manager in this session: log in as the user, or on a headless box "
-                "run `sudo loginctl enable-linger $USER` first)")
+        hint = (
+            " (no user service manager in this session: log in as the user, or on a headless box "
+            "run `sudo loginctl enable-linger $USER` first)"
+        )
     raise UserError(f"{' '.join(cmd[:3])} failed: {detail}{hint}; {then}")
 
 

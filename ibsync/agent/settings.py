@@ -36,11 +36,39 @@ from ..errors import UserError
 from .schedule import Window, parse_duration
 
 #: keys a device table may override; the rest are the agent's alone
-_DEVICE_KEYS = {"repository", "interval", "window", "only-when-charging", "wifi", "grace", "keep", "healthcheck",
-                "enabled"}
-_AGENT_KEYS = {"repository", "interval", "window", "only-when-charging", "wifi", "notify", "healthcheck", "keep",
-               "prune", "check-subset", "grace", "retry", "poll", "parallel", "ui", "ui-address", "ui-port",
-               "ui-password", "ui-certificate", "ui-key"}
+_DEVICE_KEYS = {
+    "repository",
+    "interval",
+    "window",
+    "only-when-charging",
+    "wifi",
+    "grace",
+    "keep",
+    "healthcheck",
+    "enabled",
+}
+_AGENT_KEYS = {
+    "repository",
+    "interval",
+    "window",
+    "only-when-charging",
+    "wifi",
+    "notify",
+    "healthcheck",
+    "keep",
+    "prune",
+    "check-subset",
+    "grace",
+    "retry",
+    "poll",
+    "parallel",
+    "ui",
+    "ui-address",
+    "ui-port",
+    "ui-password",
+    "ui-certificate",
+    "ui-key",
+}
 
 
 @dataclass(frozen=True)
@@ -90,7 +118,7 @@ class AgentSettings:
     def policy(self, udid: str, name: str | None) -> DevicePolicy:
         """The settings for a device, found by UDID (any case) or by name."""
         own = self.table_of(udid, name)
-        return self.defaults if own is None else _apply(self.defaults, own, f"[devices.\"{udid}\"]")
+        return self.defaults if own is None else _apply(self.defaults, own, f'[devices."{udid}"]')
 
     def table_of(self, udid: str, name: str | None) -> dict[str, Any] | None:
         for key, table in self.devices.items():
@@ -112,12 +140,12 @@ def parse_agent_settings(doc: dict[str, Any], where: str) -> AgentSettings:
     if not isinstance(agent, dict):
         raise UserError(f"{where}: [agent] must be a table")
     if not isinstance(devices, dict):
-        raise UserError(f"{where}: [devices] must be a table of tables, like [devices.\"<UDID>\"]")
+        raise UserError(f'{where}: [devices] must be a table of tables, like [devices."<UDID>"]')
     _refuse_unknown(agent, _AGENT_KEYS, f"{where}, [agent]")
     defaults = _apply(DevicePolicy(), {k: v for k, v in agent.items() if k in _DEVICE_KEYS}, f"{where}, [agent]")
     own: dict[str, dict[str, Any]] = {}
     for key, table in devices.items():
-        at = f"{where}, [devices.\"{key}\"]"
+        at = f'{where}, [devices."{key}"]'
         if not isinstance(table, dict):
             raise UserError(f"{at}: must be a table")
         _refuse_unknown(table, _DEVICE_KEYS, at)
@@ -174,7 +202,7 @@ def parse_subset(text: object, where: str) -> tuple[int, int]:
         if not 1 <= n <= total:
             raise ValueError
     except (AssertionError, ValueError):
-        raise UserError(f"{where}: expected a share like \"1/7\"") from None
+        raise UserError(f'{where}: expected a share like "1/7"') from None
     return n, total
 
 

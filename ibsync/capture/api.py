@@ -29,8 +29,9 @@ ProviderArg = LockdownServiceProvider | Callable[[], Awaitable[LockdownServicePr
 RepoArg = str | os.PathLike | Repository
 
 
-def open_repository(url: str | os.PathLike, *, password: str | None = None,
-                    password_file: str | None = None) -> Repository:
+def open_repository(
+    url: str | os.PathLike, *, password: str | None = None, password_file: str | None = None
+) -> Repository:
     """Open a repository as the CLI does, without locking it or loading its index.
 
     ``url``: a path, any storage URL, or a repository name from the config file. The password:
@@ -72,12 +73,15 @@ async def backup_device_async(
     nothing of the backup itself is copied locally.
     """
     async with session_for(provider, repo, password, password_file, "backup-device") as (lockdown, repository):
-        return await capture(lockdown, repository, full=full, allow_partial=allow_partial, progress=progress, notify=notify)
+        return await capture(
+            lockdown, repository, full=full, allow_partial=allow_partial, progress=progress, notify=notify
+        )
 
 
 @asynccontextmanager
-async def session_for(provider: ProviderArg, repo: RepoArg, password: str | None, password_file: str | None,
-                      command: str) -> AsyncIterator[tuple[LockdownServiceProvider, Repository]]:
+async def session_for(
+    provider: ProviderArg, repo: RepoArg, password: str | None, password_file: str | None, command: str
+) -> AsyncIterator[tuple[LockdownServiceProvider, Repository]]:
     """What the library entry points share: the repository opened (if given by URL or name),
     locked shared and its index loaded; the lockdown provider made (if given as a coroutine
     function); all of it released at the end, whatever happens."""
@@ -114,8 +118,10 @@ def run_sync(coro_fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, **opt
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro_fn(*args, **options))
-    raise UserError(f"{coro_fn.__name__.removesuffix('_async')}() was called inside a running event loop; "
-                    f"use 'await {coro_fn.__name__}(...)'")
+    raise UserError(
+        f"{coro_fn.__name__.removesuffix('_async')}() was called inside a running event loop; "
+        f"use 'await {coro_fn.__name__}(...)'"
+    )
 
 
 def backup_device(provider: ProviderArg, repo: RepoArg, **options) -> CaptureOutcome:

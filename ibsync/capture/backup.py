@@ -162,8 +162,16 @@ async def capture(
         store = FileStore(session, repo.chunker)
         progress.start(None, None)  # the device announces its total batch by batch, not up front
         try:
-            end, stats = await _device_session(provider, udid, tree, store, full=full,
-                                               free_space=lambda: _free_space(repo), progress=progress, notify=notify)
+            end, stats = await _device_session(
+                provider,
+                udid,
+                tree,
+                store,
+                full=full,
+                free_space=lambda: _free_space(repo),
+                progress=progress,
+                notify=notify,
+            )
         finally:
             store.close()  # the storing thread finishes what it was given, whatever happened
             progress.finish()
@@ -179,18 +187,28 @@ async def capture(
         if stats.failed:  # allow_partial: recorded, and the next capture of the device is full (see _incremental_base)
             origin["failed"] = sorted(f.device_name for f in stats.failed)
         snapshot, _ = await asyncio.to_thread(
-            archiver.archive, tree.source(origin),
-            device=meta.device, backup_date=meta.backup_date, ios_encrypted=meta.ios_encrypted,
-            snapshot_state=meta.snapshot_state, parent=parent, folder=udid, session=session, started=started)
+            archiver.archive,
+            tree.source(origin),
+            device=meta.device,
+            backup_date=meta.backup_date,
+            ios_encrypted=meta.ios_encrypted,
+            snapshot_state=meta.snapshot_state,
+            parent=parent,
+            folder=udid,
+            session=session,
+            started=started,
+        )
     except BaseException as e:
         _keep_uploaded(session)
         session.__exit__(type(e), e, e.__traceback__)  # stops its uploader; never raises
         if _is_disconnect(e):
-            raise CaptureDisconnected(f"the connection to the device was lost during the backup; nothing was committed "
-                                f"({_kept(session)})") from e
+            raise CaptureDisconnected(
+                f"the connection to the device was lost during the backup; nothing was committed ({_kept(session)})"
+            ) from e
         if isinstance(e, PyMobileDevice3Exception):
-            raise CaptureFailed(f"the backup failed: {e or e.__class__.__name__}; nothing was committed "
-                                f"({_kept(session)})") from e
+            raise CaptureFailed(
+                f"the backup failed: {e or e.__class__.__name__}; nothing was committed ({_kept(session)})"
+            ) from e
         if isinstance(e, DeviceError) and not isinstance(e, CaptureFailed):  # a malformed message, a silent device
             raise CaptureFailed(f"{e}; nothing was committed ({_kept(session)})") from e
         raise
@@ -201,13 +219,22 @@ async def capture(
 # ---- the device session ------------------------------------------------------------------------
 
 
-async def _device_session(provider: LockdownServiceProvider, udid: str, tree: VirtualTree, store: FileStore, *,
-                          full: bool, free_space: Callable[[], int], progress: Progress,
-                          notify: Notify) -> tuple[SessionEnd, TransferStats]:
+async def _device_session(
+    provider: LockdownServiceProvider,
+    udid: str,
+    tree: VirtualTree,
+    store: FileStore,
+    *,
+    full: bool,
+    free_space: Callable[[], int],
+    progress: Progress,
+    notify: Notify,
+) -> tuple[SessionEnd, TransferStats]:
     """Open mobilebackup2 under the sync lock, write Info.plist, request the backup, serve the
     device until it ends the request."""
-    async with mobilebackup2_session(provider, tree, store, free_space=free_space, progress=progress, notify=notify,
-                                     failure=CaptureFailed) as (mb2, link, afc):
+    async with mobilebackup2_session(
+        provider, tree, store, free_space=free_space, progress=progress, notify=notify, failure=CaptureFailed
+    ) as (mb2, link, afc):
         info = await mb2.init_mobile_backup_factory_info(afc)
         tree.put_file(f"{udid}/Info.plist", *store.store_bytes(plistlib.dumps(info)))
         request: dict[str, Any] = {"MessageName": "Backup", "TargetIdentifier": udid}
@@ -219,11 +246,18 @@ async def _device_session(provider: LockdownServiceProvider, udid: str, tree: Vi
 
 
 @asynccontextmanager
-async def mobilebackup2_session(provider: LockdownServiceProvider, tree: VirtualTree, store: FileStore | None, *,
-                                free_space: Callable[[], int], progress: Progress, notify: Notify,
-                                failure: type[DeviceError], count_downloads: bool = False,
-                                idle_timeout: float | None = None,
-                                ) -> AsyncIterator[tuple[Mobilebackup2Service, DeviceLinkHost, AfcService]]:
+async def mobilebackup2_session(
+    provider: LockdownServiceProvider,
+    tree: VirtualTree,
+    store: FileStore | None,
+    *,
+    free_space: Callable[[], int],
+    progress: Progress,
+    notify: Notify,
+    failure: type[DeviceError],
+    count_downloads: bool = False,
+    idle_timeout: float | None = None,
+) -> AsyncIterator[tuple[Mobilebackup2Service, DeviceLinkHost, AfcService]]:
     """What a backup and a restore share: mobilebackup2 opened, our DeviceLink host on it, the
     version exchange and Hello, pymobiledevice3's sync lock held (syncWillStart, the AFC lock on
     /com.apple.itunes.lock_sync retried 10 s, syncDidStart; syncDidFinish and unlock on the
@@ -236,8 +270,15 @@ async def mobilebackup2_session(provider: LockdownServiceProvider, tree: Virtual
     link: DeviceLinkHost | None = None
     try:
         await mb2.connect()
-        link = DeviceLinkHost(mb2.service, tree, store, free_space=free_space, progress=progress,  # type: ignore[arg-type]
-                              count_downloads=count_downloads, idle_timeout=timeout)
+        link = DeviceLinkHost(
+            mb2.service,
+            tree,
+            store,
+            free_space=free_space,
+            progress=progress,  # type: ignore[arg-type]
+            count_downloads=count_downloads,
+            idle_timeout=timeout,
+        )
         await link.version_exchange()
         try:
             # Hello: pymobiledevice3's, through our link (its DeviceLink's interface, not its class)
@@ -245,8 +286,7 @@ async def mobilebackup2_session(provider: LockdownServiceProvider, tree: Virtual
         except (AssertionError, KeyError, IndexError, TypeError) as e:  # how pmd3 checks the answer
             raise failure("the device does not speak mobilebackup2 protocol version 2.0 or 2.1") from e
         try:
-            async with (NotificationProxyService(provider) as np, AfcService(provider) as afc,
-                        _sync_lock(afc, np)):
+            async with NotificationProxyService(provider) as np, AfcService(provider) as afc, _sync_lock(afc, np):
                 await mb2._observe_backup_notifications(np)
                 watcher = asyncio.create_task(_watch_notifications(np, notify))
                 try:
@@ -298,7 +338,8 @@ async def _sync_lock(afc: AfcService, np: NotificationProxyService) -> AsyncIter
         else:
             await afc.fclose(lockfile)
             raise PyMobileDevice3Exception(
-                "Could not lock the device's sync lock file; another sync or backup may be running.")
+                "Could not lock the device's sync lock file; another sync or backup may be running."
+            )
     ok = False
     try:
         yield
@@ -360,19 +401,22 @@ def _free_space(repo: Repository) -> int:
     return REMOTE_FREE_SPACE
 
 
-def _check_finished(tree: VirtualTree, udid: str, base: bytes | None, end: SessionEnd, stats: TransferStats,
-                    allow_partial: bool) -> None:
+def _check_finished(
+    tree: VirtualTree, udid: str, base: bytes | None, end: SessionEnd, stats: TransferStats, allow_partial: bool
+) -> None:
     if end.error_code is None:
         raise CaptureFailed(f"the device ended the backup without a result ({end.description}); nothing was committed")
     if end.error_code == MB_ERROR_NOT_ENOUGH_SPACE:
         raise CaptureFailed(f"the device refused the backup: not enough free space on the target ({end.description})")
     if end.error_code == MB_ERROR_DEVICE_LOCKED:
         # the same words as any other error code (what the CLI prints is unchanged); the type says it
-        raise CapturePasscodeNotEntered(f"the device reported error {end.error_code}: "
-                                        f"{end.description or 'no description'}; nothing was committed")
+        raise CapturePasscodeNotEntered(
+            f"the device reported error {end.error_code}: {end.description or 'no description'}; nothing was committed"
+        )
     if end.error_code != 0:
-        raise CaptureFailed(f"the device reported error {end.error_code}: {end.description or 'no description'}; "
-                            "nothing was committed")
+        raise CaptureFailed(
+            f"the device reported error {end.error_code}: {end.description or 'no description'}; nothing was committed"
+        )
     status_path = f"{udid}/Status.plist"
     status = plist_dict(tree.read_bytes(status_path))
     state = status.get("SnapshotState") if status is not None else None
@@ -384,8 +428,10 @@ def _check_finished(tree: VirtualTree, udid: str, base: bytes | None, end: Sessi
     if stats.failed and not allow_partial:
         f = stats.failed[0]
         more = f" and {len(stats.failed) - 1} more" if len(stats.failed) > 1 else ""
-        raise CaptureFailed(f"the device could not read {f.device_name} ({f.reason}){more}; nothing was committed "
-                            "(allow_partial stores the rest, keeping the previous version of such files)")
+        raise CaptureFailed(
+            f"the device could not read {f.device_name} ({f.reason}){more}; nothing was committed "
+            "(allow_partial stores the rest, keeping the previous version of such files)"
+        )
 
 
 def _content_of(tree: VirtualTree, path: str) -> list[str] | None:
@@ -443,4 +489,3 @@ def _kept(session: WriteSession) -> str:
     if not s.blobs_added:
         return "no data was stored"
     return f"{s.raw_bytes_added} bytes already stored are kept for the next run"
-

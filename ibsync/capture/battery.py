@@ -47,9 +47,11 @@ async def read_battery(lockdown: Any) -> BatteryState:
         values = None
     if not isinstance(values, dict):
         values = {}
-    return BatteryState(charging=_bool(values.get("BatteryIsCharging")),
-                        external_power=_bool(values.get("ExternalConnected")),
-                        level=_level(values.get("BatteryCurrentCapacity")))
+    return BatteryState(
+        charging=_bool(values.get("BatteryIsCharging")),
+        external_power=_bool(values.get("ExternalConnected")),
+        level=_level(values.get("BatteryCurrentCapacity")),
+    )
 
 
 def _bool(v: Any) -> bool | None:

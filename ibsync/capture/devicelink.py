@@ -142,8 +142,16 @@ def idle_timeout_from_env(environ: Mapping[str, str] = os.environ) -> float:
 
 def _kind(value: Any) -> str:
     """A plist value's type as the message says it (for errors)."""
-    return {str: "a string", bytes: "data", int: "an integer", float: "a real", bool: "a boolean",
-            list: "an array", dict: "a dictionary", datetime: "a date"}.get(type(value), type(value).__name__)
+    return {
+        str: "a string",
+        bytes: "data",
+        int: "an integer",
+        float: "a real",
+        bool: "a boolean",
+        list: "an array",
+        dict: "a dictionary",
+        datetime: "a date",
+    }.get(type(value), type(value).__name__)
 
 
 def _shown(raw: bytes) -> str:
@@ -196,8 +204,9 @@ class _Input:
             async with asyncio.timeout(IDLE_GRACE):
                 return await self._reader.read(n)
         except TimeoutError:
-            raise DeviceIdle(f"the device sent nothing for {self.idle_timeout:g} s "
-                             f"(it may be locked, asleep or hung)") from None
+            raise DeviceIdle(
+                f"the device sent nothing for {self.idle_timeout:g} s (it may be locked, asleep or hung)"
+            ) from None
         except OSError as e:
             raise ConnectionTerminatedError() from e
 
@@ -354,9 +363,17 @@ class TransferStats:
 class DeviceLinkHost:
     """Serves one mobilebackup2 DeviceLink session; call :meth:`run` after the request."""
 
-    def __init__(self, conn: ServiceConnection, tree: VirtualTree, store: FileStore | None, *,
-                 free_space: Callable[[], int], progress: Progress = NULL_PROGRESS,
-                 count_downloads: bool = False, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        conn: ServiceConnection,
+        tree: VirtualTree,
+        store: FileStore | None,
+        *,
+        free_space: Callable[[], int],
+        progress: Progress = NULL_PROGRESS,
+        count_downloads: bool = False,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
         """``store``: where uploads go; None (a restore) refuses them. ``count_downloads``:
         advance ``progress`` by what is sent (else by what is received). ``idle_timeout``:
         seconds the device may stay silent while the host waits for it (DeviceIdle after)."""
@@ -389,8 +406,9 @@ class DeviceLinkHost:
         """The device's next message: a plist array whose first item names it."""
         n = await self._in.u32()
         if n > MAX_MESSAGE:
-            raise MalformedMessage("DeviceLink", f"it is {n} bytes long, over ibsync's limit of "
-                                                 f"{MAX_MESSAGE >> 20} MiB for one message")
+            raise MalformedMessage(
+                "DeviceLink", f"it is {n} bytes long, over ibsync's limit of {MAX_MESSAGE >> 20} MiB for one message"
+            )
         raw = await self._in.exactly(n)
         try:
             msg = bplist.loads(raw, parse_plist)
@@ -439,9 +457,16 @@ class DeviceLinkHost:
             await handler(msg)
 
     async def _status(self, code: int, description: str = "", value: Any = None) -> None:
-        await self.conn.sendall(build_plist([
-            "DLMessageStatusResponse", _uint64(code), description or EMPTY, {} if value is None else value,
-        ]))
+        await self.conn.sendall(
+            build_plist(
+                [
+                    "DLMessageStatusResponse",
+                    _uint64(code),
+                    description or EMPTY,
+                    {} if value is None else value,
+                ]
+            )
+        )
 
     def _note_progress(self, msg: list, at: int) -> None:
         if len(msg) > at and isinstance(msg[at], (int, float)):
@@ -604,12 +629,18 @@ class DeviceLinkHost:
         out = {}
         for name, node in listing.items():
             if isinstance(node, VDir):
-                out[name] = {"DLFileType": "DLFileTypeDirectory", "DLFileSize": 0,
-                             "DLFileModificationDate": _naive_utc(node.mtime_ns)}
+                out[name] = {
+                    "DLFileType": "DLFileTypeDirectory",
+                    "DLFileSize": 0,
+                    "DLFileModificationDate": _naive_utc(node.mtime_ns),
+                }
             else:
                 kind = _DL_FILE_TYPES.get(node["type"], "DLFileTypeUnknown")
-                out[name] = {"DLFileType": kind, "DLFileSize": node.get("size", 0),
-                             "DLFileModificationDate": _naive_utc(node["mtime_ns"])}
+                out[name] = {
+                    "DLFileType": kind,
+                    "DLFileSize": node.get("size", 0),
+                    "DLFileModificationDate": _naive_utc(node["mtime_ns"]),
+                }
         await self._status(0, value=out)
 
     async def _create_directory(self, msg: list) -> None:

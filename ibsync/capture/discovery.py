@@ -107,11 +107,13 @@ async def _describe_mux(mux: Any) -> ConnectedDevice:
 
 
 @overload
-async def list_connected(wifi: bool = ..., *, tolerant: Literal[False] = ...,
-                         connect_timeout: float | None = ...) -> list[ConnectedDevice]: ...
+async def list_connected(
+    wifi: bool = ..., *, tolerant: Literal[False] = ..., connect_timeout: float | None = ...
+) -> list[ConnectedDevice]: ...
 @overload
-async def list_connected(wifi: bool = ..., *, tolerant: Literal[True],
-                         connect_timeout: float | None = ...) -> tuple[list[ConnectedDevice], dict[str, str]]: ...
+async def list_connected(
+    wifi: bool = ..., *, tolerant: Literal[True], connect_timeout: float | None = ...
+) -> tuple[list[ConnectedDevice], dict[str, str]]: ...
 async def list_connected(wifi: bool = False, *, tolerant: bool = False, connect_timeout: float | None = None):
     """The devices reachable now: usbmuxd's (USB, Network) and, with ``wifi``, paired phones found
     directly on the LAN (Wi-Fi); one entry per phone, by its best path (USB, Network, Wi-Fi).
@@ -207,7 +209,9 @@ def choose(devices: list[ConnectedDevice], wanted: str | None) -> ConnectedDevic
     if wanted is None:
         if len(devices) > 1:
             names = ", ".join(f"{d.name or '?'} ({d.udid})" for d in devices)
-            raise UserError(f"several devices are connected ({names}); choose one with --device UDID|NAME, or use --all")
+            raise UserError(
+                f"several devices are connected ({names}); choose one with --device UDID|NAME, or use --all"
+            )
         return devices[0]
     exact = [d for d in devices if d.udid.lower() == wanted.lower() or (d.name or "") == wanted]
     if len(exact) == 1:
@@ -222,8 +226,13 @@ def _log_warning(text: str) -> None:
     logger.warning("%s", text)
 
 
-async def open_lockdown(device: ConnectedDevice, *, pair_timeout: float | None = None,
-                        connect_timeout: float | None = None, notify: Notify = _log_warning):
+async def open_lockdown(
+    device: ConnectedDevice,
+    *,
+    pair_timeout: float | None = None,
+    connect_timeout: float | None = None,
+    notify: Notify = _log_warning,
+):
     """A paired lockdown session with ``device`` over the path it was listed on.
 
     USB/Network (usbmuxd): pairs now if needed. The phone then asks the user to trust this
@@ -249,8 +258,9 @@ async def _open_usbmux(device: ConnectedDevice, pair_timeout: float | None, time
     label = device.name or device.udid
 
     async def attempt(autopair: bool, wait: float | None):
-        return await create_using_usbmux(serial=device.udid, autopair=autopair, connection_type=device.connection,
-                                         pair_timeout=wait)
+        return await create_using_usbmux(
+            serial=device.udid, autopair=autopair, connection_type=device.connection, pair_timeout=wait
+        )
 
     try:
         # 1. an existing pairing (the usual case), with a bound: a silent device must not hang us
@@ -267,13 +277,17 @@ async def _open_usbmux(device: ConnectedDevice, pair_timeout: float | None, time
         try:
             return await attempt(True, pair_timeout)
         except PairingDialogResponsePendingError as e:
-            raise TrustNotAnswered(f"{label}: 'Trust this computer' was not answered on the device"
-                                   + (f" within {pair_timeout:g} s" if pair_timeout is not None else "")) from e
+            raise TrustNotAnswered(
+                f"{label}: 'Trust this computer' was not answered on the device"
+                + (f" within {pair_timeout:g} s" if pair_timeout is not None else "")
+            ) from e
     except TimeoutError as e:
         raise DeviceUnreachable(f"{label}: the device did not answer within {timeout:g} s") from e
     except UserDeniedPairingError as e:
-        raise DeviceError(f"{label}: the device does not trust this computer ('Don't Trust' was tapped); "
-                          "unplug it, plug it in again and tap 'Trust'") from e
+        raise DeviceError(
+            f"{label}: the device does not trust this computer ('Don't Trust' was tapped); "
+            "unplug it, plug it in again and tap 'Trust'"
+        ) from e
     except DeviceError:
         raise
     except Exception as e:

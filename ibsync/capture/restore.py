@@ -109,11 +109,15 @@ async def restore(
     device behind ``provider``; RestoreFailed (one line) unless the device reports success."""
     started = time.monotonic()
     if snapshot.snapshot_state != "finished":
-        raise RestoreFailed(f"snapshot {snapshot.short_id} is not a finished backup "
-                            f"(SnapshotState {snapshot.snapshot_state!r}); the device would refuse it")
+        raise RestoreFailed(
+            f"snapshot {snapshot.short_id} is not a finished backup "
+            f"(SnapshotState {snapshot.snapshot_state!r}); the device would refuse it"
+        )
     if snapshot.source.get("failed"):
-        raise RestoreFailed(f"snapshot {snapshot.short_id} is a partial capture (files the device could not read "
-                            "are missing); restore another snapshot")
+        raise RestoreFailed(
+            f"snapshot {snapshot.short_id} is a partial capture (files the device could not read "
+            "are missing); restore another snapshot"
+        )
     source = source_identifier(snapshot)
     if not source:
         raise RestoreFailed(f"snapshot {snapshot.short_id} names no device folder to restore from")
@@ -130,8 +134,9 @@ async def restore(
         raise RestoreFailed(f"snapshot {snapshot.short_id}: its Manifest.plist is unreadable")
     encrypted = bool(manifest.get("IsEncrypted", False))
     if encrypted and not password:
-        raise RestoreFailed(f"snapshot {snapshot.short_id} is an encrypted iOS backup: the restore needs its "
-                            "backup password")
+        raise RestoreFailed(
+            f"snapshot {snapshot.short_id} is an encrypted iOS backup: the restore needs its backup password"
+        )
     options: dict[str, Any] = {
         "RestoreShouldReboot": reboot,
         "RestoreDontCopyBackup": not copy,
@@ -143,10 +148,19 @@ async def restore(
         options["Password"] = password
     target = provider.udid or ""
     request = {"MessageName": "Restore", "TargetIdentifier": target, "SourceIdentifier": source, "Options": options}
-    progress.start(snapshot.summary.total_bytes or None, snapshot.summary.files or None)  # at most: the device asks for what it needs
+    progress.start(
+        snapshot.summary.total_bytes or None, snapshot.summary.files or None
+    )  # at most: the device asks for what it needs
     try:
-        end, stats = await _device_session(provider, tree, request, info.get("Applications"),
-                                           free_space=lambda: _free_space(repo), progress=progress, notify=notify)
+        end, stats = await _device_session(
+            provider,
+            tree,
+            request,
+            info.get("Applications"),
+            free_space=lambda: _free_space(repo),
+            progress=progress,
+            notify=notify,
+        )
     except (ConnectionTerminatedError, ConnectionError, asyncio.IncompleteReadError) as e:
         raise RestoreDisconnected("the connection to the device was lost during the restore") from e
     except PyMobileDevice3Exception as e:
@@ -168,22 +182,41 @@ def _refuse_unsafe(repo: Repository, snapshot: Snapshot, source: str) -> None:
     This reads every tree once more; next to streaming every payload, that is little."""
     problem = name_problem(source)
     if problem:
-        raise RestoreFailed(f"snapshot {snapshot.short_id}: refusing to restore: its device folder "
-                            f"'{source[:300]}' is unsafe ({problem})")
+        raise RestoreFailed(
+            f"snapshot {snapshot.short_id}: refusing to restore: its device folder "
+            f"'{source[:300]}' is unsafe ({problem})"
+        )
     rejected = rejected_entries(repo, snapshot.tree)
     if rejected:
         named = "; ".join(f"'{path[:300]}': {why}" for path, why in rejected[:3])
         more = f" (and {len(rejected) - 3} more)" if len(rejected) > 3 else ""
-        raise RestoreFailed(f"snapshot {snapshot.short_id}: refusing to restore: {len(rejected)} entr"
-                            f"{'y' if len(rejected) == 1 else 'ies'} cannot be restored: {named}{more}; "
-                            "'ibsync check' lists them")
+        raise RestoreFailed(
+            f"snapshot {snapshot.short_id}: refusing to restore: {len(rejected)} entr"
+            f"{'y' if len(rejected) == 1 else 'ies'} cannot be restored: {named}{more}; "
+            "'ibsync check' lists them"
+        )
 
 
-async def _device_session(provider: LockdownServiceProvider, tree: VirtualTree, request: dict,
-                          applications: Any, *, free_space: Callable[[], int], progress: Progress,
-                          notify: Notify) -> tuple[SessionEnd, TransferStats]:
-    async with mobilebackup2_session(provider, tree, None, free_space=free_space, progress=progress, notify=notify,
-                                     failure=RestoreFailed, count_downloads=True) as (_, link, afc):
+async def _device_session(
+    provider: LockdownServiceProvider,
+    tree: VirtualTree,
+    request: dict,
+    applications: Any,
+    *,
+    free_space: Callable[[], int],
+    progress: Progress,
+    notify: Notify,
+) -> tuple[SessionEnd, TransferStats]:
+    async with mobilebackup2_session(
+        provider,
+        tree,
+        None,
+        free_space=free_space,
+        progress=progress,
+        notify=notify,
+        failure=RestoreFailed,
+        count_downloads=True,
+    ) as (_, link, afc):
         await link.send_process_message(request)
         if applications is not None:
             # as pymobiledevice3 does: the device reinstalls these apps once the restore is done
@@ -250,8 +283,19 @@ async def restore_to_device_async(
     """
     async with session_for(provider, repo, password, password_file, "restore-device") as (lockdown, repository):
         snap = await asyncio.to_thread(resolve_snapshot, repository, snapshot)
-        return await restore(lockdown, repository, snap, system=system, reboot=reboot, copy=copy, settings=settings,
-                             remove=remove, password=backup_password, progress=progress, notify=notify)
+        return await restore(
+            lockdown,
+            repository,
+            snap,
+            system=system,
+            reboot=reboot,
+            copy=copy,
+            settings=settings,
+            remove=remove,
+            password=backup_password,
+            progress=progress,
+            notify=notify,
+        )
 
 
 def restore_to_device(provider: ProviderArg, repo: RepoArg, snapshot: Snapshot | str, **options) -> RestoreOutcome:

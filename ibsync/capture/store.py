@@ -57,8 +57,7 @@ class _Chunks:
         blob_id, new, compressed = self._session.save_blob_ex(BlobType.DATA, chunk, compress=self._compress)
         # as the archiver does: a large first chunk that zstd cannot shrink marks the file as
         # incompressible (photo, video, encrypted payload) and its other chunks skip zstd
-        if (self._first and new and not compressed and len(chunk) >= PROBE_MIN
-                and bytes(chunk[:16]) != SQLITE_MAGIC):
+        if self._first and new and not compressed and len(chunk) >= PROBE_MIN and bytes(chunk[:16]) != SQLITE_MAGIC:
             self._compress = False
         self._first = False
         self.content += blob_id

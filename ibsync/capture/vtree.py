@@ -84,8 +84,12 @@ class VDir:
     changes: dict[str | bytes, VDir | Entry | Record | None] = field(default_factory=dict)
 
     def copy(self) -> VDir:
-        return VDir(self.mode, self.mtime_ns, self.base,
-                    {k: v.copy() if isinstance(v, VDir) else v for k, v in self.changes.items()})
+        return VDir(
+            self.mode,
+            self.mtime_ns,
+            self.base,
+            {k: v.copy() if isinstance(v, VDir) else v for k, v in self.changes.items()},
+        )
 
     def get(self, name: str, default: Any = None) -> Any:
         return self.changes.get(_key(name), default)
@@ -129,9 +133,10 @@ def pack_record(mtime_ns: int, size: int, ids: bytes) -> Record:
 def entry_of_record(name: str, record: Record) -> Entry:
     """The tree entry a received file's record stands for."""
     mtime_ns, size = _RECORD.unpack_from(record)
-    ids = memoryview(record)[_RECORD.size:]
-    return file_entry(name, FILE_MODE, mtime_ns, size,
-                      [ids[i : i + ID_SIZE].hex() for i in range(0, len(ids), ID_SIZE)])
+    ids = memoryview(record)[_RECORD.size :]
+    return file_entry(
+        name, FILE_MODE, mtime_ns, size, [ids[i : i + ID_SIZE].hex() for i in range(0, len(ids), ID_SIZE)]
+    )
 
 
 def raw_ids(content: bytes | list[str]) -> bytes:
@@ -158,9 +163,16 @@ def _dir_of_entry(e: Entry) -> VDir:
 class VirtualTree:
     """The backup root: one folder per device (``folder``), as the device addresses it."""
 
-    def __init__(self, repo: Repository, folder: str, base: bytes | None, *,
-                 before_read: Callable[[], None] | None = None,
-                 clock: Callable[[], int] = time.time_ns, lookups: bool = False) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        folder: str,
+        base: bytes | None,
+        *,
+        before_read: Callable[[], None] | None = None,
+        clock: Callable[[], int] = time.time_ns,
+        lookups: bool = False,
+    ) -> None:
         """``base``: the root tree of the snapshot the device folder starts as (None: empty).
         ``before_read`` is called before reading blobs that are not indexed yet (written in
         this session: the session must flush its open packs first). ``lookups``: find an entry
@@ -432,8 +444,9 @@ class TreeSource:
             elif node["type"] == "dir":
                 out.append(SourceEntry(name, "dir", node["mode"], node["mtime_ns"]))
             elif node["type"] == "file":
-                out.append(SourceEntry(name, "file", node["mode"], node["mtime_ns"], node["size"], None,
-                                       node["content"]))
+                out.append(
+                    SourceEntry(name, "file", node["mode"], node["mtime_ns"], node["size"], None, node["content"])
+                )
             else:
                 out.append(SourceEntry(name, node["type"], node["mode"], node["mtime_ns"], 0, node.get("target")))
         return out

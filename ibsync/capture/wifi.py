@@ -135,8 +135,13 @@ def candidate_records(advert: Any, records: list[dict[str, Any]]) -> list[dict[s
 # ---- connecting ----------------------------------------------------------------------------------------------
 
 
-async def open_lockdown(endpoint: WifiEndpoint, records: list[dict[str, Any]] | None = None, *,
-                        timeout: float = CONNECT_TIMEOUT, keep_alive: bool = True):
+async def open_lockdown(
+    endpoint: WifiEndpoint,
+    records: list[dict[str, Any]] | None = None,
+    *,
+    timeout: float = CONNECT_TIMEOUT,
+    keep_alive: bool = True,
+):
     """A paired lockdown client over TCP to ``endpoint`` (pymobiledevice3's ``TcpLockdownClient``:
     its services are TCP connections to the same host), with the first of ``records`` the phone
     accepts (default: the records held for ``endpoint.udid``).
@@ -150,31 +155,48 @@ async def open_lockdown(endpoint: WifiEndpoint, records: list[dict[str, Any]] | 
         records = await known_pair_records(endpoint.udid)
     who = endpoint.udid or endpoint.address
     if not records:
-        raise DeviceError(f"{who}: this computer holds no pair record for it; connect it with a cable once "
-                          "and tap Trust (Wi-Fi needs an existing pairing)")
+        raise DeviceError(
+            f"{who}: this computer holds no pair record for it; connect it with a cable once "
+            "and tap Trust (Wi-Fi needs an existing pairing)"
+        )
     for record in records:
         try:
             lockdown = await asyncio.wait_for(
-                create_using_tcp(hostname=endpoint.host, port=endpoint.port, autopair=False, pair_record=record,
-                                 keep_alive=keep_alive), timeout)
+                create_using_tcp(
+                    hostname=endpoint.host,
+                    port=endpoint.port,
+                    autopair=False,
+                    pair_record=record,
+                    keep_alive=keep_alive,
+                ),
+                timeout,
+            )
         except TimeoutError as e:
             raise DeviceUnreachable(f"{who}: no answer over Wi-Fi at {endpoint.address} within {timeout:g} s") from e
         except Exception as e:  # refused, reset, not lockdownd, ...: pymobiledevice3 raises many kinds
-            raise DeviceUnreachable(f"{who}: cannot reach it over Wi-Fi at {endpoint.address} "
-                                    f"({e.__class__.__name__}: {e})") from e
+            raise DeviceUnreachable(
+                f"{who}: cannot reach it over Wi-Fi at {endpoint.address} ({e.__class__.__name__}: {e})"
+            ) from e
         if lockdown.paired:
             if endpoint.udid is not None and (lockdown.udid or "").lower() != endpoint.udid.lower():
                 await lockdown.close()
                 raise DeviceError(f"{endpoint.address} is {lockdown.udid}, not {endpoint.udid}")
             return lockdown
         await lockdown.close()
-    raise DeviceError(f"{who}: the device at {endpoint.address} does not accept this computer's pairing; "
-                      "connect it with a cable and tap Trust again")
+    raise DeviceError(
+        f"{who}: the device at {endpoint.address} does not accept this computer's pairing; "
+        "connect it with a cable and tap Trust again"
+    )
 
 
-async def find_paired(*, timeout: float | None = None, environ: Mapping[str, str] = os.environ,
-                      browse: Browse | None = None, use_advert_port: bool = False,
-                      connect_timeout: float = CONNECT_TIMEOUT) -> AsyncIterator[tuple[WifiEndpoint, Any]]:
+async def find_paired(
+    *,
+    timeout: float | None = None,
+    environ: Mapping[str, str] = os.environ,
+    browse: Browse | None = None,
+    use_advert_port: bool = False,
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> AsyncIterator[tuple[WifiEndpoint, Any]]:
     """Yield ``(endpoint, paired lockdown client)`` for each phone paired with this computer that
     answers on the LAN; the caller closes each client. One per phone.
 
@@ -228,4 +250,3 @@ async def find_paired(*, timeout: float | None = None, environ: Mapping[str, str
     finally:
         with suppress(Exception):
             await adverts.aclose()
-

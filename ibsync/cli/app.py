@@ -31,7 +31,9 @@ class App(RepoSource):
         repo = self.open_unlocked()
         if lock != "none":
             ctx = click.get_current_context()
-            held = RepoLock(repo, exclusive=lock == "exclusive", command=ctx.command_path.removeprefix("ibsync ")).acquire()
+            held = RepoLock(
+                repo, exclusive=lock == "exclusive", command=ctx.command_path.removeprefix("ibsync ")
+            ).acquire()
             ctx.call_on_close(held.release)
         if load_index:
             repo.load_index()
@@ -55,12 +57,32 @@ class App(RepoSource):
 def common_options(func: Callable) -> Callable:
     """--repo, password options, --json and --quiet on every command."""
 
-    @click.option("--repo", "-r", "repo_url", envvar="IBSYNC_REPO", metavar="URL|NAME",
-                  help="Repository: a path; s3://BUCKET/PATH, sftp://USER@HOST/PATH, smb://HOST/SHARE/PATH, webdav+https://HOST/PATH or another fsspec URL; or a name from the config file (README: storage options). Default: $IBSYNC_REPO.")
-    @click.option("--config", "config_path", envvar="IBSYNC_CONFIG", metavar="FILE",
-                  help="Config file naming repositories (default: the platform's user config folder, ibsync/config.toml).")
-    @click.option("--password-file", "-p", metavar="FILE", help="Read the repository password from FILE (also $IBSYNC_PASSWORD_FILE).")
-    @click.option("--password-command", metavar="CMD", help="Run CMD and use what it prints as the password (also $IBSYNC_PASSWORD_COMMAND).")
+    @click.option(
+        "--repo",
+        "-r",
+        "repo_url",
+        envvar="IBSYNC_REPO",
+        metavar="URL|NAME",
+        help="Repository: a path; s3://BUCKET/PATH, sftp://USER@HOST/PATH, smb://HOST/SHARE/PATH, webdav+https://HOST/PATH or another fsspec URL; or a name from the config file (README: storage options). Default: $IBSYNC_REPO.",
+    )
+    @click.option(
+        "--config",
+        "config_path",
+        envvar="IBSYNC_CONFIG",
+        metavar="FILE",
+        help="Config file naming repositories (default: the platform's user config folder, ibsync/config.toml).",
+    )
+    @click.option(
+        "--password-file",
+        "-p",
+        metavar="FILE",
+        help="Read the repository password from FILE (also $IBSYNC_PASSWORD_FILE).",
+    )
+    @click.option(
+        "--password-command",
+        metavar="CMD",
+        help="Run CMD and use what it prints as the password (also $IBSYNC_PASSWORD_COMMAND).",
+    )
     @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of text.")
     @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors; no progress bars.")
     @functools.wraps(func)

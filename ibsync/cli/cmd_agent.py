@@ -20,11 +20,24 @@ class _AgentGroup(click.Group):
 
 
 @click.group("agent", cls=_AgentGroup, invoke_without_command=True)
-@click.option("--config", "config_path", envvar="IBSYNC_CONFIG", metavar="FILE",
-              help="Config file with the [agent] and [devices] tables (default: the platform's user config folder, ibsync/config.toml).")
-@click.option("--repo", "-r", "repo_url", envvar="IBSYNC_REPO", metavar="URL|NAME",
-              help="Repository for devices the config file does not give one ([agent] repository wins over it). Default: $IBSYNC_REPO.")
-@click.option("--once", is_flag=True, help="Look once: back up the devices that are due now, run maintenance, and exit.")
+@click.option(
+    "--config",
+    "config_path",
+    envvar="IBSYNC_CONFIG",
+    metavar="FILE",
+    help="Config file with the [agent] and [devices] tables (default: the platform's user config folder, ibsync/config.toml).",
+)
+@click.option(
+    "--repo",
+    "-r",
+    "repo_url",
+    envvar="IBSYNC_REPO",
+    metavar="URL|NAME",
+    help="Repository for devices the config file does not give one ([agent] repository wins over it). Default: $IBSYNC_REPO.",
+)
+@click.option(
+    "--once", is_flag=True, help="Look once: back up the devices that are due now, run maintenance, and exit."
+)
 @click.option("--quiet", "-q", is_flag=True, help="Log only warnings and errors.")
 @click.pass_context
 def agent_group(ctx: click.Context, config_path: str | None, repo_url: str | None, once: bool, quiet: bool) -> None:
@@ -80,7 +93,7 @@ def agent_group(ctx: click.Context, config_path: str | None, repo_url: str | Non
             check_health_url(settings.defaults.healthcheck, "[agent] healthcheck")
         for key, table in settings.devices.items():
             if "healthcheck" in table:
-                check_health_url(table["healthcheck"], f"[devices.\"{key}\"] healthcheck")
+                check_health_url(table["healthcheck"], f'[devices."{key}"] healthcheck')
     history = History()
     held = lock_state_folder(history.path.parent)
     logger = logging.getLogger("ibsync")
@@ -89,8 +102,9 @@ def agent_group(ctx: click.Context, config_path: str | None, repo_url: str | Non
         if getattr(handler, "ibsync_cli", False):  # made with its formatter (cli/app.py), whose class is kept
             formatter_class = type(cast(logging.Formatter, handler.formatter))
             handler.setFormatter(formatter_class("%(asctime)s ibsync: %(message)s", "%Y-%m-%d %H:%M:%S"))
-    agent = Agent(settings, history, config_path=str(path) if path.exists() else None, notifier=notifier,
-                  health=health, once=once)
+    agent = Agent(
+        settings, history, config_path=str(path) if path.exists() else None, notifier=notifier, health=health, once=once
+    )
     web = None
     try:
         if settings.ui.enabled and not once:

@@ -11,13 +11,20 @@ from .app import App, common_options
 @click.option("--device", "-d", metavar="UDID|NAME", help="The device to back up (default: the only one connected).")
 @click.option("--all", "all_devices", is_flag=True, help="Back up every connected device, one after the other.")
 @click.option("--full", is_flag=True, help="Ask the device for a full backup instead of an incremental one.")
-@click.option("--allow-partial", is_flag=True,
-              help="Commit the snapshot even if the device could not read some files (they are listed).")
-@click.option("--wifi/--no-wifi", default=None,
-              help="Also (--wifi) or never (--no-wifi) reach paired phones directly on the local network. "
-                   "Default: only when usbmuxd offers no device (or not the one asked for).")
-def backup_cmd(app: App, device: str | None, all_devices: bool, full: bool, allow_partial: bool,
-               wifi: bool | None) -> None:
+@click.option(
+    "--allow-partial",
+    is_flag=True,
+    help="Commit the snapshot even if the device could not read some files (they are listed).",
+)
+@click.option(
+    "--wifi/--no-wifi",
+    default=None,
+    help="Also (--wifi) or never (--no-wifi) reach paired phones directly on the local network. "
+    "Default: only when usbmuxd offers no device (or not the one asked for).",
+)
+def backup_cmd(
+    app: App, device: str | None, all_devices: bool, full: bool, allow_partial: bool, wifi: bool | None
+) -> None:
     """Back up a connected iPhone or iPad straight into the repository.
 
     The device sends its backup over USB or Wi-Fi (mobilebackup2); files go into the repository
@@ -51,8 +58,13 @@ def backup_cmd(app: App, device: str | None, all_devices: bool, full: bool, allo
         async def one(d):
             lockdown = await open_lockdown(d)
             try:
-                return await capture(lockdown, repo, full=full, allow_partial=allow_partial,
-                                     progress=app.progress(f"backup {printable((d.name or d.udid)[:16])}"))
+                return await capture(
+                    lockdown,
+                    repo,
+                    full=full,
+                    allow_partial=allow_partial,
+                    progress=app.progress(f"backup {printable((d.name or d.udid)[:16])}"),
+                )
             finally:
                 await lockdown.close()
 
@@ -72,7 +84,10 @@ def backup_cmd(app: App, device: str | None, all_devices: bool, full: bool, allo
             f"{s.summary.files} files in the backup, added {size(s.summary.added_bytes)}"
         )
         for f in outcome.failed:
-            click.echo(f"ibsync: warning: the device could not read {printable(f.device_name)}: {printable(f.reason)}", err=True)
+            click.echo(
+                f"ibsync: warning: the device could not read {printable(f.device_name)}: {printable(f.reason)}",
+                err=True,
+            )
     if app.json:
         app.emit_json({"snapshots": [r.to_dict() for r in results], "failed": failures})
     if failures:

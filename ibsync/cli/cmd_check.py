@@ -12,9 +12,15 @@ class CheckFailed(IbsyncError):
 
 
 @click.command("check")
-@click.option("--read-data", is_flag=True, help="Also read every pack and verify every blob (reads the whole repository).")
-@click.option("--read-data-subset", "subset_text", metavar="N%|n/t",
-              help="Read and verify only part of the packs: a random N%, or group n of t (run 1/7 ... 7/7 on seven days to read everything once a week).")
+@click.option(
+    "--read-data", is_flag=True, help="Also read every pack and verify every blob (reads the whole repository)."
+)
+@click.option(
+    "--read-data-subset",
+    "subset_text",
+    metavar="N%|n/t",
+    help="Read and verify only part of the packs: a random N%, or group n of t (run 1/7 ... 7/7 on seven days to read everything once a week).",
+)
 @common_options
 def check_cmd(app: App, read_data: bool, subset_text: str | None) -> None:
     """Verify the repository: structure, and with --read-data (or a subset) the data."""
@@ -39,7 +45,9 @@ def check_cmd(app: App, read_data: bool, subset_text: str | None) -> None:
             app.say("no errors were found")
         elif result.damaged_packs:
             ids = " ".join(name[:12] for name in result.damaged_packs)
-            app.say(f"to keep what the damaged pack(s) still hold: 'ibsync repair packs {ids}', "
-                    "then 'ibsync repair snapshots'")
+            app.say(
+                f"to keep what the damaged pack(s) still hold: 'ibsync repair packs {ids}', "
+                "then 'ibsync repair snapshots'"
+            )
     if not result.ok:
         raise CheckFailed(f"the repository has {len(result.errors)} error(s)")

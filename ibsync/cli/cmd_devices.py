@@ -9,8 +9,12 @@ from ..ui.text import table
 
 @click.command("devices")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of text.")
-@click.option("--wifi/--no-wifi", default=False, show_default=True,
-              help="Also look for paired phones on the local network, without usbmuxd (Via: Wi-Fi).")
+@click.option(
+    "--wifi/--no-wifi",
+    default=False,
+    show_default=True,
+    help="Also look for paired phones on the local network, without usbmuxd (Via: Wi-Fi).",
+)
 def devices_cmd(as_json: bool, wifi: bool) -> None:
     """Connected iPhones and iPads: UDID, name, model, iOS version, how they are reached (Via),
     whether this computer is paired with them, and whether their backups are encrypted.
@@ -41,6 +45,16 @@ def devices_cmd(as_json: bool, wifi: bool) -> None:
     def yes_no(v: bool | None) -> str:
         return "?" if v is None else ("yes" if v else "no")
 
-    rows = [[d.udid, d.name or "?", d.model or "?", d.ios or "?", d.connection, yes_no(d.paired), yes_no(d.encrypts_backups)]
-            for d in devices]
+    rows = [
+        [
+            d.udid,
+            d.name or "?",
+            d.model or "?",
+            d.ios or "?",
+            d.connection,
+            yes_no(d.paired),
+            yes_no(d.encrypts_backups),
+        ]
+        for d in devices
+    ]
     click.echo(table(["UDID", "Name", "Model", "iOS", "Via", "Paired", "Encrypted backups"], rows))

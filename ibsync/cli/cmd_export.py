@@ -37,8 +37,16 @@ def _presets_text() -> str:
 @click.option("--overwrite", is_flag=True, help="Replace files that already exist in OUT.")
 @backup_password_option
 @common_options
-def export_cmd(app: App, preset: str | None, snapshot: str | None, out: Path | None, list_presets: bool,
-               device: str | None, overwrite: bool, backup_password_file: str | None) -> None:
+def export_cmd(
+    app: App,
+    preset: str | None,
+    snapshot: str | None,
+    out: Path | None,
+    list_presets: bool,
+    device: str | None,
+    overwrite: bool,
+    backup_password_file: str | None,
+) -> None:
     """Write the files of a PRESET from SNAPSHOT to OUT, under their real names.
 
     \b
@@ -66,11 +74,22 @@ def export_cmd(app: App, preset: str | None, snapshot: str | None, out: Path | N
 
     if list_presets:
         if app.json:
-            app.emit_json({"presets": [
-                {"name": p.name, "summary": p.summary, "capture_dates": p.capture_dates,
-                 "sources": [{"domain": s.domain, "folder": s.base, "include": s.include, "exclude": list(s.exclude)}
-                             for s in p.sources]}
-                for p in PRESETS.values()]})
+            app.emit_json(
+                {
+                    "presets": [
+                        {
+                            "name": p.name,
+                            "summary": p.summary,
+                            "capture_dates": p.capture_dates,
+                            "sources": [
+                                {"domain": s.domain, "folder": s.base, "include": s.include, "exclude": list(s.exclude)}
+                                for s in p.sources
+                            ],
+                        }
+                        for p in PRESETS.values()
+                    ]
+                }
+            )
         else:
             click.echo(_presets_text())
         return
@@ -90,8 +109,9 @@ def export_cmd(app: App, preset: str | None, snapshot: str | None, out: Path | N
             there = existing(str(out), plan.jobs)
             if there:
                 more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
-                raise UserError(f"{printable(out.joinpath(*there[0].parts))} exists{more}; "
-                                "export elsewhere or pass --overwrite")
+                raise UserError(
+                    f"{printable(out.joinpath(*there[0].parts))} exists{more}; export elsewhere or pass --overwrite"
+                )
         progress = app.progress(f"export {chosen.name} {snap.short_id}")
         progress.start(sum(job.item.size for job in plan.jobs), len(plan.jobs))
         try:
@@ -101,21 +121,27 @@ def export_cmd(app: App, preset: str | None, snapshot: str | None, out: Path | N
     elapsed = time.monotonic() - started
     failed = sorted(outcome.failed, key=lambda f: f.path)
     if app.json:
-        app.emit_json({
-            "snapshot": _snap_ref(snap),
-            "preset": chosen.name,
-            "target": str(out),
-            "files": outcome.files,
-            "bytes": outcome.bytes,
-            "seconds": round(elapsed, 3),
-            "failed": [{"path": f.path, "reason": f.reason} for f in failed],
-        })
+        app.emit_json(
+            {
+                "snapshot": _snap_ref(snap),
+                "preset": chosen.name,
+                "target": str(out),
+                "files": outcome.files,
+                "bytes": outcome.bytes,
+                "seconds": round(elapsed, 3),
+                "failed": [{"path": f.path, "reason": f.reason} for f in failed],
+            }
+        )
     elif outcome.files:
-        app.say(f"exported {outcome.files} file(s), {size(outcome.bytes)} ({chosen.name}) from snapshot "
-                f"{snap.short_id} to {printable(out)} in {elapsed:.1f} s")
+        app.say(
+            f"exported {outcome.files} file(s), {size(outcome.bytes)} ({chosen.name}) from snapshot "
+            f"{snap.short_id} to {printable(out)} in {elapsed:.1f} s"
+        )
     elif not failed:
-        app.say(f"snapshot {snap.short_id} holds no {chosen.name} "
-                f"({'; '.join(printable(s.describe()) for s in chosen.sources)}): nothing exported")
+        app.say(
+            f"snapshot {snap.short_id} holds no {chosen.name} "
+            f"({'; '.join(printable(s.describe()) for s in chosen.sources)}): nothing exported"
+        )
     if failed:
         for f in failed:
             click.echo(f"ibsync: cannot export {printable(f.path)}: {printable(f.reason)}", err=True)

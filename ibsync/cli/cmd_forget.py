@@ -57,7 +57,11 @@ COUNT = CountType()
 
 def _keep_option(name: str, what: str):
     return click.option(
-        f"--keep-{name}", name, type=COUNT, default=0, metavar="N",
+        f"--keep-{name}",
+        name,
+        type=COUNT,
+        default=0,
+        metavar="N",
         help=f"Keep the {what} ('unlimited': all of them).",
     )
 
@@ -66,7 +70,13 @@ def _rows(snaps: list[Snapshot], reasons: dict[str, list[str]] | None) -> str:
     headers = ["ID", "Backup date", "iOS", "Files", "Size"] + (["Reasons"] if reasons is not None else [])
     rows = []
     for s in sorted(snaps, key=lambda s: (snapshot_timestamp(s), s.id)):  # oldest first, as 'snapshots' lists them
-        row = [s.short_id, when(snapshot_timestamp(s)), s.device.ios_version or "-", str(s.summary.files), size(s.summary.total_bytes)]
+        row = [
+            s.short_id,
+            when(snapshot_timestamp(s)),
+            s.device.ios_version or "-",
+            str(s.summary.files),
+            size(s.summary.total_bytes),
+        ]
         if reasons is not None:
             row.append(", ".join(reasons[s.id]))
         rows.append(row)
@@ -89,13 +99,26 @@ def _device_title_of(d: DeviceInfo) -> str:
 @_keep_option("weekly", "newest snapshot of each of the last N weeks (ISO, Monday to Sunday) that have one")
 @_keep_option("monthly", "newest snapshot of each of the last N months that have one")
 @_keep_option("yearly", "newest snapshot of each of the last N years that have one")
-@click.option("--keep-within", "within", type=DurationType(), metavar="DURATION",
-              help="Keep every snapshot made within DURATION (like 1y5m7d2h) before the device's newest one.")
+@click.option(
+    "--keep-within",
+    "within",
+    type=DurationType(),
+    metavar="DURATION",
+    help="Keep every snapshot made within DURATION (like 1y5m7d2h) before the device's newest one.",
+)
 @click.option("--device", metavar="UDID|NAME", help="Only consider snapshots of this device.")
 @click.option("--dry-run", "-n", is_flag=True, help="Only show what would be removed; delete nothing.")
-@click.option("--prune", is_flag=True, help="Then prune: reclaim the data no remaining snapshot uses (takes the exclusive lock).")
-@click.option("--repack-threshold", type=click.IntRange(0, 100), default=50, show_default=True, metavar="PCT",
-              help="With --prune: repack packs once this percentage of them is unused.")
+@click.option(
+    "--prune", is_flag=True, help="Then prune: reclaim the data no remaining snapshot uses (takes the exclusive lock)."
+)
+@click.option(
+    "--repack-threshold",
+    type=click.IntRange(0, 100),
+    default=50,
+    show_default=True,
+    metavar="PCT",
+    help="With --prune: repack packs once this percentage of them is unused.",
+)
 @common_options
 def forget_cmd(
     app: App,

@@ -32,7 +32,9 @@ def import_cmd(app: App, path: Path, allow_unfinished: bool, force: bool) -> Non
     results = []
     for source in sources:
         folder = source.root
-        outcome = import_folder(repo, source, force=force, progress=app.progress(f"import {printable(folder.name[:12])}"))
+        outcome = import_folder(
+            repo, source, force=force, progress=app.progress(f"import {printable(folder.name[:12])}")
+        )
         results.append(outcome)
         snap, s = outcome.snapshot, outcome.snapshot.summary
         if outcome.created:

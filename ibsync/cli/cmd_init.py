@@ -7,8 +7,14 @@ from .app import App, common_options
 
 @click.command("init")
 @click.option("--no-encryption", is_flag=True, help="Store data unencrypted (only for a drive you trust).")
-@click.option("--pack-size", type=click.IntRange(4, 128), default=20, show_default=True, metavar="MIB",
-              help="Target size of pack files in MiB: larger means fewer objects on S3, more memory per upload.")
+@click.option(
+    "--pack-size",
+    type=click.IntRange(4, 128),
+    default=20,
+    show_default=True,
+    metavar="MIB",
+    help="Target size of pack files in MiB: larger means fewer objects on S3, more memory per upload.",
+)
 @common_options
 def init_cmd(app: App, no_encryption: bool, pack_size: int) -> None:
     """Create a new, empty repository."""

@@ -87,8 +87,16 @@ def key_list_cmd(app: App) -> None:
     if app.json:
         app.emit_json(
             [
-                {"id": k.id, "short_id": k.short_id, "created": k.created, "hostname": k.hostname,
-                 "username": k.username, "kdf": k.kdf, "current": k.current, "error": k.error}
+                {
+                    "id": k.id,
+                    "short_id": k.short_id,
+                    "created": k.created,
+                    "hostname": k.hostname,
+                    "username": k.username,
+                    "kdf": k.kdf,
+                    "current": k.current,
+                    "error": k.error,
+                }
                 for k in keys
             ]
         )

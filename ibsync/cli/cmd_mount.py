@@ -47,14 +47,27 @@ def _open_repo(app: App, *, fuse: bool):
 @click.command("mount")
 @click.argument("args", nargs=-1, metavar="MOUNTPOINT [SNAPSHOT]")
 @click.option("--device", metavar="UDID|NAME", help="Only this device's snapshots (with 'latest': its latest one).")
-@click.option("--webdav", is_flag=True,
-              help="Serve over WebDAV on 127.0.0.1 instead of mounting: no MOUNTPOINT, the URL is printed.")
-@click.option("--port", type=click.IntRange(0, 65535), metavar="N",
-              help="With --webdav: the port to listen on (default: a free one).")
+@click.option(
+    "--webdav",
+    is_flag=True,
+    help="Serve over WebDAV on 127.0.0.1 instead of mounting: no MOUNTPOINT, the URL is printed.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    metavar="N",
+    help="With --webdav: the port to listen on (default: a free one).",
+)
 @backup_password_option
 @common_options
-def mount_cmd(app: App, args: tuple[str, ...], device: str | None, webdav: bool, port: int | None,
-              backup_password_file: str | None) -> None:
+def mount_cmd(
+    app: App,
+    args: tuple[str, ...],
+    device: str | None,
+    webdav: bool,
+    port: int | None,
+    backup_password_file: str | None,
+) -> None:
     """Show snapshots as a read-only folder tree, until Ctrl-C.
 
     \b
@@ -75,7 +88,9 @@ def mount_cmd(app: App, args: tuple[str, ...], device: str | None, webdav: bool,
             raise UserError("with --webdav there is no MOUNTPOINT: ibsync mount --webdav [SNAPSHOT]")
         mountpoint, spec = None, (args[0] if args else None)
         if spec is not None and ("/" in spec or "\\" in spec):
-            raise UserError(f"with --webdav there is no MOUNTPOINT ({printable(spec)}): ibsync mount --webdav [SNAPSHOT]")
+            raise UserError(
+                f"with --webdav there is no MOUNTPOINT ({printable(spec)}): ibsync mount --webdav [SNAPSHOT]"
+            )
     else:
         if port is not None:
             raise UserError("--port goes with --webdav")
@@ -102,7 +117,9 @@ def mount_cmd(app: App, args: tuple[str, ...], device: str | None, webdav: bool,
     else:
         chosen = [s for s in snaps if s.of_device(device)]
         if not chosen:
-            raise NameNotFound(f"no snapshot of a device '{device}'" if device else "the repository has no snapshots yet")
+            raise NameNotFound(
+                f"no snapshot of a device '{device}'" if device else "the repository has no snapshots yet"
+            )
     keyring = BackupKeyring(backup_password_source(backup_password_file))
     tree = MountTree(repo, chosen, keyring, cache=ManifestCache.for_repository(repo), single=spec is not None)
     try:
@@ -118,12 +135,17 @@ def mount_cmd(app: App, args: tuple[str, ...], device: str | None, webdav: bool,
                 if spec is not None:
                     raise
                 # every snapshot: the others are still worth a mount without the password
-                click.echo(f"ibsync: warning: {printable(e)}; without it the encrypted snapshots' folders "
-                           "will not open", err=True)
+                click.echo(
+                    f"ibsync: warning: {printable(e)}; without it the encrypted snapshots' folders will not open",
+                    err=True,
+                )
         if spec is not None:
             tree.view(chosen[0]).prepare()  # the index of its names: the first listing is then quick
-        what = (f"snapshot {chosen[0].short_id}" if spec is not None
-                else f"{len(chosen)} snapshot(s) of {len(tree.devices)} device(s)")
+        what = (
+            f"snapshot {chosen[0].short_id}"
+            if spec is not None
+            else f"{len(chosen)} snapshot(s) of {len(tree.devices)} device(s)"
+        )
         if mp is not None:
             _serve_fuse(app, tree, mp, what)
         else:
@@ -139,7 +161,9 @@ def _serve_fuse(app: App, tree, mp: Path, what: str) -> None:
         if app.json:
             app.emit_json({"mountpoint": str(mp)})
         else:
-            app.say(f"mounted {what} at {printable(mp)} (read-only); Ctrl-C or 'fusermount3 -u {printable(mp)}' unmounts")
+            app.say(
+                f"mounted {what} at {printable(mp)} (read-only); Ctrl-C or 'fusermount3 -u {printable(mp)}' unmounts"
+            )
 
     mount(tree, mp, ready=ready)
     app.say(f"unmounted {printable(mp)}")

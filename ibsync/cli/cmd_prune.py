@@ -15,8 +15,14 @@ if TYPE_CHECKING:  # unlock and repair import this module: they need not load pr
 
 
 @click.command("prune")
-@click.option("--repack-threshold", type=click.IntRange(0, 100), default=50, show_default=True, metavar="PCT",
-              help="Repack a pack once this percentage of it is unused (0: any unused data; 100: only delete packs nothing uses).")
+@click.option(
+    "--repack-threshold",
+    type=click.IntRange(0, 100),
+    default=50,
+    show_default=True,
+    metavar="PCT",
+    help="Repack a pack once this percentage of it is unused (0: any unused data; 100: only delete packs nothing uses).",
+)
 @click.option("--dry-run", "-n", is_flag=True, help="Show what would be freed; change nothing.")
 @common_options
 def prune_cmd(app: App, repack_threshold: int, dry_run: bool) -> None:
@@ -44,20 +50,32 @@ def report_undeleted(failed: dict[str, str]) -> None:
 def fail_if_undeleted(failed: dict[str, str], then: str) -> None:
     """Exit 1 when something could not be deleted: a script must not take it for success."""
     if failed:
-        raise StorageError(f"{len(failed)} object(s) could not be deleted (named above); the repository is still valid: {then}")
+        raise StorageError(
+            f"{len(failed)} object(s) could not be deleted (named above); the repository is still valid: {then}"
+        )
 
 
-def run_prune(app: App, repo, threshold: float, dry_run: bool, ignore: frozenset[str] | set[str] = frozenset()) -> PruneResult:
+def run_prune(
+    app: App, repo, threshold: float, dry_run: bool, ignore: frozenset[str] | set[str] = frozenset()
+) -> PruneResult:
     """Prune through the library and print what it did: text, junk packs and every failed
     deletion on stderr. The caller holds the exclusive lock, prints ``to_dict()`` for --json and
     turns ``failed`` into exit status 1; ``ignore`` names snapshots to plan without."""
     from ..maint import api
 
-    result = api.prune(repo, repack_threshold=threshold, dry_run=dry_run, ignore_snapshots=ignore,
-                       progress=NULL_PROGRESS if dry_run else app.progress("prune"))
+    result = api.prune(
+        repo,
+        repack_threshold=threshold,
+        dry_run=dry_run,
+        ignore_snapshots=ignore,
+        progress=NULL_PROGRESS if dry_run else app.progress("prune"),
+    )
     plan = result.plan
     for name, why in sorted(plan.junk.items()):
-        click.echo(f"ibsync: not an ibsync pack, left in place: {printable(object_path(Kind.PACKS, name))} ({printable(why)})", err=True)
+        click.echo(
+            f"ibsync: not an ibsync pack, left in place: {printable(object_path(Kind.PACKS, name))} ({printable(why)})",
+            err=True,
+        )
     report_undeleted(result.failed)
     if app.json:
         return result
@@ -72,9 +90,13 @@ def run_prune(app: App, repo, threshold: float, dry_run: bool, ignore: frozenset
     elif dry_run:
         app.say(f"{verb} free about {size(plan.delete_bytes + plan.repack_bytes)} before repacking")
     else:
-        app.say(f"deleted {result.packs_deleted} pack(s), wrote {result.packs_written}; freed {size(result.bytes_freed)}")
+        app.say(
+            f"deleted {result.packs_deleted} pack(s), wrote {result.packs_written}; freed {size(result.bytes_freed)}"
+        )
     if result.packs_left_listed:
-        app.say(f"kept {result.packs_left_listed} unused pack(s): an old index object that lists them could not be deleted")
+        app.say(
+            f"kept {result.packs_left_listed} unused pack(s): an old index object that lists them could not be deleted"
+        )
     if result.temporary_removed:
         app.say(f"removed {result.temporary_removed} temporary file(s) left by interrupted writes")
     return result

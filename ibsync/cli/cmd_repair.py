@@ -32,26 +32,43 @@ def repair_index_cmd(app: App, dry_run: bool) -> None:
     repo = app.open_repo(lock="exclusive", load_index=False)
     result = rebuild_index(repo, progress=app.progress("repair index"), dry_run=dry_run)
     if app.json:
-        app.emit_json({"packs": result.packs, "blobs": result.blobs, "damaged_packs": result.damaged,
-                       "old_index_objects": result.old_index_objects, "not_objects": result.not_objects,
-                       "failed": result.failed, "dry_run": dry_run})
+        app.emit_json(
+            {
+                "packs": result.packs,
+                "blobs": result.blobs,
+                "damaged_packs": result.damaged,
+                "old_index_objects": result.old_index_objects,
+                "not_objects": result.not_objects,
+                "failed": result.failed,
+                "dry_run": dry_run,
+            }
+        )
     else:
         for name, why in sorted(result.damaged.items()):
             click.echo(f"ibsync: pack {printable(name[:12])} left out: {printable(why)}", err=True)
         for name in result.not_objects:
-            click.echo(f"ibsync: not an index object, left in place: {printable(object_path(Kind.INDEX, name))}", err=True)
+            click.echo(
+                f"ibsync: not an index object, left in place: {printable(object_path(Kind.INDEX, name))}", err=True
+            )
         verb = "would index" if dry_run else "indexed"
-        app.say(f"{verb} {result.blobs} blobs in {result.packs} packs, replacing {result.old_index_objects} index object(s)")
+        app.say(
+            f"{verb} {result.blobs} blobs in {result.packs} packs, replacing {result.old_index_objects} index object(s)"
+        )
         if result.damaged:
             app.say("run 'ibsync repair snapshots' to see which files the left-out packs held")
     report_undeleted(result.failed)
-    fail_if_undeleted(result.failed, "the new index is complete and the old objects it lists are redundant;"
-                                     " run 'ibsync repair index' again once the storage allows it")
+    fail_if_undeleted(
+        result.failed,
+        "the new index is complete and the old objects it lists are redundant;"
+        " run 'ibsync repair index' again once the storage allows it",
+    )
 
 
 @repair_group.command("packs")
 @click.argument("pack_ids", nargs=-1, metavar="[PACK-ID]...")
-@click.option("--read-data", is_flag=True, help="Read every pack and repair each damaged one (reads the whole repository).")
+@click.option(
+    "--read-data", is_flag=True, help="Read every pack and repair each damaged one (reads the whole repository)."
+)
 @click.option("--dry-run", "-n", is_flag=True, help="Read the packs and report what is damaged; change nothing.")
 @common_options
 def repair_packs_cmd(app: App, pack_ids: tuple[str, ...], read_data: bool, dry_run: bool) -> None:
@@ -67,34 +84,50 @@ def repair_packs_cmd(app: App, pack_ids: tuple[str, ...], read_data: bool, dry_r
     from ..maint.repair import repair_packs, resolve_packs
 
     if bool(pack_ids) == read_data:
-        raise UserError("name the packs to repair (as 'ibsync check --read-data' printed them), or give --read-data"
-                        " to read and repair every pack, not both")
+        raise UserError(
+            "name the packs to repair (as 'ibsync check --read-data' printed them), or give --read-data"
+            " to read and repair every pack, not both"
+        )
     repo = app.open_repo(lock="exclusive")
     packs = resolve_packs(repo, pack_ids) if pack_ids else {i.name: i.size for i in repo.storage.list(Kind.PACKS)}
     result = repair_packs(repo, packs, progress=app.progress("repair packs"), dry_run=dry_run)
     if app.json:
-        app.emit_json({
-            "packs_read": result.read,
-            "damaged": {n: {"problems": v.problems, "blobs_salvaged": len({b.id for b in v.good}),
-                            "blobs_lost": sorted({b.id.hex() for b in v.lost}), "deleted": n in result.deleted,
-                            "left": result.left.get(n)}
-                        for n, v in sorted(result.damaged.items())},
-            "blobs_salvaged": result.salvaged_blobs, "packs_written": result.packs_written,
-            "failed": result.failed, "dry_run": dry_run,
-        })
+        app.emit_json(
+            {
+                "packs_read": result.read,
+                "damaged": {
+                    n: {
+                        "problems": v.problems,
+                        "blobs_salvaged": len({b.id for b in v.good}),
+                        "blobs_lost": sorted({b.id.hex() for b in v.lost}),
+                        "deleted": n in result.deleted,
+                        "left": result.left.get(n),
+                    }
+                    for n, v in sorted(result.damaged.items())
+                },
+                "blobs_salvaged": result.salvaged_blobs,
+                "packs_written": result.packs_written,
+                "failed": result.failed,
+                "dry_run": dry_run,
+            }
+        )
     else:
         _say_packs(app, result, dry_run)
     for name, why in sorted(result.left.items()):  # on stderr with --json too, as undeleted objects
         click.echo(f"ibsync: pack {name[:12]} left in place: {printable(why)}", err=True)
     report_undeleted(result.failed)
-    fail_if_undeleted(result.failed, "the salvaged blobs are indexed; run 'ibsync repair packs' again once the storage"
-                                     " allows it")
+    fail_if_undeleted(
+        result.failed, "the salvaged blobs are indexed; run 'ibsync repair packs' again once the storage allows it"
+    )
 
 
 def _say_packs(app: App, result, dry_run: bool) -> None:
     for name, v in sorted(result.damaged.items()):
-        app.say(f"pack {name[:12]}: damaged ({printable(v.problems[0])}"
-                + (f", and {len(v.problems) - 1} more problem(s)" if len(v.problems) > 1 else "") + ")")
+        app.say(
+            f"pack {name[:12]}: damaged ({printable(v.problems[0])}"
+            + (f", and {len(v.problems) - 1} more problem(s)" if len(v.problems) > 1 else "")
+            + ")"
+        )
         app.say(f"  {len({b.id for b in v.good})} blob(s) readable, {len({b.id for b in v.lost})} lost")
     if not result.damaged:
         app.say(f"read {result.read} pack(s): no damaged packs")
@@ -102,8 +135,10 @@ def _say_packs(app: App, result, dry_run: bool) -> None:
     if dry_run:
         app.say(f"would repair {len(result.damaged)} damaged pack(s) of the {result.read} read")
         return
-    app.say(f"salvaged {result.salvaged_blobs} blob(s) into {result.packs_written} new pack(s); "
-            f"deleted {len(result.deleted)} damaged pack(s); {result.lost_blobs} blob(s) lost")
+    app.say(
+        f"salvaged {result.salvaged_blobs} blob(s) into {result.packs_written} new pack(s); "
+        f"deleted {len(result.deleted)} damaged pack(s); {result.lost_blobs} blob(s) lost"
+    )
     if result.lost_blobs:
         app.say("run 'ibsync repair snapshots' to rewrite the snapshots that used them without the lost files")
 
@@ -129,15 +164,31 @@ def repair_snapshots_cmd(app: App, dry_run: bool) -> None:
     if not dry_run:
         rewrite_damaged(repo, repair)
     if app.json:
-        app.emit_json([
-            {"id": d.snapshot.id, "udid": d.snapshot.device.udid, "lost_files": d.lost_files,
-             "lost_folders": d.lost_trees, "rewritten_as": d.rewritten, "removed": d.snapshot.id in repair.removed}
-            for d in repair.damaged
-        ] + [
-            {"id": name, "udid": None, "lost_files": [], "lost_folders": [], "unreadable": why,
-             "rewritten_as": None, "removed": name in repair.removed}
-            for name, why in sorted(repair.unreadable.items())
-        ])
+        app.emit_json(
+            [
+                {
+                    "id": d.snapshot.id,
+                    "udid": d.snapshot.device.udid,
+                    "lost_files": d.lost_files,
+                    "lost_folders": d.lost_trees,
+                    "rewritten_as": d.rewritten,
+                    "removed": d.snapshot.id in repair.removed,
+                }
+                for d in repair.damaged
+            ]
+            + [
+                {
+                    "id": name,
+                    "udid": None,
+                    "lost_files": [],
+                    "lost_folders": [],
+                    "unreadable": why,
+                    "rewritten_as": None,
+                    "removed": name in repair.removed,
+                }
+                for name, why in sorted(repair.unreadable.items())
+            ]
+        )
     else:
         _say_damage(app, repair)
         _say_outcome(app, repair, dry_run)
@@ -148,9 +199,16 @@ def repair_snapshots_cmd(app: App, dry_run: bool) -> None:
 def _say_damage(app: App, repair) -> None:
     for d in repair.damaged:
         s = d.snapshot
-        app.say(printable(f"snapshot {s.short_id} of {s.device.name or s.device.udid}: "
-                          + ("its top folder is lost" if d.root_lost else
-                             f"{len(d.lost_files)} file(s) and {len(d.lost_trees)} folder(s) lost")))
+        app.say(
+            printable(
+                f"snapshot {s.short_id} of {s.device.name or s.device.udid}: "
+                + (
+                    "its top folder is lost"
+                    if d.root_lost
+                    else f"{len(d.lost_files)} file(s) and {len(d.lost_trees)} folder(s) lost"
+                )
+            )
+        )
         for path in d.lost_trees if not d.root_lost else ():
             app.say(f"  lost folder {printable(path)}")
         for path in d.lost_files:

@@ -22,19 +22,42 @@ class RestoreIncomplete(IbsyncError):
 @click.argument("snapshot")
 @click.argument("target", type=click.Path(path_type=Path), required=False)
 @click.option("--device", metavar="UDID|NAME", help="With 'latest': the latest snapshot of this device.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing device folder (kept until the new one is complete).")
-@click.option("--to-device", "to_device", metavar="UDID|NAME",
-              help="Restore onto this connected device instead of into a folder (no TARGET).")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing device folder (kept until the new one is complete)."
+)
+@click.option(
+    "--to-device",
+    "to_device",
+    metavar="UDID|NAME",
+    help="Restore onto this connected device instead of into a folder (no TARGET).",
+)
 @click.option("--system", is_flag=True, help="With --to-device: restore system files too.")
 @click.option("--no-reboot", is_flag=True, help="With --to-device: do not reboot the device when done.")
-@click.option("--no-copy", is_flag=True, help="With --to-device: send RestoreDontCopyBackup (no copy of the backup made before restoring).")
+@click.option(
+    "--no-copy",
+    is_flag=True,
+    help="With --to-device: send RestoreDontCopyBackup (no copy of the backup made before restoring).",
+)
 @click.option("--settings", is_flag=True, help="With --to-device: keep the device's current settings.")
-@click.option("--remove", is_flag=True, help="With --to-device: remove files on the device that the snapshot does not have.")
+@click.option(
+    "--remove", is_flag=True, help="With --to-device: remove files on the device that the snapshot does not have."
+)
 @backup_password_option
 @common_options
-def restore_cmd(app: App, snapshot: str, target: Path | None, device: str | None, overwrite: bool,
-                to_device: str | None, system: bool, no_reboot: bool, no_copy: bool, settings: bool, remove: bool,
-                backup_password_file: str | None) -> None:
+def restore_cmd(
+    app: App,
+    snapshot: str,
+    target: Path | None,
+    device: str | None,
+    overwrite: bool,
+    to_device: str | None,
+    system: bool,
+    no_reboot: bool,
+    no_copy: bool,
+    settings: bool,
+    remove: bool,
+    backup_password_file: str | None,
+) -> None:
     """Rehydrate SNAPSHOT as a standard backup folder TARGET/<UDID>, or restore it onto a
     connected device with --to-device.
 
@@ -54,16 +77,35 @@ def restore_cmd(app: App, snapshot: str, target: Path | None, device: str | None
       ibsync restore latest --to-device "Alice's iPhone"
       ibsync restore 3f2a --to-device 00008030-001A2B3C4D5E6F70 --no-reboot
     """
-    device_flags = [n for n, v in (("--system", system), ("--no-reboot", no_reboot), ("--no-copy", no_copy),
-                                   ("--settings", settings), ("--remove", remove),
-                                   ("--backup-password-file", backup_password_file)) if v]
+    device_flags = [
+        n
+        for n, v in (
+            ("--system", system),
+            ("--no-reboot", no_reboot),
+            ("--no-copy", no_copy),
+            ("--settings", settings),
+            ("--remove", remove),
+            ("--backup-password-file", backup_password_file),
+        )
+        if v
+    ]
     if to_device is not None:
         if target is not None:
             raise click.UsageError("give either TARGET (restore into a folder) or --to-device UDID|NAME, not both")
         if overwrite:
             raise click.UsageError("--overwrite is for restoring into a folder; it does not go with --to-device")
-        _restore_to_device(app, snapshot, device, to_device, system=system, reboot=not no_reboot, copy=not no_copy,
-                           settings=settings, remove=remove, backup_password_file=backup_password_file)
+        _restore_to_device(
+            app,
+            snapshot,
+            device,
+            to_device,
+            system=system,
+            reboot=not no_reboot,
+            copy=not no_copy,
+            settings=settings,
+            remove=remove,
+            backup_password_file=backup_password_file,
+        )
         return
     if target is None:
         raise click.UsageError("missing TARGET (a folder to restore into) or --to-device UDID|NAME")
@@ -76,7 +118,9 @@ def restore_cmd(app: App, snapshot: str, target: Path | None, device: str | None
     repo = app.open_repo()
     snap = repo.find_snapshot(snapshot, device)
     started = time.monotonic()
-    result = restore_folder(repo, snap, target.expanduser(), progress=app.progress(f"restore {snap.short_id}"), overwrite=overwrite)
+    result = restore_folder(
+        repo, snap, target.expanduser(), progress=app.progress(f"restore {snap.short_id}"), overwrite=overwrite
+    )
     elapsed = time.monotonic() - started
     if app.json:
         app.emit_json(
@@ -97,8 +141,10 @@ def restore_cmd(app: App, snapshot: str, target: Path | None, device: str | None
         )
     elif result.complete:
         reused = f" ({result.files_reused} already restored by an interrupted run)" if result.files_reused else ""
-        app.say(f"restored snapshot {snap.short_id}: {result.files} files{reused}, {size(result.bytes)} to "
-                f"{printable(result.target)} in {elapsed:.1f} s")
+        app.say(
+            f"restored snapshot {snap.short_id}: {result.files} files{reused}, {size(result.bytes)} to "
+            f"{printable(result.target)} in {elapsed:.1f} s"
+        )
     if result.failed:
         for path, reason in sorted(result.failed.items()):
             click.echo(f"ibsync: cannot restore '{printable(path)}': {printable(reason)}", err=True)
@@ -111,20 +157,34 @@ def _incomplete(result: RestoreResult) -> str:
     failed, refused = len(result.failed), result.refused
     parts = []
     if refused:
-        parts.append(f"{refused} entr{'y' if refused == 1 else 'ies'} of the snapshot refused (unsafe or malformed "
-                     "names or fields: see 'ibsync check')")
+        parts.append(
+            f"{refused} entr{'y' if refused == 1 else 'ies'} of the snapshot refused (unsafe or malformed "
+            "names or fields: see 'ibsync check')"
+        )
     if failed - refused:
         parts.append(f"{failed - refused} file(s) could not be restored (damaged or missing data, or not writable)")
     kept = "was left as it was" if result.replaced else "was not created"
-    where = (f"the {result.files} restored files are in {printable(result.partial)}; {printable(result.target)} "
-             f"{kept}, as the restore is incomplete")
-    again = ("; run the same restore again to retry the failed files (it keeps what is done)"
-             if failed - refused else "")
+    where = (
+        f"the {result.files} restored files are in {printable(result.partial)}; {printable(result.target)} "
+        f"{kept}, as the restore is incomplete"
+    )
+    again = "; run the same restore again to retry the failed files (it keeps what is done)" if failed - refused else ""
     return "; ".join(parts) + "; " + where + again
 
 
-def _restore_to_device(app: App, snapshot: str, device: str | None, to_device: str, *, system: bool, reboot: bool,
-                       copy: bool, settings: bool, remove: bool, backup_password_file: str | None) -> None:
+def _restore_to_device(
+    app: App,
+    snapshot: str,
+    device: str | None,
+    to_device: str,
+    *,
+    system: bool,
+    reboot: bool,
+    copy: bool,
+    settings: bool,
+    remove: bool,
+    backup_password_file: str | None,
+) -> None:
     from ..capture.discovery import choose, list_connected, open_lockdown, run
     from ..capture.restore import restore
 
@@ -139,10 +199,19 @@ def _restore_to_device(app: App, snapshot: str, device: str | None, to_device: s
     async def one():
         lockdown = await open_lockdown(target)
         try:
-            return await restore(lockdown, repo, snap, system=system, reboot=reboot, copy=copy, settings=settings,
-                                 remove=remove, password=password,
-                                 progress=app.progress(f"restore {(target.name or target.udid)[:16]}"),
-                                 notify=lambda text: click.echo(f"ibsync: {text}", err=True))
+            return await restore(
+                lockdown,
+                repo,
+                snap,
+                system=system,
+                reboot=reboot,
+                copy=copy,
+                settings=settings,
+                remove=remove,
+                password=password,
+                progress=app.progress(f"restore {(target.name or target.udid)[:16]}"),
+                notify=lambda text: click.echo(f"ibsync: {text}", err=True),
+            )
         finally:
             await lockdown.close()
 
@@ -150,5 +219,7 @@ def _restore_to_device(app: App, snapshot: str, device: str | None, to_device: s
     if app.json:
         app.emit_json(outcome.to_dict())
     else:
-        app.say(f"restored snapshot {snap.short_id} onto {label}: {outcome.files_sent} files sent "
-                f"({size(outcome.bytes_sent)}) in {outcome.seconds:.1f} s")
+        app.say(
+            f"restored snapshot {snap.short_id} onto {label}: {outcome.files_sent} files sent "
+            f"({size(outcome.bytes_sent)}) in {outcome.seconds:.1f} s"
+        )

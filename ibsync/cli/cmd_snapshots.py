@@ -52,5 +52,11 @@ def snapshots_cmd(app: App, device: str | None) -> None:
         ]
         for s in snaps
     ]
-    click.echo(table(["ID", "Backup date", "Device", "UDID", "iOS", "Encrypted", "Files", "Size", "Added", "Source"], rows, right={6, 7, 8}))
+    click.echo(
+        table(
+            ["ID", "Backup date", "Device", "UDID", "iOS", "Encrypted", "Files", "Size", "Added", "Source"],
+            rows,
+            right={6, 7, 8},
+        )
+    )
     click.echo(f"{len(snaps)} snapshot(s)")

@@ -57,16 +57,38 @@ def stats_cmd(app: App) -> None:
         )
         return
     rows = [
-        [d.name or "-", d.udid, str(d.snapshots), size(d.latest_bytes), size(d.logical_bytes), size(d.stored_bytes), f"{d.dedup_ratio:.1f}x"]
+        [
+            d.name or "-",
+            d.udid,
+            str(d.snapshots),
+            size(d.latest_bytes),
+            size(d.logical_bytes),
+            size(d.stored_bytes),
+            f"{d.dedup_ratio:.1f}x",
+        ]
         for d in st.devices
     ]
-    click.echo(table(["Device", "UDID", "Snapshots", "Latest", "Logical", "Stored", "Dedup"], rows, right={2, 3, 4, 5, 6}))
+    click.echo(
+        table(["Device", "UDID", "Snapshots", "Latest", "Logical", "Stored", "Dedup"], rows, right={2, 3, 4, 5, 6})
+    )
     click.echo()
     srows = [
-        [s.id[:8], s.udid, (s.backup_date or "-")[:19].replace("T", " "), size(s.logical_bytes), size(s.stored_bytes), size(s.added_bytes), f"{s.dedup_ratio:.1f}x"]
+        [
+            s.id[:8],
+            s.udid,
+            (s.backup_date or "-")[:19].replace("T", " "),
+            size(s.logical_bytes),
+            size(s.stored_bytes),
+            size(s.added_bytes),
+            f"{s.dedup_ratio:.1f}x",
+        ]
         for s in st.snapshot_stats
     ]
-    click.echo(table(["Snapshot", "UDID", "Backup date (UTC)", "Logical", "Stored", "Added", "Dedup"], srows, right={3, 4, 5, 6}))
+    click.echo(
+        table(
+            ["Snapshot", "UDID", "Backup date (UTC)", "Logical", "Stored", "Added", "Dedup"], srows, right={3, 4, 5, 6}
+        )
+    )
     click.echo()
     click.echo(
         f"repository: {st.snapshots} snapshot(s), {size(st.logical_bytes)} logical in {size(st.stored_bytes)} stored "

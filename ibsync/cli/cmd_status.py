@@ -6,11 +6,22 @@ import click
 
 
 @click.command("status")
-@click.option("--config", "config_path", envvar="IBSYNC_CONFIG", metavar="FILE",
-              help="Config file with the [agent] and [devices] tables (default: the platform's user config folder).")
+@click.option(
+    "--config",
+    "config_path",
+    envvar="IBSYNC_CONFIG",
+    metavar="FILE",
+    help="Config file with the [agent] and [devices] tables (default: the platform's user config folder).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of text.")
-@click.option("--history", "history_rows", type=click.IntRange(0, 10_000), default=0, metavar="N",
-              help="Also show the last N attempts, newest first.")
+@click.option(
+    "--history",
+    "history_rows",
+    type=click.IntRange(0, 10_000),
+    default=0,
+    metavar="N",
+    help="Also show the last N attempts, newest first.",
+)
 def status_cmd(config_path: str | None, as_json: bool, history_rows: int) -> None:
     """Whether backups are current: per device, the last good backup and its age, the last
     attempt and why it was skipped or failed, when it is next due, and whether it is overdue
@@ -47,7 +58,11 @@ def status_cmd(config_path: str | None, as_json: bool, history_rows: int) -> Non
             click.echo("")
             click.echo("recent attempts:")
             for a in attempts:
-                click.echo(printable(f"  {a.started.astimezone():%Y-%m-%d %H:%M}  {a.name or a.udid}: {a.result}"
-                                     + (f", {a.reason}" if a.reason else "")))
+                click.echo(
+                    printable(
+                        f"  {a.started.astimezone():%Y-%m-%d %H:%M}  {a.name or a.udid}: {a.result}"
+                        + (f", {a.reason}" if a.reason else "")
+                    )
+                )
     if status.overdue:
         raise click.exceptions.Exit(1)

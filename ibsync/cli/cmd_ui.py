@@ -4,17 +4,36 @@ import click
 
 
 @click.command("ui")
-@click.option("--config", "config_path", envvar="IBSYNC_CONFIG", metavar="FILE",
-              help="Config file with the repositories and the [agent] table (default: the platform's user config folder, ibsync/config.toml).")
-@click.option("--repo", "-r", "repo_url", envvar="IBSYNC_REPO", metavar="URL|NAME",
-              help="Repository for devices the config file does not give one ([agent] repository wins over it). Default: $IBSYNC_REPO.")
-@click.option("--address", metavar="ADDRESS",
-              help="Address to listen on (default: [agent] ui-address, else 127.0.0.1). Another than loopback needs [agent] ui-password and turns TLS on.")
-@click.option("--port", type=click.IntRange(0, 65535), metavar="PORT",
-              help="Port to listen on (default: [agent] ui-port, else 8765; 0: any free port).")
+@click.option(
+    "--config",
+    "config_path",
+    envvar="IBSYNC_CONFIG",
+    metavar="FILE",
+    help="Config file with the repositories and the [agent] table (default: the platform's user config folder, ibsync/config.toml).",
+)
+@click.option(
+    "--repo",
+    "-r",
+    "repo_url",
+    envvar="IBSYNC_REPO",
+    metavar="URL|NAME",
+    help="Repository for devices the config file does not give one ([agent] repository wins over it). Default: $IBSYNC_REPO.",
+)
+@click.option(
+    "--address",
+    metavar="ADDRESS",
+    help="Address to listen on (default: [agent] ui-address, else 127.0.0.1). Another than loopback needs [agent] ui-password and turns TLS on.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="Port to listen on (default: [agent] ui-port, else 8765; 0: any free port).",
+)
 @click.option("--no-browser", is_flag=True, help="Do not open the browser; just print the login link.")
-def ui_cmd(config_path: str | None, repo_url: str | None, address: str | None, port: int | None,
-           no_browser: bool) -> None:
+def ui_cmd(
+    config_path: str | None, repo_url: str | None, address: str | None, port: int | None, no_browser: bool
+) -> None:
     """Serve the web app until Ctrl-C: every device's backups, "Back up now" with live progress,
     repositories, snapshots to browse and download, restore into a folder or onto a device.
 
@@ -38,15 +57,19 @@ def ui_cmd(config_path: str | None, repo_url: str | None, address: str | None, p
 
     ctx = WebContext.load(config_path)
     if repo_url and not ctx.settings.defaults.repository:
-        ctx.settings = dataclasses.replace(ctx.settings, defaults=dataclasses.replace(ctx.settings.defaults,
-                                                                                      repository=repo_url))
+        ctx.settings = dataclasses.replace(
+            ctx.settings, defaults=dataclasses.replace(ctx.settings.defaults, repository=repo_url)
+        )
     listener = listen(ctx.settings.ui, address=address, port=port, where="[agent]")
     ctx.auth = listener.auth
     server = make_server(create_app(ctx), listener)
     click.echo(listener.login_url)
     sys.stdout.flush()
-    click.echo(f"ibsync: serving the web app on {listener.auth.base_url()}; open the link above (it works once). "
-               "Ctrl-C stops it.", err=True)
+    click.echo(
+        f"ibsync: serving the web app on {listener.auth.base_url()}; open the link above (it works once). "
+        "Ctrl-C stops it.",
+        err=True,
+    )
     if not no_browser:
         open_browser(listener.login_url)
 

@@ -9,7 +9,11 @@ from .cmd_prune import fail_if_undeleted, report_undeleted
 
 
 @click.command("unlock")
-@click.option("--remove-all", is_flag=True, help="Remove every lock, not only stale ones (only when no other ibsync runs on this repository).")
+@click.option(
+    "--remove-all",
+    is_flag=True,
+    help="Remove every lock, not only stale ones (only when no other ibsync runs on this repository).",
+)
 @common_options
 def unlock_cmd(app: App, remove_all: bool) -> None:
     """Remove stale locks left by crashed or killed processes.

@@ -192,8 +192,10 @@ class KdfParams:
             raise MalformedKey("'kdf' is not an object")
         if kdf.get("name") != "argon2id":
             raise MalformedKey(f"unknown key derivation {str(kdf.get('name'))[:40]!r}")
-        memory, iterations, lanes = (_bounded_int(kdf, k, hi) for k, hi in
-                                     (("memory_kib", MAX_MEMORY_KIB), ("iterations", MAX_ITERATIONS), ("lanes", MAX_LANES)))
+        memory, iterations, lanes = (
+            _bounded_int(kdf, k, hi)
+            for k, hi in (("memory_kib", MAX_MEMORY_KIB), ("iterations", MAX_ITERATIONS), ("lanes", MAX_LANES))
+        )
         if memory < 8 * lanes:
             raise MalformedKey("memory_kib is below 8 x lanes (Argon2's minimum)")
         if memory * iterations > MAX_WORK_KIB:
@@ -204,8 +206,13 @@ class KdfParams:
         return cls(memory, iterations, lanes, salt)
 
     def to_doc(self) -> dict:
-        return {"name": "argon2id", "memory_kib": self.memory_kib, "iterations": self.iterations,
-                "lanes": self.lanes, "salt": b64e(self.salt)}
+        return {
+            "name": "argon2id",
+            "memory_kib": self.memory_kib,
+            "iterations": self.iterations,
+            "lanes": self.lanes,
+            "salt": b64e(self.salt),
+        }
 
 
 def _bounded_int(doc: dict, key: str, hi: int) -> int:
@@ -238,8 +245,9 @@ def derive_kek(password: str, params: KdfParams) -> bytes:
 def _argon2id(password: bytes, params: KdfParams) -> bytes:
     from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-    return Argon2id(salt=params.salt, length=32, iterations=params.iterations, lanes=params.lanes,
-                    memory_cost=params.memory_kib).derive(password)
+    return Argon2id(
+        salt=params.salt, length=32, iterations=params.iterations, lanes=params.lanes, memory_cost=params.memory_kib
+    ).derive(password)
 
 
 def _derive_in_child(password: str, params: KdfParams) -> bytes:
@@ -248,8 +256,12 @@ def _derive_in_child(password: str, params: KdfParams) -> bytes:
 
     # The password goes through a pipe, never the command line (ps shows that).
     request = json.dumps({"password": password, **params.to_doc()}).encode()
-    child = subprocess.Popen([sys.executable, "-c", "from ibsync.format.crypto import derive_child_main; derive_child_main()"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "from ibsync.format.crypto import derive_child_main; derive_child_main()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         out, _ = child.communicate(request)  # a signal's KeyboardInterrupt is raised here
     finally:

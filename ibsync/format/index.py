@@ -63,7 +63,7 @@ def _pack_spans(data: bytes) -> list[tuple[bytes, int, int]]:
             if end > len(data):
                 raise InvalidData("index object truncated")
             # each entry's type and flags bytes, sliced out in C: one check per distinct pair
-            for type_, flags in set(zip(data[pos:end:_ENTRY.size], data[pos + 1:end:_ENTRY.size])):
+            for type_, flags in set(zip(data[pos : end : _ENTRY.size], data[pos + 1 : end : _ENTRY.size])):
                 check_entry(type_, flags)
             spans.append((pack_id, pos, end))
             pos = end
@@ -76,7 +76,12 @@ def _pack_spans(data: bytes) -> list[tuple[bytes, int, int]]:
 
 def decode_index(data: bytes) -> list[PackIndex]:
     return [
-        PackIndex(pack_id, [PackedBlob(BlobType(t), bid, off, length, raw, bool(flags & FLAG_ZSTD))
-                            for t, flags, bid, off, length, raw in records])
+        PackIndex(
+            pack_id,
+            [
+                PackedBlob(BlobType(t), bid, off, length, raw, bool(flags & FLAG_ZSTD))
+                for t, flags, bid, off, length, raw in records
+            ],
+        )
         for pack_id, records in iter_index(data)
     ]

@@ -1,8 +1,8 @@
 """The envelope of unpacked objects (snapshots, index) and of blob payloads.
 
-    plaintext = u8 encoding (0 raw, 1 zstd) || body
-    stored    = seal(plaintext, aad = kind)          (the bytes as they are with --no-encryption)
-    name      = BLAKE3(stored) as 64 hex digits
+plaintext = u8 encoding (0 raw, 1 zstd) || body
+stored    = seal(plaintext, aad = kind)          (the bytes as they are with --no-encryption)
+name      = BLAKE3(stored) as 64 hex digits
 """
 
 from __future__ import annotations
@@ -34,4 +34,3 @@ def open_object(stored: bytes, kind: str, cipher: Cipher, compressor: Compressor
     if encoding == ZSTD:
         return compressor.decompress(body, MAX_OBJECT_SIZE, at_most=True)
     raise InvalidData(f"unknown object encoding {encoding}")
-

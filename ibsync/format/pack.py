@@ -181,4 +181,3 @@ def check_entry(type_: int, flags: int) -> None:
         raise InvalidData(f"unknown blob type {type_}")
     if flags & ~FLAG_ZSTD:
         raise InvalidData(f"unknown blob flags {flags:#x}")
-

@@ -70,7 +70,9 @@ def _copies_of(src: Repository, dst: Repository) -> dict[str, Snapshot]:
     return {
         s.source["snapshot"]: s
         for s in dst.snapshots()
-        if s.source.get("kind") == "copy" and s.source.get("repository") == src.id and isinstance(s.source.get("snapshot"), str)
+        if s.source.get("kind") == "copy"
+        and s.source.get("repository") == src.id
+        and isinstance(s.source.get("snapshot"), str)
     }
 
 
@@ -154,8 +156,10 @@ class _Wanted:
         if self.seen.add(blob):
             loc = self.src.index.get(blob)
             if loc is None:
-                raise RepoError(f"snapshot {self.snap.short_id}: blob {blob.hex()[:12]} is missing from the source; "
-                                "run 'ibsync check' there")
+                raise RepoError(
+                    f"snapshot {self.snap.short_id}: blob {blob.hex()[:12]} is missing from the source; "
+                    "run 'ibsync check' there"
+                )
             self.by_pack.setdefault(loc.pack_id, bytearray()).extend(blob)
             self.raw_bytes += loc.raw_length
         return _PLACEHOLDER
@@ -202,8 +206,13 @@ class _TreeCopier:
     nothing else maps; ``save`` stores a folder's entries (None: the first pass, which only
     looks for blobs to read and stores nothing)."""
 
-    def __init__(self, src: Repository, dst: Repository, blob_for: Callable[[bytes], bytes],
-                 save: Callable[[list[dict]], bytes] | None) -> None:
+    def __init__(
+        self,
+        src: Repository,
+        dst: Repository,
+        blob_for: Callable[[bytes], bytes],
+        save: Callable[[list[dict]], bytes] | None,
+    ) -> None:
         self.src, self.dst, self.blob_for, self.save = src, dst, blob_for, save
         self.done: dict[bytes, bytes] = {}  # source tree -> target tree, this snapshot (shared subtrees once)
 
@@ -220,8 +229,11 @@ class _TreeCopier:
             try:
                 return self._from_base(tree, base)
             except _Mismatch as e:
-                log.info("copy: folder tree %s: the earlier copy does not match its source (%s); copying it whole",
-                         tree.hex()[:12], e)
+                log.info(
+                    "copy: folder tree %s: the earlier copy does not match its source (%s); copying it whole",
+                    tree.hex()[:12],
+                    e,
+                )
         return self._whole(tree)
 
     def _store(self, entries: list[dict]) -> bytes:

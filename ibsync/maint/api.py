@@ -51,8 +51,22 @@ from .prune import PrunePlan, PruneResult, execute_prune, plan_prune
 from .repair import delete_objects
 
 __all__ = [
-    "UNLIMITED", "CheckResult", "Decision", "DeviceRetention", "Duration", "ForgetResult", "KeepPolicy", "LockRequired",
-    "PrunePlan", "PruneResult", "RetentionPolicy", "Subset", "apply_retention", "check", "forget_snapshots", "prune",
+    "UNLIMITED",
+    "CheckResult",
+    "Decision",
+    "DeviceRetention",
+    "Duration",
+    "ForgetResult",
+    "KeepPolicy",
+    "LockRequired",
+    "PrunePlan",
+    "PruneResult",
+    "RetentionPolicy",
+    "Subset",
+    "apply_retention",
+    "check",
+    "forget_snapshots",
+    "prune",
 ]
 
 # The retention policy the agent reads from ``keep = {...}`` (KeepPolicy.from_mapping); the same
@@ -68,8 +82,10 @@ def _require_lock(repo: Repository, what: str, *, exclusive: bool) -> None:
     lock = getattr(repo, "lock", None)
     if lock is None or (exclusive and not lock.exclusive):
         kind = "exclusive" if exclusive else "shared or exclusive"
-        raise LockRequired(f"{what} needs the repository's {kind} lock held for the whole call "
-                           f"(RepoLock(repo, exclusive={exclusive}).acquire())")
+        raise LockRequired(
+            f"{what} needs the repository's {kind} lock held for the whole call "
+            f"(RepoLock(repo, exclusive={exclusive}).acquire())"
+        )
 
 
 # ---- retention (forget) ---------------------------------------------------------------------
@@ -174,8 +190,9 @@ def apply_retention(
     return result
 
 
-def forget_snapshots(repo: Repository, ids: Iterable[str], *, device: str | None = None,
-                     dry_run: bool = False) -> ForgetResult:
+def forget_snapshots(
+    repo: Repository, ids: Iterable[str], *, device: str | None = None, dry_run: bool = False
+) -> ForgetResult:
     """Forget the snapshots named by ``ids`` (ids, unique prefixes, or 'latest' with
     ``device``). Needs the shared (or exclusive) lock."""
     _require_lock(repo, "forget", exclusive=False)

@@ -165,15 +165,24 @@ def check(
         result.snapshots += 1
         problem = name_problem(snap.folder_name)
         if problem:
-            result.errors.append(f"snapshot {snap.short_id}: its device folder '{str(snap.folder_name)[:300]}' is unsafe "
-                                 f"({problem}); restore refuses it")
+            result.errors.append(
+                f"snapshot {snap.short_id}: its device folder '{str(snap.folder_name)[:300]}' is unsafe "
+                f"({problem}); restore refuses it"
+            )
         _check_tree(repo, snap.tree, f"snapshot {snap.short_id}", seen_trees, result)
 
     if read_data or subset is not None:
         # what does not authenticate was named above and is no ibsync pack: nothing to verify
         chosen = [n for n in (subset or Subset()).select(sorted(stored_packs)) if n not in foreign]
-        _read_packs(repo, {name: stored_packs[name] for name in chosen}, _indexed_blobs(repo, chosen),
-                    set(unindexed), result, progress, workers)
+        _read_packs(
+            repo,
+            {name: stored_packs[name] for name in chosen},
+            _indexed_blobs(repo, chosen),
+            set(unindexed),
+            result,
+            progress,
+            workers,
+        )
     return result
 
 
@@ -200,10 +209,14 @@ def _check_unindexed(repo: Repository, unindexed: dict[str, int], result: CheckR
             continue  # gone since the listing
         except InvalidData as e:
             foreign.add(name)
-            result.warnings.append(f"{object_path(Kind.PACKS, name)}: not an ibsync pack ({e}), left in place; "
-                                   "no index lists it, so no snapshot uses it")
+            result.warnings.append(
+                f"{object_path(Kind.PACKS, name)}: not an ibsync pack ({e}), left in place; "
+                "no index lists it, so no snapshot uses it"
+            )
         except IbsyncError as e:
-            result.warnings.append(f"{object_path(Kind.PACKS, name)}: in no index, and its header could not be read: {e}")
+            result.warnings.append(
+                f"{object_path(Kind.PACKS, name)}: in no index, and its header could not be read: {e}"
+            )
     if leftovers:
         result.warnings.append(
             f"{leftovers} pack(s) not in any index (left by an interrupted run or a repair; harmless, prune removes them)"
@@ -217,8 +230,10 @@ def _check_strays(repo: Repository, result: CheckResult) -> None:
     for kind in STRAY_KINDS:
         for path in repo.storage.strays(kind):
             result.strays.append(path)
-            result.warnings.append(f"{path}: not an ibsync object (a link, folder, special file or misplaced or "
-                                   "misnamed file); ignored and left in place")
+            result.warnings.append(
+                f"{path}: not an ibsync object (a link, folder, special file or misplaced or "
+                "misnamed file); ignored and left in place"
+            )
 
 
 def _check_tree(repo: Repository, tree_id: bytes, where: str, seen: BlobMarks, result: CheckResult) -> None:
@@ -248,8 +263,9 @@ def _check_tree(repo: Repository, tree_id: bytes, where: str, seen: BlobMarks, r
                     result.errors.append(f"{where}: '{child}': {len(missing)} blob(s) not in the index")
 
 
-def _read_packs(repo, stored_packs, indexed_blobs, unindexed: set[str], result: CheckResult, progress: Progress,
-                workers: int) -> None:
+def _read_packs(
+    repo, stored_packs, indexed_blobs, unindexed: set[str], result: CheckResult, progress: Progress, workers: int
+) -> None:
     progress.start(sum(stored_packs.values()), len(stored_packs))
 
     unread: set[str] = set()  # packs whose read failed: that says nothing about their bytes

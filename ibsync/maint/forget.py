@@ -54,7 +54,14 @@ UNLIMITED = -1
 
 _COUNT_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 # restic's words for the rules in the policy description
-_DESCR = {"last": "latest", "hourly": "hourly", "daily": "daily", "weekly": "weekly", "monthly": "monthly", "yearly": "yearly"}
+_DESCR = {
+    "last": "latest",
+    "hourly": "hourly",
+    "daily": "daily",
+    "weekly": "weekly",
+    "monthly": "monthly",
+    "yearly": "yearly",
+}
 
 
 @dataclass(frozen=True)
@@ -79,9 +86,7 @@ class Duration:
         while pos < len(s):
             m = cls._TOKEN.match(s, pos)
             if m is None:
-                raise ValueError(
-                    f"invalid duration {text!r}: expected numbers with units y, m, d or h, like 1y5m7d2h"
-                )
+                raise ValueError(f"invalid duration {text!r}: expected numbers with units y, m, d or h, like 1y5m7d2h")
             unit = m.group(2)
             if unit in values:
                 raise ValueError(f"invalid duration {text!r}: unit {unit!r} given twice")
@@ -93,7 +98,9 @@ class Duration:
         return not (self.years or self.months or self.days or self.hours)
 
     def __str__(self) -> str:
-        parts = [f"{v}{u}" for v, u in ((self.years, "y"), (self.months, "m"), (self.days, "d"), (self.hours, "h")) if v]
+        parts = [
+            f"{v}{u}" for v, u in ((self.years, "y"), (self.months, "m"), (self.days, "d"), (self.hours, "h")) if v
+        ]
         return "".join(parts) or "0h"
 
 
@@ -148,7 +155,7 @@ class RetentionPolicy:
         for key, value in values.items():
             if key == "within":
                 if not isinstance(value, str):
-                    raise UserError(f"{where}.within must be a duration like \"1y5m7d2h\", not {value!r}")
+                    raise UserError(f'{where}.within must be a duration like "1y5m7d2h", not {value!r}')
                 try:
                     within = Duration.parse(value)
                 except ValueError as e:
@@ -199,7 +206,9 @@ def _count(value: object, where: str) -> int:
     if value == UNLIMITED and not isinstance(value, bool):  # restic's -1
         return UNLIMITED
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:  # True is an int to Python
-        raise UserError(f"{where} must be a whole number of 0 or more, or -1 or \"unlimited\" (one per period forever), not {value!r}")
+        raise UserError(
+            f'{where} must be a whole number of 0 or more, or -1 or "unlimited" (one per period forever), not {value!r}'
+        )
     return value
 
 
@@ -232,6 +241,7 @@ def group_by_device(snapshots: Iterable[Snapshot]) -> dict[str, list[Snapshot]]:
 
 
 # ---- the periods of the calendar rules, on a local datetime --------------------------------------
+
 
 def _hour(d: datetime) -> tuple:
     return (d.year, d.month, d.day, d.hour)

@@ -99,13 +99,20 @@ class PruneResult:
             "dry_run": self.dry_run,
         }
         if not self.dry_run:
-            out.update(packs_deleted=self.packs_deleted, packs_written=self.packs_written, bytes_freed=self.bytes_freed,
-                       temporary_files_removed=self.temporary_removed, packs_left_listed=self.packs_left_listed,
-                       failed=dict(self.failed))
+            out.update(
+                packs_deleted=self.packs_deleted,
+                packs_written=self.packs_written,
+                bytes_freed=self.bytes_freed,
+                temporary_files_removed=self.temporary_removed,
+                packs_left_listed=self.packs_left_listed,
+                failed=dict(self.failed),
+            )
         return out
 
 
-def plan_prune(repo: Repository, *, repack_threshold: float = 0.5, ignore: frozenset[str] | set[str] = frozenset()) -> PrunePlan:
+def plan_prune(
+    repo: Repository, *, repack_threshold: float = 0.5, ignore: frozenset[str] | set[str] = frozenset()
+) -> PrunePlan:
     """Decide what to delete and repack. ``repack_threshold``: the unused share of a pack's
     bytes from which it is repacked (0: any unused byte; 1.0: never repack, only delete wholly
     unused packs)."""
@@ -199,10 +206,13 @@ def _kept_index(repo: Repository, old_index: list[str], keep: set[str]):
     for name in old_index:
         for pack_id, records in iter_index(repo.load_object(Kind.INDEX, name)):
             if pack_id.hex() in keep:
-                yield PackIndex(pack_id, [
-                    PackedBlob(BlobType(t), blob_id, offset, length, raw, bool(flags & FLAG_ZSTD))
-                    for t, flags, blob_id, offset, length, raw in records
-                ])
+                yield PackIndex(
+                    pack_id,
+                    [
+                        PackedBlob(BlobType(t), blob_id, offset, length, raw, bool(flags & FLAG_ZSTD))
+                        for t, flags, blob_id, offset, length, raw in records
+                    ],
+                )
 
 
 def _plan_unindexed(repo: Repository, plan: PrunePlan, name: str, size: int) -> None:
@@ -237,7 +247,9 @@ def execute_prune(repo: Repository, plan: PrunePlan, *, progress: Progress = NUL
         for name, blobs in plan.repack.items():
             for blob, data, err in repo.read_pack_blobs(bytes.fromhex(name), blobs):
                 if err is not None or data is None:
-                    raise RepoError(f"pack {name[:12]}: blob {blob.id.hex()[:12]} unreadable ({err}); nothing was deleted")
+                    raise RepoError(
+                        f"pack {name[:12]}: blob {blob.id.hex()[:12]} unreadable ({err}); nothing was deleted"
+                    )
                 session.save_blob(blob.type, data)
                 progress.advance(blob.length)
     result.packs_written = session.stats.packs_written

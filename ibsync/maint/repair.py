@@ -238,8 +238,9 @@ def _salvage(repo: Repository, session, data: bytes, verdict: PackVerdict) -> in
     return len(done)
 
 
-def repair_packs(repo: Repository, packs: dict[str, int], *, progress: Progress = NULL_PROGRESS,
-                 dry_run: bool = False) -> PackRepair:
+def repair_packs(
+    repo: Repository, packs: dict[str, int], *, progress: Progress = NULL_PROGRESS, dry_run: bool = False
+) -> PackRepair:
     """Read each of ``packs`` (name -> size) whole; salvage the damaged ones.
 
     Order (as prune's repack): 1. the good blobs of damaged packs into new packs, indexed by
@@ -249,8 +250,10 @@ def repair_packs(repo: Repository, packs: dict[str, int], *, progress: Progress 
     more, so check only warns about it). Interrupted before 3, the old index still lists the
     damaged pack (the next run does it again); before 4, it is an unindexed leftover."""
     if repo.index_damage:
-        raise RepoError(f"{len(repo.index_damage)} index object(s) cannot be read; nothing was changed. "
-                        "Run 'ibsync repair index' first")
+        raise RepoError(
+            f"{len(repo.index_damage)} index object(s) cannot be read; nothing was changed. "
+            "Run 'ibsync repair index' first"
+        )
     result = PackRepair()
     old_index = sorted(repo.loaded_index)
     by_pack = _blobs_by_pack(repo)
@@ -279,13 +282,16 @@ def repair_packs(repo: Repository, packs: dict[str, int], *, progress: Progress 
         return result
     index_failed: dict[str, str] = {}
     if any(n in by_pack for n in result.damaged):  # else no index object names a damaged pack
-        repo.save_full_index(PackIndex(bytes.fromhex(n), blobs) for n, blobs in sorted(by_pack.items())
-                             if n not in result.damaged)
+        repo.save_full_index(
+            PackIndex(bytes.fromhex(n), blobs) for n, blobs in sorted(by_pack.items()) if n not in result.damaged
+        )
         delete_objects(repo, Kind.INDEX, old_index, index_failed)
         result.failed.update(index_failed)
     for name, verdict in sorted(result.damaged.items()):
         if index_failed:
-            result.left[name] = "an old index object that lists it could not be deleted; run 'ibsync repair packs' again"
+            result.left[name] = (
+                "an old index object that lists it could not be deleted; run 'ibsync repair packs' again"
+            )
         elif not verdict.ours:
             result.left[name] = "not authenticated as this repository's pack; no index lists it"
     ours = [n for n in sorted(result.damaged) if n not in result.left]
@@ -352,8 +358,10 @@ class TreeCleaner:
         except (InvalidData, MalformedTree):
             return None
         except NotFound as e:
-            raise ReadFailed(f"a pack the index lists is missing ({e}); nothing was changed: "
-                             "run 'ibsync repair index' first, then this again") from None
+            raise ReadFailed(
+                f"a pack the index lists is missing ({e}); nothing was changed: "
+                "run 'ibsync repair index' first, then this again"
+            ) from None
         except StorageError as e:
             raise _read_failed(f"tree {tree_id.hex()[:12]}", e, command) from None
 
@@ -427,8 +435,10 @@ def damaged_snapshots(repo: Repository, command: str = "repair snapshots") -> Sn
     A failed read stops it (ReadFailed), as does an index object that did not load: what it
     lists would look lost."""
     if repo.index_damage:
-        raise RepoError(f"{len(repo.index_damage)} index object(s) cannot be read, so data would look lost that is "
-                        "not; nothing was changed. Run 'ibsync repair index' first")
+        raise RepoError(
+            f"{len(repo.index_damage)} index object(s) cannot be read, so data would look lost that is "
+            "not; nothing was changed. Run 'ibsync repair index' first"
+        )
     snaps, unreadable = repo.snapshots_with_damage()
     out = SnapshotRepair(unreadable={n: why for n, why in unreadable.items() if is_object_name(n)})
     for snap in snaps:
@@ -476,7 +486,9 @@ def rewrite_damaged(repo: Repository, repair: SnapshotRepair) -> None:
     for d in repair.damaged:
         if not d.root_lost:
             assert d.new_tree is not None
-            d.rewritten = repair.saved_rewrites.get((d.snapshot.id, d.new_tree)) or repo.save_snapshot(rewritten_snapshot(d))
+            d.rewritten = repair.saved_rewrites.get((d.snapshot.id, d.new_tree)) or repo.save_snapshot(
+                rewritten_snapshot(d)
+            )
     names = [d.snapshot.id for d in repair.damaged] + sorted(repair.unreadable)
     delete_objects(repo, Kind.SNAPSHOTS, names, repair.failed)
     repair.removed = {n for n in names if object_path(Kind.SNAPSHOTS, n) not in repair.failed}

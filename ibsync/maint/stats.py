@@ -152,7 +152,9 @@ def stats(repo: Repository, snapshots: list[Snapshot] | None = None) -> RepoStat
                 out.pack_bytes += info.size
     by_device: dict[str, tuple[DeviceStats, _DeviceTally]] = {}
     for snap in snaps:
-        ds, tally = by_device.setdefault(snap.device.udid, (DeviceStats(snap.device.udid, snap.device.name), _DeviceTally(repo)))
+        ds, tally = by_device.setdefault(
+            snap.device.udid, (DeviceStats(snap.device.udid, snap.device.name), _DeviceTally(repo))
+        )
         ds.snapshots += 1
         ds.logical_bytes += snap.summary.total_bytes
         ds.latest_bytes = snap.summary.total_bytes
@@ -160,8 +162,12 @@ def stats(repo: Repository, snapshots: list[Snapshot] | None = None) -> RepoStat
         out.logical_bytes += snap.summary.total_bytes
         out.snapshot_stats.append(
             SnapshotStats(
-                snap.id, snap.device.udid, utc_iso(snap.backup_date) if snap.backup_date else None,
-                snap.summary.total_bytes, tally.move_to(snap.tree), snap.summary.added_bytes,
+                snap.id,
+                snap.device.udid,
+                utc_iso(snap.backup_date) if snap.backup_date else None,
+                snap.summary.total_bytes,
+                tally.move_to(snap.tree),
+                snap.summary.added_bytes,
             )
         )
     for ds, tally in by_device.values():

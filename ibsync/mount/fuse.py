@@ -38,8 +38,12 @@ FUSE_DEVICE = "/dev/fuse"
 def load_mfusepy():
     """The mfusepy module, bound to libfuse3 where there is one (mfusepy looks for libfuse 2
     first on Linux). A one-line error when there is no libfuse at all."""
-    if sys.platform.startswith("linux") and "FUSE_LIBRARY_PATH" not in os.environ \
-            and "FUSE_LIBRARY_NAME" not in os.environ and ctypes.util.find_library("fuse3"):
+    if (
+        sys.platform.startswith("linux")
+        and "FUSE_LIBRARY_PATH" not in os.environ
+        and "FUSE_LIBRARY_NAME" not in os.environ
+        and ctypes.util.find_library("fuse3")
+    ):
         os.environ["FUSE_LIBRARY_NAME"] = "fuse3"  # read once, by mfusepy's import below
     try:
         import mfusepy
@@ -53,8 +57,14 @@ def load_mfusepy():
 def check_mountpoint(mountpoint: Path) -> Path:
     """The mountpoint, checked before libfuse gets it, so that each problem is one line."""
     if sys.platform.startswith("linux") and not os.path.exists(FUSE_DEVICE):
-        raise UserError(f"{FUSE_DEVICE} does not exist: the fuse kernel module is not loaded (modprobe fuse), or {INSTALL_HINT}")
-    if sys.platform.startswith("linux") and os.geteuid() != 0 and not (shutil.which("fusermount3") or shutil.which("fusermount")):
+        raise UserError(
+            f"{FUSE_DEVICE} does not exist: the fuse kernel module is not loaded (modprobe fuse), or {INSTALL_HINT}"
+        )
+    if (
+        sys.platform.startswith("linux")
+        and os.geteuid() != 0
+        and not (shutil.which("fusermount3") or shutil.which("fusermount"))
+    ):
         raise UserError(f"fusermount3 is missing: {INSTALL_HINT}")
     try:
         st = mountpoint.stat()
@@ -62,8 +72,10 @@ def check_mountpoint(mountpoint: Path) -> Path:
         raise UserError(f"mountpoint {printable(mountpoint)} does not exist: create an empty folder first") from None
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise UserError(f"{printable(mountpoint)} is a mount left behind by a program that ended: "
-                            f"run 'fusermount3 -u {printable(mountpoint)}' first") from None
+            raise UserError(
+                f"{printable(mountpoint)} is a mount left behind by a program that ended: "
+                f"run 'fusermount3 -u {printable(mountpoint)}' first"
+            ) from None
         raise UserError(f"cannot use mountpoint {printable(mountpoint)} ({e.strerror})") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UserError(f"mountpoint {printable(mountpoint)} is not a folder")
@@ -75,8 +87,10 @@ def check_mountpoint(mountpoint: Path) -> Path:
             raise UserError(f"mountpoint {printable(mountpoint)} is not empty")
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise UserError(f"{printable(mountpoint)} is a mount left behind by a program that ended: "
-                            f"run 'fusermount3 -u {printable(mountpoint)}' first") from None
+            raise UserError(
+                f"{printable(mountpoint)} is a mount left behind by a program that ended: "
+                f"run 'fusermount3 -u {printable(mountpoint)}' first"
+            ) from None
         raise UserError(f"cannot read mountpoint {printable(mountpoint)} ({e.strerror})") from None
     return mountpoint.resolve()
 
@@ -141,8 +155,11 @@ def make_operations(tree: MountTree, mfusepy):
             "st_mode": _KIND_BITS[e.kind] | e.mode,
             "st_nlink": 2 if e.kind == "dir" else 1,
             "st_size": e.size,
-            "st_mtime": t, "st_ctime": t, "st_atime": t,
-            "st_uid": uid, "st_gid": gid,
+            "st_mtime": t,
+            "st_ctime": t,
+            "st_atime": t,
+            "st_uid": uid,
+            "st_gid": gid,
             "st_blocks": (e.size + 511) // 512,
             "st_blksize": 128 * 1024,
         }
@@ -232,8 +249,17 @@ def make_operations(tree: MountTree, mfusepy):
             return 0
 
         def statfs(self, path):
-            return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": 0, "f_bfree": 0, "f_bavail": 0,
-                    "f_files": 0, "f_ffree": 0, "f_favail": 0, "f_namemax": 255}
+            return {
+                "f_bsize": 4096,
+                "f_frsize": 4096,
+                "f_blocks": 0,
+                "f_bfree": 0,
+                "f_bavail": 0,
+                "f_files": 0,
+                "f_ffree": 0,
+                "f_favail": 0,
+                "f_namemax": 255,
+            }
 
         def destroy(self, path):
             with self._lock:
@@ -264,9 +290,17 @@ def mount(tree: MountTree, mountpoint: Path, *, ready=None, debug: bool = False)
         signal.signal(sig, signal.SIG_DFL)
     try:
         mfusepy.FUSE(
-            ops, str(mountpoint), foreground=True, ro=True, debug=debug,
-            fsname="ibsync", subtype="ibsync", default_permissions=False,
-            attr_timeout=CACHE_SECONDS, entry_timeout=CACHE_SECONDS, negative_timeout=CACHE_SECONDS,
+            ops,
+            str(mountpoint),
+            foreground=True,
+            ro=True,
+            debug=debug,
+            fsname="ibsync",
+            subtype="ibsync",
+            default_permissions=False,
+            attr_timeout=CACHE_SECONDS,
+            entry_timeout=CACHE_SECONDS,
+            negative_timeout=CACHE_SECONDS,
             kernel_cache=True,
         )
     except RuntimeError as e:

@@ -242,8 +242,17 @@ class MountTree:
     """Snapshots as a tree of folders and files (see the module's docstring). ``single``: the
     one snapshot's domains at the top. Safe to share between threads."""
 
-    def __init__(self, repo, snapshots: list[Snapshot], keyring=None, *, cache=None, single: bool = False,
-                 max_views: int = MAX_VIEWS, view_factory: Callable | None = None) -> None:
+    def __init__(
+        self,
+        repo,
+        snapshots: list[Snapshot],
+        keyring=None,
+        *,
+        cache=None,
+        single: bool = False,
+        max_views: int = MAX_VIEWS,
+        view_factory: Callable | None = None,
+    ) -> None:
         if not snapshots:
             raise UserError("the repository has no snapshots to show")
         from ..reader.browse import SnapshotView
@@ -299,8 +308,9 @@ class MountTree:
     def _latest_entry(self, device: str) -> Entry:
         snaps = self.devices[device]
         name, snap = next(reversed(snaps.items()))
-        return Entry(LATEST, "symlink", len(name), int(_stamp(snap).timestamp()), 0o777, target=name,
-                     alias=f"{device}/{name}")
+        return Entry(
+            LATEST, "symlink", len(name), int(_stamp(snap).timestamp()), 0o777, target=name, alias=f"{device}/{name}"
+        )
 
     def _snapshot_entry(self, name: str, snap: Snapshot) -> Entry:
         return Entry(name, "dir", 0, int(_stamp(snap).timestamp()), DIR_MODE)
@@ -311,8 +321,9 @@ class MountTree:
             return Entry(item.name, "dir", 0, mtime, (item.mode & 0o777) | 0o500)
         if item.kind == "symlink":
             target = view.link_target(item)
-            return Entry(item.name, "symlink", len(target.encode("utf-8", "surrogateescape")), mtime, 0o777,
-                         target=target)
+            return Entry(
+                item.name, "symlink", len(target.encode("utf-8", "surrogateescape")), mtime, 0o777, target=target
+            )
         return Entry(item.name, "file", item.size, mtime, (item.mode & 0o777) | 0o400)
 
     def stat(self, path: str) -> Entry | None:

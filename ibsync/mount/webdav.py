@@ -168,8 +168,13 @@ class WebDAVServer:
             "property_manager": None,
             "verbose": 1,
             "logging": {"enable": False},
-            "dir_browser": {"enable": True, "davmount": False, "ms_sharepoint_support": False,
-                            "response_trailer": False, "show_user": False},
+            "dir_browser": {
+                "enable": True,
+                "davmount": False,
+                "ms_sharepoint_support": False,
+                "response_trailer": False,
+                "show_user": False,
+            },
             "add_header_MS_Author_Via": False,
             "middleware_stack": [
                 "wsgidav.error_printer.ErrorPrinter",
@@ -200,5 +205,3 @@ class WebDAVServer:
         finally:
             self._server.stop()
             thread.join(10)
-
-

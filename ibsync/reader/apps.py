@@ -87,15 +87,24 @@ def app_names(manifest_plist: dict, info_plist: dict) -> dict[str, tuple[str | N
             if not isinstance(entry, dict):
                 continue
             meta = _metadata(entry)
-            name = name or _text(entry.get("CFBundleDisplayName")) or _text(entry.get("Name")) \
-                or _text(meta.get("itemName")) or _text(meta.get("CFBundleDisplayName"))
+            name = (
+                name
+                or _text(entry.get("CFBundleDisplayName"))
+                or _text(entry.get("Name"))
+                or _text(meta.get("itemName"))
+                or _text(meta.get("CFBundleDisplayName"))
+            )
             if name is None:
                 path = _text(entry.get("Path"))
                 if path and path.endswith(".app") and "/" in path:
                     name = _text(path.rsplit("/", 1)[1][: -len(".app")])
-            version = version or _text(entry.get("CFBundleShortVersionString")) \
-                or _text(meta.get("bundleShortVersionString")) or _text(entry.get("CFBundleVersion")) \
+            version = (
+                version
+                or _text(entry.get("CFBundleShortVersionString"))
+                or _text(meta.get("bundleShortVersionString"))
+                or _text(entry.get("CFBundleVersion"))
                 or _text(meta.get("bundleVersion"))
+            )
         out[bundle] = (name, version)
     return out
 
@@ -103,13 +112,13 @@ def app_names(manifest_plist: dict, info_plist: dict) -> dict[str, tuple[str | N
 def owner(domain: str, bundles: Iterable[str]) -> str | None:
     """The bundle id a domain belongs to (the longest that fits), or None."""
     if domain.startswith(APP):
-        rest = domain[len(APP):]
+        rest = domain[len(APP) :]
         return rest if rest in bundles else None
     if domain.startswith(GROUP):
-        rest = domain[len(GROUP):]
+        rest = domain[len(GROUP) :]
         rest = rest.removeprefix("group.")
     elif domain.startswith(PLUGIN):
-        rest = domain[len(PLUGIN):]
+        rest = domain[len(PLUGIN) :]
     else:
         return None
     best = None
@@ -124,8 +133,8 @@ def build_apps(manifest_plist: dict, info_plist: dict, domains: Iterable[str]) -
     domains = list(domains)
     names = app_names(manifest_plist, info_plist)
     for d in domains:
-        if d.startswith(APP) and d[len(APP):] and d[len(APP):] not in names:
-            names[d[len(APP):]] = (None, None)
+        if d.startswith(APP) and d[len(APP) :] and d[len(APP) :] not in names:
+            names[d[len(APP) :]] = (None, None)
     owned: dict[str, list[str]] = {b: [] for b in names}
     for d in domains:
         b = owner(d, names)
@@ -142,13 +151,16 @@ def describe(domain: str, app: AppInfo | None) -> tuple[str, str]:
         if domain.startswith(GROUP):
             return f"{app.name} (shared)", "Apps"
         if domain.startswith(PLUGIN):
-            extension = domain[len(PLUGIN) + len(app.bundle_id) + 1:]
+            extension = domain[len(PLUGIN) + len(app.bundle_id) + 1 :]
             return f"{app.name} (extension {extension})", "Apps"
         return app.name, "Apps"
     known = _TITLES.get(domain)
     if known is not None:
         return known
-    for prefix, title in (("SysContainerDomain-", "System container "), ("SysSharedContainerDomain-", "Shared system container ")):
+    for prefix, title in (
+        ("SysContainerDomain-", "System container "),
+        ("SysSharedContainerDomain-", "Shared system container "),
+    ):
         if domain.startswith(prefix):
-            return title + domain[len(prefix):], "System"
+            return title + domain[len(prefix) :], "System"
     return domain, "System"

@@ -125,14 +125,17 @@ class _Index:
         self.folders: dict[str, int] = {}  # path -> number, only while building
 
     @classmethod
-    def build(cls, manifest: SnapshotManifest, path: str = "",
-              progress: Callable[[int, int], None] | None = None) -> _Index:
+    def build(
+        cls, manifest: SnapshotManifest, path: str = "", progress: Callable[[int, int], None] | None = None
+    ) -> _Index:
         """Build the index of ``manifest`` into the database file ``path`` ("": a private
         temporary file)."""
         db = _connect(path, read_only=False)
         try:
-            db.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA cache_size = -65536;"
-                             "PRAGMA temp_store = FILE;" + _SCHEMA)
+            db.executescript(
+                "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA cache_size = -65536;"
+                "PRAGMA temp_store = FILE;" + _SCHEMA
+            )
             index = cls(db)
             index.folders[""] = 0
             index._build(manifest, progress)
@@ -220,7 +223,9 @@ class _Index:
                 else:
                     if path in self.folders:
                         continue  # a folder of this path is there (a row or implied): it wins
-                    batch.append((path, parent, 1, kind, e.size if kind == FILE else 0, e.mtime, mode, e.file_id, None, fold))
+                    batch.append(
+                        (path, parent, 1, kind, e.size if kind == FILE else 0, e.mtime, mode, e.file_id, None, fold)
+                    )
                 if implied:  # before the row: a later folder row of the same path replaces them
                     db.executemany("INSERT OR IGNORE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", implied)
                     implied.clear()
@@ -231,15 +236,22 @@ class _Index:
             # implied one), and the file no longer counts in its domain
             db.execute("CREATE TEMP TABLE folder_paths(path TEXT PRIMARY KEY, number INTEGER) WITHOUT ROWID")
             db.executemany("INSERT INTO folder_paths VALUES (?, ?)", ((p, n) for p, n in self.folders.items() if p))
-            clashes = db.execute("SELECT n.path, n.kind, n.size, f.number FROM folder_paths f JOIN nodes n "
-                                 "ON n.path = f.path WHERE n.kind <> 0").fetchall()
+            clashes = db.execute(
+                "SELECT n.path, n.kind, n.size, f.number FROM folder_paths f JOIN nodes n "
+                "ON n.path = f.path WHERE n.kind <> 0"
+            ).fetchall()
             for path, _kind, _size, number in clashes:
-                db.execute("UPDATE nodes SET leaf = 0, kind = 0, size = 0, mtime = 0, file_id = NULL, folder = ?,"
-                           " mode = ? WHERE path = ?", (number, IMPLIED_DIR_MODE, path))
+                db.execute(
+                    "UPDATE nodes SET leaf = 0, kind = 0, size = 0, mtime = 0, file_id = NULL, folder = ?,"
+                    " mode = ? WHERE path = ?",
+                    (number, IMPLIED_DIR_MODE, path),
+                )
             db.execute("DROP TABLE folder_paths")
             # counted from what the index holds (duplicates and clashes resolved): one scan
-            db.execute("INSERT INTO domains SELECT substr(path, 1, instr(path || '/', '/') - 1) AS d, "
-                       "sum(kind = 1), sum(CASE WHEN kind = 1 THEN size ELSE 0 END) FROM nodes GROUP BY d")
+            db.execute(
+                "INSERT INTO domains SELECT substr(path, 1, instr(path || '/', '/') - 1) AS d, "
+                "sum(kind = 1), sum(CASE WHEN kind = 1 THEN size ELSE 0 END) FROM nodes GROUP BY d"
+            )
             db.execute("CREATE INDEX children ON nodes(parent, leaf, path)")
             db.execute("CREATE INDEX folded ON nodes(path) WHERE fold IS NOT NULL")
         if progress is not None:
@@ -248,8 +260,10 @@ class _Index:
     def _bad(self, manifest: SnapshotManifest, bad: BadRow) -> None:
         manifest.record(bad)
         # as bytes: a name that is not UTF-8 comes back exactly (surrogateescape both ways)
-        self.db.execute("INSERT INTO bad VALUES (?, ?, ?)",
-                        tuple(x.encode("utf-8", "surrogateescape") for x in (bad.path, bad.file_id, bad.reason)))
+        self.db.execute(
+            "INSERT INTO bad VALUES (?, ?, ?)",
+            tuple(x.encode("utf-8", "surrogateescape") for x in (bad.path, bad.file_id, bad.reason)),
+        )
 
     def _flush(self, batch: list, sql: str) -> None:
         # a file row is only written where no folder of its path is: a duplicate file row keeps the first
@@ -282,7 +296,9 @@ class SnapshotView:
     """One snapshot as the phone's things (a context manager; wraps ``SnapshotManifest``).
     Safe to share between threads: queries take turns on one lock."""
 
-    def __init__(self, repo: Repository, snapshot: Snapshot, keyring=None, *, cache: ManifestCache | None = None) -> None:
+    def __init__(
+        self, repo: Repository, snapshot: Snapshot, keyring=None, *, cache: ManifestCache | None = None
+    ) -> None:
         self.repo = repo
         self.snapshot = snapshot
         self.manifest = SnapshotManifest(repo, snapshot, keyring, cache=cache)
@@ -442,8 +458,10 @@ class SnapshotView:
         NotAFolder (a UserError) for a file."""
         with self._lock:
             number = self._folder_number(path)
-            rows = self._query(f"SELECT {_COLUMNS} FROM nodes WHERE parent = ? ORDER BY parent, leaf, path "
-                               "LIMIT ? OFFSET ?", (number, -1 if limit is None else max(limit, 0), max(offset, 0)))
+            rows = self._query(
+                f"SELECT {_COLUMNS} FROM nodes WHERE parent = ? ORDER BY parent, leaf, path LIMIT ? OFFSET ?",
+                (number, -1 if limit is None else max(limit, 0), max(offset, 0)),
+            )
         return [_item(r) for r in rows]
 
     def count(self, path: str) -> int:
@@ -486,15 +504,20 @@ class SnapshotView:
             return []
         needle = text.casefold()
         if not needle.isascii():  # only a path that is not ASCII can hold it: those have their own index
-            rows = self._query(f"SELECT {_COLUMNS} FROM nodes INDEXED BY folded WHERE fold IS NOT NULL "
-                               "AND file_id IS NOT NULL AND instr(fold, ?) > 0 ORDER BY path LIMIT ?", (needle, limit))
+            rows = self._query(
+                f"SELECT {_COLUMNS} FROM nodes INDEXED BY folded WHERE fold IS NOT NULL "
+                "AND file_id IS NOT NULL AND instr(fold, ?) > 0 ORDER BY path LIMIT ?",
+                (needle, limit),
+            )
             return [_item(r) for r in rows]
         # an ASCII path (no 'fold') folds as LIKE does, which is the fastest test sqlite has;
         # the others are compared casefolded
         like = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        rows = self._query(f"SELECT {_COLUMNS} FROM nodes WHERE file_id IS NOT NULL AND CASE WHEN fold IS NULL "
-                           "THEN path LIKE ? ESCAPE '\\' ELSE instr(fold, ?) > 0 END ORDER BY path LIMIT ?",
-                           (like, needle, limit))
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM nodes WHERE file_id IS NOT NULL AND CASE WHEN fold IS NULL "
+            "THEN path LIKE ? ESCAPE '\\' ELSE instr(fold, ?) > 0 END ORDER BY path LIMIT ?",
+            (like, needle, limit),
+        )
         return [_item(r) for r in rows]
 
     def link_target(self, item: Item) -> str:
@@ -514,8 +537,10 @@ class SnapshotView:
         if entry is None:
             raise NotFound(f"snapshot {self.snapshot.short_id} has no row {item.file_id} ({item.path})")
         if node is None:
-            raise NotFound(f"snapshot {self.snapshot.short_id} holds no payload for {item.path} "
-                           f"({item.file_id[:2]}/{item.file_id} is missing)")
+            raise NotFound(
+                f"snapshot {self.snapshot.short_id} holds no payload for {item.path} "
+                f"({item.file_id[:2]}/{item.file_id} is missing)"
+            )
         return self.manifest.read(entry, node)
 
 
@@ -570,5 +595,5 @@ def _evict(folder: Path, keep: str) -> None:
         elif e.name.endswith(".db") and e.name != keep:
             found.append((st.st_mtime, Path(e.path)))
     found.sort(reverse=True)
-    for _, path in found[CACHED_INDEXES - 1:]:
+    for _, path in found[CACHED_INDEXES - 1 :]:
         _unlink(path)

@@ -55,13 +55,14 @@ class Source:
         name = below.rsplit("/", 1)[-1]
         return not any(_glob(x).fullmatch(name) for x in self.exclude)
 
-
     def may_match(self, below: str) -> bool:
         """For a row that cannot be used (its path may climb out with '..'): whether it matches,
         or its file name matches the last part of the glob."""
         name = below.rsplit("/", 1)[-1]
-        return self.matches(below) or (bool(_glob(self.include.rsplit("/", 1)[-1]).fullmatch(name))
-                                       and not any(_glob(x).fullmatch(name) for x in self.exclude))
+        return self.matches(below) or (
+            bool(_glob(self.include.rsplit("/", 1)[-1]).fullmatch(name))
+            and not any(_glob(x).fullmatch(name) for x in self.exclude)
+        )
 
 
 @functools.lru_cache(maxsize=64)
@@ -77,19 +78,36 @@ class Preset:
     capture_dates: bool = False  # file times from the photo's EXIF capture time where exact
 
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("photos", "camera roll photos and videos (originals), capture dates as file times",
-           (Source("CameraRollDomain", "Media/DCIM", "**", ("*.AAE",)),), capture_dates=True),
-    Preset("voice-memos", "Voice Memos recordings, by their stored names",
-           (Source("MediaDomain", "Media/Recordings", "*.m4a"),
-            Source("AppDomainGroup-group.com.apple.VoiceMemos.shared", "Recordings", "*.m4a"))),
-    Preset("voicemail", "visual voicemail messages",
-           (Source("HomeDomain", "Library/Voicemail", "*.amr"),)),
-    Preset("whatsapp-media", "WhatsApp photos, videos, voice notes and documents",
-           (Source("AppDomainGroup-group.net.whatsapp.WhatsApp.shared", "Message/Media", "**"),)),
-    Preset("sms-attachments", "Messages (SMS/iMessage) attachments",
-           (Source("MediaDomain", "Library/SMS/Attachments", "**"),)),
-)}
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "photos",
+            "camera roll photos and videos (originals), capture dates as file times",
+            (Source("CameraRollDomain", "Media/DCIM", "**", ("*.AAE",)),),
+            capture_dates=True,
+        ),
+        Preset(
+            "voice-memos",
+            "Voice Memos recordings, by their stored names",
+            (
+                Source("MediaDomain", "Media/Recordings", "*.m4a"),
+                Source("AppDomainGroup-group.com.apple.VoiceMemos.shared", "Recordings", "*.m4a"),
+            ),
+        ),
+        Preset("voicemail", "visual voicemail messages", (Source("HomeDomain", "Library/Voicemail", "*.amr"),)),
+        Preset(
+            "whatsapp-media",
+            "WhatsApp photos, videos, voice notes and documents",
+            (Source("AppDomainGroup-group.net.whatsapp.WhatsApp.shared", "Message/Media", "**"),),
+        ),
+        Preset(
+            "sms-attachments",
+            "Messages (SMS/iMessage) attachments",
+            (Source("MediaDomain", "Library/SMS/Attachments", "**"),),
+        ),
+    )
+}
 
 
 def preset(name: str) -> Preset:
@@ -131,7 +149,7 @@ def plan_export(view: SnapshotView, chosen: Preset) -> Plan:
         for item in view.walk(source.folder):
             if item.kind != "file":
                 continue
-            below = item.path[len(source.folder) + 1:]
+            below = item.path[len(source.folder) + 1 :]
             if not source.matches(below):
                 continue
             domain, _, rel = item.path.partition("/")
@@ -154,7 +172,7 @@ def plan_export(view: SnapshotView, chosen: Preset) -> Plan:
     # rows the browsing layer left out (a '..' or empty name, a damaged MBFile) that lie below a
     # preset's folder are named: they may be some of the files asked for
     for b in view.bad_rows:
-        if any(b.path.startswith(s.folder + "/") and s.may_match(b.path[len(s.folder) + 1:]) for s in chosen.sources):
+        if any(b.path.startswith(s.folder + "/") and s.may_match(b.path[len(s.folder) + 1 :]) for s in chosen.sources):
             plan.failed.append(Failure(b.path, b.reason))
     return plan
 
@@ -174,8 +192,14 @@ class Outcome:
 EXPORT_WORKERS = 4  # files written at once: reading, decrypting and writing overlap (as extract)
 
 
-def run_export(view: SnapshotView, chosen: Preset, plan: Plan, out: str, advance: Callable[..., None],
-               workers: int = EXPORT_WORKERS) -> Outcome:
+def run_export(
+    view: SnapshotView,
+    chosen: Preset,
+    plan: Plan,
+    out: str,
+    advance: Callable[..., None],
+    workers: int = EXPORT_WORKERS,
+) -> Outcome:
     """Write the plan's files below ``out`` (created if needed) on ``workers`` threads;
     ``advance(n, files=0)`` reports progress. A file that fails leaves nothing behind and is
     named; the others are written."""
@@ -265,8 +289,9 @@ def _set_capture_time(out_fd: int, shown: str, parts: tuple[str, ...]) -> None:
     folder = open_folder(out_fd, parts[:-1], shown)
     try:
         try:
-            fd = os.open(parts[-1], os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
-                         dir_fd=folder)
+            fd = os.open(
+                parts[-1], os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), dir_fd=folder
+            )
         except OSError as e:
             raise Refused(e.errno, f"{os.path.join(shown, *parts)} changed while it was written") from None
         with os.fdopen(fd, "rb") as f:

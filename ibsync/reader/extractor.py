@@ -64,18 +64,30 @@ def plan_extract(entries: Iterable[ManifestEntry], payload) -> Plan:
             continue
         first = by_parts.get(parts)
         if first is not None:
-            plan.failed.append(Failure(e.path, e.file_id, f"another row (fileID {first.entry.file_id}) names the same "
-                                                          f"file and was extracted; this row (fileID {e.file_id}) was not"))
+            plan.failed.append(
+                Failure(
+                    e.path,
+                    e.file_id,
+                    f"another row (fileID {first.entry.file_id}) names the same "
+                    f"file and was extracted; this row (fileID {e.file_id}) was not",
+                )
+            )
             continue
         node = payload(e.file_id)
         if node is None:
-            plan.failed.append(Failure(e.path, e.file_id, f"the backup holds no payload for it ({e.file_id[:2]}/{e.file_id} is missing)"))
+            plan.failed.append(
+                Failure(
+                    e.path, e.file_id, f"the backup holds no payload for it ({e.file_id[:2]}/{e.file_id} is missing)"
+                )
+            )
             continue
         by_parts[parts] = Job(e, node, parts)
     folders = {job.parts[:i] for job in by_parts.values() for i in range(1, len(job.parts))}
     for parts, job in by_parts.items():
         if parts in folders:  # a file row and rows below it: the folder and its files win
-            plan.failed.append(Failure(job.entry.path, job.entry.file_id, "other rows need a folder of this name for their files"))
+            plan.failed.append(
+                Failure(job.entry.path, job.entry.file_id, "other rows need a folder of this name for their files")
+            )
         else:
             plan.jobs.append(job)
     return plan

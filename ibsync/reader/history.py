@@ -49,14 +49,21 @@ def content_key(ids: Iterable[str], size: int) -> bytes:
         h.update(blob_id.encode("ascii", "surrogateescape") + b",")
     h.update(str(size).encode())
     return h.digest()
+
+
 FILES = frozenset({"file"})
 
 
 # ---- the rows two local copies may differ in -------------------------------------------------
 
 
-def compare_blocks(old: StoredFile, new: StoredFile, read_old: Callable[[int, int], bytes],
-                   read_new: Callable[[int, int], bytes], blocks: Iterable[int]) -> set[int] | None:
+def compare_blocks(
+    old: StoredFile,
+    new: StoredFile,
+    read_old: Callable[[int, int], bytes],
+    read_new: Callable[[int, int], bytes],
+    blocks: Iterable[int],
+) -> set[int] | None:
     """Candidate rowids between two versions of a database cut in the same fixed blocks, from the
     pages of the blocks given (those whose ids differ). ``read_old``/``read_new`` read a
     version's bytes at (offset, length). None when the change cannot be pinned to rows."""
@@ -324,7 +331,9 @@ class DeviceHistory:
             if name == "Manifest.db":
                 db_changed, new_db = True, y
             elif len(name) == 2:
-                changed_names.update(cast(dict, u or v)["name"] for u, v in diff_folder(self.repo, _subtree(x), _subtree(y)))
+                changed_names.update(
+                    cast(dict, u or v)["name"] for u, v in diff_folder(self.repo, _subtree(x), _subtree(y))
+                )
             else:
                 changed_names.add(name)
         rowids: set[int] | None = set()
@@ -421,7 +430,9 @@ class DeviceHistory:
             entries = []
             for e in m.entries(self.pattern):
                 node = m.payload(e.file_id)
-                entries.append((e, content_key((c.hex() for c in node.content), node.size) if node is not None else None))
+                entries.append(
+                    (e, content_key((c.hex() for c in node.content), node.size) if node is not None else None)
+                )
             return Holding(entries, m.bad_rows)
 
     def close(self, keep: bool = True) -> None:
@@ -442,8 +453,9 @@ class Change:
     size: int
 
 
-def diff_snapshots(repo: Repository, a: Snapshot, b: Snapshot, keyring: BackupKeyring | None,
-                   cache: ManifestCache | None) -> tuple[list[Change], list[tuple[Snapshot, BadRow]]]:
+def diff_snapshots(
+    repo: Repository, a: Snapshot, b: Snapshot, keyring: BackupKeyring | None, cache: ManifestCache | None
+) -> tuple[list[Change], list[tuple[Snapshot, BadRow]]]:
     """Files added, removed and changed from ``a`` to ``b`` (by Domain/path), and the rows that
     could not be read. A file changed when its payload differs (``changed_payloads``); rows are
     compared only where the two databases' pages differ, or all of them when that cannot be told."""
@@ -498,7 +510,9 @@ def _merge_all(ma: SnapshotManifest, mb: SnapshotManifest, touched: set[str]) ->
     return found
 
 
-def _merge_some(ma: SnapshotManifest, mb: SnapshotManifest, touched: set[str], rowids: set[int]) -> list[tuple[str, str, str, str]]:
+def _merge_some(
+    ma: SnapshotManifest, mb: SnapshotManifest, touched: set[str], rowids: set[int]
+) -> list[tuple[str, str, str, str]]:
     """The file rows of the candidate rowids and of the touched payloads, looked up in both."""
     fids = set(touched)
     for m in (ma, mb):

@@ -54,8 +54,15 @@ class SnapshotManifest:
     an encrypted iOS backup the decrypted database is only ever a temporary file. Either way the
     file is unlinked once open, so nothing is left behind if the command is killed."""
 
-    def __init__(self, repo: Repository, snapshot: Snapshot, keyring: BackupKeyring | None = None, *,
-                 cache: ManifestCache | None = None, file: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        snapshot: Snapshot,
+        keyring: BackupKeyring | None = None,
+        *,
+        cache: ManifestCache | None = None,
+        file: str | os.PathLike | None = None,
+    ) -> None:
         """``file``: use this file, which holds the snapshot's stored Manifest.db (plaintext
         backups; the caller keeps it and must not change it while this is open)."""
         self.repo = repo
@@ -121,7 +128,9 @@ class SnapshotManifest:
         self.keys = keyring.keys_for(plist)
         link = cache.open(self.repo, self.stored) if cache is not None else None
         try:
-            chunks: Iterable[bytes] = _file_chunks(link) if link is not None else read_file(self.repo, self._root["Manifest.db"])
+            chunks: Iterable[bytes] = (
+                _file_chunks(link) if link is not None else read_file(self.repo, self._root["Manifest.db"])
+            )
             fd, self._path = tempfile.mkstemp(prefix="ibsync-manifest-", suffix=".db")
             with os.fdopen(fd, "wb") as f:
                 for chunk in self.keys.decrypt_database(chunks, manifest_key):
@@ -229,13 +238,18 @@ class SnapshotManifest:
             return None
         return got
 
-    def entries(self, pattern: PathPattern | None = None, *, kinds: Iterable[str] | None = ("file",)) -> Iterator[ManifestEntry]:
+    def entries(
+        self, pattern: PathPattern | None = None, *, kinds: Iterable[str] | None = ("file",)
+    ) -> Iterator[ManifestEntry]:
         """Rows matching ``pattern`` of the given kinds (all kinds for None), ordered by
         domain, path and fileID; only these rows' MBFiles are decoded. Matching rows that
         cannot be used go to ``bad_rows``."""
         kinds = set(kinds) if kinds is not None else None
-        rows = self._query("SELECT fileID, domain, relativePath, flags, file FROM Files", pattern,
-                           "ORDER BY domain, relativePath, fileID")
+        rows = self._query(
+            "SELECT fileID, domain, relativePath, flags, file FROM Files",
+            pattern,
+            "ORDER BY domain, relativePath, fileID",
+        )
         for row in rows:
             entry = self._entry(row, pattern, kinds)
             if entry is not None:
@@ -255,7 +269,9 @@ class SnapshotManifest:
 
     def entry(self, file_id: str) -> ManifestEntry | None:
         """The row of ``file_id``, None when there is none or it cannot be used."""
-        for row in self._rows("SELECT fileID, domain, relativePath, flags, file FROM Files WHERE fileID = ?", (file_id,)):
+        for row in self._rows(
+            "SELECT fileID, domain, relativePath, flags, file FROM Files WHERE fileID = ?", (file_id,)
+        ):
             return self._entry(row, None, None)
         return None
 
@@ -272,8 +288,11 @@ class SnapshotManifest:
         if len(sql) != 1 or not isinstance(sql[0][0], str):
             return False
         text = " ".join(sql[0][0].lower().split())
-        return (cols == ["fileid", "domain", "relativepath", "flags", "file"]
-                and "without rowid" not in text and "collate" not in text)
+        return (
+            cols == ["fileid", "domain", "relativepath", "flags", "file"]
+            and "without rowid" not in text
+            and "collate" not in text
+        )
 
     def rows_by_rowid(self, rowids: Iterable[int], *, file_view: bool = False) -> dict[int, tuple]:
         """``rowid -> (fileID, domain, relativePath, flags, file)`` of those rowids that exist.
@@ -284,8 +303,10 @@ class SnapshotManifest:
         for i in range(0, len(ids), 500):
             part = ids[i : i + 500]
             marks = ",".join("?" * len(part))
-            for row in self._rows(f"SELECT rowid, fileID, domain, relativePath, flags, {file_col} FROM Files "
-                                  f"WHERE rowid IN ({marks})", tuple(part)):
+            for row in self._rows(
+                f"SELECT rowid, fileID, domain, relativePath, flags, {file_col} FROM Files WHERE rowid IN ({marks})",
+                tuple(part),
+            ):
                 out[row[0]] = row[1:]
         return out
 
@@ -299,7 +320,8 @@ class SnapshotManifest:
         is not a file, or it cannot be used: then recorded)."""
         for row in self._rows(
             "SELECT fileID, domain, relativePath, flags, CASE WHEN flags IN (1, 2, 4) THEN NULL ELSE file END "
-            "FROM Files WHERE fileID = ?", (file_id,)
+            "FROM Files WHERE fileID = ?",
+            (file_id,),
         ):
             return self._entry(row, None, {"file"})
         return None
@@ -366,7 +388,9 @@ class SnapshotManifest:
         return chunks
 
 
-def evaluate(row: tuple, pattern: PathPattern | None, kinds: set[str] | frozenset[str] | None) -> ManifestEntry | BadRow | None:
+def evaluate(
+    row: tuple, pattern: PathPattern | None, kinds: set[str] | frozenset[str] | None
+) -> ManifestEntry | BadRow | None:
     """A ``(fileID, domain, relativePath, flags, file)`` row as an entry when it matches and is of
     one of ``kinds`` (None: any); a BadRow when it matches but cannot be used; else None."""
     file_id, domain, rel, flags, blob = row
@@ -445,7 +469,9 @@ def _type_problem(file_id: object, domain: object, rel: object, flags: object) -
 def _kind_of_value(value: object) -> str:
     if value is None:
         return "NULL"
-    return {bytes: "a blob", int: "an integer", float: "a real number", str: "text"}.get(type(value), type(value).__name__)
+    return {bytes: "a blob", int: "an integer", float: "a real number", str: "text"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def changed_payloads(repo: Repository, root_a: bytes, root_b: bytes) -> set[str]:

@@ -137,8 +137,9 @@ class Rehydration:
         self.blocks_failed += other.blocks_failed
 
 
-def write_stored(repo: Repository, stored: StoredFile, out_fd: int, bases: list[tuple[BinaryIO, StoredFile]],
-                 stats: Rehydration) -> None:
+def write_stored(
+    repo: Repository, stored: StoredFile, out_fd: int, bases: list[tuple[BinaryIO, StoredFile]], stats: Rehydration
+) -> None:
     """Write ``stored``'s bytes to ``out_fd`` (from offset 0, truncated to its size). A blob found
     in one of ``bases`` (open files holding the stored files given with them) is copied from there
     once its hash matches its id; the others are read from the repository."""

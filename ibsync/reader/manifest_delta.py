@@ -47,13 +47,24 @@ def read_header(first: bytes, file_size: int) -> Header | None:
     page_size = 65536 if raw == 1 else raw
     if page_size < 512 or page_size & (page_size - 1):
         return None
-    return Header(page_size, first[20], struct.unpack_from(">I", first, 56)[0], struct.unpack_from(">I", first, 40)[0],
-                  struct.unpack_from(">I", first, 32)[0], file_size // page_size)
+    return Header(
+        page_size,
+        first[20],
+        struct.unpack_from(">I", first, 56)[0],
+        struct.unpack_from(">I", first, 40)[0],
+        struct.unpack_from(">I", first, 32)[0],
+        file_size // page_size,
+    )
 
 
 def same_layout(a: Header, b: Header) -> bool:
     """Whether pages of the two versions can be compared one for one."""
-    return (a.page_size, a.reserved, a.encoding, a.schema_cookie) == (b.page_size, b.reserved, b.encoding, b.schema_cookie)
+    return (a.page_size, a.reserved, a.encoding, a.schema_cookie) == (
+        b.page_size,
+        b.reserved,
+        b.encoding,
+        b.schema_cookie,
+    )
 
 
 def freelist(header: Header, read_page: Callable[[int], bytes]) -> set[int] | None:

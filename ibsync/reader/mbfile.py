@@ -63,7 +63,12 @@ _K_OBJECTS, _K_TOP, _K_ROOT = _key("$objects"), _key("$top"), _key("root")
 _WANTED_TEXT = frozenset(("$objects", "$top", "root", "Size", "LastModified", "Mode", "EncryptionKey", "NS.data"))
 _WANTED_LONGEST = max(map(len, _WANTED_TEXT))
 _K_SIZE, _K_MTIME, _K_MODE, _K_ENCKEY, _K_NSDATA = (
-    _key("Size"), _key("LastModified"), _key("Mode"), _key("EncryptionKey"), _key("NS.data"))
+    _key("Size"),
+    _key("LastModified"),
+    _key("Mode"),
+    _key("EncryptionKey"),
+    _key("NS.data"),
+)
 
 
 class _Unexpected(Exception):
@@ -226,7 +231,9 @@ def _decode_mbfile_plistlib(blob: bytes) -> tuple[int, int, int, bytes | None]:
     try:
         mb = mbfile_fields(blob, ("Size", "LastModified", "Mode", "EncryptionKey"))
     except Exception as e:  # plistlib raises what it meets (ValueError, TypeError, RecursionError...)
-        raise InvalidData(f"its file metadata (MBFile) is unreadable ({e.__class__.__name__}: {str(e)[:200]})") from None
+        raise InvalidData(
+            f"its file metadata (MBFile) is unreadable ({e.__class__.__name__}: {str(e)[:200]})"
+        ) from None
     return _integer(mb, "Size"), _integer(mb, "LastModified"), _integer(mb, "Mode"), mb["EncryptionKey"]
 
 

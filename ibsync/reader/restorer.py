@@ -279,8 +279,10 @@ def check_folder_name(snapshot: Snapshot) -> str:
     name = snapshot.folder_name
     problem = name_problem(name)
     if problem:
-        raise RepoError(f"snapshot {snapshot.short_id}: refusing to restore: its device folder "
-                        f"'{str(name)[:300]}' is unsafe ({problem})")
+        raise RepoError(
+            f"snapshot {snapshot.short_id}: refusing to restore: its device folder "
+            f"'{str(name)[:300]}' is unsafe ({problem})"
+        )
     return name
 
 
@@ -316,8 +318,10 @@ def _check_destination(target_fd: int, dest: Path, name: str, overwrite: bool) -
     if overwrite:
         return True
     if not stat.S_ISDIR(st.st_mode):
-        raise UserError(f"{dest} exists and is not a folder (a symbolic link or a file); restore elsewhere "
-                        "or pass --overwrite to replace it")
+        raise UserError(
+            f"{dest} exists and is not a folder (a symbolic link or a file); restore elsewhere "
+            "or pass --overwrite to replace it"
+        )
     fd = os.open(name, _DIR_FLAGS, dir_fd=target_fd)
     try:
         if os.listdir(fd):
@@ -336,7 +340,9 @@ def _boot_id() -> str | None:
         pass
     if sys.platform == "darwin":
         try:
-            out = subprocess.run(["sysctl", "-n", "kern.boottime"], capture_output=True, text=True, timeout=5, check=False)
+            out = subprocess.run(
+                ["sysctl", "-n", "kern.boottime"], capture_output=True, text=True, timeout=5, check=False
+            )
             return out.stdout.strip() or None if out.returncode == 0 else None
         except (OSError, subprocess.SubprocessError):
             return None
@@ -405,8 +411,10 @@ def _open_stage(target_fd: int, target: Path, name: str, snapshot: Snapshot) -> 
         if not resume:
             if found is not None:
                 other = str(state.get("snapshot", ""))[:8] if state else "unknown"
-                log.warning(f"{target / holder} held an interrupted restore of snapshot {other}; "
-                            f"starting over with snapshot {snapshot.short_id}")
+                log.warning(
+                    f"{target / holder} held an interrupted restore of snapshot {other}; "
+                    f"starting over with snapshot {snapshot.short_id}"
+                )
                 _remove(name, holder_fd)
             state = {"version": STATE_VERSION, "snapshot": snapshot.id, "tree": snapshot.tree.hex(), "boot": boot}
         assert state is not None
@@ -482,8 +490,9 @@ def restore_folder(
                 try:
                     _move_into_place(stage, snapshot, replacing)
                 except OSError as e:
-                    raise IbsyncError(f"the restore is complete in {stage.path} but could not be moved to "
-                                      f"{target / name}: {_why(e)}") from None
+                    raise IbsyncError(
+                        f"the restore is complete in {stage.path} but could not be moved to {target / name}: {_why(e)}"
+                    ) from None
                 result.complete = True
             return result
         finally:
@@ -522,8 +531,9 @@ class _Batch:
 
     def add_file(self, repo: Repository, parent: int, rel: str, node: Node) -> None:
         i = len(self.files)
-        self.files.append(_File(parent, node.name, rel, node.mode, node.mtime_ns, node.size, len(node.content),
-                                len(node.content)))
+        self.files.append(
+            _File(parent, node.name, rel, node.mode, node.mtime_ns, node.size, len(node.content), len(node.content))
+        )
         self.refs += len(node.content)
         offset = 0
         for blob_id in node.content:
@@ -553,8 +563,16 @@ class _Walk:
         (self.refused if why.startswith(REFUSED) else self.errors)[rel] = why
 
 
-def _batches(repo: Repository, snapshot: Snapshot, stage: _Stage, found: _Walk, dirs: _DirFds, limits: Batching,
-             result: RestoreResult, progress: Progress) -> Iterator[_Batch]:
+def _batches(
+    repo: Repository,
+    snapshot: Snapshot,
+    stage: _Stage,
+    found: _Walk,
+    dirs: _DirFds,
+    limits: Batching,
+    result: RestoreResult,
+    progress: Progress,
+) -> Iterator[_Batch]:
     """Walk the snapshot: create its folders (each opened below its parent, no link followed),
     skip the files an interrupted restore completed, clear the way for the others, and plan
     their reads by pack, ``limits`` files at a time."""
@@ -641,8 +659,9 @@ def _content_matches(repo: Repository, parent_fd: int, node: Node) -> bool:
 # ---- restoring a batch ---------------------------------------------------------------------------
 
 
-def _restore_into(repo: Repository, snapshot: Snapshot, stage: _Stage, progress: Progress, workers: int,
-                  limits: Batching) -> RestoreResult:
+def _restore_into(
+    repo: Repository, snapshot: Snapshot, stage: _Stage, progress: Progress, workers: int, limits: Batching
+) -> RestoreResult:
     result = RestoreResult(stage.target / stage.name)
     found = _Walk()
     summary = snapshot.summary  # totals for progress without a pass over the trees first
@@ -663,8 +682,15 @@ def _restore_into(repo: Repository, snapshot: Snapshot, stage: _Stage, progress:
     return result
 
 
-def _restore_batch(repo: Repository, batch: _Batch, folders: list[tuple[str, ...]], stage: _Stage, workers: int,
-                   progress: Progress, result: RestoreResult) -> None:
+def _restore_batch(
+    repo: Repository,
+    batch: _Batch,
+    folders: list[tuple[str, ...]],
+    stage: _Stage,
+    workers: int,
+    progress: Progress,
+    result: RestoreResult,
+) -> None:
     files, failed = batch.files, batch.failed
     lock = threading.Lock()
     stopped: list[int] = []  # the errno that stops every further write (a full drive, no descriptors left)
@@ -753,8 +779,10 @@ def _stopped_by(code: int, stage: _Stage, workers: int) -> str:
     if code in _FULL:
         return f"{stage.target / stage.name}: its drive is full (no space left); the restore stopped. Free some space and {resume}"
     need = workers * (WRITERS_PER_WORKER + DIR_FDS_PER_WORKER) + DIR_FDS_PER_WORKER + 16
-    return (f"too many open files (the limit, 'ulimit -n', is {_fd_limit()}; a restore needs about {need}); "
-            f"the restore stopped. Raise the limit and {resume}")
+    return (
+        f"too many open files (the limit, 'ulimit -n', is {_fd_limit()}; a restore needs about {need}); "
+        f"the restore stopped. Raise the limit and {resume}"
+    )
 
 
 def _fd_limit() -> str:

@@ -22,7 +22,9 @@ def join(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
-def walk(repo: Repository, tree_id: bytes, prefix: str = "", on_reject: OnReject | None = None) -> Iterator[tuple[str, Node]]:
+def walk(
+    repo: Repository, tree_id: bytes, prefix: str = "", on_reject: OnReject | None = None
+) -> Iterator[tuple[str, Node]]:
     """Every usable node below a tree as (relative path, node), each folder before its contents.
 
     Entries a folder on disk cannot hold (a name that is not one path component, a name stored
@@ -33,7 +35,9 @@ def walk(repo: Repository, tree_id: bytes, prefix: str = "", on_reject: OnReject
     yield from _entries(repo, _tree(repo, tree_id, prefix, on_reject), prefix, on_reject)
 
 
-def _entries(repo: Repository, nodes: list[Node], prefix: str, on_reject: OnReject | None) -> Iterator[tuple[str, Node]]:
+def _entries(
+    repo: Repository, nodes: list[Node], prefix: str, on_reject: OnReject | None
+) -> Iterator[tuple[str, Node]]:
     for node in nodes:
         path = join(prefix, node.name)
         yield path, node
@@ -41,7 +45,9 @@ def _entries(repo: Repository, nodes: list[Node], prefix: str, on_reject: OnReje
             yield from _walk_below(repo, node.subtree, path, on_reject)
 
 
-def _walk_below(repo: Repository, tree_id: bytes, prefix: str, on_reject: OnReject | None) -> Iterator[tuple[str, Node]]:
+def _walk_below(
+    repo: Repository, tree_id: bytes, prefix: str, on_reject: OnReject | None
+) -> Iterator[tuple[str, Node]]:
     try:
         nodes = _tree(repo, tree_id, prefix, on_reject)
     except IbsyncError as e:

@@ -88,7 +88,12 @@ class MasterIndex:
         bucket, pos = found
         pack, offset, length, raw = _LOC.unpack_from(bucket, pos + 32)
         return BlobLocation(
-            self._packs[pack], offset, length, raw & _RAW_MASK, BlobType(1 if raw & _TYPE_BIT else 0), bool(raw & _ZSTD_BIT)
+            self._packs[pack],
+            offset,
+            length,
+            raw & _RAW_MASK,
+            BlobType(1 if raw & _TYPE_BIT else 0),
+            bool(raw & _ZSTD_BIT),
         )
 
     def add_pack(self, pack_id: bytes, blobs: list[PackedBlob]) -> None:
@@ -113,7 +118,9 @@ class MasterIndex:
                 bucket = buckets[key]
                 if bucket is None:
                     bucket = buckets[key] = bytearray()
-                raw = raw_length | (_TYPE_BIT if type_ == BlobType.TREE else 0) | (_ZSTD_BIT if flags & FLAG_ZSTD else 0)
+                raw = (
+                    raw_length | (_TYPE_BIT if type_ == BlobType.TREE else 0) | (_ZSTD_BIT if flags & FLAG_ZSTD else 0)
+                )
                 # one append per record, so a concurrent lookup never sees half of one
                 bucket += blob_id + pack(number, offset, length, raw)
                 self._count += 1
@@ -131,7 +138,14 @@ class MasterIndex:
             for pos in range(0, len(bucket), RECORD):
                 blob_id = bytes(bucket[pos : pos + 32])
                 pack, offset, length, raw = _LOC.unpack_from(bucket, pos + 32)
-                yield blob_id, BlobLocation(
-                    self._packs[pack], offset, length, raw & _RAW_MASK,
-                    BlobType(1 if raw & _TYPE_BIT else 0), bool(raw & _ZSTD_BIT),
+                yield (
+                    blob_id,
+                    BlobLocation(
+                        self._packs[pack],
+                        offset,
+                        length,
+                        raw & _RAW_MASK,
+                        BlobType(1 if raw & _TYPE_BIT else 0),
+                        bool(raw & _ZSTD_BIT),
+                    ),
                 )

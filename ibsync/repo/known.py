@@ -51,8 +51,10 @@ class KnownRepositories:
             doc = {}
         repos = doc.get("repositories")
         locations = doc.get("locations")
-        return {"repositories": repos if isinstance(repos, dict) else {},
-                "locations": locations if isinstance(locations, dict) else {}}
+        return {
+            "repositories": repos if isinstance(repos, dict) else {},
+            "locations": locations if isinstance(locations, dict) else {},
+        }
 
     def _entry(self, doc: dict, repo_id: str) -> dict:
         entry = doc["repositories"].get(repo_id)

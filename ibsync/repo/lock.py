@@ -114,8 +114,15 @@ def _unknown_lock(name: str) -> LockInfo:
 def _parse_lock(name: str, body: bytes) -> LockInfo:
     try:
         d = json.loads(body)
-        return LockInfo(name, parse_iso(d["time"]), bool(d["exclusive"]), str(d.get("hostname", "")),
-                        str(d.get("username", "")), int(d.get("pid", 0)), str(d.get("command", "")))
+        return LockInfo(
+            name,
+            parse_iso(d["time"]),
+            bool(d["exclusive"]),
+            str(d.get("hostname", "")),
+            str(d.get("username", "")),
+            int(d.get("pid", 0)),
+            str(d.get("command", "")),
+        )
     except (ValueError, TypeError, KeyError, AttributeError):
         return _unknown_lock(name)
 
@@ -187,10 +194,7 @@ class RepoLock:
             if name not in self._warned:  # once per locker, not at each of its listings
                 self._warned.add(name)
                 log.warning(junk_warning(name, why))
-        return [
-            lk for lk in scan.locks
-            if lk.name != self.name and (self.exclusive or lk.exclusive) and not lk.stale()
-        ]
+        return [lk for lk in scan.locks if lk.name != self.name and (self.exclusive or lk.exclusive) and not lk.stale()]
 
     def _refuse(self, conflicts: list[LockInfo]) -> Locked:
         what = conflicts[0].describe()

@@ -164,8 +164,14 @@ class Repository:
         return cls(storage, config, master, key_name)
 
     @classmethod
-    def open(cls, storage: Storage, password: PasswordSource, *, password_given: bool = False,
-             known: KnownRepositories | None = None) -> Repository:
+    def open(
+        cls,
+        storage: Storage,
+        password: PasswordSource,
+        *,
+        password_given: bool = False,
+        known: KnownRepositories | None = None,
+    ) -> Repository:
         """Open a repository. ``password`` is asked only if the repository is encrypted.
         ``password_given``: the caller has a password configured (an option, a file, a command,
         the environment): an unencrypted repository is then refused as a likely downgrade.
@@ -466,7 +472,9 @@ class Repository:
                 damaged[info.name] = str(e)
         return sorted(snaps, key=Snapshot.sort_key), damaged
 
-    def find_snapshot(self, spec: str, device: str | None = None, snapshots: Iterable[Snapshot] | None = None) -> Snapshot:
+    def find_snapshot(
+        self, spec: str, device: str | None = None, snapshots: Iterable[Snapshot] | None = None
+    ) -> Snapshot:
         """Resolve 'latest' or an id prefix; ``device`` (UDID or name) narrows 'latest'."""
         snaps = list(snapshots) if snapshots is not None else self.snapshots()
         if device:
@@ -478,9 +486,7 @@ class Repository:
                 raise NameNotFound("the repository has no snapshots yet")
             udids = {s.device.udid for s in snaps}
             if len(udids) > 1:
-                raise UserError(
-                    "'latest' is ambiguous: the repository holds several devices; add --device UDID|NAME"
-                )
+                raise UserError("'latest' is ambiguous: the repository holds several devices; add --device UDID|NAME")
             return snaps[-1]
         spec = spec.lower()
         matches = [s for s in snaps if s.id.startswith(spec)]
@@ -596,7 +602,9 @@ def _chunking_problem(chunking: object) -> str | None:
         return "chunking.default is not a chunk size profile"
     lo, avg, hi = profile["min_size"], profile["avg_size"], profile["max_size"]
     # pyfastcdc's own limits; chunks are held in memory, so no more than 64 MiB
-    if not (_int_in(lo, 64, 64 << 20) and _int_in(avg, 256, 64 << 20) and _int_in(hi, 1024, 64 << 20) and lo <= avg <= hi):
+    if not (
+        _int_in(lo, 64, 64 << 20) and _int_in(avg, 256, 64 << 20) and _int_in(hi, 1024, 64 << 20) and lo <= avg <= hi
+    ):
         return "chunk sizes out of range"
     block = chunking.get("sqlite_block")
     if not _int_in(block, 512, 16 << 20) or block & (block - 1):
@@ -636,8 +644,10 @@ def _usable_keys(storage: Storage, hint: str | None) -> list[tuple[str, KeyFile]
         except NotFound:
             continue  # removed since the listing
         except MalformedKey as e:
-            log.warning(f"key file keys/{info.name[:8]} skipped: malformed ({e}); "
-                        f"'ibsync key remove {info.name[:8]}' removes it")
+            log.warning(
+                f"key file keys/{info.name[:8]} skipped: malformed ({e}); "
+                f"'ibsync key remove {info.name[:8]}' removes it"
+            )
     found.sort(key=lambda nk: (nk[0] != hint, nk[1].kdf.work, nk[0]))
     return found
 

@@ -200,9 +200,12 @@ def unpack_entry(item: Any, expand: Callable[[Any], Any]) -> Any:
         return file_entry(name, mode, mtime_ns, item[4], _content(item[5], expand))
     if kind == "dir" and len(item) == 5:
         value = item[4]
-        return dir_entry(name, mode, mtime_ns,
-                         None if value is None else value.hex() if isinstance(value, bytes) and len(value) == ID
-                         else "not an id")
+        return dir_entry(
+            name,
+            mode,
+            mtime_ns,
+            None if value is None else value.hex() if isinstance(value, bytes) and len(value) == ID else "not an id",
+        )
     if kind == "symlink" and len(item) == 5:
         return symlink_entry(name, mode, mtime_ns, item[4])
     # an unknown code must not read as a type name: "file" stored as the code is not a file;
@@ -221,8 +224,13 @@ def _content(value: Any, expand: Callable[[Any], Any]) -> Any:
 
 
 def _is_list_ref(value: Any) -> bool:
-    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], bytes) and len(value[0]) == ID
-            and type(value[1]) is int)
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], bytes)
+        and len(value[0]) == ID
+        and type(value[1]) is int
+    )
 
 
 def _first_id(item: list) -> bytes | None:
@@ -274,7 +282,9 @@ def _hit(h: bytes, bits: int) -> bool:
     return int.from_bytes(h[:4], "little") & ((1 << bits) - 1) == 0
 
 
-def _cut(sizes: list[int], hits: list[bool], cut: Cut, may_end: Callable[[int], bool] | None = None) -> list[tuple[int, int]]:
+def _cut(
+    sizes: list[int], hits: list[bool], cut: Cut, may_end: Callable[[int], bool] | None = None
+) -> list[tuple[int, int]]:
     """Split items (their encoded sizes and hash hits) into runs [start, end)."""
     runs: list[tuple[int, int]] = []
     start = size = 0
@@ -322,8 +332,10 @@ class TreeBuilder:
         # copies of one name stay in one leaf (a tree only a crafted writer makes has them)
         runs = _cut([len(p) for p in items], hits, LEAF_CUT, lambda i: i + 1 == len(keys) or keys[i] < keys[i + 1])
         children = [
-            (b"" if start == 0 else _separator(keys[start - 1], keys[start]),
-             self._store(b"\x93\x01\x00" + _array_header(end - start) + b"".join(items[start:end])))
+            (
+                b"" if start == 0 else _separator(keys[start - 1], keys[start]),
+                self._store(b"\x93\x01\x00" + _array_header(end - start) + b"".join(items[start:end])),
+            )
             for start, end in runs
         ]
         level = 1
@@ -369,8 +381,19 @@ class TreeBuilder:
     def _folder_level(self, children: list[tuple[bytes, bytes]], level: int) -> list[tuple[bytes, bytes]]:
         runs = _cut([len(k) + ID + 3 for k, _ in children], [_hit(c, INNER_CUT.bits) for _, c in children], INNER_CUT)
         return [
-            (children[start][0], self._store(_packer.pack(
-                [FOLDER_NODE, level, [k for k, _ in children[start:end]], b"".join(c for _, c in children[start:end])])))
+            (
+                children[start][0],
+                self._store(
+                    _packer.pack(
+                        [
+                            FOLDER_NODE,
+                            level,
+                            [k for k, _ in children[start:end]],
+                            b"".join(c for _, c in children[start:end]),
+                        ]
+                    )
+                ),
+            )
             for start, end in runs
         ]
 
@@ -419,9 +442,14 @@ def parse_node(data: bytes | memoryview, kind: int, level: int | None = None) ->
     if kind == FOLDER_NODE and node[1] == 0:
         ok = len(node) == 3 and isinstance(node[2], list)
     elif kind == FOLDER_NODE:
-        ok = (len(node) == 4 and isinstance(node[2], list) and len(node[2]) > 0
-              and all(isinstance(k, bytes) for k in node[2])
-              and isinstance(node[3], bytes) and len(node[3]) == ID * len(node[2]))
+        ok = (
+            len(node) == 4
+            and isinstance(node[2], list)
+            and len(node[2]) > 0
+            and all(isinstance(k, bytes) for k in node[2])
+            and isinstance(node[3], bytes)
+            and len(node[3]) == ID * len(node[2])
+        )
     else:
         ok = len(node) == 3 and isinstance(node[2], bytes) and len(node[2]) > 0 and len(node[2]) % ID == 0
     if not ok:
@@ -559,15 +587,28 @@ def split_items(items: list[Any], expand: Callable[[Any], Any]) -> tuple[list[di
         d = None
         if type(item) is list and 5 <= len(item) <= 6:
             name, code, mode, mtime, last = item[0], item[1], item[2], item[3], item[-1]
-            if (type(name) is bytes and 0 < len(name) <= 127 and type(code) is int and type(mode) is int
-                    and 0 <= mode < _U32 and type(mtime) is int and -_I64 <= mtime < _I64):
+            if (
+                type(name) is bytes
+                and 0 < len(name) <= 127
+                and type(code) is int
+                and type(mode) is int
+                and 0 <= mode < _U32
+                and type(mtime) is int
+                and -_I64 <= mtime < _I64
+            ):
                 if code == 0 and len(item) == 6:
                     size = item[4]
-                    if (type(size) is int and 0 <= size < _I64 and type(last) is bytes and len(last) % ID == 0
-                            and len(last) <= INLINE_IDS * ID):
+                    if (
+                        type(size) is int
+                        and 0 <= size < _I64
+                        and type(last) is bytes
+                        and len(last) % ID == 0
+                        and len(last) <= INLINE_IDS * ID
+                    ):
                         h = last.hex()
-                        d = file_entry(name.hex(), mode, mtime, size,
-                                       [h[i : i + _HEX_ID] for i in range(0, len(h), _HEX_ID)])
+                        d = file_entry(
+                            name.hex(), mode, mtime, size, [h[i : i + _HEX_ID] for i in range(0, len(h), _HEX_ID)]
+                        )
                 elif code == 1 and len(item) == 5 and (last is None or type(last) is bytes and len(last) == ID):
                     d = dir_entry(name.hex(), mode, mtime, None if last is None else last.hex())
         if d is not None:

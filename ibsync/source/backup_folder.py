@@ -39,7 +39,9 @@ class BackupFolderInfo:
 
 
 def is_device_folder(path: Path) -> bool:
-    return (path / "Manifest.plist").is_file() or ((path / "Info.plist").is_file() and (path / "Status.plist").is_file())
+    return (path / "Manifest.plist").is_file() or (
+        (path / "Info.plist").is_file() and (path / "Status.plist").is_file()
+    )
 
 
 def find_device_folders(path: Path) -> list[Path]:
@@ -125,9 +127,14 @@ def read_regular(path: str, size: int) -> bytes:
 
 def file_kind(mode: int) -> str:
     """What a mode (or its S_IFMT bits) says a file is, for messages: "a FIFO", "a folder"..."""
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISLNK, "a symbolic link")):
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
         if test(mode):
             return name
     return "an unknown kind of file"
@@ -204,7 +211,9 @@ def check_sqlite_file(path: Path) -> dict[str, int]:
     return counts
 
 
-def describe_backup(info: dict, manifest: dict, status: dict, folder_name: str) -> tuple[DeviceInfo, datetime | None, bool]:
+def describe_backup(
+    info: dict, manifest: dict, status: dict, folder_name: str
+) -> tuple[DeviceInfo, datetime | None, bool]:
     """The device, the backup's date and whether iOS encrypted it, from the three plists of a
     backup folder (an import reads them from disk, a capture from its virtual folder): each
     field from the first plist that has it."""
@@ -212,8 +221,12 @@ def describe_backup(info: dict, manifest: dict, status: dict, folder_name: str) 
     if not isinstance(lockdown, dict):
         lockdown = {}
     device = DeviceInfo(
-        udid=str(info.get("Unique Identifier") or info.get("Target Identifier") or lockdown.get("UniqueDeviceID")
-                 or folder_name),
+        udid=str(
+            info.get("Unique Identifier")
+            or info.get("Target Identifier")
+            or lockdown.get("UniqueDeviceID")
+            or folder_name
+        ),
         name=str(info.get("Device Name") or info.get("Display Name") or lockdown.get("DeviceName") or ""),
         product_type=str(info.get("Product Type") or lockdown.get("ProductType") or ""),
         ios_version=str(info.get("Product Version") or lockdown.get("ProductVersion") or ""),
@@ -256,7 +269,9 @@ def read_backup_folder(path: Path, *, allow_unfinished: bool = False) -> BackupF
     if encrypted:
         size = db.stat().st_size
         if size == 0 or size % 16:
-            raise SourceError(f"{db}: damaged (an encrypted Manifest.db is a non-empty multiple of 16 bytes, this one is {size})")
+            raise SourceError(
+                f"{db}: damaged (an encrypted Manifest.db is a non-empty multiple of 16 bytes, this one is {size})"
+            )
         rows = None
     else:
         rows = check_sqlite_file(db)

@@ -122,8 +122,11 @@ class FolderSource:
         # lack a path Manifest.db may list, so say so rather than skip in silence.
         with self._lock:
             self.skipped.append(rel)
-        log.warning("%s: skipped, %s has no place in a backup folder (the snapshot will not hold it)",
-                    self._abs(rel), file_kind(fmt))
+        log.warning(
+            "%s: skipped, %s has no place in a backup folder (the snapshot will not hold it)",
+            self._abs(rel),
+            file_kind(fmt),
+        )
 
     def open_file(self, rel: str) -> BinaryIO:
         # listed as a regular file, but it may have been replaced since: never block on a FIFO

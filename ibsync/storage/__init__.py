@@ -19,7 +19,7 @@ def open_storage(url: str, options: dict[str, Any] | None = None) -> Storage:
     backends; any other URL goes to fsspec by scheme."""
     m = _SCHEME.match(url)
     if m is None or m.group(1) == "file":
-        return LocalStorage(url[len("file://"):] if m else url)
+        return LocalStorage(url[len("file://") :] if m else url)
     scheme = m.group(1).lower()
     backend: type[FsspecStorage]
     if scheme in ("s3", "s3a"):

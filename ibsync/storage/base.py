@@ -174,4 +174,3 @@ def leaves_room_for_init(entries: Iterable[tuple[str, bool, Sequence[tuple[str, 
             if not (name == Kind.PACKS.value and sub_is_dir and is_fan_out_folder(sub) and inside == 0):
                 return False
     return True
-

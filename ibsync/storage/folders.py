@@ -73,10 +73,14 @@ sync_file = choose_fsync(_fcntl_module())
 # Everything FdFolder needs; Linux, macOS and the BSDs have it all. os.replace is not asked
 # for: it is renameat like os.rename, but CPython lists only "rename" in supports_dir_fd, so
 # asking for it would make this False everywhere.
-DIR_FD_SUPPORTED = (
-    {os.open, os.stat, os.mkdir, os.unlink, os.rename, os.link} <= os.supports_dir_fd
-    and os.scandir in os.supports_fd
-)
+DIR_FD_SUPPORTED = {
+    os.open,
+    os.stat,
+    os.mkdir,
+    os.unlink,
+    os.rename,
+    os.link,
+} <= os.supports_dir_fd and os.scandir in os.supports_fd
 
 
 class Refused(StorageError):

@@ -60,7 +60,7 @@ def _parts(kind: Kind, name: str) -> tuple[tuple[str, ...], str]:
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _seek_and_read(fd: int, n: int, offset: int) -> bytes:
@@ -138,7 +138,9 @@ class _LocalStaged:
             self.abort()
             if isinstance(e, StorageError):
                 raise
-            raise StorageError(f"cannot write {self.storage.url}/{object_path(self.kind, name)}: {e.strerror or e}") from e
+            raise StorageError(
+                f"cannot write {self.storage.url}/{object_path(self.kind, name)}: {e.strerror or e}"
+            ) from e
         finally:
             self._close()
 
@@ -339,9 +341,14 @@ class LocalStorage:
         if scan.links:
             # the objects behind a link would be missing from the listing, and prune or repair
             # index would act on a wrong picture of the repository: stop instead
-            raise Refused(f"{self.url}/{scan.links[0]} is a symbolic link; ibsync never follows links inside a repository "
-                          "(move the real folder there)", is_link=True)
-        found = [ObjectInfo(e.name, e.size) for sub, entries in scan.folders for e in entries if _is_object(kind, sub, e)]
+            raise Refused(
+                f"{self.url}/{scan.links[0]} is a symbolic link; ibsync never follows links inside a repository "
+                "(move the real folder there)",
+                is_link=True,
+            )
+        found = [
+            ObjectInfo(e.name, e.size) for sub, entries in scan.folders for e in entries if _is_object(kind, sub, e)
+        ]
         yield from found
 
     def strays(self, kind: Kind) -> builtins.list[str]:
@@ -501,4 +508,3 @@ def _describe(root: Path) -> list[tuple[str, bool, list[tuple[str, bool, int]]]]
                 contents.append((sub.name, sub_dir, sum(1 for _ in os.scandir(sub.path)) if sub_dir else 1))
         out.append((e.name, is_dir, contents))
     return out
-

@@ -143,7 +143,6 @@ OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"})
 
 
 class FsspecStorage:
-
     def __init__(self, url: str, options: dict[str, Any] | None = None, *, retry: RetryPolicy | None = None) -> None:
         self.url = redact_url(url)  # what messages show: never a password from the URL
         self._url = url
@@ -241,11 +240,15 @@ class FsspecStorage:
             if isinstance(e, FileNotFoundError) or e.errno == errno.ENOENT:
                 raise NotFound(f"{what} does not exist") from e
             if is_transient(e):
-                raise StorageUnreachable(f"{self.url}: {what}: {one_line(e)} (still failing after {time.monotonic() - started:.0f} s of retries)") from e
+                raise StorageUnreachable(
+                    f"{self.url}: {what}: {one_line(e)} (still failing after {time.monotonic() - started:.0f} s of retries)"
+                ) from e
             raise StorageError(f"{self.url}: {what}: {one_line(e)}") from e
         except Exception as e:  # every client library raises its own types
             if is_transient(e):
-                raise StorageUnreachable(f"{self.url}: {what}: {one_line(e)} (still failing after {time.monotonic() - started:.0f} s of retries)") from e
+                raise StorageUnreachable(
+                    f"{self.url}: {what}: {one_line(e)} (still failing after {time.monotonic() - started:.0f} s of retries)"
+                ) from e
             raise StorageError(f"{self.url}: {what}: {one_line(e)}") from e
 
     def _path(self, kind: Kind, name: str) -> str:
@@ -319,7 +322,7 @@ class FsspecStorage:
             if name.endswith("/") or not name.startswith(prefix) or name == prefix:
                 continue
             kind = str(i.get("type") or "file")
-            out.append(RemoteEntry(name[len(prefix):], kind, int(i.get("size") or 0), mtime_of(i)))
+            out.append(RemoteEntry(name[len(prefix) :], kind, int(i.get("size") or 0), mtime_of(i)))
         return out
 
     def _kind_entries(self, kind: Kind) -> list[RemoteEntry]:
@@ -353,8 +356,10 @@ class FsspecStorage:
             # what is behind it would be missing from the listing, and prune or repair index
             # would act on a wrong picture of the repository: stop instead
             where = "/".join(p for p in (kind.value, linked[0]) if p)
-            raise StorageError(f"{self.url}/{where} is a symbolic link; ibsync never follows links inside a repository "
-                               "(move the real folder there)")
+            raise StorageError(
+                f"{self.url}/{where} is a symbolic link; ibsync never follows links inside a repository "
+                "(move the real folder there)"
+            )
         for e in entries:
             name = object_at(kind, e.path) if e.type == "file" else None
             if name is not None:
@@ -402,7 +407,7 @@ class FsspecStorage:
                 stale += [f"{folder}/{e.path}" for e in self._kind_entries(kind) if _stale(e, cutoff)]
         for path in stale:
             try:
-                self._run("delete", path[len(self.root) + 1:], functools.partial(self._remove, path))
+                self._run("delete", path[len(self.root) + 1 :], functools.partial(self._remove, path))
             except NotFound:
                 continue  # another prune got there first
             removed += 1
@@ -446,7 +451,9 @@ class FsspecStorage:
 
         return self._run("list", "listing the repository", attempt)
 
-    def _describe(self, entries: builtins.list[dict]) -> builtins.list[tuple[str, bool, builtins.list[tuple[str, bool, int]]]]:
+    def _describe(
+        self, entries: builtins.list[dict]
+    ) -> builtins.list[tuple[str, bool, builtins.list[tuple[str, bool, int]]]]:
         out = []
         for e in entries:
             is_dir = e.get("type") == "directory"
@@ -454,8 +461,13 @@ class FsspecStorage:
             if is_dir:
                 for sub in self.fs.ls(e["name"], detail=True):
                     sub_dir = sub.get("type") == "directory"
-                    contents.append((sub["name"].rstrip("/").rsplit("/", 1)[-1], sub_dir,
-                                     len(self.fs.ls(sub["name"], detail=False)) if sub_dir else 1))
+                    contents.append(
+                        (
+                            sub["name"].rstrip("/").rsplit("/", 1)[-1],
+                            sub_dir,
+                            len(self.fs.ls(sub["name"], detail=False)) if sub_dir else 1,
+                        )
+                    )
             out.append((e["name"].rstrip("/").rsplit("/", 1)[-1], is_dir, contents))
         return out
 
@@ -479,8 +491,10 @@ def _stray_path(kind: Kind, path: str) -> str:
 
 def _stale(e: RemoteEntry, cutoff: float) -> bool:
     return (
-        e.type == "file" and e.path.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
-        and e.mtime is not None and e.mtime < cutoff
+        e.type == "file"
+        and e.path.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
+        and e.mtime is not None
+        and e.mtime < cutoff
     )
 
 
@@ -489,5 +503,3 @@ def _quietly(fn: Callable[[str], None], arg: str) -> None:
         fn(arg)
     except Exception:
         pass
-
-

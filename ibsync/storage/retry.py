@@ -30,13 +30,25 @@ def one_line(e: BaseException | None) -> str:
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
+
 # errno values that mean "the connection, not the request, failed"; EBUSY and EREMOTEIO are
 # how s3fs reports 503 (SlowDown, ServiceUnavailable) and 500 (InternalError).
 _TRANSIENT_ERRNOS = frozenset(
     {
-        errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT,
-        errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.ENETRESET, errno.EBUSY,
-        errno.EREMOTEIO, errno.EAGAIN, errno.ENOTCONN, errno.ESHUTDOWN,
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.ENETRESET,
+        errno.EBUSY,
+        errno.EREMOTEIO,
+        errno.EAGAIN,
+        errno.ENOTCONN,
+        errno.ESHUTDOWN,
     }
 )
 
@@ -128,7 +140,9 @@ class RetryPolicy:
         value = os.environ.get("IBSYNC_RETRY_SECONDS")
         return cls(seconds=float(value)) if value else cls()
 
-    def call(self, fn: Callable[[], T], *, what: str = "storage", on_retry: Callable[[BaseException], None] | None = None) -> T:
+    def call(
+        self, fn: Callable[[], T], *, what: str = "storage", on_retry: Callable[[BaseException], None] | None = None
+    ) -> T:
         """Run ``fn``; on a transient error call ``on_retry`` (to reconnect) and try again."""
 
         def before_sleep(state: tenacity.RetryCallState) -> None:

@@ -73,7 +73,9 @@ class S3Storage(FsspecStorage):
         # not fs.mkdir: it sends LocationConstraint=us-east-1 when that is the region, which AWS
         # (and moto) reject; us-east-1 is the one region that must be left out
         region = (self._options.get("client_kwargs") or {}).get("region_name")
-        config = {"CreateBucketConfiguration": {"LocationConstraint": region}} if region and region != "us-east-1" else {}
+        config = (
+            {"CreateBucketConfiguration": {"LocationConstraint": region}} if region and region != "us-east-1" else {}
+        )
         self.fs.call_s3("create_bucket", Bucket=bucket, **config)
         self.fs.invalidate_cache()
 

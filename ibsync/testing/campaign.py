@@ -70,8 +70,9 @@ def run_faulted(args: list[str], seed: int, faults: list[Fault], report: Path, t
     args = [str(a) for a in args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env[FAULTS_ENV] = plan_json(seed, faults, str(report))
-    proc = subprocess.run([sys.executable, "-m", "ibsync.testing.faulty", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ibsync.testing.faulty", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
     outcome = Outcome(args, proc.returncode, proc.stdout, proc.stderr)
     if report.exists():
         data = json.loads(report.read_text())
@@ -115,8 +116,10 @@ class RestoreVerdict:
         return not (self.lost_unnamed or self.wrong or self.extra)
 
     def describe(self) -> str:
-        return (f"{self.identical} identical, {len(self.lost_named)} lost and named, "
-                f"lost unnamed {self.lost_unnamed[:5]}, wrong {self.wrong[:5]}, extra {self.extra[:5]}")
+        return (
+            f"{self.identical} identical, {len(self.lost_named)} lost and named, "
+            f"lost unnamed {self.lost_unnamed[:5]}, wrong {self.wrong[:5]}, extra {self.extra[:5]}"
+        )
 
 
 def _named(rel: str, err: str) -> bool:
@@ -255,8 +258,9 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
-def restore_all(base: Base, repo: Path, out: Path, *, password: str | None = None,
-                sources: dict[str, Path] | None = None) -> dict[str, tuple[Outcome, RestoreVerdict]]:
+def restore_all(
+    base: Base, repo: Path, out: Path, *, password: str | None = None, sources: dict[str, Path] | None = None
+) -> dict[str, tuple[Outcome, RestoreVerdict]]:
     """Restore every snapshot of ``repo`` and compare each with its source folder."""
     sources = sources if sources is not None else base.sources
     results = {}
@@ -348,8 +352,9 @@ def clean_calls(base: Base, command: str, work: Path) -> dict[str, int]:
     return o.calls
 
 
-def run_fault_scenario(base: Base, command: str, seed: int, calls: dict[str, int], work: Path,
-                       fault: Fault | None = None) -> FaultResult:
+def run_fault_scenario(
+    base: Base, command: str, seed: int, calls: dict[str, int], work: Path, fault: Fault | None = None
+) -> FaultResult:
     b = base.clone(work)
     prepare(command, b)
     fault = fault or pick_fault(seed, calls)
@@ -373,8 +378,14 @@ def run_fault_scenario(base: Base, command: str, seed: int, calls: dict[str, int
     problems += _invariants(b, command, before, "after the re-run")
     if not problems:
         shutil.rmtree(work, ignore_errors=True)
-    return FaultResult(command, seed, f"{fault.action.value} {fault.method} #{fault.skip + 1}"
-                       f" ({'transient' if fault.transient else 'permanent'})", o.injected, o.code, problems)
+    return FaultResult(
+        command,
+        seed,
+        f"{fault.action.value} {fault.method} #{fault.skip + 1} ({'transient' if fault.transient else 'permanent'})",
+        o.injected,
+        o.code,
+        problems,
+    )
 
 
 def _invariants(b: Base, command: str, before: set[str], when: str) -> list[str]:
@@ -564,8 +575,9 @@ def damage(repo: Path, kind: Kind, operation: str, seed: int, history: Path | No
     raise ValueError(operation)
 
 
-def run_corruption_scenario(cb: CorruptionBase, kind: Kind, operation: str, seed: int, work: Path,
-                            *, repair: bool = True) -> CorruptionResult | None:
+def run_corruption_scenario(
+    cb: CorruptionBase, kind: Kind, operation: str, seed: int, work: Path, *, repair: bool = True
+) -> CorruptionResult | None:
     source = cb.later if operation == "replay" else cb.full
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -614,8 +626,9 @@ def run_corruption_scenario(cb: CorruptionBase, kind: Kind, operation: str, seed
             problems.append(f"repair after {what}: {why}")
     if not problems:
         shutil.rmtree(work, ignore_errors=True)
-    return CorruptionResult(kind.value, operation, seed, what, damaged, detected, errors[:5], restore, safe, named,
-                            repaired, problems)
+    return CorruptionResult(
+        kind.value, operation, seed, what, damaged, detected, errors[:5], restore, safe, named, repaired, problems
+    )
 
 
 def _repair_and_verify(b: Base, repo: Path, sources: dict[str, Path], work: Path) -> tuple[bool, str]:
@@ -623,8 +636,10 @@ def _repair_and_verify(b: Base, repo: Path, sources: dict[str, Path], work: Path
     gives); then check passes, and every snapshot restores exactly: one that survived as it
     was, one rewritten in place of a damaged original as the original but for the paths the
     repair named as lost (and nothing else: no other snapshot may appear)."""
-    steps = [run_inprocess([*args, "--repo", repo]) for args in
-             (["repair", "index"], ["repair", "packs", "--read-data"], ["repair", "snapshots", "--json"])]
+    steps = [
+        run_inprocess([*args, "--repo", repo])
+        for args in (["repair", "index"], ["repair", "packs", "--read-data"], ["repair", "snapshots", "--json"])
+    ]
     for s in steps:
         if not s.well_behaved or s.code != 0:
             return False, s.describe()
@@ -644,7 +659,10 @@ def _repair_and_verify(b: Base, repo: Path, sources: dict[str, Path], work: Path
         want = {rel: v for rel, v in b.state_of(folder).items() if not _under_any(rel, lost)}
         v = verify_restore(target / folder.name, want, r.err, r.code)
         if r.code != 0 or not v.exact:
-            return False, f"{'rewritten' if lost else 'survivor'} {s['short_id']} does not restore exactly: {v.describe()}"
+            return (
+                False,
+                f"{'rewritten' if lost else 'survivor'} {s['short_id']} does not restore exactly: {v.describe()}",
+            )
     return True, ""
 
 
@@ -658,9 +676,20 @@ def _under_any(rel: str, paths: list[str]) -> bool:
 def tally_corruption(results: list[CorruptionResult]) -> list[dict]:
     rows: dict[tuple[str, str], dict] = {}
     for r in results:
-        row = rows.setdefault((r.kind, r.operation), {"kind": r.kind, "operation": r.operation, "cases": 0,
-                                                      "damaged": 0, "detected": 0, "restore_safe": 0,
-                                                      "repair_tried": 0, "repaired": 0, "problems": 0})
+        row = rows.setdefault(
+            (r.kind, r.operation),
+            {
+                "kind": r.kind,
+                "operation": r.operation,
+                "cases": 0,
+                "damaged": 0,
+                "detected": 0,
+                "restore_safe": 0,
+                "repair_tried": 0,
+                "repaired": 0,
+                "problems": 0,
+            },
+        )
         row["cases"] += 1
         row["damaged"] += r.damaged
         row["detected"] += r.detected
@@ -674,8 +703,9 @@ def tally_corruption(results: list[CorruptionResult]) -> list[dict]:
 def tally_faults(results: list[FaultResult]) -> list[dict]:
     rows: dict[str, dict] = {}
     for r in results:
-        row = rows.setdefault(r.command, {"command": r.command, "runs": 0, "fault_fired": 0, "failed_run": 0,
-                                          "invariants_held": 0})
+        row = rows.setdefault(
+            r.command, {"command": r.command, "runs": 0, "fault_fired": 0, "failed_run": 0, "invariants_held": 0}
+        )
         row["runs"] += 1
         row["fault_fired"] += bool(r.injected)
         row["failed_run"] += r.code != 0

@@ -70,12 +70,15 @@ def run(args: Iterable[Any], env: dict[str, str], timeout: float = COMMAND_TIMEO
     try:
         return subprocess.run(ibsync_argv(args), env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        return subprocess.CompletedProcess(e.cmd, -999, _text(e.stdout), _text(e.stderr) + f"\n(timed out after {timeout} s)")
+        return subprocess.CompletedProcess(
+            e.cmd, -999, _text(e.stdout), _text(e.stderr) + f"\n(timed out after {timeout} s)"
+        )
 
 
 def start(args: Iterable[Any], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(ibsync_argv(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(
+        ibsync_argv(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
 
 
 def _text(b: bytes | str | None) -> str:
@@ -105,7 +108,12 @@ def tree_digest(root: Path) -> dict[str, tuple]:
             elif stat.S_ISDIR(st.st_mode):
                 out[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
             else:
-                out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest(), stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+                out[rel] = (
+                    "file",
+                    hashlib.sha256(p.read_bytes()).hexdigest(),
+                    stat.S_IMODE(st.st_mode),
+                    st.st_mtime_ns,
+                )
     return out
 
 
@@ -164,8 +172,9 @@ class Backend:
         folder = None
         if url.startswith("sftp://"):
             folder = Path("/" + url.split("/", 3)[3])  # sshd serves this machine's folders by their path
-        return Target("trial", folder, {**env, "IBSYNC_REPO": "trial", "IBSYNC_CONFIG": str(config),
-                                        "IBSYNC_RETRY_SECONDS": "20"})
+        return Target(
+            "trial", folder, {**env, "IBSYNC_REPO": "trial", "IBSYNC_CONFIG": str(config), "IBSYNC_RETRY_SECONDS": "20"}
+        )
 
     def storage(self, target: Target):
         from ibsync.storage import open_storage
@@ -288,8 +297,9 @@ class Killed:
     stderr: str
 
 
-def kill_at(proc: subprocess.Popen, kill: Kill, watch_root: Path | None, started: float,
-            timeout: float = COMMAND_TIMEOUT) -> Killed:
+def kill_at(
+    proc: subprocess.Popen, kill: Kill, watch_root: Path | None, started: float, timeout: float = COMMAND_TIMEOUT
+) -> Killed:
     """SIGKILL ``proc`` at the chosen instant, unless it ends first."""
     watcher = Watcher(watch_root, kill.event) if kill.event is not None and watch_root is not None else None
     deadline = started + timeout
@@ -416,8 +426,9 @@ def restore_matches(env: dict[str, str], snap: dict, ref: Reference, out: Path) 
     return f"snapshot {snap['short_id']} restored with {diff}" if diff else None
 
 
-def verify_snapshots(scenario: Scenario, trial: Trial, env: dict[str, str], label: str,
-                     skip: set[str] = frozenset()) -> tuple[list[str], int, set[str]]:
+def verify_snapshots(
+    scenario: Scenario, trial: Trial, env: dict[str, str], label: str, skip: set[str] = frozenset()
+) -> tuple[list[str], int, set[str]]:
     """Every listed snapshot but those in ``skip`` restores as its reference; must_keep ones are listed.
     Returns (problems, how many were restored, the ids listed)."""
     snaps, error = list_snapshots(env)
@@ -431,7 +442,9 @@ def verify_snapshots(scenario: Scenario, trial: Trial, env: dict[str, str], labe
             continue
         ref = scenario.references(snap)
         if ref is None:
-            problems.append(f"snapshot {snap['short_id']} ({snap['device']['udid']}, {snap['backup_date']}) is not one the test made")
+            problems.append(
+                f"snapshot {snap['short_id']} ({snap['device']['udid']}, {snap['backup_date']}) is not one the test made"
+            )
             continue
         problem = restore_matches(env, snap, ref, trial.workdir / f"{label}-{snap['short_id']}")
         verified += 1
@@ -445,8 +458,9 @@ def default_rerun(trial: Trial) -> tuple[int, str, str]:
     return r.returncode, r.stderr, ""
 
 
-def run_trial(scenario: Scenario, backend: str, seed: int, n: int, work: Path, duration: float,
-              *, event_kills: bool) -> Outcome:
+def run_trial(
+    scenario: Scenario, backend: str, seed: int, n: int, work: Path, duration: float, *, event_kills: bool
+) -> Outcome:
     """Prepare, start, kill, verify, re-run, verify again."""
     began = time.monotonic()
     rnd = random.Random(f"{scenario.name}:{backend}:{seed}:{n}")
@@ -486,10 +500,23 @@ def run_trial(scenario: Scenario, backend: str, seed: int, n: int, work: Path, d
     if not check_problems and warnings:
         check = "ok with warnings"
     leftovers = [w for w in warnings if LEFTOVER_WARNING in w]
-    outcome = Outcome(scenario.name, backend, seed, n, kill.describe(), result.killed, round(result.at, 3),
-                      result.returncode if not result.killed else None, check, leftovers,
-                      [w for w in warnings if w not in leftovers], verified, rerun,
-                      problems, round(time.monotonic() - began, 2))
+    outcome = Outcome(
+        scenario.name,
+        backend,
+        seed,
+        n,
+        kill.describe(),
+        result.killed,
+        round(result.at, 3),
+        result.returncode if not result.killed else None,
+        check,
+        leftovers,
+        [w for w in warnings if w not in leftovers],
+        verified,
+        rerun,
+        problems,
+        round(time.monotonic() - began, 2),
+    )
     shutil.rmtree(trial.workdir, ignore_errors=True)
     return outcome
 
@@ -512,7 +539,7 @@ def measure(scenario: Scenario, work: Path, runs: int = 2) -> float:
 
 CLOCK_ENV = "IBSYNC_TEST_CLOCK_OFFSET_FILE"
 
-_SITECUSTOMIZE = '''
+_SITECUSTOMIZE = """
 # Test-only: shift this process's wall clock by the number of seconds in the file $%(env)s, read at
 # every call, so a test can move a running (or SIGSTOPped) process's clock forward without waiting.
 import datetime as _dt
@@ -543,7 +570,7 @@ if _path:
             return _dt.datetime.utcfromtimestamp(_time.time())
 
     _dt.datetime = _ShiftedDatetime
-'''
+"""
 
 
 @dataclass

@@ -118,8 +118,9 @@ class MountFailed(Exception):
 def tmpfs(folder: Path, mib: int) -> Iterator[Path]:
     """A tmpfs of ``mib`` MiB mounted on ``folder`` (root only), unmounted on exit."""
     folder.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(folder)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         raise MountFailed(f"mount -t tmpfs failed (exit {r.returncode}): {r.stderr.strip()}")
     try:
@@ -132,8 +133,9 @@ def resize(folder: Path, mib: int) -> None:
     subprocess.run(["mount", "-o", f"remount,size={mib}m", str(folder)], check=True, capture_output=True)
 
 
-def _holding(backend: Backend, name: str, work: Path, folder: Path,
-             base_env: dict[str, str] | None) -> tuple[dict[str, str], subprocess.CompletedProcess, str | None]:
+def _holding(
+    backend: Backend, name: str, work: Path, folder: Path, base_env: dict[str, str] | None
+) -> tuple[dict[str, str], subprocess.CompletedProcess, str | None]:
     """A new repository ``name`` on ``backend`` with ``folder`` imported: the children's
     environment, the import's result and the snapshot id (None if the import failed)."""
     target = backend.new_target(name, f"{name}-password", work / "cache")
@@ -143,8 +145,16 @@ def _holding(backend: Backend, name: str, work: Path, folder: Path,
     return env, r, snapshot
 
 
-def disk_full(work: Path, small: Path, big: Path, *, seed: int = 1, trial: int = 0, space_mib: int = 20,
-              base_env: dict[str, str] | None = None) -> ExtraOutcome:
+def disk_full(
+    work: Path,
+    small: Path,
+    big: Path,
+    *,
+    seed: int = 1,
+    trial: int = 0,
+    space_mib: int = 20,
+    base_env: dict[str, str] | None = None,
+) -> ExtraOutcome:
     """A repository on a ``space_mib`` tmpfs holding ``small``; importing ``big`` (larger than the space
     left) fails with one line, the repository stays valid and ``small`` restores; after the space grows
     the import completes."""
@@ -182,8 +192,15 @@ def disk_full(work: Path, small: Path, big: Path, *, seed: int = 1, trial: int =
     return out
 
 
-def restore_into_full_disk(work: Path, small: Path, *, seed: int = 1, trial: int = 0, space_mib: int = 2,
-                           base_env: dict[str, str] | None = None) -> ExtraOutcome:
+def restore_into_full_disk(
+    work: Path,
+    small: Path,
+    *,
+    seed: int = 1,
+    trial: int = 0,
+    space_mib: int = 2,
+    base_env: dict[str, str] | None = None,
+) -> ExtraOutcome:
     """Restoring ``small``'s snapshot into a ``space_mib`` tmpfs fails with one line naming the full disk."""
     began = time.monotonic()
     out = ExtraOutcome("restore-full", "local", seed, trial)
@@ -206,8 +223,9 @@ def restore_into_full_disk(work: Path, small: Path, *, seed: int = 1, trial: int
 # ---- a frozen process -----------------------------------------------------------------------------------------
 
 
-def frozen_import(work: Path, small: Path, big: Path, *, seed: int = 1, trial: int = 0,
-                  base_env: dict[str, str] | None = None) -> ExtraOutcome:
+def frozen_import(
+    work: Path, small: Path, big: Path, *, seed: int = 1, trial: int = 0, base_env: dict[str, str] | None = None
+) -> ExtraOutcome:
     """An import of ``big`` is stopped (SIGSTOP) right after it stored a pack (its shared lock held), the
     clocks move 31 minutes on, a prune runs (the import's lock is stale now) and deletes the import's
     unindexed packs; then SIGCONT: the import must stop with LockLost and commit nothing, the
@@ -287,18 +305,32 @@ def wait_for_lock(storage, proc: subprocess.Popen, timeout: float = 60.0) -> boo
     return False
 
 
-def server_outage(server, backend: Backend, work: Path, small: Path, big: Path, *, down_seconds: float | None,
-                  retry_seconds: float, seed: int = 1, trial: int = 0,
-                  base_env: dict[str, str] | None = None) -> ExtraOutcome:
+def server_outage(
+    server,
+    backend: Backend,
+    work: Path,
+    small: Path,
+    big: Path,
+    *,
+    down_seconds: float | None,
+    retry_seconds: float,
+    seed: int = 1,
+    trial: int = 0,
+    base_env: dict[str, str] | None = None,
+) -> ExtraOutcome:
     """Stop ``server`` while an import of ``big`` runs (after it took its lock). With ``down_seconds``
     (shorter than ``retry_seconds``, the retry budget) it comes back after that long and the import must
     complete; with None it stays down until the import gives up, which must be one line and a non-zero
     exit, leaving the repository valid; the import run again must complete."""
     began = time.monotonic()
     within = down_seconds is not None
-    out = ExtraOutcome("server-restart" if within else "server-down", backend.name, seed, trial,
-                       details={"down_s": round(down_seconds, 2) if within else "until the import ends",
-                                "retry_s": retry_seconds})
+    out = ExtraOutcome(
+        "server-restart" if within else "server-down",
+        backend.name,
+        seed,
+        trial,
+        details={"down_s": round(down_seconds, 2) if within else "until the import ends", "retry_s": retry_seconds},
+    )
     target: Target = backend.new_target(f"outage-{trial}", "outage-password", work / f"cache-{trial}")
     init_repo(target, backend)
     env = child_env({**(base_env or os.environ), **target.env}, IBSYNC_RETRY_SECONDS=str(retry_seconds))
@@ -328,8 +360,10 @@ def server_outage(server, backend: Backend, work: Path, small: Path, big: Path, 
     out.details.update(import_exit=proc.returncode, outage_s=round(time.monotonic() - stopped, 1))
     if within:
         if proc.returncode != 0:
-            out.problems.append(f"the import did not ride out a {down_seconds:.1f} s outage: exit {proc.returncode}: "
-                                f"{last_line(stderr)}")
+            out.problems.append(
+                f"the import did not ride out a {down_seconds:.1f} s outage: exit {proc.returncode}: "
+                f"{last_line(stderr)}"
+            )
         else:
             second = json.loads(stdout)["snapshots"][0]["id"]
             if problem := restores_as(env, second, tree_digest(big), work / f"restored-{trial}"):

@@ -43,8 +43,18 @@ from .crash import (
     tree_digest,
 )
 
-COMMANDS = ["import", "backup", "copy", "forget", "prune", "repair-index", "key-add", "key-passwd",
-            "key-remove", "restore"]
+COMMANDS = [
+    "import",
+    "backup",
+    "copy",
+    "forget",
+    "prune",
+    "repair-index",
+    "key-add",
+    "key-passwd",
+    "key-remove",
+    "restore",
+]
 PASSWORD_A, PASSWORD_B, PASSWORD_C = "crash-password-a", "crash-password-b", "crash-password-c"
 DEST_PASSWORD = "crash-destination-password"
 
@@ -78,8 +88,9 @@ def device_verifier(device) -> Any:
     expected = device.payloads()
 
     def verify(restored: Path) -> str | None:
-        got = {p.name: p.read_bytes() for d in restored.iterdir() if d.is_dir() and len(d.name) == 2
-               for p in d.iterdir()}
+        got = {
+            p.name: p.read_bytes() for d in restored.iterdir() if d.is_dir() and len(d.name) == 2 for p in d.iterdir()
+        }
         if got == expected:
             return None
         missing = set(expected) - set(got)
@@ -179,8 +190,9 @@ class Lab:
             dst = self.backend.new_target("copy-dst", DEST_PASSWORD, cache)
             init_repo(dst, self.backend)
             a1 = json.loads(run(["snapshots", "--json"], self.env(src)).stdout)[0]["id"]
-            _expect_ok(run(["copy", a1, "--from-repo", src.repo], self.env(dst, IBSYNC_FROM_PASSWORD=PASSWORD_A)),
-                       "copy A1")
+            _expect_ok(
+                run(["copy", a1, "--from-repo", src.repo], self.env(dst, IBSYNC_FROM_PASSWORD=PASSWORD_A)), "copy A1"
+            )
             return dst
         if name == "keys2":
             target = self.backend.clone(self.baseline("A1"), "base-keys2", cache)
@@ -205,14 +217,24 @@ class Lab:
 
     # ---- trials -----------------------------------------------------------------------------------------
 
-    def _trial(self, baseline: str, work: Path, n: int, argv: list, *, password: str = PASSWORD_A,
-               must_keep: set[str] = frozenset(), **extra: str) -> Trial:
+    def _trial(
+        self,
+        baseline: str,
+        work: Path,
+        n: int,
+        argv: list,
+        *,
+        password: str = PASSWORD_A,
+        must_keep: set[str] = frozenset(),
+        **extra: str,
+    ) -> Trial:
         tdir = work / f"trial-{n}"
         shutil.rmtree(tdir, ignore_errors=True)
         tdir.mkdir(parents=True)
         target = self.backend.clone(self.baseline(baseline), f"trial-{n}", tdir / "cache")
-        return Trial(target, [str(a) for a in argv], self.env(target, password, **extra), tdir, target.folder,
-                     set(must_keep))
+        return Trial(
+            target, [str(a) for a in argv], self.env(target, password, **extra), tdir, target.folder, set(must_keep)
+        )
 
     def scenario(self, name: str) -> Scenario:
         return getattr(self, "_s_" + name.replace("-", "_"))()
@@ -222,7 +244,9 @@ class Lab:
         self.baseline("A1")
 
         def make(work: Path, n: int) -> Trial:
-            return self._trial("A1", work, n, ["import", self.source("B").folder, "--quiet"], must_keep={self._ids["A1"]})
+            return self._trial(
+                "A1", work, n, ["import", self.source("B").folder, "--quiet"], must_keep={self._ids["A1"]}
+            )
 
         return Scenario("import", ["locks+1", "packs+1", "packs+3", "index+1", "snapshots+1"], make, self.references)
 
@@ -230,26 +254,37 @@ class Lab:
         self.baseline("A2")
 
         def make(work: Path, n: int) -> Trial:
-            return self._trial("A2", work, n, ["forget", "--keep-last", "1", "--prune", "--repack-threshold", "0", "-q"],
-                               must_keep={self._ids["A2"]})
+            return self._trial(
+                "A2",
+                work,
+                n,
+                ["forget", "--keep-last", "1", "--prune", "--repack-threshold", "0", "-q"],
+                must_keep={self._ids["A2"]},
+            )
 
-        return Scenario("forget", ["locks+1", "snapshots-1", "packs+1", "index+1", "index-1", "packs-1"], make,
-                        self.references)
+        return Scenario(
+            "forget", ["locks+1", "snapshots-1", "packs+1", "index+1", "index-1", "packs-1"], make, self.references
+        )
 
     def _s_prune(self) -> Scenario:
         self.baseline("prune")
 
         def make(work: Path, n: int) -> Trial:
-            return self._trial("prune", work, n, ["prune", "--repack-threshold", "0", "-q"], must_keep={self._ids["A2"]})
+            return self._trial(
+                "prune", work, n, ["prune", "--repack-threshold", "0", "-q"], must_keep={self._ids["A2"]}
+            )
 
-        return Scenario("prune", ["locks+1", "packs+1", "index+1", "index-1", "packs-1", "packs-3"], make,
-                        self.references)
+        return Scenario(
+            "prune", ["locks+1", "packs+1", "index+1", "index-1", "packs-1", "packs-3"], make, self.references
+        )
 
     def _s_repair_index(self) -> Scenario:
         self.baseline("A2")
 
         def make(work: Path, n: int) -> Trial:
-            return self._trial("A2", work, n, ["repair", "index", "-q"], must_keep={self._ids["A2:A1"], self._ids["A2"]})
+            return self._trial(
+                "A2", work, n, ["repair", "index", "-q"], must_keep={self._ids["A2:A1"], self._ids["A2"]}
+            )
 
         return Scenario("repair-index", ["locks+1", "index+1", "index-1"], make, self.references)
 
@@ -258,8 +293,13 @@ class Lab:
         a2 = self.source("A2")
 
         def make(work: Path, n: int) -> Trial:
-            trial = self._trial("A2", work, n, ["restore", self._ids["A2"], work / f"trial-{n}" / "out", "-q"],
-                                must_keep={self._ids["A2:A1"], self._ids["A2"]})
+            trial = self._trial(
+                "A2",
+                work,
+                n,
+                ["restore", self._ids["A2"], work / f"trial-{n}" / "out", "-q"],
+                must_keep={self._ids["A2:A1"], self._ids["A2"]},
+            )
             trial.state["out"] = trial.workdir / "out"
             return trial
 
@@ -271,16 +311,23 @@ class Lab:
             diff = digest_difference(a2.digest, tree_digest(trial.state["out"] / a2.folder.name))
             return [f"the re-run's output differs: {diff}"] if diff else []
 
-        return Scenario("restore", ["locks+1", "out+1", "out+100"], make, self.references, rerun=rerun,
-                        after_rerun=after_rerun)
+        return Scenario(
+            "restore", ["locks+1", "out+1", "out+100"], make, self.references, rerun=rerun, after_rerun=after_rerun
+        )
 
     def _s_copy(self) -> Scenario:
         self.baseline("copy-dst")
         src = self.baseline("copy-src")
 
         def make(work: Path, n: int) -> Trial:
-            trial = self._trial("copy-dst", work, n, ["copy", "--from-repo", src.repo, "-q"], password=DEST_PASSWORD,
-                                IBSYNC_FROM_PASSWORD=PASSWORD_A)
+            trial = self._trial(
+                "copy-dst",
+                work,
+                n,
+                ["copy", "--from-repo", src.repo, "-q"],
+                password=DEST_PASSWORD,
+                IBSYNC_FROM_PASSWORD=PASSWORD_A,
+            )
             trial.must_keep = {s["id"] for s in json.loads(run(["snapshots", "--json"], trial.env).stdout)}
             return trial
 
@@ -288,8 +335,9 @@ class Lab:
             snaps = json.loads(run(["snapshots", "--json"], trial.env).stdout)
             return [] if len(snaps) == 2 else [f"after the re-run the destination holds {len(snaps)} snapshots, not 2"]
 
-        return Scenario("copy", ["locks+1", "packs+1", "index+1", "snapshots+1"], make, self.references,
-                        after_rerun=after_rerun)
+        return Scenario(
+            "copy", ["locks+1", "packs+1", "index+1", "snapshots+1"], make, self.references, after_rerun=after_rerun
+        )
 
     # ---- keys -------------------------------------------------------------------------------------------
 
@@ -306,8 +354,9 @@ class Lab:
         self.baseline("A1")
 
         def make(work: Path, n: int) -> Trial:
-            return self._trial("A1", work, n, ["key", "add", "-q"], must_keep={self._ids["A1"]},
-                               IBSYNC_NEW_PASSWORD=PASSWORD_B)
+            return self._trial(
+                "A1", work, n, ["key", "add", "-q"], must_keep={self._ids["A1"]}, IBSYNC_NEW_PASSWORD=PASSWORD_B
+            )
 
         def after_kill(trial: Trial) -> list[str]:
             return [] if self.works(trial, PASSWORD_A) else ["the old password no longer opens the repository"]
@@ -321,8 +370,9 @@ class Lab:
         self.baseline("A1")
 
         def make(work: Path, n: int) -> Trial:
-            return self._trial("A1", work, n, ["key", "passwd", "-q"], must_keep={self._ids["A1"]},
-                               IBSYNC_NEW_PASSWORD=PASSWORD_B)
+            return self._trial(
+                "A1", work, n, ["key", "passwd", "-q"], must_keep={self._ids["A1"]}, IBSYNC_NEW_PASSWORD=PASSWORD_B
+            )
 
         def after_kill(trial: Trial) -> list[str]:
             a, b = self.works(trial, PASSWORD_A), self.works(trial, PASSWORD_B)
@@ -339,19 +389,31 @@ class Lab:
             return r.returncode, r.stderr, "already changed; b -> c"
 
         def after_rerun(trial: Trial) -> list[str]:
-            problems = [] if self.works(trial, trial.state["final"]) else ["the new password does not open the repository"]
+            problems = (
+                [] if self.works(trial, trial.state["final"]) else ["the new password does not open the repository"]
+            )
             if self.works(trial, PASSWORD_A):
                 problems.append("the old password still opens the repository after the change completed")
             return problems
 
-        return Scenario("key-passwd", ["locks+1", "keys+1", "keys-1"], make, self.references, after_kill=after_kill,
-                        rerun=rerun, verify_env=self._working_env, after_rerun=after_rerun)
+        return Scenario(
+            "key-passwd",
+            ["locks+1", "keys+1", "keys-1"],
+            make,
+            self.references,
+            after_kill=after_kill,
+            rerun=rerun,
+            verify_env=self._working_env,
+            after_rerun=after_rerun,
+        )
 
     def _s_key_remove(self) -> Scenario:
         self.baseline("keys2")
 
         def make(work: Path, n: int) -> Trial:
-            return self._trial("keys2", work, n, ["key", "remove", self._ids["key-b"], "-q"], must_keep={self._ids["A1"]})
+            return self._trial(
+                "keys2", work, n, ["key", "remove", self._ids["key-b"], "-q"], must_keep={self._ids["A1"]}
+            )
 
         def after_kill(trial: Trial) -> list[str]:
             return [] if self.works(trial, PASSWORD_A) else ["the password that was not removed no longer works"]
@@ -366,8 +428,15 @@ class Lab:
         def after_rerun(trial: Trial) -> list[str]:
             return ["the removed password still works"] if self.works(trial, PASSWORD_B) else []
 
-        return Scenario("key-remove", ["locks+1", "keys-1"], make, self.references, after_kill=after_kill,
-                        rerun=rerun, after_rerun=after_rerun)
+        return Scenario(
+            "key-remove",
+            ["locks+1", "keys-1"],
+            make,
+            self.references,
+            after_kill=after_kill,
+            rerun=rerun,
+            after_rerun=after_rerun,
+        )
 
     # ---- capture ----------------------------------------------------------------------------------------
 
@@ -377,10 +446,16 @@ class Lab:
             from ibsync.testing.generator import generate_content
 
             self._devices = {
-                "P": SimDevice.from_content(generate_content(seed=31, size_bytes=self.sizes.device_p << 20,
-                                                             udid="c" * 40, device_name="Crash P")),
-                "Q": SimDevice.from_content(generate_content(seed=32, size_bytes=self.sizes.device_q << 20,
-                                                             udid="d" * 40, device_name="Crash Q")),
+                "P": SimDevice.from_content(
+                    generate_content(
+                        seed=31, size_bytes=self.sizes.device_p << 20, udid="c" * 40, device_name="Crash P"
+                    )
+                ),
+                "Q": SimDevice.from_content(
+                    generate_content(
+                        seed=32, size_bytes=self.sizes.device_q << 20, udid="d" * 40, device_name="Crash Q"
+                    )
+                ),
             }
             self._mux = self._stack.enter_context(run_sim_usbmuxd(list(self._devices.values()), self.work / "mux"))
         return self._mux
@@ -389,8 +464,13 @@ class Lab:
         mux = self._devices_and_mux()
         target = self.backend.new_target("base-capture", PASSWORD_A, self.work / "cache-baseline")
         init_repo(target, self.backend)
-        doc = _expect_ok(run(["backup", "--device", self._devices["P"].udid, "--json"],
-                             self.env(target, **mux.env(home=self.work / "home"))), "backup P")
+        doc = _expect_ok(
+            run(
+                ["backup", "--device", self._devices["P"].udid, "--json"],
+                self.env(target, **mux.env(home=self.work / "home")),
+            ),
+            "backup P",
+        )
         self._ids["P"] = doc["snapshots"][0]["id"]
         return target
 
@@ -399,8 +479,14 @@ class Lab:
         mux = self._mux
 
         def make(work: Path, n: int) -> Trial:
-            return self._trial("capture", work, n, ["backup", "--device", self._devices["Q"].udid, "--quiet"],
-                               must_keep={self._ids["P"]}, **mux.env(home=self.work / "home"))
+            return self._trial(
+                "capture",
+                work,
+                n,
+                ["backup", "--device", self._devices["Q"].udid, "--quiet"],
+                must_keep={self._ids["P"]},
+                **mux.env(home=self.work / "home"),
+            )
 
         return Scenario("backup", ["locks+1", "packs+1", "packs+2", "index+1", "snapshots+1"], make, self.references)
 
@@ -411,9 +497,11 @@ def _same_date(plist_date: str, snapshot_date: str) -> bool:
 
 
 def describe_failure(outcome) -> str:
-    return (f"{outcome.command} on {outcome.backend}, seed {outcome.seed}, trial {outcome.trial}, kill at "
-            f"{outcome.kill} ({outcome.at:.3f} s, {'killed' if outcome.killed else 'ended first'}): "
-            + "; ".join(outcome.problems))
+    return (
+        f"{outcome.command} on {outcome.backend}, seed {outcome.seed}, trial {outcome.trial}, kill at "
+        f"{outcome.kill} ({outcome.at:.3f} s, {'killed' if outcome.killed else 'ended first'}): "
+        + "; ".join(outcome.problems)
+    )
 
 
 __all__ = ["COMMANDS", "Lab", "Sizes", "describe_failure"]

@@ -326,8 +326,14 @@ class FaultyStaged:
         self.storage._after(call, fault)
 
 
-def random_faults(seed: int, *, rate: float = 0.05, methods: Sequence[str] = METHODS,
-                  actions: Sequence[Action] = (Action.FAIL, Action.FAIL_AFTER), times: int | None = 2) -> list[Fault]:
+def random_faults(
+    seed: int,
+    *,
+    rate: float = 0.05,
+    methods: Sequence[str] = METHODS,
+    actions: Sequence[Action] = (Action.FAIL, Action.FAIL_AFTER),
+    times: int | None = 2,
+) -> list[Fault]:
     """A seeded mix of rules for a fault campaign: each method gets one rule with an action
     chosen from ``actions`` (among those that mean something for it), firing with ``rate`` at
     most ``times`` times."""
@@ -358,10 +364,13 @@ def fault_to_dict(f: Fault) -> dict:
 def fault_from_dict(d: dict) -> Fault:
     kinds = d.get("kinds")
     return Fault(
-        d["method"], Action(d.get("action", "fail")),
+        d["method"],
+        Action(d.get("action", "fail")),
         kinds=frozenset(Kind(k) for k in kinds) if kinds is not None else None,
-        probability=float(d.get("probability", 1.0)), skip=int(d.get("skip", 0)),
-        times=d.get("times", 1), transient=bool(d.get("transient", True)),
+        probability=float(d.get("probability", 1.0)),
+        skip=int(d.get("skip", 0)),
+        times=d.get("times", 1),
+        transient=bool(d.get("transient", True)),
     )
 
 
@@ -394,8 +403,7 @@ def run_cli_with_faults(argv: list[str]) -> int:
         calls: Counter[str] = Counter()
         for s in opened:
             calls.update(s.calls)
-        report = {"code": code, "calls": dict(calls),
-                  "injected": [i.describe() for s in opened for i in s.injected]}
+        report = {"code": code, "calls": dict(calls), "injected": [i.describe() for s in opened for i in s.injected]}
         with open(plan["report"], "w") as f:
             json.dump(report, f)
     return code

@@ -245,8 +245,20 @@ def _count_to_size(n: int) -> int:
     return 1 if n < 1 << 8 else 2 if n < 1 << 16 else 4 if n < 1 << 32 else 8
 
 
-_MB_KEYS = ("LastModified", "Flags", "GroupID", "$class", "LastStatusChange", "RelativePath", "Birth", "Size",
-            "InodeNumber", "Mode", "UserID", "ProtectionClass")
+_MB_KEYS = (
+    "LastModified",
+    "Flags",
+    "GroupID",
+    "$class",
+    "LastStatusChange",
+    "RelativePath",
+    "Birth",
+    "Size",
+    "InodeNumber",
+    "Mode",
+    "UserID",
+    "ProtectionClass",
+)
 _MB_KEYS_SYMLINK = _MB_KEYS[:3] + ("Target",) + _MB_KEYS[3:]
 
 
@@ -354,11 +366,20 @@ def mbfile_archive(f: BackupFile) -> dict:
         d["Target"] = plistlib.UID(3)
         objects.append(f.target)
     d["$class"] = plistlib.UID(len(objects))
-    d.update({"LastStatusChange": f.mtime, "RelativePath": plistlib.UID(2), "Birth": birth, "Size": _Int64(f.size),
-              "InodeNumber": inode, "Mode": f.mode, "UserID": MOBILE_UID, "ProtectionClass": protection})
+    d.update(
+        {
+            "LastStatusChange": f.mtime,
+            "RelativePath": plistlib.UID(2),
+            "Birth": birth,
+            "Size": _Int64(f.size),
+            "InodeNumber": inode,
+            "Mode": f.mode,
+            "UserID": MOBILE_UID,
+            "ProtectionClass": protection,
+        }
+    )
     objects.append({"$classname": "MBFile", "$classes": ["MBFile", "NSObject"]})
-    return {"$version": 100000, "$archiver": "NSKeyedArchiver", "$top": {"root": plistlib.UID(1)},
-            "$objects": objects}
+    return {"$version": 100000, "$archiver": "NSKeyedArchiver", "$top": {"root": plistlib.UID(1)}, "$objects": objects}
 
 
 # ============================================================================================================
@@ -396,13 +417,15 @@ def build_manifest_db(files: Iterable[BackupFile]) -> bytes:
         con.close()
 
 
-def _apply_manifest_changes(con: sqlite3.Connection, deleted: list[BackupFile], updated: list[BackupFile],
-                            inserted: list[BackupFile]) -> None:
+def _apply_manifest_changes(
+    con: sqlite3.Connection, deleted: list[BackupFile], updated: list[BackupFile], inserted: list[BackupFile]
+) -> None:
     con.execute("BEGIN")
     con.executemany("DELETE FROM Files WHERE fileID = ?", sorted((f.file_id,) for f in deleted))
-    con.executemany("UPDATE Files SET domain = ?, relativePath = ?, flags = ?, file = ? WHERE fileID = ?",
-                    sorted(((f.domain, f.relative_path, f.flags, mbfile_blob(f), f.file_id) for f in updated),
-                           key=lambda r: r[-1]))
+    con.executemany(
+        "UPDATE Files SET domain = ?, relativePath = ?, flags = ?, file = ? WHERE fileID = ?",
+        sorted(((f.domain, f.relative_path, f.flags, mbfile_blob(f), f.file_id) for f in updated), key=lambda r: r[-1]),
+    )
     con.executemany("INSERT INTO Files VALUES (?, ?, ?, ?, ?)", [_manifest_row(f) for f in _sorted_files(inserted)])
     con.execute("COMMIT")
 
@@ -411,9 +434,11 @@ def _apply_manifest_changes(con: sqlite3.Connection, deleted: list[BackupFile], 
 # Content generators
 # ============================================================================================================
 
-_SYLLABLES = ("ka ri to na mi lo sa te vu pe da ko ra ne li mo ta shi ru be ga zo ha fi no ye wa ku ze ma "
-              "ti po lu de se bo ni re ja mu so ve ke la di gu pa ho fu na ce ly xa qu ro ine ant el ar on "
-              "us or en is al").split()
+_SYLLABLES = (
+    "ka ri to na mi lo sa te vu pe da ko ra ne li mo ta shi ru be ga zo ha fi no ye wa ku ze ma "
+    "ti po lu de se bo ni re ja mu so ve ke la di gu pa ho fu na ce ly xa qu ro ine ant el ar on "
+    "us or en is al"
+).split()
 
 
 @functools.lru_cache(maxsize=1)
@@ -455,8 +480,9 @@ class _Lexicon:
             key = ("k" + camel + "Key") if style < 0.3 else (camel[0].lower() + camel[1:]) if style < 0.8 else camel
             keys[key] = None
         self.keys = list(keys)
-        self.camel = ["".join(w.capitalize() for w in rnd.choices(words[:800], k=rnd.randint(1, 2)))
-                      for _ in range(400)]
+        self.camel = [
+            "".join(w.capitalize() for w in rnd.choices(words[:800], k=rnd.randint(1, 2))) for _ in range(400)
+        ]
 
     def text(self, rnd: random.Random, k: int) -> str:
         return " ".join(rnd.choices(self.sentences, k=k))
@@ -485,8 +511,10 @@ def _iso(t: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-_PLIST_HEAD = ('<?xml version="1.0" encoding="UTF-8"?>\n<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" '
-               '"http://www.apple.com/DTDs/PropertyList-1.0.dtd">\n<plist version="1.0">\n<dict>\n')
+_PLIST_HEAD = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" '
+    '"http://www.apple.com/DTDs/PropertyList-1.0.dtd">\n<plist version="1.0">\n<dict>\n'
+)
 _PLIST_TAIL = "</dict>\n</plist>\n"
 _INT_BITS = (4, 8, 16, 32, 40)
 
@@ -517,17 +545,23 @@ def _plist_value(rnd: random.Random, lex: _Lexicon, ind: str, t0: int, depth: in
         return f"{ind}<string>{lex.keys[int(rand() * len(lex.keys))]}</string>\n"
     inner = ind + "\t"
     if r < 0.94:
-        return (f"{ind}<array>\n"
-                + "".join([_plist_value(rnd, lex, inner, t0, depth + 1) for _ in range(1 + int(rand() * 6))])
-                + f"{ind}</array>\n")
+        return (
+            f"{ind}<array>\n"
+            + "".join([_plist_value(rnd, lex, inner, t0, depth + 1) for _ in range(1 + int(rand() * 6))])
+            + f"{ind}</array>\n"
+        )
     return f"{ind}<dict>\n" + _plist_entries(rnd, lex, inner, t0, depth + 1, 2 + int(rand() * 7)) + f"{ind}</dict>\n"
 
 
 def _plist_entries(rnd: random.Random, lex: _Lexicon, ind: str, t0: int, depth: int, n: int) -> str:
     keys, nk = lex.keys, _Lexicon.N_KEYS
     start, step = int(rnd.random() * nk), 1 + int(rnd.random() * (nk - 1))
-    return "".join([f"{ind}<key>{keys[(start + i * step) % nk]}</key>\n" + _plist_value(rnd, lex, ind, t0, depth)
-                    for i in range(n)])
+    return "".join(
+        [
+            f"{ind}<key>{keys[(start + i * step) % nk]}</key>\n" + _plist_value(rnd, lex, ind, t0, depth)
+            for i in range(n)
+        ]
+    )
 
 
 def make_plist(rnd: random.Random, lex: _Lexicon, size: int, t0: int) -> bytes:
@@ -549,9 +583,28 @@ def make_plist(rnd: random.Random, lex: _Lexicon, size: int, t0: int) -> bytes:
     return "".join(parts).encode()
 
 
-_PROCS = ("SpringBoard", "locationd", "backboardd", "mediaserverd", "apsd", "wifid", "CommCenter", "bluetoothd",
-          "itunesstored", "nsurlsessiond", "cloudd", "photoanalysisd", "assistantd", "healthd", "searchd",
-          "mobileassetd", "identityservicesd", "imagent", "runningboardd", "dasd")
+_PROCS = (
+    "SpringBoard",
+    "locationd",
+    "backboardd",
+    "mediaserverd",
+    "apsd",
+    "wifid",
+    "CommCenter",
+    "bluetoothd",
+    "itunesstored",
+    "nsurlsessiond",
+    "cloudd",
+    "photoanalysisd",
+    "assistantd",
+    "healthd",
+    "searchd",
+    "mobileassetd",
+    "identityservicesd",
+    "imagent",
+    "runningboardd",
+    "dasd",
+)
 _LEVELS = ("Notice", "Notice", "Notice", "Error", "Debug", "Info", "Info", "Warning")
 _LEVELS_LOWER = tuple(x.lower() for x in _LEVELS)
 
@@ -568,9 +621,11 @@ def make_text(rnd: random.Random, lex: _Lexicon, size: int, t0: int, json_lines:
         cats = rnd.sample(keys, 8)
         while n < size:
             t += 1 + int(rand() * 90)
-            line = (f'{{"timestamp":{t}.{int(rand() * 1000):03d},"level":"{_LEVELS_LOWER[int(rand() * 8)]}",'
-                    f'"category":"{cats[int(rand() * 8)]}","message":"{sents[int(rand() * ns)]}",'
-                    f'"count":{int(rand() * 100000)},"session":"{rnd.getrandbits(48):012x}"}}\n')
+            line = (
+                f'{{"timestamp":{t}.{int(rand() * 1000):03d},"level":"{_LEVELS_LOWER[int(rand() * 8)]}",'
+                f'"category":"{cats[int(rand() * 8)]}","message":"{sents[int(rand() * ns)]}",'
+                f'"count":{int(rand() * 100000)},"session":"{rnd.getrandbits(48):012x}"}}\n'
+            )
             parts.append(line)
             n += len(line)
     else:
@@ -580,17 +635,21 @@ def make_text(rnd: random.Random, lex: _Lexicon, size: int, t0: int, json_lines:
             t += int(rand() * 40)
             if t != stamp_t:
                 stamp_t, stamp = t, time.strftime("%b %d %H:%M:%S", time.gmtime(t))
-            line = (f"{stamp} iPhone {procs[int(rand() * 6)]} <{_LEVELS[int(rand() * 8)]}>: "
-                    f"{sents[int(rand() * ns)]} {keys[int(rand() * nk)]}={int(rand() * 10000)}\n")
+            line = (
+                f"{stamp} iPhone {procs[int(rand() * 6)]} <{_LEVELS[int(rand() * 8)]}>: "
+                f"{sents[int(rand() * ns)]} {keys[int(rand() * nk)]}={int(rand() * 10000)}\n"
+            )
             parts.append(line)
             n += len(line)
     return "".join(parts).encode()
 
 
 _JPEG_HEAD = bytes.fromhex("ffd8ffe000104a46494600010101004800480000ffe1") + b"\x00\x5eExif\x00\x00MM\x00*"
-_HEIC_HEAD = (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00\x00\x0b\x4emeta\x00\x00\x00\x00"
-              b"\x00\x00\x00\x22hdlr\x00\x00\x00\x00\x00\x00\x00\x00pict\x00\x00\x00\x00\x00\x00\x00\x00"
-              b"\x00\x00\x00\x00\x00")
+_HEIC_HEAD = (
+    b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00\x00\x0b\x4emeta\x00\x00\x00\x00"
+    b"\x00\x00\x00\x22hdlr\x00\x00\x00\x00\x00\x00\x00\x00pict\x00\x00\x00\x00\x00\x00\x00\x00"
+    b"\x00\x00\x00\x00\x00"
+)
 _MOV_HEAD = b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  \x00\x00\x00\x08wide"
 _M4A_HEAD = b"\x00\x00\x00\x1cftypM4A \x00\x00\x00\x00M4A mp42isom\x00\x00\x00\x08wide"
 
@@ -609,23 +668,29 @@ def make_video(rnd: random.Random, size: int) -> bytes:
 
 
 _SMALL_DB_SCHEMAS = (
-    ("CREATE TABLE ZRECORD (Z_PK INTEGER PRIMARY KEY, Z_ENT INTEGER, Z_OPT INTEGER, ZIDENTIFIER VARCHAR, "
-     "ZTIMESTAMP TIMESTAMP, ZTEXT VARCHAR, ZFLAGS INTEGER)",
-     "CREATE INDEX ZRECORD_ZIDENTIFIER_INDEX ON ZRECORD (ZIDENTIFIER)",
-     "CREATE INDEX ZRECORD_ZTIMESTAMP_INDEX ON ZRECORD (ZTIMESTAMP)",
-     "INSERT INTO ZRECORD (Z_ENT, Z_OPT, ZIDENTIFIER, ZTIMESTAMP, ZTEXT, ZFLAGS) "
-     "VALUES (1, 1, ?, ? - 978307200, ?, ?)"),
-    ("CREATE TABLE cfurl_cache_response (entry_ID INTEGER PRIMARY KEY AUTOINCREMENT UNIQUE, version INTEGER, "
-     "hash_value INTEGER, storage_policy INTEGER, request_key TEXT UNIQUE, time_stamp NOT NULL DEFAULT "
-     "CURRENT_TIMESTAMP, partition TEXT)",
-     "CREATE INDEX request_key_index ON cfurl_cache_response(request_key)",
-     "CREATE INDEX time_stamp_index ON cfurl_cache_response(time_stamp)",
-     "INSERT INTO cfurl_cache_response (version, request_key, time_stamp, partition, hash_value, storage_policy) "
-     "VALUES (0, 'https://' || ?, ?, ?, ?, 0)"),
-    ("CREATE TABLE events (id INTEGER PRIMARY KEY, uuid TEXT NOT NULL, ts INTEGER, payload TEXT, state INTEGER)",
-     "CREATE INDEX events_uuid ON events(uuid)",
-     "CREATE INDEX events_ts ON events(ts)",
-     "INSERT INTO events (uuid, ts, payload, state) VALUES (?, ?, ?, ?)"),
+    (
+        "CREATE TABLE ZRECORD (Z_PK INTEGER PRIMARY KEY, Z_ENT INTEGER, Z_OPT INTEGER, ZIDENTIFIER VARCHAR, "
+        "ZTIMESTAMP TIMESTAMP, ZTEXT VARCHAR, ZFLAGS INTEGER)",
+        "CREATE INDEX ZRECORD_ZIDENTIFIER_INDEX ON ZRECORD (ZIDENTIFIER)",
+        "CREATE INDEX ZRECORD_ZTIMESTAMP_INDEX ON ZRECORD (ZTIMESTAMP)",
+        "INSERT INTO ZRECORD (Z_ENT, Z_OPT, ZIDENTIFIER, ZTIMESTAMP, ZTEXT, ZFLAGS) "
+        "VALUES (1, 1, ?, ? - 978307200, ?, ?)",
+    ),
+    (
+        "CREATE TABLE cfurl_cache_response (entry_ID INTEGER PRIMARY KEY AUTOINCREMENT UNIQUE, version INTEGER, "
+        "hash_value INTEGER, storage_policy INTEGER, request_key TEXT UNIQUE, time_stamp NOT NULL DEFAULT "
+        "CURRENT_TIMESTAMP, partition TEXT)",
+        "CREATE INDEX request_key_index ON cfurl_cache_response(request_key)",
+        "CREATE INDEX time_stamp_index ON cfurl_cache_response(time_stamp)",
+        "INSERT INTO cfurl_cache_response (version, request_key, time_stamp, partition, hash_value, storage_policy) "
+        "VALUES (0, 'https://' || ?, ?, ?, ?, 0)",
+    ),
+    (
+        "CREATE TABLE events (id INTEGER PRIMARY KEY, uuid TEXT NOT NULL, ts INTEGER, payload TEXT, state INTEGER)",
+        "CREATE INDEX events_uuid ON events(uuid)",
+        "CREATE INDEX events_ts ON events(ts)",
+        "INSERT INTO events (uuid, ts, payload, state) VALUES (?, ?, ?, ?)",
+    ),
 )
 
 
@@ -682,15 +747,18 @@ class _BigDb:
 
 _BIG_DBS = (
     _BigDb(
-        "HomeDomain", "Library/SMS/sms.db",
-        ("CREATE TABLE _SqliteDatabaseProperties (key TEXT, value TEXT, UNIQUE(key))",
-         "CREATE TABLE handle (ROWID INTEGER PRIMARY KEY AUTOINCREMENT UNIQUE, id TEXT NOT NULL, country TEXT, "
-         "service TEXT NOT NULL, uncanonicalized_id TEXT, person_centric_id TEXT, UNIQUE (id, service))",
-         "CREATE TABLE message (ROWID INTEGER PRIMARY KEY AUTOINCREMENT, guid TEXT UNIQUE NOT NULL, text TEXT, "
-         "handle_id INTEGER DEFAULT 0, service TEXT, date INTEGER, date_read INTEGER, date_delivered INTEGER, "
-         "is_from_me INTEGER DEFAULT 0, is_read INTEGER DEFAULT 0, attributedBody BLOB)",
-         "CREATE INDEX message_idx_date ON message(date)",
-         "INSERT INTO _SqliteDatabaseProperties VALUES ('_ClientVersion', '17004'), ('counter_in_all', '0')"),
+        "HomeDomain",
+        "Library/SMS/sms.db",
+        (
+            "CREATE TABLE _SqliteDatabaseProperties (key TEXT, value TEXT, UNIQUE(key))",
+            "CREATE TABLE handle (ROWID INTEGER PRIMARY KEY AUTOINCREMENT UNIQUE, id TEXT NOT NULL, country TEXT, "
+            "service TEXT NOT NULL, uncanonicalized_id TEXT, person_centric_id TEXT, UNIQUE (id, service))",
+            "CREATE TABLE message (ROWID INTEGER PRIMARY KEY AUTOINCREMENT, guid TEXT UNIQUE NOT NULL, text TEXT, "
+            "handle_id INTEGER DEFAULT 0, service TEXT, date INTEGER, date_read INTEGER, date_delivered INTEGER, "
+            "is_from_me INTEGER DEFAULT 0, is_read INTEGER DEFAULT 0, attributedBody BLOB)",
+            "CREATE INDEX message_idx_date ON message(date)",
+            "INSERT INTO _SqliteDatabaseProperties VALUES ('_ClientVersion', '17004'), ('counter_in_all', '0')",
+        ),
         "INSERT INTO message (guid, text, date, handle_id, is_from_me, is_read, attributedBody, service, date_read, "
         "date_delivered) VALUES (:uuid, :text, :date, :a, :b, :c, :blob, 'iMessage', 0, :date)",
         "UPDATE message SET is_read = ?, date_read = ? WHERE ROWID = ?",
@@ -700,17 +768,20 @@ _BIG_DBS = (
         b"\x00\x85\x92\x84\x84\x84\x08NSString\x01\x94\x84\x01+",
     ),
     _BigDb(
-        "CameraRollDomain", "Media/PhotoData/Photos.sqlite",
-        ("CREATE TABLE Z_PRIMARYKEY (Z_ENT INTEGER PRIMARY KEY, Z_NAME VARCHAR, Z_SUPER INTEGER, Z_MAX INTEGER)",
-         "CREATE TABLE Z_METADATA (Z_VERSION INTEGER PRIMARY KEY, Z_UUID VARCHAR(255), Z_PLIST BLOB)",
-         "CREATE TABLE ZASSET (Z_PK INTEGER PRIMARY KEY, Z_ENT INTEGER, Z_OPT INTEGER, ZFAVORITE INTEGER, "
-         "ZHIDDEN INTEGER, ZKIND INTEGER, ZWIDTH INTEGER, ZHEIGHT INTEGER, ZDATECREATED TIMESTAMP, "
-         "ZMODIFICATIONDATE TIMESTAMP, ZDIRECTORY VARCHAR, ZFILENAME VARCHAR, ZUUID VARCHAR, ZTITLE VARCHAR, "
-         "ZLOCATIONDATA BLOB)",
-         "CREATE INDEX ZASSET_ZUUID ON ZASSET (ZUUID)",
-         "CREATE INDEX ZASSET_ZDATECREATED ON ZASSET (ZDATECREATED)",
-         "INSERT INTO Z_PRIMARYKEY VALUES (33, 'Asset', 0, 0)",
-         "INSERT INTO Z_METADATA VALUES (1, '3B2A3E1C-5F49-4E29-9C8B-1E7C2D3F4A5B', NULL)"),
+        "CameraRollDomain",
+        "Media/PhotoData/Photos.sqlite",
+        (
+            "CREATE TABLE Z_PRIMARYKEY (Z_ENT INTEGER PRIMARY KEY, Z_NAME VARCHAR, Z_SUPER INTEGER, Z_MAX INTEGER)",
+            "CREATE TABLE Z_METADATA (Z_VERSION INTEGER PRIMARY KEY, Z_UUID VARCHAR(255), Z_PLIST BLOB)",
+            "CREATE TABLE ZASSET (Z_PK INTEGER PRIMARY KEY, Z_ENT INTEGER, Z_OPT INTEGER, ZFAVORITE INTEGER, "
+            "ZHIDDEN INTEGER, ZKIND INTEGER, ZWIDTH INTEGER, ZHEIGHT INTEGER, ZDATECREATED TIMESTAMP, "
+            "ZMODIFICATIONDATE TIMESTAMP, ZDIRECTORY VARCHAR, ZFILENAME VARCHAR, ZUUID VARCHAR, ZTITLE VARCHAR, "
+            "ZLOCATIONDATA BLOB)",
+            "CREATE INDEX ZASSET_ZUUID ON ZASSET (ZUUID)",
+            "CREATE INDEX ZASSET_ZDATECREATED ON ZASSET (ZDATECREATED)",
+            "INSERT INTO Z_PRIMARYKEY VALUES (33, 'Asset', 0, 0)",
+            "INSERT INTO Z_METADATA VALUES (1, '3B2A3E1C-5F49-4E29-9C8B-1E7C2D3F4A5B', NULL)",
+        ),
         "INSERT INTO ZASSET (ZUUID, ZTITLE, ZDATECREATED, ZKIND, ZFAVORITE, ZHIDDEN, ZLOCATIONDATA, Z_ENT, Z_OPT, "
         "ZWIDTH, ZHEIGHT, ZMODIFICATIONDATE, ZDIRECTORY, ZFILENAME) VALUES (:uuid, :text, :date, :a % 2, :b, 0, "
         ":blob, 33, 1, 4032, 3024, :date, 'DCIM/100APPLE', 'IMG_' || (:d % 10000) || '.HEIC')",
@@ -721,14 +792,17 @@ _BIG_DBS = (
         "UPDATE Z_PRIMARYKEY SET Z_MAX = (SELECT max(Z_PK) FROM ZASSET) WHERE Z_ENT = 33",
     ),
     _BigDb(
-        "AppDomainGroup-group.net.whatsapp.WhatsApp.shared", "ChatStorage.sqlite",
-        ("CREATE TABLE Z_PRIMARYKEY (Z_ENT INTEGER PRIMARY KEY, Z_NAME VARCHAR, Z_SUPER INTEGER, Z_MAX INTEGER)",
-         "CREATE TABLE ZWAMESSAGE (Z_PK INTEGER PRIMARY KEY, Z_ENT INTEGER, Z_OPT INTEGER, ZISFROMME INTEGER, "
-         "ZMESSAGESTATUS INTEGER, ZMESSAGETYPE INTEGER, ZCHATSESSION INTEGER, ZMESSAGEDATE TIMESTAMP, "
-         "ZSENTDATE TIMESTAMP, ZFROMJID VARCHAR, ZSTANZAID VARCHAR, ZTEXT VARCHAR, ZMETADATA BLOB)",
-         "CREATE INDEX ZWAMESSAGE_ZSTANZAID_INDEX ON ZWAMESSAGE (ZSTANZAID)",
-         "CREATE INDEX ZWAMESSAGE_ZMESSAGEDATE_INDEX ON ZWAMESSAGE (ZMESSAGEDATE)",
-         "INSERT INTO Z_PRIMARYKEY VALUES (9, 'WAMessage', 0, 0)"),
+        "AppDomainGroup-group.net.whatsapp.WhatsApp.shared",
+        "ChatStorage.sqlite",
+        (
+            "CREATE TABLE Z_PRIMARYKEY (Z_ENT INTEGER PRIMARY KEY, Z_NAME VARCHAR, Z_SUPER INTEGER, Z_MAX INTEGER)",
+            "CREATE TABLE ZWAMESSAGE (Z_PK INTEGER PRIMARY KEY, Z_ENT INTEGER, Z_OPT INTEGER, ZISFROMME INTEGER, "
+            "ZMESSAGESTATUS INTEGER, ZMESSAGETYPE INTEGER, ZCHATSESSION INTEGER, ZMESSAGEDATE TIMESTAMP, "
+            "ZSENTDATE TIMESTAMP, ZFROMJID VARCHAR, ZSTANZAID VARCHAR, ZTEXT VARCHAR, ZMETADATA BLOB)",
+            "CREATE INDEX ZWAMESSAGE_ZSTANZAID_INDEX ON ZWAMESSAGE (ZSTANZAID)",
+            "CREATE INDEX ZWAMESSAGE_ZMESSAGEDATE_INDEX ON ZWAMESSAGE (ZMESSAGEDATE)",
+            "INSERT INTO Z_PRIMARYKEY VALUES (9, 'WAMessage', 0, 0)",
+        ),
         "INSERT INTO ZWAMESSAGE (ZSTANZAID, ZTEXT, ZMESSAGEDATE, ZCHATSESSION, ZISFROMME, ZMESSAGESTATUS, ZMETADATA, "
         "Z_ENT, Z_OPT, ZMESSAGETYPE, ZSENTDATE, ZFROMJID) VALUES (:uuid, :text, :date, :a, :b, :c, :blob, 9, 1, 0, "
         ":date, '4915' || (:d % 100000000) || '@s.whatsapp.net')",
@@ -739,28 +813,32 @@ _BIG_DBS = (
         "UPDATE Z_PRIMARYKEY SET Z_MAX = (SELECT max(Z_PK) FROM ZWAMESSAGE) WHERE Z_ENT = 9",
     ),
     _BigDb(
-        "HomeDomain", "Library/Mail/Envelope Index",
-        ("CREATE TABLE properties (ROWID INTEGER PRIMARY KEY, key TEXT, value, UNIQUE(key))",
-         "CREATE TABLE messages (ROWID INTEGER PRIMARY KEY AUTOINCREMENT, message_id INTEGER NOT NULL DEFAULT 0, "
-         "document_id TEXT, sender INTEGER, subject TEXT, date_sent INTEGER, date_received INTEGER, "
-         "mailbox INTEGER, flags INTEGER, read INTEGER, size INTEGER, summary BLOB)",
-         "CREATE INDEX messages_document_id_index ON messages(document_id)",
-         "CREATE INDEX messages_date_received_index ON messages(date_received)",
-         "INSERT INTO properties (key, value) VALUES ('version', 52), "
-         "('uuid', 'A8E0F2C4-1B3D-4F5A-8C7E-9D0B1A2C3E4F')"),
+        "HomeDomain",
+        "Library/Mail/Envelope Index",
+        (
+            "CREATE TABLE properties (ROWID INTEGER PRIMARY KEY, key TEXT, value, UNIQUE(key))",
+            "CREATE TABLE messages (ROWID INTEGER PRIMARY KEY AUTOINCREMENT, message_id INTEGER NOT NULL DEFAULT 0, "
+            "document_id TEXT, sender INTEGER, subject TEXT, date_sent INTEGER, date_received INTEGER, "
+            "mailbox INTEGER, flags INTEGER, read INTEGER, size INTEGER, summary BLOB)",
+            "CREATE INDEX messages_document_id_index ON messages(document_id)",
+            "CREATE INDEX messages_date_received_index ON messages(date_received)",
+            "INSERT INTO properties (key, value) VALUES ('version', 52), "
+            "('uuid', 'A8E0F2C4-1B3D-4F5A-8C7E-9D0B1A2C3E4F')",
+        ),
         "INSERT INTO messages (document_id, subject, date_received, mailbox, read, flags, summary, message_id, "
         "sender, date_sent, size) VALUES (:uuid, :text, :date, :a, :b, :c, :blob, :d, :e, :date, :d % 200000)",
         "UPDATE messages SET flags = ?, date_sent = ? WHERE ROWID = ?",
         "SELECT max(ROWID) FROM messages",
         lambda t: t,
-        b"<html><head><meta charset=\"utf-8\"></head><body>",
+        b'<html><head><meta charset="utf-8"></head><body>',
     ),
 )
 _BIG_DB_BY_KEY = {(d.domain, d.path): d for d in _BIG_DBS}
 
 
-def _big_rows(spec: _BigDb, rnd: random.Random, lex: _Lexicon, n: int, t: int, noise: bytes | None,
-              off: int = 0) -> tuple[list, int, int]:
+def _big_rows(
+    spec: _BigDb, rnd: random.Random, lex: _Lexicon, n: int, t: int, noise: bytes | None, off: int = 0
+) -> tuple[list, int, int]:
     """``n`` rows for ``spec.insert_sql`` starting at unix time ``t``; a row is about 1 KB of which about
     half is incompressible: the next bytes of ``noise`` from ``off`` on, or fresh random bytes when None.
     Returns (rows, last time, next offset)."""
@@ -784,12 +862,22 @@ def _big_rows(spec: _BigDb, rnd: random.Random, lex: _Lexicon, n: int, t: int, n
         else:
             if off + k > len(noise):
                 off = 0
-            rb = noise[off:off + k]
+            rb = noise[off : off + k]
             off += k
         blob = head + text.encode() + b"\x86\x84\x02iI\x01" + rb
-        rows.append({"uuid": _uuid_str(rnd), "text": text, "date": date_fn(t), "a": 1 + int(rand() * 400),
-                     "b": int(rand() * 2), "c": int(rand() * 2), "blob": blob, "d": int(rand() * 2**31),
-                     "e": int(rand() * 5000)})
+        rows.append(
+            {
+                "uuid": _uuid_str(rnd),
+                "text": text,
+                "date": date_fn(t),
+                "a": 1 + int(rand() * 400),
+                "b": int(rand() * 2),
+                "c": int(rand() * 2),
+                "blob": blob,
+                "d": int(rand() * 2**31),
+                "e": int(rand() * 5000),
+            }
+        )
     return rows, t, off
 
 
@@ -881,28 +969,72 @@ _APPS = (
     ("com.apple.mobilenotes", "MobileNotes", "4.11"),
 )
 _GROUPS = (
-    "group.net.whatsapp.WhatsApp.shared", "group.net.whatsapp.WhatsApp.private", "group.com.apple.notes",
-    "group.com.facebook.Messenger", "group.ph.telegra.Telegraph", "group.com.getdropbox.Dropbox",
+    "group.net.whatsapp.WhatsApp.shared",
+    "group.net.whatsapp.WhatsApp.private",
+    "group.com.apple.notes",
+    "group.com.facebook.Messenger",
+    "group.ph.telegra.Telegraph",
+    "group.com.getdropbox.Dropbox",
     "group.com.spotify.client",
 )
 _PLUGINS = (
-    "net.whatsapp.WhatsApp.ServiceExtension", "com.burbn.instagram.notificationcontentextension",
+    "net.whatsapp.WhatsApp.ServiceExtension",
+    "com.burbn.instagram.notificationcontentextension",
     "ph.telegra.Telegraph.Widget",
 )
-_SYS_CONTAINERS = ("com.apple.geod", "com.apple.siri.inference", "com.apple.Maps", "com.apple.news",
-                   "com.apple.weather", "com.apple.tipsd")
-_SYS_SHARED = ("systemgroup.com.apple.configurationprofiles", "systemgroup.com.apple.mobilegestaltcache",
-               "systemgroup.com.apple.sharedpclogging")
-_APPLE_SUBSYSTEMS = (
-    "com.apple.Maps", "com.apple.mobilesafari", "com.apple.Music", "com.apple.podcasts", "com.apple.news",
-    "com.apple.weather", "com.apple.stocks", "com.apple.parsecd", "com.apple.AppStore", "com.apple.Health",
-    "com.apple.mobilemail", "com.apple.mobilecal", "com.apple.reminders", "com.apple.iBooks", "com.apple.facetime",
-    "com.apple.camera", "com.apple.mobileslideshow", "com.apple.Preferences", "com.apple.springboard",
-    "com.apple.assistant", "com.apple.locationd", "com.apple.CallHistory", "com.apple.imagent",
-    "com.apple.spotlight", "com.apple.keyboard", "com.apple.coreduetd", "com.apple.routined", "com.apple.ams",
+_SYS_CONTAINERS = (
+    "com.apple.geod",
+    "com.apple.siri.inference",
+    "com.apple.Maps",
+    "com.apple.news",
+    "com.apple.weather",
+    "com.apple.tipsd",
 )
-_LOG_DIRS = ("CrashReporter", "AppleSupport", "MobileInstallation", "awdd", "com.apple.itunesstored",
-             "BTAvrcp", "MobileContainerManager", "mobileactivationd")
+_SYS_SHARED = (
+    "systemgroup.com.apple.configurationprofiles",
+    "systemgroup.com.apple.mobilegestaltcache",
+    "systemgroup.com.apple.sharedpclogging",
+)
+_APPLE_SUBSYSTEMS = (
+    "com.apple.Maps",
+    "com.apple.mobilesafari",
+    "com.apple.Music",
+    "com.apple.podcasts",
+    "com.apple.news",
+    "com.apple.weather",
+    "com.apple.stocks",
+    "com.apple.parsecd",
+    "com.apple.AppStore",
+    "com.apple.Health",
+    "com.apple.mobilemail",
+    "com.apple.mobilecal",
+    "com.apple.reminders",
+    "com.apple.iBooks",
+    "com.apple.facetime",
+    "com.apple.camera",
+    "com.apple.mobileslideshow",
+    "com.apple.Preferences",
+    "com.apple.springboard",
+    "com.apple.assistant",
+    "com.apple.locationd",
+    "com.apple.CallHistory",
+    "com.apple.imagent",
+    "com.apple.spotlight",
+    "com.apple.keyboard",
+    "com.apple.coreduetd",
+    "com.apple.routined",
+    "com.apple.ams",
+)
+_LOG_DIRS = (
+    "CrashReporter",
+    "AppleSupport",
+    "MobileInstallation",
+    "awdd",
+    "com.apple.itunesstored",
+    "BTAvrcp",
+    "MobileContainerManager",
+    "mobileactivationd",
+)
 
 #: Always present (when there are enough small files): (domain, path, kind).
 _WELL_KNOWN = (
@@ -930,13 +1062,19 @@ _WELL_KNOWN = (
     ("KeyboardDomain", "Library/Keyboard/en-dynamic.lm/dynamic-lexicon.dat", "random"),
     ("TonesDomain", "Library/Preferences/com.apple.ToneLibrary.plist", "plist"),
     ("InstallDomain", "Library/MobileInstallation/UninstalledApplications.plist", "plist"),
-    ("SysSharedContainerDomain-systemgroup.com.apple.configurationprofiles",
-     "Library/ConfigurationProfiles/CloudConfigurationDetails.plist", "plist"),
+    (
+        "SysSharedContainerDomain-systemgroup.com.apple.configurationprofiles",
+        "Library/ConfigurationProfiles/CloudConfigurationDetails.plist",
+        "plist",
+    ),
 )
 _SYMLINKS = (
     ("DatabaseDomain", "timezone/localtime", "/var/db/timezone/zoneinfo/Europe/Berlin"),
-    ("HomeDomain", "Library/Preferences/com.apple.PeoplePicker.plist",
-     "../../Library/Preferences/com.apple.contacts.plist"),
+    (
+        "HomeDomain",
+        "Library/Preferences/com.apple.PeoplePicker.plist",
+        "../../Library/Preferences/com.apple.contacts.plist",
+    ),
 )
 
 _TEXT_EXT = (".log", ".txt", ".jsonl", ".json", ".ips")
@@ -1082,8 +1220,10 @@ class _Places:
         if r < 0.75:
             chat = rnd.choice(self.wa_chats)
             h = rnd.randbytes(2).hex()
-            return ("AppDomainGroup-group.net.whatsapp.WhatsApp.shared",
-                    f"Message/Media/{chat}/{h[0]}/{h[1]}/{u.lower()}.jpg")
+            return (
+                "AppDomainGroup-group.net.whatsapp.WhatsApp.shared",
+                f"Message/Media/{chat}/{h[0]}/{h[1]}/{u.lower()}.jpg",
+            )
         if r < 0.85:
             stamp = time.strftime("%Y%m%d %H%M%S", time.gmtime(1.6e9 + rnd.randrange(10**8)))
             return "MediaDomain", f"Media/Recordings/{stamp}.m4a"
@@ -1116,8 +1256,9 @@ def _age(rnd: random.Random, lo: float = 3600, hi: float = 2 * 365 * DAY) -> int
     return int(lo * (hi / lo) ** rnd.random())
 
 
-def _scaled_sizes(rnd: random.Random, n: int, lo: int, hi: int, budget: float, floor: int,
-                  ranges: list[tuple[int, int]] | None = None) -> list[int]:
+def _scaled_sizes(
+    rnd: random.Random, n: int, lo: int, hi: int, budget: float, floor: int, ranges: list[tuple[int, int]] | None = None
+) -> list[int]:
     """``n`` sizes drawn uniformly from [lo, hi] (or from ``ranges``, one per item), then scaled together so
     they add up to ``budget`` (none below ``floor``)."""
     sizes = [rnd.randint(a, b) for a, b in (ranges if ranges is not None else [(lo, hi)] * n)]
@@ -1128,14 +1269,16 @@ def _scaled_sizes(rnd: random.Random, n: int, lo: int, hi: int, budget: float, f
     return sizes
 
 
-def generate_content(*, seed: int = 1, size_bytes: int = 64 * MIB, udid: str | None = None,
-                     device_name: str = "Test iPhone") -> DeviceContent:
+def generate_content(
+    *, seed: int = 1, size_bytes: int = 64 * MIB, udid: str | None = None, device_name: str = "Test iPhone"
+) -> DeviceContent:
     """A phone's content of about ``size_bytes`` bytes (payloads plus Manifest.db), determined by ``seed``."""
     return _generate_content(seed, size_bytes, udid, device_name, None)
 
 
-def _generate_content(seed: int, size_bytes: int, udid: str | None, device_name: str,
-                      on_file: Callable[[BackupFile], BackupFile] | None) -> DeviceContent:
+def _generate_content(
+    seed: int, size_bytes: int, udid: str | None, device_name: str, on_file: Callable[[BackupFile], BackupFile] | None
+) -> DeviceContent:
     """:func:`generate_content`; ``on_file`` gets each file row with its payload as soon as it is made, and
     returns the row to keep in the content (the same, or one without its payload)."""
     rnd = random.Random(f"ibsync-generator:{seed}")
@@ -1178,8 +1321,9 @@ def _generate_content(seed: int, size_bytes: int, udid: str | None, device_name:
     for i in rnd.sample(local, n_videos):
         asset_ext[i] = "MOV"
     first_num = rnd.randrange(1, 2000)
-    asset_mtime = [day1 - int((3 * 365 * DAY) * (1 - i / n_assets) ** 1.3) - rnd.randrange(3600)
-                   for i in range(n_assets)]
+    asset_mtime = [
+        day1 - int((3 * 365 * DAY) * (1 - i / n_assets) ** 1.3) - rnd.randrange(3600) for i in range(n_assets)
+    ]
     for i in range(n_assets):
         plan.append(("CameraRollDomain", _thumb_path(first_num + i, asset_ext[i]), "thumb"))
 
@@ -1199,15 +1343,30 @@ def _generate_content(seed: int, size_bytes: int, udid: str | None, device_name:
     photo_idx = [i for i in local if asset_ext[i] == "HEIC"]
     video_idx = [i for i in local if asset_ext[i] == "MOV"]
     for idx, sizes, maker in (
-        (photo_idx, _scaled_sizes(rnd, len(photo_idx), 115 * KIB, 5 * MIB, BYTE_SHARE["photo"] * payload, MIN_PHOTO),
-         make_photo),
-        (video_idx, _scaled_sizes(rnd, len(video_idx), 20 * MIB, 200 * MIB, BYTE_SHARE["video"] * payload, MIN_VIDEO),
-         make_video),
+        (
+            photo_idx,
+            _scaled_sizes(rnd, len(photo_idx), 115 * KIB, 5 * MIB, BYTE_SHARE["photo"] * payload, MIN_PHOTO),
+            make_photo,
+        ),
+        (
+            video_idx,
+            _scaled_sizes(rnd, len(video_idx), 20 * MIB, 200 * MIB, BYTE_SHARE["video"] * payload, MIN_VIDEO),
+            make_video,
+        ),
     ):
         for i, size in zip(idx, sizes):
             data = maker(rnd, size)
-            add(BackupFile("CameraRollDomain", _photo_path(first_num + i, asset_ext[i]), FLAG_FILE, asset_mtime[i],
-                           MODE_FILE, len(data), data))
+            add(
+                BackupFile(
+                    "CameraRollDomain",
+                    _photo_path(first_num + i, asset_ext[i]),
+                    FLAG_FILE,
+                    asset_mtime[i],
+                    MODE_FILE,
+                    len(data),
+                    data,
+                )
+            )
 
     # -- the four large sqlite dbs
     db_sizes = _scaled_sizes(rnd, len(_BIG_DBS), 20 * MIB, 200 * MIB, BYTE_SHARE["bigdb"] * payload, MIN_BIGDB)
@@ -1276,19 +1435,28 @@ def _keybag(udid: str) -> bytes:
     def tlv(tag: bytes, value: bytes) -> bytes:
         return tag + len(value).to_bytes(4, "big") + value
 
-    out = [tlv(b"VERS", (4).to_bytes(4, "big")), tlv(b"TYPE", (1).to_bytes(4, "big")),
-           tlv(b"UUID", _derived_bytes(f"kb-uuid:{udid}", 16)), tlv(b"HMCK", _derived_bytes(f"kb-hmck:{udid}", 40)),
-           tlv(b"WRAP", (1).to_bytes(4, "big")), tlv(b"SALT", _derived_bytes(f"kb-salt:{udid}", 20)),
-           tlv(b"ITER", (10000).to_bytes(4, "big"))]
+    out = [
+        tlv(b"VERS", (4).to_bytes(4, "big")),
+        tlv(b"TYPE", (1).to_bytes(4, "big")),
+        tlv(b"UUID", _derived_bytes(f"kb-uuid:{udid}", 16)),
+        tlv(b"HMCK", _derived_bytes(f"kb-hmck:{udid}", 40)),
+        tlv(b"WRAP", (1).to_bytes(4, "big")),
+        tlv(b"SALT", _derived_bytes(f"kb-salt:{udid}", 20)),
+        tlv(b"ITER", (10000).to_bytes(4, "big")),
+    ]
     for cls in (1, 2, 3, 5, 6, 7, 8, 9, 10, 11):
-        out += [tlv(b"UUID", _derived_bytes(f"kb-cls-uuid:{udid}:{cls}", 16)), tlv(b"CLAS", cls.to_bytes(4, "big")),
-                tlv(b"WRAP", (3 if cls < 5 else 2).to_bytes(4, "big")), tlv(b"KTYP", (0).to_bytes(4, "big")),
-                tlv(b"WPKY", _derived_bytes(f"kb-wpky:{udid}:{cls}", 40))]
+        out += [
+            tlv(b"UUID", _derived_bytes(f"kb-cls-uuid:{udid}:{cls}", 16)),
+            tlv(b"CLAS", cls.to_bytes(4, "big")),
+            tlv(b"WRAP", (3 if cls < 5 else 2).to_bytes(4, "big")),
+            tlv(b"KTYP", (0).to_bytes(4, "big")),
+            tlv(b"WPKY", _derived_bytes(f"kb-wpky:{udid}:{cls}", 40)),
+        ]
     return b"".join(out)
 
 
 def _app_bundles(domains: Iterable[str]) -> list[str]:
-    return sorted({d[len("AppDomain-"):] for d in domains if d.startswith("AppDomain-")})
+    return sorted({d[len("AppDomain-") :] for d in domains if d.startswith("AppDomain-")})
 
 
 _APP_INFO = {b: (name, version) for b, name, version in _APPS}
@@ -1305,8 +1473,14 @@ class _Device:
 
 
 def _device_of(content: DeviceContent) -> _Device:
-    return _Device(content.udid, content.device_name, content.product_type, content.product_version,
-                   content.build_version, content.serial_number)
+    return _Device(
+        content.udid,
+        content.device_name,
+        content.product_type,
+        content.product_version,
+        content.build_version,
+        content.serial_number,
+    )
 
 
 def _plists(dev: _Device, bundles: list[str], date: datetime) -> dict[str, bytes]:
@@ -1416,13 +1590,20 @@ def write_backup_folder(content: DeviceContent, parent: Path) -> Path:
     for f in content.files:
         if f.flags == FLAG_FILE:
             _write_payload(device_dir, f)
-    _write_metadata(device_dir, _device_of(content), _app_bundles({f.domain for f in content.files}),
-                    content.backup_date, content.manifest_db_bytes(), atomic=False)
+    _write_metadata(
+        device_dir,
+        _device_of(content),
+        _app_bundles({f.domain for f in content.files}),
+        content.backup_date,
+        content.manifest_db_bytes(),
+        atomic=False,
+    )
     return device_dir
 
 
-def _write_metadata(device_dir: Path, dev: _Device, bundles: list[str], date: datetime, manifest_db: bytes | None,
-                    atomic: bool) -> None:
+def _write_metadata(
+    device_dir: Path, dev: _Device, bundles: list[str], date: datetime, manifest_db: bytes | None, atomic: bool
+) -> None:
     ts = _aware(date).timestamp()
     if manifest_db is not None:
         _write_file(device_dir / "Manifest.db", manifest_db, ts, atomic)
@@ -1430,8 +1611,14 @@ def _write_metadata(device_dir: Path, dev: _Device, bundles: list[str], date: da
         _write_file(device_dir / name, data, ts, atomic)
 
 
-def generate(parent: Path, *, seed: int = 1, size_bytes: int = 64 * MIB, udid: str | None = None,
-             device_name: str = "Test iPhone") -> Path:
+def generate(
+    parent: Path,
+    *,
+    seed: int = 1,
+    size_bytes: int = 64 * MIB,
+    udid: str | None = None,
+    device_name: str = "Test iPhone",
+) -> Path:
     """:func:`generate_content` + :func:`write_backup_folder`; returns the device folder.
 
     Same bytes, but faster and lighter: a thread writes each payload while the next ones are being generated,
@@ -1454,8 +1641,14 @@ def generate(parent: Path, *, seed: int = 1, size_bytes: int = 64 * MIB, udid: s
         content = _generate_content(seed, size_bytes, udid, device_name, on_file)
         for fut, _size in pending:
             fut.result()
-    _write_metadata(device_dir, _device_of(content), _app_bundles({f.domain for f in content.files}),
-                    content.backup_date, content.manifest_db_bytes(), atomic=False)
+    _write_metadata(
+        device_dir,
+        _device_of(content),
+        _app_bundles({f.domain for f in content.files}),
+        content.backup_date,
+        content.manifest_db_bytes(),
+        atomic=False,
+    )
     return device_dir
 
 
@@ -1473,8 +1666,9 @@ class _Plan:
     db_edits: list[tuple[BackupFile, _BigDb, int]]  # old row, spec, edit seed
 
 
-def _plan(entries: list[tuple[str, str, int]], meta: Callable[[str, str], BackupFile], backup_date: datetime,
-          seed: int) -> _Plan:
+def _plan(
+    entries: list[tuple[str, str, int]], meta: Callable[[str, str], BackupFile], backup_date: datetime, seed: int
+) -> _Plan:
     """What the next day changes. ``entries`` are all (domain, path, flags) rows sorted by (domain, path);
     ``meta`` gives the full row (payload not needed) of the few that change. Pure: the model and the folder
     get the same plan."""
@@ -1516,8 +1710,17 @@ def _plan(entries: list[tuple[str, str, int]], meta: Callable[[str, str], Backup
         data = make_photo(rnd, rnd.randint(*NEW_PHOTO_SIZE))
         added.append(BackupFile("CameraRollDomain", _photo_path(num, "HEIC"), FLAG_FILE, t, MODE_FILE, len(data), data))
         thumb = make_random(rnd, rnd.randint(8 * KIB, 48 * KIB), _JPEG_HEAD)
-        added.append(BackupFile("CameraRollDomain", _thumb_path(num, "HEIC"), FLAG_FILE, t + rnd.randrange(5, 300),
-                                MODE_FILE, len(thumb), thumb))
+        added.append(
+            BackupFile(
+                "CameraRollDomain",
+                _thumb_path(num, "HEIC"),
+                FLAG_FILE,
+                t + rnd.randrange(5, 300),
+                MODE_FILE,
+                len(thumb),
+                thumb,
+            )
+        )
     existing = {(d, p) for d, p, fl in entries if fl == FLAG_DIR}
     added += _with_directories(added, existing)
 
@@ -1535,7 +1738,7 @@ def _edited_row(old: BackupFile, size: int) -> BackupFile:
 
 def _count_changed_pages(a: bytes, b: bytes) -> int:
     n = max(len(a), len(b))
-    return sum(1 for off in range(0, n, PAGE) if a[off:off + PAGE] != b[off:off + PAGE])
+    return sum(1 for off in range(0, n, PAGE) if a[off : off + PAGE] != b[off : off + PAGE])
 
 
 def _summary(plan: _Plan, db_pages: dict[str, int], db_bytes: int) -> dict:
@@ -1570,20 +1773,29 @@ def mutate_content(content: DeviceContent, *, seed: int = 1) -> DeviceContent:
         by_key[(f.domain, f.relative_path)] = f
     edited = []
     for old, spec, eseed in plan.db_edits:
-        data = _edit_image(old.data or b"",
-                           lambda con, spec=spec, eseed=eseed: _edit_big_db(con, spec, random.Random(eseed), t_new))
+        data = _edit_image(
+            old.data or b"", lambda con, spec=spec, eseed=eseed: _edit_big_db(con, spec, random.Random(eseed), t_new)
+        )
         new = _edited_row(old, len(data))
         new = BackupFile(new.domain, new.relative_path, new.flags, new.mtime, new.mode, new.size, data)
         by_key[(new.domain, new.relative_path)] = new
         edited.append(new)
-    image = _edit_image(content.manifest_db_bytes(),
-                        lambda con: _apply_manifest_changes(con, plan.deleted, plan.rewritten + edited, plan.added))
+    image = _edit_image(
+        content.manifest_db_bytes(),
+        lambda con: _apply_manifest_changes(con, plan.deleted, plan.rewritten + edited, plan.added),
+    )
     files = _sorted_files(by_key.values())
     return DeviceContent(
-        udid=content.udid, device_name=content.device_name, product_type=content.product_type,
-        product_version=content.product_version, build_version=content.build_version,
-        serial_number=content.serial_number, files=files, backup_date=plan.new_date,
-        manifest_db=image, manifest_signature=files_signature(files),
+        udid=content.udid,
+        device_name=content.device_name,
+        product_type=content.product_type,
+        product_version=content.product_version,
+        build_version=content.build_version,
+        serial_number=content.serial_number,
+        files=files,
+        backup_date=plan.new_date,
+        manifest_db=image,
+        manifest_signature=files_signature(files),
     )
 
 
@@ -1605,16 +1817,23 @@ def mutate_folder(device_dir: Path, *, seed: int = 1) -> dict:
     manifest_plist = plistlib.loads((device_dir / "Manifest.plist").read_bytes())
     status = plistlib.loads((device_dir / "Status.plist").read_bytes())
     lock = manifest_plist["Lockdown"]
-    dev = _Device(lock["UniqueDeviceID"], lock["DeviceName"], lock["ProductType"], lock["ProductVersion"],
-                  lock["BuildVersion"], lock["SerialNumber"])
+    dev = _Device(
+        lock["UniqueDeviceID"],
+        lock["DeviceName"],
+        lock["ProductType"],
+        lock["ProductVersion"],
+        lock["BuildVersion"],
+        lock["SerialNumber"],
+    )
     db_path = device_dir / "Manifest.db"
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
         entries = sorted(con.execute("SELECT domain, relativePath, flags FROM Files"))
 
         def meta(domain: str, path: str) -> BackupFile:
-            row = con.execute("SELECT flags, file FROM Files WHERE domain = ? AND relativePath = ?",
-                              (domain, path)).fetchone()
+            row = con.execute(
+                "SELECT flags, file FROM Files WHERE domain = ? AND relativePath = ?", (domain, path)
+            ).fetchone()
             return _decode_row(domain, path, row[0], row[1])
 
         plan = _plan(entries, meta, _aware(status["Date"]), seed)
@@ -1688,9 +1907,17 @@ def _count_changed_pages_files(a: Path, b: Path) -> int:
 PROFILES = ("default", "many-files")
 
 
-def write_rows_folder(parent: Path, files: Iterable[BackupFile], *, udid: str | None = None,
-                      device_name: str = "Test iPhone", date: datetime = DAY1, password: str | None = None,
-                      directories: bool = True, rounds: int = 1_000) -> Path:
+def write_rows_folder(
+    parent: Path,
+    files: Iterable[BackupFile],
+    *,
+    udid: str | None = None,
+    device_name: str = "Test iPhone",
+    date: datetime = DAY1,
+    password: str | None = None,
+    directories: bool = True,
+    rounds: int = 1_000,
+) -> Path:
     """Write ``parent/<udid>/`` holding exactly ``files`` (rows given by hand: a test's own domains and
     names), plus a directory row for every parent folder when ``directories``; returns that path.
 
@@ -1717,8 +1944,10 @@ def write_rows_folder(parent: Path, files: Iterable[BackupFile], *, udid: str | 
         try:
             con.deserialize(image)
             con.execute("BEGIN")
-            con.executemany("UPDATE Files SET file = ? WHERE fileID = ?",
-                            [(keys.mbfile_blob(f), f.file_id) for f in rows if f.flags == FLAG_FILE])
+            con.executemany(
+                "UPDATE Files SET file = ? WHERE fileID = ?",
+                [(keys.mbfile_blob(f), f.file_id) for f in rows if f.flags == FLAG_FILE],
+            )
             con.execute("COMMIT")
             image = keys.encrypt_manifest_db(con.serialize())
         finally:
@@ -1728,13 +1957,15 @@ def write_rows_folder(parent: Path, files: Iterable[BackupFile], *, udid: str | 
     if keys is not None:
         manifest = plistlib.loads((device_dir / "Manifest.plist").read_bytes())
         manifest.update({"BackupKeyBag": keys.keybag, "ManifestKey": keys.manifest_key, "IsEncrypted": True})
-        _write_file(device_dir / "Manifest.plist", plistlib.dumps(manifest, fmt=plistlib.FMT_BINARY),
-                    _aware(date).timestamp())
+        _write_file(
+            device_dir / "Manifest.plist", plistlib.dumps(manifest, fmt=plistlib.FMT_BINARY), _aware(date).timestamp()
+        )
     return device_dir
 
 
-def generate_many_files(parent: Path, *, seed: int = 1, files: int = 50_000, udid: str | None = None,
-                        device_name: str = "Test iPhone") -> Path:
+def generate_many_files(
+    parent: Path, *, seed: int = 1, files: int = 50_000, udid: str | None = None, device_name: str = "Test iPhone"
+) -> Path:
     """The "many files" profile: about ``files`` small files, streamed to disk and to Manifest.db."""
     from ibsync.testing import many_files  # imports this module: import it only when asked for
 
@@ -1749,13 +1980,18 @@ def mutate_many_files(device_dir: Path, *, seed: int = 1) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ibsync.testing.generator",
-                                 description="Deterministic synthetic iOS backup folders.")
+    ap = argparse.ArgumentParser(
+        prog="python -m ibsync.testing.generator", description="Deterministic synthetic iOS backup folders."
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="write OUT_PARENT/<udid>/ and print its path")
     g.add_argument("out_parent", type=Path)
-    g.add_argument("--profile", choices=PROFILES, default="default",
-                   help="default: sized by --size-mib; many-files: sized by --files")
+    g.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default="default",
+        help="default: sized by --size-mib; many-files: sized by --files",
+    )
     g.add_argument("--size-mib", type=float, help="size of the default profile")
     g.add_argument("--files", type=int, default=50_000, help="file count of the many-files profile (default 50000)")
     g.add_argument("--seed", type=int, default=1)
@@ -1767,13 +2003,21 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
     if args.cmd == "generate" and args.profile == "many-files":
-        print(generate_many_files(args.out_parent, seed=args.seed, files=args.files, udid=args.udid,
-                                  device_name=args.device_name))
+        print(
+            generate_many_files(
+                args.out_parent, seed=args.seed, files=args.files, udid=args.udid, device_name=args.device_name
+            )
+        )
     elif args.cmd == "generate":
         if args.size_mib is None:
             ap.error("--size-mib is required for the default profile")
-        path = generate(args.out_parent, seed=args.seed, size_bytes=int(args.size_mib * MIB), udid=args.udid,
-                        device_name=args.device_name)
+        path = generate(
+            args.out_parent,
+            seed=args.seed,
+            size_bytes=int(args.size_mib * MIB),
+            udid=args.udid,
+            device_name=args.device_name,
+        )
         print(path)
     else:
         mutate = mutate_many_files if args.profile == "many-files" else mutate_folder

@@ -48,11 +48,23 @@ QUICK_FILES = 50_000
 FULL_FILES = 1_000_000
 BLOCK = 32 * KIB  # ibsync's sqlite block size: "multi-block" means more than one of these
 
-KIND_SHARE = {"cache": 0.33, "image": 0.15, "plist": 0.20, "text": 0.12, "tiny": 0.12, "sqlite": 0.045,
-              "sqlite_mb": 0.01, "thumb": 0.025}
+KIND_SHARE = {
+    "cache": 0.33,
+    "image": 0.15,
+    "plist": 0.20,
+    "text": 0.12,
+    "tiny": 0.12,
+    "sqlite": 0.045,
+    "sqlite_mb": 0.01,
+    "thumb": 0.025,
+}
 #: (median bytes, sigma, min, max) of the log-normal sizes
-SIZES = {"cache": (2560, 1.2, 64, 512 * KIB), "image": (8 * KIB, 0.8, 1 * KIB, 256 * KIB),
-         "plist": (1230, 0.9, 300, 64 * KIB), "text": (3 * KIB, 1.0, 100, 128 * KIB)}
+SIZES = {
+    "cache": (2560, 1.2, 64, 512 * KIB),
+    "image": (8 * KIB, 0.8, 1 * KIB, 256 * KIB),
+    "plist": (1230, 0.9, 300, 64 * KIB),
+    "text": (3 * KIB, 1.0, 100, 128 * KIB),
+}
 FILES_PER_PHOTO = 5_000
 FILES_PER_VIDEO = 100_000
 FILES_PER_APP = 3_000
@@ -77,16 +89,27 @@ ARCHETYPE_KINDS = {
 }
 #: Folder templates per kind: {b} bundle, {C} a CamelCase word, {w} a word, {h} two hex digits, {u} a UUID.
 FOLDERS = {
-    "cache": ("Library/Caches/{b}/fsCachedData", "Library/Caches/{C}/{C}", "Library/Caches/{b}/{h}",
-              "Library/Caches/{C}/com.apple.nsurlsessiond/{w}"),
-    "image": ("Library/Caches/com.hackemist.SDImageCache/default", "Library/SplashBoard/Snapshots/sceneID:{b}-default",
-              "Documents/{C}/Media/{h}", "Library/Caches/{C}/Images"),
-    "plist": ("Library/Preferences", "Library/Application Support/{C}", "Library/Caches/{C}/{C}",
-              "Library/Application Support/{C}/{C}"),
+    "cache": (
+        "Library/Caches/{b}/fsCachedData",
+        "Library/Caches/{C}/{C}",
+        "Library/Caches/{b}/{h}",
+        "Library/Caches/{C}/com.apple.nsurlsessiond/{w}",
+    ),
+    "image": (
+        "Library/Caches/com.hackemist.SDImageCache/default",
+        "Library/SplashBoard/Snapshots/sceneID:{b}-default",
+        "Documents/{C}/Media/{h}",
+        "Library/Caches/{C}/Images",
+    ),
+    "plist": (
+        "Library/Preferences",
+        "Library/Application Support/{C}",
+        "Library/Caches/{C}/{C}",
+        "Library/Application Support/{C}/{C}",
+    ),
     "text": ("Library/Caches/Logs", "Library/Application Support/Analytics", "Documents/{C}", "Library/Logs/{C}"),
     "tiny": ("tmp/{C}", "Library/Application Support/{C}", "Library/Caches/{C}/{u}"),
-    "sqlite": ("Library/Application Support/{C}", "Library/Caches/{b}", "Documents/{C}/{C}",
-               "Library/Caches/{C}/{w}"),
+    "sqlite": ("Library/Application Support/{C}", "Library/Caches/{b}", "Documents/{C}/{C}", "Library/Caches/{C}/{w}"),
     "sqlite_mb": ("Library/Application Support/{C}", "Documents/{C}", "Library/Application Support/{C}/Stores"),
 }
 MEDIA_FOLDERS = ("Library/SMS/Attachments/{h}/{h2}/{u}", "Media/Recordings", "Library/SMS/StickerCache/{h}")
@@ -132,7 +155,7 @@ def _apportion(total: int, weights: list[float]) -> list[int]:
     s = sum(weights)
     raw = [total * w / s for w in weights]
     counts = [int(x) for x in raw]
-    for i in sorted(range(len(raw)), key=lambda i: counts[i] - raw[i])[:total - sum(counts)]:
+    for i in sorted(range(len(raw)), key=lambda i: counts[i] - raw[i])[: total - sum(counts)]:
         counts[i] += 1
     return counts
 
@@ -142,8 +165,8 @@ def _domain_plans(n_small: int, seed: int, lex) -> list[_DomainPlan]:
     rnd = random.Random(f"ibsync-many-domains:{seed}")
     n_apps = max(16, n_small // FILES_PER_APP)
     apps = _app_bundles_for(n_apps, rnd, lex)
-    groups = list(g._GROUPS) + [f"group.{b}" for b in apps[len(g._APPS):len(g._APPS) + n_apps // 3]]
-    plugins = list(g._PLUGINS) + [f"{b}.{rnd.choice(lex.camel)}Extension" for b in apps[:n_apps // 2]]
+    groups = list(g._GROUPS) + [f"group.{b}" for b in apps[len(g._APPS) : len(g._APPS) + n_apps // 3]]
+    plugins = list(g._PLUGINS) + [f"{b}.{rnd.choice(lex.camel)}Extension" for b in apps[: n_apps // 2]]
     sys_ids = list(g._SYS_CONTAINERS) + [s for s in g._APPLE_SUBSYSTEMS if s not in g._SYS_CONTAINERS]
     shared = list(g._SYS_SHARED) + [f"systemgroup.com.apple.{w.lower()}" for w in lex.camel[:7]]
     families = {
@@ -175,8 +198,14 @@ class _Namer:
 
     def folder(self, template: str) -> str:
         rnd = self.rnd
-        return template.format(b=self.bundle, C=rnd.choice(self.lex.camel), w=self._w(), h=f"{rnd.randrange(256):02x}",
-                               h2=f"{rnd.randrange(16):02d}", u=g._uuid_str(rnd))
+        return template.format(
+            b=self.bundle,
+            C=rnd.choice(self.lex.camel),
+            w=self._w(),
+            h=f"{rnd.randrange(256):02x}",
+            h2=f"{rnd.randrange(16):02d}",
+            u=g._uuid_str(rnd),
+        )
 
     def _w(self) -> str:
         return self.rnd.choice(self.lex.words[:_WORDS_FOR_NAMES])
@@ -188,8 +217,13 @@ class _Namer:
         if kind == "image":
             return rnd.randbytes(16).hex() + rnd.choice((".jpg", ".jpg", ".png", ".jpeg"))
         if kind == "plist":
-            return (f"{self.bundle}.{self._w()}.plist" if rnd.random() < 0.3 else f"{g._uuid_str(rnd)}.plist"
-                    if rnd.random() < 0.5 else f"{self._w()}-{rnd.randrange(10000)}.plist")
+            return (
+                f"{self.bundle}.{self._w()}.plist"
+                if rnd.random() < 0.3
+                else f"{g._uuid_str(rnd)}.plist"
+                if rnd.random() < 0.5
+                else f"{self._w()}-{rnd.randrange(10000)}.plist"
+            )
         if kind == "text":
             return f"{self._w()}-{rnd.randrange(100000)}{rnd.choice(_TEXT_EXT)}"
         if kind == "tiny":
@@ -244,7 +278,11 @@ def _payload(kind: str, rnd: random.Random, lex, size: int, path: str, t0: int) 
     if kind == "text":
         return g.make_text(rnd, lex, size, t0, json_lines=path.endswith(".json"))
     if kind == "tiny":
-        return b"" if size == 0 else json.dumps({"v": rnd.randrange(1 << 30), "s": rnd.randbytes(size // 2).hex()}).encode()
+        return (
+            b""
+            if size == 0
+            else json.dumps({"v": rnd.randrange(1 << 30), "s": rnd.randbytes(size // 2).hex()}).encode()
+        )
     if kind == "cache" and rnd.random() < 0.5:  # an HTTP response body: JSON
         return g.make_text(rnd, lex, size, t0, json_lines=True)
     head = g._JPEG_HEAD if kind in ("image", "thumb") or path.endswith((".jpg", ".jpeg")) else b""
@@ -315,8 +353,9 @@ def _write(device_dir: Path, f: BackupFile, data: bytes) -> None:
         os.close(fd)
 
 
-def _domain_rows(plan: _DomainPlan | None, domain: str, extra: list[tuple[BackupFile, bytes | None]], seed: int,
-                 lex, day1: int) -> Iterator[tuple[BackupFile, bytes | None]]:
+def _domain_rows(
+    plan: _DomainPlan | None, domain: str, extra: list[tuple[BackupFile, bytes | None]], seed: int, lex, day1: int
+) -> Iterator[tuple[BackupFile, bytes | None]]:
     """The domain's rows in path order, directories included; files come with their payload, made only when
     their turn comes (``extra``: the few well-known rows, already made, merged in)."""
     rnd = random.Random(f"ibsync-many-content:{seed}:{domain}")
@@ -339,8 +378,13 @@ def _domain_rows(plan: _DomainPlan | None, domain: str, extra: list[tuple[Backup
         yield BackupFile(domain, path, FLAG_FILE, mtime, MODE_FILE, len(data)), data
 
 
-def _camera_rows(n_photos: int, n_videos: int, n_thumbs: int, seed: int, day1: int,
-                 ) -> Iterator[tuple[BackupFile, bytes | None]]:
+def _camera_rows(
+    n_photos: int,
+    n_videos: int,
+    n_thumbs: int,
+    seed: int,
+    day1: int,
+) -> Iterator[tuple[BackupFile, bytes | None]]:
     """CameraRollDomain: ``n_thumbs`` thumbnails of assets (the newest have their photo or video too)."""
     rnd = random.Random(f"ibsync-many-camera:{seed}")
     n_assets = max(n_thumbs, n_photos + n_videos)
@@ -351,11 +395,26 @@ def _camera_rows(n_photos: int, n_videos: int, n_thumbs: int, seed: int, day1: i
     rows: list[tuple[BackupFile, str]] = []
     for i in range(n_assets):
         ext = "MOV" if i in videos else "HEIC"
-        rows.append((BackupFile("CameraRollDomain", g._thumb_path(first + i, ext), FLAG_FILE,
-                                mtimes[i] + rnd.randrange(60, 600), MODE_FILE, 0), "thumb"))
+        rows.append(
+            (
+                BackupFile(
+                    "CameraRollDomain",
+                    g._thumb_path(first + i, ext),
+                    FLAG_FILE,
+                    mtimes[i] + rnd.randrange(60, 600),
+                    MODE_FILE,
+                    0,
+                ),
+                "thumb",
+            )
+        )
         if i in local:
-            rows.append((BackupFile("CameraRollDomain", g._photo_path(first + i, ext), FLAG_FILE, mtimes[i],
-                                    MODE_FILE, 0), "video" if ext == "MOV" else "photo"))
+            rows.append(
+                (
+                    BackupFile("CameraRollDomain", g._photo_path(first + i, ext), FLAG_FILE, mtimes[i], MODE_FILE, 0),
+                    "video" if ext == "MOV" else "photo",
+                )
+            )
     dirs = {d.relative_path: d for d in g._with_directories([r for r, _ in rows])}
     items = sorted([(p, None) for p in dirs] + [(r.relative_path, (r, k)) for r, k in rows], key=lambda x: x[0])
     for path, rk in items:
@@ -380,15 +439,18 @@ def _well_known_rows(seed: int, lex, day1: int) -> dict[str, list[tuple[BackupFi
         kind = {"random": "cache", "sqlite": "sqlite_mb"}.get(kind, kind)
         mtime = day1 - g._age(rnd)
         data = _payload(kind, rnd, lex, _size(kind, rnd), path, mtime)
-        by_domain.setdefault(domain, []).append((BackupFile(domain, path, FLAG_FILE, mtime, MODE_FILE, len(data)), data))
+        by_domain.setdefault(domain, []).append(
+            (BackupFile(domain, path, FLAG_FILE, mtime, MODE_FILE, len(data)), data)
+        )
     for domain, path, target in g._SYMLINKS:
         row = BackupFile(domain, path, g.FLAG_SYMLINK, day1 - g._age(rnd, 30 * DAY), g.MODE_SYMLINK, 0, None, target)
         by_domain.setdefault(domain, []).append((row, None))
     return by_domain
 
 
-def generate(parent: Path, *, seed: int = 1, files: int = QUICK_FILES, udid: str | None = None,
-             device_name: str = "Test iPhone") -> Path:
+def generate(
+    parent: Path, *, seed: int = 1, files: int = QUICK_FILES, udid: str | None = None, device_name: str = "Test iPhone"
+) -> Path:
     """Write ``parent/<udid>/`` with about ``files`` payload files (plus directory rows in Manifest.db);
     returns the device folder. Deterministic for a given seed and count."""
     if files < 1_000:
@@ -407,8 +469,9 @@ def generate(parent: Path, *, seed: int = 1, files: int = QUICK_FILES, udid: str
     db = _ManifestWriter(device_dir / "Manifest.db")
     try:
         for domain in sorted(set(plans) | set(known) | {"CameraRollDomain"}):
-            for row, data in _rows_of(domain, plans.get(domain), known.get(domain, []), seed, lex, day1,
-                                      (n_photos, n_videos, n_thumbs)):
+            for row, data in _rows_of(
+                domain, plans.get(domain), known.get(domain, []), seed, lex, day1, (n_photos, n_videos, n_thumbs)
+            ):
                 if data is not None:
                     _write(device_dir, row, data)
                 db.add(row)
@@ -420,8 +483,9 @@ def generate(parent: Path, *, seed: int = 1, files: int = QUICK_FILES, udid: str
     return device_dir
 
 
-def _rows_of(domain: str, plan: _DomainPlan | None, known: list, seed: int, lex, day1: int,
-             camera: tuple[int, int, int]) -> Iterator[tuple[BackupFile, bytes | None]]:
+def _rows_of(
+    domain: str, plan: _DomainPlan | None, known: list, seed: int, lex, day1: int, camera: tuple[int, int, int]
+) -> Iterator[tuple[BackupFile, bytes | None]]:
     """All rows of one domain in path order: its planned and well-known files, or the camera roll."""
     if domain == "CameraRollDomain":
         return _camera_rows(*camera, seed, day1)
@@ -452,8 +516,9 @@ def _sample_rows(con: sqlite3.Connection, rnd: random.Random, n: int, exclude: s
     tries = 0
     while len(out) < n and tries < 50 * n + 1000:
         tries += 1
-        row = con.execute("SELECT fileID, domain, relativePath, flags, file FROM Files WHERE rowid = ?",
-                          (rnd.randint(1, max_rowid),)).fetchone()
+        row = con.execute(
+            "SELECT fileID, domain, relativePath, flags, file FROM Files WHERE rowid = ?", (rnd.randint(1, max_rowid),)
+        ).fetchone()
         if row is None or row[3] != FLAG_FILE or row[0] in out or row[0] in exclude:
             continue
         if row[1] == "CameraRollDomain" and row[2].startswith("Media/DCIM/"):
@@ -473,16 +538,26 @@ def _edit_sqlite(path: Path, rnd: random.Random, lex, t: int) -> None:
     """A day's use of a small app database, through sqlite, in place: some rows updated, a few inserted."""
     con = g._open_for_edit(path)
     try:
-        table = con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-                            "ORDER BY rowid LIMIT 1").fetchone()[0]
+        table = con.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY rowid LIMIT 1"
+        ).fetchone()[0]
         schema = next(s for s in g._SMALL_DB_SCHEMAS if f"TABLE {table} " in s[0])
         max_rowid = con.execute(f"SELECT max(rowid) FROM {table}").fetchone()[0] or 1
         int_col = {"ZRECORD": "ZFLAGS", "cfurl_cache_response": "hash_value", "events": "state"}[table]
         con.execute("BEGIN")
         for _ in range(rnd.randint(1, 6)):
-            con.execute(f"UPDATE {table} SET {int_col} = ? WHERE rowid = ?", (rnd.randrange(65536), rnd.randint(1, max_rowid)))
-        rows = [(g._uuid_str(rnd), t - rnd.randrange(DAY), lex.sentences[rnd.randrange(len(lex.sentences))],
-                 rnd.randrange(65536)) for _ in range(rnd.randint(1, 8))]
+            con.execute(
+                f"UPDATE {table} SET {int_col} = ? WHERE rowid = ?", (rnd.randrange(65536), rnd.randint(1, max_rowid))
+            )
+        rows = [
+            (
+                g._uuid_str(rnd),
+                t - rnd.randrange(DAY),
+                lex.sentences[rnd.randrange(len(lex.sentences))],
+                rnd.randrange(65536),
+            )
+            for _ in range(rnd.randint(1, 8))
+        ]
         con.executemany(schema[3], rows)
         con.execute("COMMIT")
     finally:
@@ -516,8 +591,9 @@ def _touch(device_dir: Path, r: _Row, rnd: random.Random, lex, t_new: int) -> tu
     return BackupFile(r.domain, r.path, FLAG_FILE, mtime, MODE_FILE, size), how
 
 
-def _new_sibling(device_dir: Path, con: sqlite3.Connection, r: _Row, rnd: random.Random, lex, t_new: int,
-                 taken: set[str]) -> BackupFile:
+def _new_sibling(
+    device_dir: Path, con: sqlite3.Connection, r: _Row, rnd: random.Random, lex, t_new: int, taken: set[str]
+) -> BackupFile:
     """A new file beside an existing one, of the same kind (a new cache entry, a new log), under a name that
     no row has and no other new file took."""
     kind = _kind_of(r.path, r.old.size)
@@ -548,8 +624,10 @@ def _new_photos(device_dir: Path, con: sqlite3.Connection, rnd: random.Random, t
     for _ in range(max(2, round(n_photos * NEW_PHOTOS_PER_PHOTO))):
         num += 1
         t = t_new - rnd.randrange(12 * 3600)
-        for path, data in ((g._photo_path(num, "HEIC"), g.make_photo(rnd, rnd.randint(*g.NEW_PHOTO_SIZE))),
-                           (g._thumb_path(num, "HEIC"), g.make_random(rnd, _size("thumb", rnd), g._JPEG_HEAD))):
+        for path, data in (
+            (g._photo_path(num, "HEIC"), g.make_photo(rnd, rnd.randint(*g.NEW_PHOTO_SIZE))),
+            (g._thumb_path(num, "HEIC"), g.make_random(rnd, _size("thumb", rnd), g._JPEG_HEAD)),
+        ):
             f = BackupFile("CameraRollDomain", path, FLAG_FILE, t, MODE_FILE, len(data))
             _write(device_dir, f, data)
             out.append(f)
@@ -558,9 +636,17 @@ def _new_photos(device_dir: Path, con: sqlite3.Connection, rnd: random.Random, t
 
 def _missing_dirs(con: sqlite3.Connection, added: list[BackupFile]) -> list[BackupFile]:
     candidates = g._with_directories(added)
-    have = {fid for (fid,) in con.execute(
-        f"SELECT fileID FROM Files WHERE fileID IN ({','.join('?' * len(candidates))})",
-        [d.file_id for d in candidates])} if candidates else set()
+    have = (
+        {
+            fid
+            for (fid,) in con.execute(
+                f"SELECT fileID FROM Files WHERE fileID IN ({','.join('?' * len(candidates))})",
+                [d.file_id for d in candidates],
+            )
+        }
+        if candidates
+        else set()
+    )
     return [d for d in candidates if d.file_id not in have]
 
 
@@ -573,8 +659,14 @@ def mutate(device_dir: Path, *, seed: int = 1) -> dict:
     status = plistlib.loads((device_dir / "Status.plist").read_bytes())
     manifest_plist = plistlib.loads((device_dir / "Manifest.plist").read_bytes())
     lock = manifest_plist["Lockdown"]
-    dev = g._Device(lock["UniqueDeviceID"], lock["DeviceName"], lock["ProductType"], lock["ProductVersion"],
-                    lock["BuildVersion"], lock["SerialNumber"])
+    dev = g._Device(
+        lock["UniqueDeviceID"],
+        lock["DeviceName"],
+        lock["ProductType"],
+        lock["ProductVersion"],
+        lock["BuildVersion"],
+        lock["SerialNumber"],
+    )
     new_date = g._aware(status["Date"]) + timedelta(days=1)
     t_new = int(new_date.timestamp())
     rnd = random.Random(f"ibsync-many-mutate:{seed}")

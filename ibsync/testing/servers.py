@@ -138,8 +138,13 @@ class Server:
             log.flush()
             env = None if self.env is None else {**os.environ, **self.env}
             self._proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.workdir, env=env, start_new_session=True,
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=env,
+                start_new_session=True,
             )
         try:
             self._wait_ready(timeout)
@@ -199,6 +204,7 @@ def _toml_value(v: Any) -> str:
 
 
 # --- process and port helpers -------------------------------------------------------------------------------------
+
 
 def _stop_tree(proc: subprocess.Popen, timeout: float) -> None:
     """TERM, then KILL, the server's process group and every descendant, and wait until none is left.
@@ -353,14 +359,19 @@ def _launch(server: Server) -> Server:
 
 # --- probes -------------------------------------------------------------------------------------------------------
 
+
 def _s3_client(endpoint: str, key: str, secret: str) -> Any:
     import botocore.config
     import botocore.session
 
     config = botocore.config.Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1})
     return botocore.session.get_session().create_client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1",
-        aws_access_key_id=key, aws_secret_access_key=secret, config=config,
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        config=config,
     )
 
 
@@ -417,9 +428,13 @@ def _webdav_probe(port: int, user: str, password: str) -> Callable[[], None]:
 
 # --- S3 -----------------------------------------------------------------------------------------------------------
 
+
 def _s3_options(port: int, key: str, secret: str) -> dict[str, Any]:
-    return {"key": key, "secret": secret,
-            "client_kwargs": {"endpoint_url": f"http://{HOST}:{port}", "region_name": "us-east-1"}}
+    return {
+        "key": key,
+        "secret": secret,
+        "client_kwargs": {"endpoint_url": f"http://{HOST}:{port}", "region_name": "us-east-1"},
+    }
 
 
 def _remove_seaweed_sockets(ports: list[int]) -> Callable[[], None]:
@@ -440,30 +455,53 @@ def start_seaweedfs(workdir: Path) -> Server:
     (workdir / "data").mkdir(exist_ok=True)
     (workdir / "weedlog").mkdir(exist_ok=True)
     key, secret = "ibsync-" + secrets.token_hex(4), secrets.token_hex(16)
-    identities = {"identities": [{"name": "ibsync", "credentials": [{"accessKey": key, "secretKey": secret}],
-                                  "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
+    identities = {
+        "identities": [
+            {
+                "name": "ibsync",
+                "credentials": [{"accessKey": key, "secretKey": secret}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
+        ]
+    }
     (workdir / "s3.json").write_text(json.dumps(identities))
     s3, master, volume, filer, admin = _free_ports(5, grpc_offset=SEAWEED_GRPC_OFFSET)
     http_ports = {"s3": s3, "master": master, "volume": volume, "filer": filer, "admin": admin}
-    argv = [weed, f"-logdir={workdir / 'weedlog'}", "mini", f"-dir={workdir / 'data'}",
-            f"-ip={HOST}", f"-ip.bind={HOST}"]
+    argv = [
+        weed,
+        f"-logdir={workdir / 'weedlog'}",
+        "mini",
+        f"-dir={workdir / 'data'}",
+        f"-ip={HOST}",
+        f"-ip.bind={HOST}",
+    ]
     for component, port in http_ports.items():
         argv += [f"-{component}.port={port}", f"-{component}.port.grpc={port + SEAWEED_GRPC_OFFSET}"]
     argv += [
         "-master.telemetry=false",  # on by default: would post to telemetry.seaweedfs.com
-        "-webdav=false", "-admin.ui=false",  # the admin ports bind anyway, hence set above
-        "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed ports 8181 / 9101 otherwise
+        "-webdav=false",
+        "-admin.ui=false",  # the admin ports bind anyway, hence set above
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",  # fixed ports 8181 / 9101 otherwise
         "-volume.preStopSeconds=0",  # graceful stop in about 1.2 s instead of 2.3 s
         "-s3.autoCreateBucket=false",  # as on AWS: a write to a missing bucket fails (NoSuchBucket)
-        f"-s3.config={workdir / 's3.json'}", f"-bucket={BUCKET}",
+        f"-s3.config={workdir / 's3.json'}",
+        f"-bucket={BUCKET}",
     ]
     all_ports = [*http_ports.values(), *(p + SEAWEED_GRPC_OFFSET for p in http_ports.values())]
-    return _launch(Server(
-        kind="seaweedfs", options=_s3_options(s3, key, secret), workdir=workdir, root=f"s3://{BUCKET}",
-        ports=all_ports, argv=argv, env=_private_env(workdir),
-        probe=_s3_bucket_probe(f"http://{HOST}:{s3}", key, secret, create=False),
-        after_stop=_remove_seaweed_sockets(all_ports),
-    ))
+    return _launch(
+        Server(
+            kind="seaweedfs",
+            options=_s3_options(s3, key, secret),
+            workdir=workdir,
+            root=f"s3://{BUCKET}",
+            ports=all_ports,
+            argv=argv,
+            env=_private_env(workdir),
+            probe=_s3_bucket_probe(f"http://{HOST}:{s3}", key, secret, create=False),
+            after_stop=_remove_seaweed_sockets(all_ports),
+        )
+    )
 
 
 def start_moto(workdir: Path) -> Server:
@@ -474,19 +512,31 @@ def start_moto(workdir: Path) -> Server:
     key, secret = "ibsync-" + secrets.token_hex(4), secrets.token_hex(16)  # moto accepts any
     # The module, not the moto_server script: no pyenv shim in between, same environment as the tests.
     argv = [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)]
-    return _launch(Server(
-        kind="moto", options=_s3_options(port, key, secret), workdir=workdir, root=f"s3://{BUCKET}",
-        ports=[port], argv=argv, env=_private_env(workdir),
-        probe=_s3_bucket_probe(f"http://{HOST}:{port}", key, secret, create=True),
-    ))
+    return _launch(
+        Server(
+            kind="moto",
+            options=_s3_options(port, key, secret),
+            workdir=workdir,
+            root=f"s3://{BUCKET}",
+            ports=[port],
+            argv=argv,
+            env=_private_env(workdir),
+            probe=_s3_bucket_probe(f"http://{HOST}:{port}", key, secret, create=True),
+        )
+    )
 
 
 # --- SFTP ---------------------------------------------------------------------------------------------------------
 
+
 def _keygen(ssh_keygen: str, path: Path, comment: str) -> None:
     if not path.exists():
-        subprocess.run([ssh_keygen, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-                       check=True, stdin=subprocess.DEVNULL, capture_output=True)
+        subprocess.run(
+            [ssh_keygen, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        )
 
 
 def start_sshd(workdir: Path) -> Server:
@@ -512,35 +562,47 @@ def start_sshd(workdir: Path) -> Server:
     known_hosts.write_text(f"[{HOST}]:{port} {host_pub}\n")
     user = _current_user()
     config = ssh_dir / "sshd_config"
-    config.write_text("\n".join([
-        f"Port {port}",
-        f"ListenAddress {HOST}",
-        f"HostKey {host_key}",
-        f"PidFile {ssh_dir / 'sshd.pid'}",
-        f"AuthorizedKeysFile {ssh_dir / 'authorized_keys'}",  # absolute: not the user's ~/.ssh
-        f"AllowUsers {user}",
-        "PubkeyAuthentication yes",
-        "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no",
-        "PermitRootLogin prohibit-password",
-        "StrictModes no",  # the workdir belongs to whoever runs the tests, modes are whatever tmp gives
-        "UsePAM no",
-        "UseDNS no",
-        "Subsystem sftp internal-sftp",
-        # Concurrency tests open many connections and channels at once; the defaults (10 unauthenticated
-        # connections, 10 sessions) would drop some of them.
-        "MaxStartups 200",
-        "MaxSessions 200",
-        "",
-    ]))
+    config.write_text(
+        "\n".join(
+            [
+                f"Port {port}",
+                f"ListenAddress {HOST}",
+                f"HostKey {host_key}",
+                f"PidFile {ssh_dir / 'sshd.pid'}",
+                f"AuthorizedKeysFile {ssh_dir / 'authorized_keys'}",  # absolute: not the user's ~/.ssh
+                f"AllowUsers {user}",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PermitRootLogin prohibit-password",
+                "StrictModes no",  # the workdir belongs to whoever runs the tests, modes are whatever tmp gives
+                "UsePAM no",
+                "UseDNS no",
+                "Subsystem sftp internal-sftp",
+                # Concurrency tests open many connections and channels at once; the defaults (10 unauthenticated
+                # connections, 10 sessions) would drop some of them.
+                "MaxStartups 200",
+                "MaxSessions 200",
+                "",
+            ]
+        )
+    )
     options = {"client_keys": [str(client_key)], "known_hosts": str(known_hosts)}
-    return _launch(Server(
-        kind="sshd", options=options, workdir=workdir, root=f"sftp://{user}@{HOST}:{port}{sftp_root}",
-        ports=[port], argv=[sshd, "-D", "-e", "-f", str(config)], probe=_ssh_banner_probe(port),
-    ))
+    return _launch(
+        Server(
+            kind="sshd",
+            options=options,
+            workdir=workdir,
+            root=f"sftp://{user}@{HOST}:{port}{sftp_root}",
+            ports=[port],
+            argv=[sshd, "-D", "-e", "-f", str(config)],
+            probe=_ssh_banner_probe(port),
+        )
+    )
 
 
 # --- SMB ----------------------------------------------------------------------------------------------------------
+
 
 def start_samba(workdir: Path) -> Server:
     """Samba smbd: share ``backup`` at ``workdir/smb-share``, one user (the current Unix user) with a password."""
@@ -556,49 +618,66 @@ def start_samba(workdir: Path) -> Server:
     (port,) = _free_ports(1)
     user, password = _current_user(), secrets.token_urlsafe(12)
     config = state / "smb.conf"
-    config.write_text("\n".join([
-        "[global]",
-        "server role = standalone server",
-        f"smb ports = {port}",
-        f"interfaces = {HOST}",
-        "bind interfaces only = yes",
-        "disable netbios = yes",
-        # Every state file in the workdir: no system configuration, no root-owned /var/lib/samba needed.
-        f"lock directory = {dirs['lock']}",
-        f"state directory = {dirs['state']}",
-        f"cache directory = {dirs['cache']}",
-        f"private dir = {dirs['private']}",
-        f"pid directory = {dirs['pid']}",
-        f"ncalrpc dir = {dirs['ncalrpc']}",
-        f"binddns dir = {dirs['binddns']}",
-        f"passdb backend = tdbsam:{dirs['private'] / 'passdb.tdb'}",
-        "log level = 1",
-        "load printers = no",
-        "printcap name = /dev/null",
-        "disable spoolss = yes",
-        "map to guest = never",
-        "",
-        "[backup]",
-        f"path = {share}",
-        "read only = no",
-        "guest ok = no",
-        f"valid users = {user}",
-        "",
-    ]))
+    config.write_text(
+        "\n".join(
+            [
+                "[global]",
+                "server role = standalone server",
+                f"smb ports = {port}",
+                f"interfaces = {HOST}",
+                "bind interfaces only = yes",
+                "disable netbios = yes",
+                # Every state file in the workdir: no system configuration, no root-owned /var/lib/samba needed.
+                f"lock directory = {dirs['lock']}",
+                f"state directory = {dirs['state']}",
+                f"cache directory = {dirs['cache']}",
+                f"private dir = {dirs['private']}",
+                f"pid directory = {dirs['pid']}",
+                f"ncalrpc dir = {dirs['ncalrpc']}",
+                f"binddns dir = {dirs['binddns']}",
+                f"passdb backend = tdbsam:{dirs['private'] / 'passdb.tdb'}",
+                "log level = 1",
+                "load printers = no",
+                "printcap name = /dev/null",
+                "disable spoolss = yes",
+                "map to guest = never",
+                "",
+                "[backup]",
+                f"path = {share}",
+                "read only = no",
+                "guest ok = no",
+                f"valid users = {user}",
+                "",
+            ]
+        )
+    )
     # pdbedit, unlike smbpasswd -a, also works as non-root; -t reads the password twice from stdin.
-    created = subprocess.run([pdbedit, "-s", str(config), "-a", "-u", user, "-t"], input=f"{password}\n{password}\n",
-                             capture_output=True, text=True, check=False)
+    created = subprocess.run(
+        [pdbedit, "-s", str(config), "-a", "-u", user, "-t"],
+        input=f"{password}\n{password}\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if created.returncode != 0:
         raise ServerUnavailable(f"samba: pdbedit could not create user {user}: {created.stderr or created.stdout}")
     argv = [smbd, "--foreground", "--no-process-group", "--debug-stdout", f"--configfile={config}"]
-    return _launch(Server(
-        kind="samba", options={"username": user, "password": password}, workdir=workdir,
-        root=f"smb://{HOST}:{port}/backup", ports=[port], argv=argv, env=_private_env(workdir),
-        probe=_tcp_probe(port),
-    ))
+    return _launch(
+        Server(
+            kind="samba",
+            options={"username": user, "password": password},
+            workdir=workdir,
+            root=f"smb://{HOST}:{port}/backup",
+            ports=[port],
+            argv=argv,
+            env=_private_env(workdir),
+            probe=_tcp_probe(port),
+        )
+    )
 
 
 # --- WebDAV -------------------------------------------------------------------------------------------------------
+
 
 def _webdav_account() -> tuple[str, str]:
     return "ibsync", secrets.token_urlsafe(12)
@@ -612,13 +691,32 @@ def start_rclone_webdav(workdir: Path) -> Server:
     data.mkdir(exist_ok=True)
     (port,) = _free_ports(1)
     user, password = _webdav_account()
-    argv = [rclone, "--config", "/dev/null", "serve", "webdav", "--addr", f"{HOST}:{port}",
-            "--user", user, "--pass", password, str(data)]
-    return _launch(Server(
-        kind="rclone-webdav", options={"auth": [user, password]}, workdir=workdir,
-        root=f"webdav+http://{HOST}:{port}", ports=[port], argv=argv, env=_private_env(workdir),
-        probe=_webdav_probe(port, user, password),
-    ))
+    argv = [
+        rclone,
+        "--config",
+        "/dev/null",
+        "serve",
+        "webdav",
+        "--addr",
+        f"{HOST}:{port}",
+        "--user",
+        user,
+        "--pass",
+        password,
+        str(data),
+    ]
+    return _launch(
+        Server(
+            kind="rclone-webdav",
+            options={"auth": [user, password]},
+            workdir=workdir,
+            root=f"webdav+http://{HOST}:{port}",
+            ports=[port],
+            argv=argv,
+            env=_private_env(workdir),
+            probe=_webdav_probe(port, user, password),
+        )
+    )
 
 
 def start_wsgidav(workdir: Path) -> Server:
@@ -632,24 +730,35 @@ def start_wsgidav(workdir: Path) -> Server:
     (port,) = _free_ports(1)
     user, password = _webdav_account()
     config = workdir / "wsgidav.yaml"
-    config.write_text(yaml.safe_dump({
-        "host": HOST,
-        "port": port,
-        "provider_mapping": {"/": {"root": str(data), "readonly": False}},
-        "simple_dc": {"user_mapping": {"*": {user: {"password": password}}}},
-        # httpx sends Basic credentials up front; digest would cost an extra round trip per request.
-        "http_authenticator": {"accept_basic": True, "accept_digest": False, "default_to_digest": False},
-        "lock_storage": True,
-        "dir_browser": {"enable": False},
-        "verbose": 1,  # errors only: one log line per request would dominate a benchmark's log
-        "logging": {"enable_loggers": []},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "host": HOST,
+                "port": port,
+                "provider_mapping": {"/": {"root": str(data), "readonly": False}},
+                "simple_dc": {"user_mapping": {"*": {user: {"password": password}}}},
+                # httpx sends Basic credentials up front; digest would cost an extra round trip per request.
+                "http_authenticator": {"accept_basic": True, "accept_digest": False, "default_to_digest": False},
+                "lock_storage": True,
+                "dir_browser": {"enable": False},
+                "verbose": 1,  # errors only: one log line per request would dominate a benchmark's log
+                "logging": {"enable_loggers": []},
+            }
+        )
+    )
     argv = [sys.executable, "-m", "wsgidav.server.server_cli", "--config", str(config)]
-    return _launch(Server(
-        kind="wsgidav", options={"auth": [user, password]}, workdir=workdir,
-        root=f"webdav+http://{HOST}:{port}", ports=[port], argv=argv, env=_private_env(workdir),
-        probe=_webdav_probe(port, user, password),
-    ))
+    return _launch(
+        Server(
+            kind="wsgidav",
+            options={"auth": [user, password]},
+            workdir=workdir,
+            root=f"webdav+http://{HOST}:{port}",
+            ports=[port],
+            argv=argv,
+            env=_private_env(workdir),
+            probe=_webdav_probe(port, user, password),
+        )
+    )
 
 
 STARTERS: dict[str, Callable[[Path], Server]] = {

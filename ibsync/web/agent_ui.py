@@ -40,8 +40,13 @@ class AgentUi:
         listener = listen(settings.ui, state_dir=history_path.parent, where=f"config file {config_path}, [agent]")
         login_file = history_path.parent / LOGIN_FILE
         # its own connection to the history: the agent's is used by the agent's loop meanwhile
-        ctx = WebContext(config_path=config_path if config_path.exists() else None, settings=settings,
-                         history=History(history_path), request_backup=agent.request_backup, auth=listener.auth)
+        ctx = WebContext(
+            config_path=config_path if config_path.exists() else None,
+            settings=settings,
+            history=History(history_path),
+            request_backup=agent.request_backup,
+            auth=listener.auth,
+        )
         listener.auth.on_new_token = lambda url: _write_private(login_file, url)
         ctx.jobs.describe_result = lambda job, result: _snapshot_link(ctx, job, result)
         agent.jobs = ctx.jobs

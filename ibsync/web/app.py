@@ -59,10 +59,17 @@ def page_routes() -> list[BaseRoute]:
 def create_app(ctx: WebContext) -> Starlette:
     auth = ctx.auth if ctx.auth is not None else Auth()
     ctx.auth = auth
-    routes = [*login_routes(auth), *page_routes(),
-              Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static")]
-    app = Starlette(routes=routes, middleware=[Middleware(SecurityHeaders), Middleware(AuthMiddleware, auth=auth)],
-                    exception_handlers={IbsyncError: _user_error}, lifespan=_lifespan)
+    routes = [
+        *login_routes(auth),
+        *page_routes(),
+        Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(SecurityHeaders), Middleware(AuthMiddleware, auth=auth)],
+        exception_handlers={IbsyncError: _user_error},
+        lifespan=_lifespan,
+    )
     app.state.ctx = ctx
     app.state.auth = auth
     app.state.templates = make_templates()
@@ -93,5 +100,8 @@ async def _user_error(request: Request, exc: Exception) -> Response:
 
         return JSONResponse({"error": str(exc)}, status_code=status)
     return request.app.state.templates.TemplateResponse(
-        request, "error.html", {"title": "Error", "message": str(exc), "back": request.headers.get("referer")},
-        status_code=status)
+        request,
+        "error.html",
+        {"title": "Error", "message": str(exc), "back": request.headers.get("referer")},
+        status_code=status,
+    )

@@ -87,6 +87,7 @@ class WebSession:
         with self._lock:
             ring = self._keyrings.get(key)
             if ring is None:
+
                 def password() -> str:
                     pw = self.backup_passwords.get(key)
                     if pw is None:
@@ -206,8 +207,7 @@ class Auth:
             del self.sessions[sid]
 
     def set_cookie(self, response: Response, session: WebSession) -> None:
-        response.set_cookie(self.cookie_name, session.id, httponly=True, samesite="strict", secure=self.tls,
-                            path="/")
+        response.set_cookie(self.cookie_name, session.id, httponly=True, samesite="strict", secure=self.tls, path="/")
 
     def same_origin(self, request: Request) -> bool:
         """The request comes from a page of this server: its Origin is ours (or, when a browser
@@ -261,8 +261,9 @@ class AuthMiddleware:
                     return
                 token = await _form_field(scope, body, "csrf")
             if not token or not hmac.compare_digest(token.encode(), session.csrf.encode()):
-                await PlainTextResponse("missing or wrong CSRF token: reload the page\n",
-                                        status_code=403)(scope, receive, send)
+                await PlainTextResponse("missing or wrong CSRF token: reload the page\n", status_code=403)(
+                    scope, receive, send
+                )
                 return
         scope["ibsync.session"] = session
         await self.app(scope, receive, send)
@@ -270,8 +271,12 @@ class AuthMiddleware:
 
 #: on every response: no framing by other sites (clickjacking a button), no MIME sniffing, no Referer
 #: to other sites (the login URL carries its token; "no-referrer" would make Chromium send "Origin: null")
-SECURITY_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"),
-                    (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"same-origin")]
+SECURITY_HEADERS = [
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+]
 
 
 class SecurityHeaders:
@@ -332,6 +337,7 @@ async def _form_field(scope, body: bytes, name: str) -> str | None:
         values = parse_qs(body.decode("latin-1"), keep_blank_values=True).get(name)
         return values[0] if values else None
     if content_type.startswith("multipart/form-data"):
+
         async def once():
             return {"type": "http.request", "body": body, "more_body": False}
 
@@ -384,10 +390,17 @@ def login_routes(auth: Auth) -> list[Route]:
         if token:
             if auth.take_token(token):
                 return _start_session(auth, request)
-            return _login_page(templates, request,
-                               "This login link was already used or is not valid. "
-                               + ("Enter the password, or restart ibsync for a new link."
-                                  if auth.password else "Restart `ibsync ui` (or the agent) for a new link."), 403)
+            return _login_page(
+                templates,
+                request,
+                "This login link was already used or is not valid. "
+                + (
+                    "Enter the password, or restart ibsync for a new link."
+                    if auth.password
+                    else "Restart `ibsync ui` (or the agent) for a new link."
+                ),
+                403,
+            )
         if auth.session_of(request.cookies) is not None:
             return RedirectResponse("/", status_code=303)
         return _login_page(templates, request, None, 200 if auth.password else 401)
@@ -398,8 +411,10 @@ def login_routes(auth: Auth) -> list[Route]:
         response.delete_cookie(auth.cookie_name, path="/")
         return response
 
-    return [Route("/login", login, methods=["GET", "POST"], name="login"),
-            Route("/logout", logout, methods=["POST"], name="logout")]
+    return [
+        Route("/login", login, methods=["GET", "POST"], name="login"),
+        Route("/logout", logout, methods=["POST"], name="logout"),
+    ]
 
 
 def _start_session(auth: Auth, request: Request) -> Response:
@@ -413,5 +428,6 @@ def _login_page(templates, request: Request, message: str | None, status: int) -
     if templates is None:
         return HTMLResponse(str(escape(message or "log in")), status_code=status)
     auth: Auth = request.app.state.auth
-    return templates.TemplateResponse(request, "login.html", {"message": message, "ask_password": bool(auth.password)},
-                                      status_code=status)
+    return templates.TemplateResponse(
+        request, "login.html", {"message": message, "ask_password": bool(auth.password)}, status_code=status
+    )

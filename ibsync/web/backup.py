@@ -1,4 +1,4 @@
-""""Back up now" from the dashboard. In the agent, the agent's own loop does it (it knows the
+""" "Back up now" from the dashboard. In the agent, the agent's own loop does it (it knows the
 schedule, notifies, records, runs maintenance after); under ``ibsync ui`` alone, the server
 backs the device up itself with the library, as a job, and records the attempt in the agent's
 history so the dashboard and ``ibsync status`` show it."""
@@ -57,10 +57,12 @@ async def start_backup(ctx, udid: str) -> Job | None:
         ctx._present_cache = None  # look again next time: it may just have been plugged in
         raise UserError(f"device {udid} is not connected (plug it in with a cable, or check Wi-Fi)")
     repository = _repository_for(ctx, device)
-    job = ctx.jobs.start("backup", f"Backing up {device.name or device.udid}",
-                         subject={"udid": device.udid, "repo": repository})
-    task = asyncio.get_running_loop().create_task(_run_backup(ctx, job, device, repository),
-                                                  name=f"web backup {device.udid}")
+    job = ctx.jobs.start(
+        "backup", f"Backing up {device.name or device.udid}", subject={"udid": device.udid, "repo": repository}
+    )
+    task = asyncio.get_running_loop().create_task(
+        _run_backup(ctx, job, device, repository), name=f"web backup {device.udid}"
+    )
     ctx._tasks.add(task)
     task.add_done_callback(ctx._tasks.discard)
     return job
@@ -88,8 +90,9 @@ def _repository_for(ctx, device) -> str:
     repos = ctx.repositories()
     if len(repos) == 1:
         return repos[0].name
-    raise UserError("no repository for this device: set [agent] repository (or [devices.\"<UDID>\"] repository) "
-                    "in the config file")
+    raise UserError(
+        'no repository for this device: set [agent] repository (or [devices."<UDID>"] repository) in the config file'
+    )
 
 
 async def _run_backup(ctx, job: Job, device, repository: str) -> None:
@@ -100,6 +103,7 @@ async def _run_backup(ctx, job: Job, device, repository: str) -> None:
     attempt = await asyncio.to_thread(_begin, ctx, device, repository)
     outcome = None
     try:
+
         def notify(text: str) -> None:  # "unlock the phone", "tap Trust": shown under the bar
             ctx.jobs.update(job, message=text, force=True)
 
@@ -134,9 +138,15 @@ async def _run_backup(ctx, job: Job, device, repository: str) -> None:
         return
     await asyncio.to_thread(_end, ctx, attempt, "ok", None, outcome)
     snap = outcome.snapshot
-    ctx.jobs.finish(job, result={
-        "snapshot": snap.id, "repo": repository, "label": f"New snapshot {snap.id[:8]}",
-        "url": f"/repositories/{quote(repository, safe='')}/snapshots/{snap.id}/browse"})
+    ctx.jobs.finish(
+        job,
+        result={
+            "snapshot": snap.id,
+            "repo": repository,
+            "label": f"New snapshot {snap.id[:8]}",
+            "url": f"/repositories/{quote(repository, safe='')}/snapshots/{snap.id}/browse",
+        },
+    )
 
 
 def _begin(ctx, device, repository: str) -> int | None:
@@ -155,6 +165,13 @@ def _end(ctx, attempt: int | None, result: str, reason: str | None, outcome) -> 
             history.end(attempt, result, reason)
         else:
             s = outcome.snapshot
-            history.end(attempt, result, reason, snapshot=s.id, bytes_added=s.summary.added_bytes,
-                        bytes_received=outcome.bytes_received, files=outcome.files_received,
-                        success_time=s.time.timestamp())
+            history.end(
+                attempt,
+                result,
+                reason,
+                snapshot=s.id,
+                bytes_added=s.summary.added_bytes,
+                bytes_received=outcome.bytes_received,
+                files=outcome.files_received,
+                success_time=s.time.timestamp(),
+            )

@@ -65,8 +65,12 @@ class WebContext:
         opened (created if missing) in the user's state folder unless one is given."""
         doc, path = load_document(Path(config_path) if config_path else None)
         settings = parse_agent_settings(doc, f"config file {path}")
-        return cls(config_path=path if path.exists() else None, settings=settings,
-                   history=history if history is not None else History(), **kw)
+        return cls(
+            config_path=path if path.exists() else None,
+            settings=settings,
+            history=history if history is not None else History(),
+            **kw,
+        )
 
     # ---- repositories --------------------------------------------------------------------------
 
@@ -178,8 +182,10 @@ class _RepoPool:
         """The password from the config file or the environment; never a prompt (the server's
         terminal is not where a page's user looks, and a prompt would hold the request)."""
         if not self.source.password_given():
-            raise UserError(f"no password configured for repository {self.source.repo_url}: set password-file, "
-                            "password-command or password-env for it in the config file, or IBSYNC_PASSWORD_FILE")
+            raise UserError(
+                f"no password configured for repository {self.source.repo_url}: set password-file, "
+                "password-command or password-env for it in the config file, or IBSYNC_PASSWORD_FILE"
+            )
         return self.source.password()
 
     @contextmanager

@@ -52,9 +52,20 @@ async def dashboard(request: Request) -> Response:
         if udid not in known:
             rows.append(DeviceRow(_unknown_status(dev, ctx.settings), dev.connection, job_of(dev.udid)))
     jobs = ctx.jobs.list()[:10]
-    return request.app.state.templates.TemplateResponse(request, "dashboard.html", {
-        "section": "dashboard", "status": status, "rows": rows, "jobs": jobs, "now": datetime.now(UTC),
-        "in_agent": ctx.request_backup is not None, "repo_names": _repo_names(ctx), "flash": request.query_params.get("flash")})
+    return request.app.state.templates.TemplateResponse(
+        request,
+        "dashboard.html",
+        {
+            "section": "dashboard",
+            "status": status,
+            "rows": rows,
+            "jobs": jobs,
+            "now": datetime.now(UTC),
+            "in_agent": ctx.request_backup is not None,
+            "repo_names": _repo_names(ctx),
+            "flash": request.query_params.get("flash"),
+        },
+    )
 
 
 def _repo_names(ctx) -> dict[str, str]:
@@ -80,9 +91,21 @@ def _unknown_status(dev, settings):
     from ..agent.status import DeviceStatus
 
     policy = settings.policy(dev.udid, dev.name)
-    return DeviceStatus(udid=dev.udid, name=dev.name, repository=policy.repository, last_success=None,
-                        last_snapshot=None, last_attempt=None, last_result=None, reason=None, next_due=None,
-                        overdue=False, connected=dev.connection, waiting=None, enabled=policy.enabled)
+    return DeviceStatus(
+        udid=dev.udid,
+        name=dev.name,
+        repository=policy.repository,
+        last_success=None,
+        last_snapshot=None,
+        last_attempt=None,
+        last_result=None,
+        reason=None,
+        next_due=None,
+        overdue=False,
+        connected=dev.connection,
+        waiting=None,
+        enabled=policy.enabled,
+    )
 
 
 async def backup_now(request: Request) -> Response:

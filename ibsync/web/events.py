@@ -34,8 +34,9 @@ async def job_events(request: Request) -> Response:
             for job in state:
                 yield f"event: job\ndata: {json.dumps(job)}\n\n"
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
 
 
 ROUTES = [

@@ -15,8 +15,9 @@ async def snapshots_index(request: Request) -> Response:
     repos = ctx.repositories()
     if len(repos) == 1:
         return RedirectResponse(f"/repositories/{quote(repos[0].name, safe='')}/devices", status_code=303)
-    return request.app.state.templates.TemplateResponse(request, "pick_repository.html",
-                                                        {"section": "snapshots", "repos": repos})
+    return request.app.state.templates.TemplateResponse(
+        request, "pick_repository.html", {"section": "snapshots", "repos": repos}
+    )
 
 
 ROUTES = [Route("/snapshots", snapshots_index, name="snapshots_index")]

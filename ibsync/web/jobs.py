@@ -58,11 +58,24 @@ class Job:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "title": self.title, "state": self.state,
-                "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
-                "files_done": self.files_done, "files_total": self.files_total,
-                "rate": round(self.rate), "fraction": self.fraction, "started": self.started, "ended": self.ended,
-                "error": self.error, "message": self.message, "result": self.result, "subject": self.subject}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "title": self.title,
+            "state": self.state,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "files_done": self.files_done,
+            "files_total": self.files_total,
+            "rate": round(self.rate),
+            "fraction": self.fraction,
+            "started": self.started,
+            "ended": self.ended,
+            "error": self.error,
+            "message": self.message,
+            "result": self.result,
+            "subject": self.subject,
+        }
 
 
 class JobProgress:
@@ -140,8 +153,15 @@ class Jobs:
             job.state, job.ended, job.error = FAILED, time.time(), error
         self._changed(force=True)
 
-    def run_in_thread(self, kind: str, title: str, work: Callable[[Job, JobProgress], dict[str, Any] | None], *,
-                      subject: dict[str, Any] | None = None, describe_error: Callable[[BaseException], str] = str) -> Job:
+    def run_in_thread(
+        self,
+        kind: str,
+        title: str,
+        work: Callable[[Job, JobProgress], dict[str, Any] | None],
+        *,
+        subject: dict[str, Any] | None = None,
+        describe_error: Callable[[BaseException], str] = str,
+    ) -> Job:
         """Start ``work(job, progress)`` in a thread of its own; what it returns is the job's
         result, what it raises its error (one line, by ``describe_error``)."""
         job = self.start(kind, title, subject=subject)
@@ -178,11 +198,16 @@ class Jobs:
 
     def snapshot(self, job_id: str | None = None) -> builtins.list[dict[str, Any]]:
         with self._lock:
-            jobs = [self._jobs[job_id]] if job_id is not None and job_id in self._jobs else (
-                [] if job_id is not None else list(self._jobs.values()))
+            jobs = (
+                [self._jobs[job_id]]
+                if job_id is not None and job_id in self._jobs
+                else ([] if job_id is not None else list(self._jobs.values()))
+            )
             return [j.to_dict() for j in sorted(jobs, key=lambda j: -int(j.id))]
 
-    async def subscribe(self, job_id: str | None = None, *, keepalive: float = 15.0) -> AsyncIterator[builtins.list[dict[str, Any]]]:
+    async def subscribe(
+        self, job_id: str | None = None, *, keepalive: float = 15.0
+    ) -> AsyncIterator[builtins.list[dict[str, Any]]]:
         """The job (or all jobs) now, then again after every change; an unchanged state is
         repeated every ``keepalive`` seconds (so a proxy or a dead page is noticed). Ends after
         sending a finished job's final state."""

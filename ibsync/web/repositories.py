@@ -24,8 +24,9 @@ CHART_BARS = 120
 
 async def repositories(request: Request) -> Response:
     ctx = request.app.state.ctx
-    return request.app.state.templates.TemplateResponse(request, "repositories.html", {
-        "section": "repositories", "repos": ctx.repositories()})
+    return request.app.state.templates.TemplateResponse(
+        request, "repositories.html", {"section": "repositories", "repos": ctx.repositories()}
+    )
 
 
 async def repository(request: Request) -> Response:
@@ -44,10 +45,22 @@ async def repository(request: Request) -> Response:
             return [m for m in history.maintenance(limit=500) if m["repository"] in (ref.name, ref.spec)][:50]
 
     maintenance = await run_in_threadpool(upkeep) if ctx.history is not None else []
-    return request.app.state.templates.TemplateResponse(request, "repository.html", {
-        "section": "repositories", "ref": ref, "snapshots": snaps, "stats": stats, "encrypted": encrypted,
-        "chart": snapshot_chart(snaps), "maintenance": maintenance, "notify": notification_settings(ctx, ref),
-        "flash": request.query_params.get("flash"), "flash_ok": request.query_params.get("ok") == "1"})
+    return request.app.state.templates.TemplateResponse(
+        request,
+        "repository.html",
+        {
+            "section": "repositories",
+            "ref": ref,
+            "snapshots": snaps,
+            "stats": stats,
+            "encrypted": encrypted,
+            "chart": snapshot_chart(snaps),
+            "maintenance": maintenance,
+            "notify": notification_settings(ctx, ref),
+            "flash": request.query_params.get("flash"),
+            "flash_ok": request.query_params.get("ok") == "1",
+        },
+    )
 
 
 _stats_lock = threading.Lock()
@@ -98,9 +111,17 @@ def snapshot_chart(snaps, width: int = 720, height: int = 180) -> Chart:
     left, bottom, top_pad = 8, 22, 14
     if not snaps:
         return Chart(width, height, [], [], "", True)
-    points = [(s.time, s.summary.total_bytes, (f"{s.time.astimezone():%Y-%m-%d %H:%M} · {s.device.name or s.device.udid}"
-                                               f" · {size(s.summary.total_bytes)} (+{size(s.summary.added_bytes)} stored)"))
-              for s in snaps]
+    points = [
+        (
+            s.time,
+            s.summary.total_bytes,
+            (
+                f"{s.time.astimezone():%Y-%m-%d %H:%M} · {s.device.name or s.device.udid}"
+                f" · {size(s.summary.total_bytes)} (+{size(s.summary.added_bytes)} stored)"
+            ),
+        )
+        for s in snaps
+    ]
     if len(points) > CHART_BARS:
         points = _bucket(points, "%Y-%m-%d")
     if len(points) > CHART_BARS:
@@ -113,8 +134,10 @@ def snapshot_chart(snaps, width: int = 720, height: int = 180) -> Chart:
         h = max(1.0, inner_h * value / peak)
         bars.append(Bar(left + i * slot + slot * 0.1, top_pad + inner_h - h, max(1.0, slot * 0.8), h, label))
     every = max(1, len(points) // 6)
-    ticks = [(left + i * slot + slot / 2, points[i][0].astimezone().strftime("%Y-%m-%d"))
-             for i in range(0, len(points), every)]
+    ticks = [
+        (left + i * slot + slot / 2, points[i][0].astimezone().strftime("%Y-%m-%d"))
+        for i in range(0, len(points), every)
+    ]
     return Chart(width, height, bars, ticks, size(peak), False)
 
 
@@ -173,8 +196,11 @@ def notification_settings(ctx, ref) -> NotifySettings:
     for key, table in ctx.settings.devices.items():
         if "healthcheck" in table:
             checks.append((f'[devices."{key}"] healthcheck', mask_url(table["healthcheck"])))
-    devices = [key for key, table in ctx.settings.devices.items()
-               if table.get("repository", ctx.settings.defaults.repository) in (ref.name, ref.spec)]
+    devices = [
+        key
+        for key, table in ctx.settings.devices.items()
+        if table.get("repository", ctx.settings.defaults.repository) in (ref.name, ref.spec)
+    ]
     return NotifySettings(urls, problem, checks, devices)
 
 
@@ -190,9 +216,12 @@ async def test_notification(request: Request) -> Response:
 
         notifier = Notifier(list(ctx.settings.notify))
         with _capture_warnings() as lines:
-            ok = notifier.send("ibsync test notification",
-                               f"A test from the ibsync web app on {datetime.now(UTC).astimezone():%Y-%m-%d %H:%M} "
-                               f"(repository {ref.name}). Notifications work.", "info")
+            ok = notifier.send(
+                "ibsync test notification",
+                f"A test from the ibsync web app on {datetime.now(UTC).astimezone():%Y-%m-%d %H:%M} "
+                f"(repository {ref.name}). Notifications work.",
+                "info",
+            )
         return ok, lines
 
     ok, lines = await run_in_threadpool(send)

@@ -33,18 +33,28 @@ async def restore_page(request: Request) -> Response:
     repo_name, snap_id = request.query_params.get("repo"), request.query_params.get("snapshot")
     templates = request.app.state.templates
     if not repo_name or not snap_id:
-        return templates.TemplateResponse(request, "restore.html", {
-            "section": "snapshots", "snap": None, "repos": ctx.repositories()})
+        return templates.TemplateResponse(
+            request, "restore.html", {"section": "snapshots", "snap": None, "repos": ctx.repositories()}
+        )
     ref = ctx.repo_ref(repo_name)
     snap = await run_in_threadpool(_find, ctx, ref.name, snap_id)
     job = ctx.jobs.get(request.query_params.get("job", "")) if request.query_params.get("job") else None
     devices = list((await present_devices(ctx)).values())
     session = current_session(request)
-    return templates.TemplateResponse(request, "restore.html", {
-        "section": "snapshots", "snap": snap, "ref": ref, "job": job, "devices": devices,
-        "default_folder": str(Path.home() / "ibsync-restore"),
-        "has_backup_password": f"{ref.name}/{snap.device.udid.upper()}" in session.backup_passwords,
-        "error": request.query_params.get("error")})
+    return templates.TemplateResponse(
+        request,
+        "restore.html",
+        {
+            "section": "snapshots",
+            "snap": snap,
+            "ref": ref,
+            "job": job,
+            "devices": devices,
+            "default_folder": str(Path.home() / "ibsync-restore"),
+            "has_backup_password": f"{ref.name}/{snap.device.udid.upper()}" in session.backup_passwords,
+            "error": request.query_params.get("error"),
+        },
+    )
 
 
 async def restore_start(request: Request) -> Response:
@@ -92,13 +102,23 @@ def _start_to_folder(ctx, ref, snap, folder: str, overwrite: bool):
             result = restore_folder(repo, snap, target, progress=progress, overwrite=overwrite)
         if result.failed:
             where = f"the {result.files} restored files are in {result.partial}" if result.partial else ""
-            raise IbsyncError(f"{len(result.failed)} file(s) could not be restored (damaged or missing data, or "
-                              f"not writable: 'ibsync restore' names each); {where}; restoring again retries them")
-        return {"label": f"Restored {result.files} files into {result.target}", "path": str(result.target),
-                "files": result.files, "bytes": result.bytes}
+            raise IbsyncError(
+                f"{len(result.failed)} file(s) could not be restored (damaged or missing data, or "
+                f"not writable: 'ibsync restore' names each); {where}; restoring again retries them"
+            )
+        return {
+            "label": f"Restored {result.files} files into {result.target}",
+            "path": str(result.target),
+            "files": result.files,
+            "bytes": result.bytes,
+        }
 
-    return ctx.jobs.run_in_thread("restore", f"Restoring {snap.short_id} into {target}", work,
-                                  subject={"repo": ref.name, "snapshot": snap.id, "target": str(target)})
+    return ctx.jobs.run_in_thread(
+        "restore",
+        f"Restoring {snap.short_id} into {target}",
+        work,
+        subject={"repo": ref.name, "snapshot": snap.id, "target": str(target)},
+    )
 
 
 async def _start_to_device(request: Request, ctx, ref, snap, form):
@@ -122,11 +142,18 @@ async def _start_to_device(request: Request, ctx, ref, snap, form):
         password = session.backup_passwords.get(key)
         if not password:
             raise UserError("this snapshot is an encrypted iOS backup: give its backup password")
-    options = {"system": form.get("system") == "on", "reboot": form.get("reboot") == "on",
-               "copy": form.get("copy") == "on", "settings": form.get("settings") == "on",
-               "remove": form.get("remove") == "on"}
-    job = ctx.jobs.start("restore", f"Restoring {snap.short_id} onto {device.name or device.udid}",
-                         subject={"repo": ref.name, "snapshot": snap.id, "udid": device.udid})
+    options = {
+        "system": form.get("system") == "on",
+        "reboot": form.get("reboot") == "on",
+        "copy": form.get("copy") == "on",
+        "settings": form.get("settings") == "on",
+        "remove": form.get("remove") == "on",
+    }
+    job = ctx.jobs.start(
+        "restore",
+        f"Restoring {snap.short_id} onto {device.name or device.udid}",
+        subject={"repo": ref.name, "snapshot": snap.id, "udid": device.udid},
+    )
     task = asyncio.get_running_loop().create_task(_to_device(ctx, job, ref, snap, device, password, options))
     ctx._tasks.add(task)
     task.add_done_callback(ctx._tasks.discard)
@@ -146,8 +173,9 @@ async def _to_device(ctx, job, ref, snap, device, password, options) -> None:
         async with borrowed_repo(ctx, ref.name) as repo:
             lockdown = await open_lockdown(device, notify=notify)
             try:
-                outcome = await restore(lockdown, repo, snap, password=password, progress=ctx.jobs.progress(job),
-                                        notify=notify, **options)
+                outcome = await restore(
+                    lockdown, repo, snap, password=password, progress=ctx.jobs.progress(job), notify=notify, **options
+                )
             finally:
                 try:
                     await lockdown.close()
@@ -160,8 +188,13 @@ async def _to_device(ctx, job, ref, snap, device, password, options) -> None:
         logger.exception("restore onto %s from the web app", device.udid)
         ctx.jobs.fail(job, f"internal error: {e!r}")
         return
-    ctx.jobs.finish(job, result={"label": f"Restored onto {device.name or device.udid}: {outcome.files_sent} files",
-                                 "files": outcome.files_sent})
+    ctx.jobs.finish(
+        job,
+        result={
+            "label": f"Restored onto {device.name or device.udid}: {outcome.files_sent} files",
+            "files": outcome.files_sent,
+        },
+    )
 
 
 ROUTES = [

@@ -37,8 +37,14 @@ class Listener:
         return self.auth.login_url()
 
 
-def listen(ui: UiSettings, *, address: str | None = None, port: int | None = None, state_dir: Path | None = None,
-           where: str = "[agent]") -> Listener:
+def listen(
+    ui: UiSettings,
+    *,
+    address: str | None = None,
+    port: int | None = None,
+    state_dir: Path | None = None,
+    where: str = "[agent]",
+) -> Listener:
     """Bind the app's socket by the settings (``address``/``port`` override them). Refused
     with a one-line UserError: a non-loopback address without ``ui-password``, a port in use."""
     from ..config import expand_secrets
@@ -48,8 +54,10 @@ def listen(ui: UiSettings, *, address: str | None = None, port: int | None = Non
     password = expand_secrets({"p": ui.password}, f"{where} ui-password")["p"] if ui.password else None
     loopback = is_loopback(address)
     if not loopback and not password:
-        raise UserError(f"refusing to serve the web app on {address}, which other computers can reach, without a "
-                        f"password: set ui-password in the [agent] table of the config file (or use 127.0.0.1)")
+        raise UserError(
+            f"refusing to serve the web app on {address}, which other computers can reach, without a "
+            f"password: set ui-password in the [agent] table of the config file (or use 127.0.0.1)"
+        )
     certfile, keyfile = _expand(ui.certificate), _expand(ui.key)
     if certfile is None and not loopback:
         from ..userdirs import user_dir
@@ -76,8 +84,10 @@ def _bind(address: str, port: int) -> socket.socket:
         sock.listen(128)
     except OSError as e:
         sock.close()
-        raise CannotListen(f"cannot serve the web app on {address}:{port}: {e.strerror or e}"
-                        + (" (another ibsync ui or agent? use --port or ui-port)" if e.errno == 98 else "")) from None
+        raise CannotListen(
+            f"cannot serve the web app on {address}:{port}: {e.strerror or e}"
+            + (" (another ibsync ui or agent? use --port or ui-port)" if e.errno == 98 else "")
+        ) from None
     sock.set_inheritable(True)
     return sock
 
@@ -92,8 +102,15 @@ def make_server(app, listener: Listener, *, log_level: str = "warning"):
         def capture_signals(self):  # the host's loop owns SIGINT/SIGTERM (the agent stops cleanly on them)
             yield
 
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", ssl_certfile=listener.certfile,
-                            ssl_keyfile=listener.keyfile, access_log=False, timeout_graceful_shutdown=3)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        lifespan="on",
+        ssl_certfile=listener.certfile,
+        ssl_keyfile=listener.keyfile,
+        access_log=False,
+        timeout_graceful_shutdown=3,
+    )
     return _Server(config)
 
 
@@ -113,7 +130,8 @@ def self_signed_certificate(folder: Path, address: str) -> tuple[str, str]:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             have = {str(v) for v in san.get_values_for_type(x509.DNSName)} | {
-                str(v) for v in san.get_values_for_type(x509.IPAddress)}
+                str(v) for v in san.get_values_for_type(x509.IPAddress)
+            }
             if cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=7) and names <= have:
                 return str(cert_path), str(key_path)
         except (ValueError, x509.ExtensionNotFound):
@@ -127,16 +145,25 @@ def self_signed_certificate(folder: Path, address: str) -> tuple[str, str]:
             alt.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
             alt.append(x509.DNSName(name))
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=825))
-            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return str(cert_path), str(key_path)
 

@@ -106,7 +106,9 @@ async def all_devices(request: Request) -> Response:
             snaps = await run_in_threadpool(_list_snapshots, request, ref.name)
             repos.append({"name": ref.name, "base": base_url(ref.name), "devices": _devices(snaps), "error": None})
         except Exception as e:  # one unreachable repository must not hide the others
-            repos.append({"name": ref.name, "base": base_url(ref.name), "devices": [], "error": str(e) or e.__class__.__name__})
+            repos.append(
+                {"name": ref.name, "base": base_url(ref.name), "devices": [], "error": str(e) or e.__class__.__name__}
+            )
     return _render(request, "snapshots_index.html", {"repos": repos})
 
 
@@ -114,8 +116,9 @@ async def repo_devices(request: Request) -> Response:
     repo = repo_name(request)
     state_of(request)
     snaps = await run_in_threadpool(_list_snapshots, request, repo)
-    return _render(request, "snapshots_devices.html",
-                   {"repo": repo, "base": base_url(repo), "devices": _devices(snaps)})
+    return _render(
+        request, "snapshots_devices.html", {"repo": repo, "base": base_url(repo), "devices": _devices(snaps)}
+    )
 
 
 async def device_snapshots(request: Request) -> Response:
@@ -135,17 +138,29 @@ async def device_snapshots(request: Request) -> Response:
     for i in range(start, min(start + SNAPSHOTS_PER_PAGE, len(newest_first))):
         s = newest_first[i]
         previous = newest_first[i + 1] if i + 1 < len(newest_first) else None
-        rows.append({
-            "snap": s,
-            "browse": url(repo, s.id, "browse"),
-            "diff": url(repo, s.id, "diff", **{"from": previous.id}) if previous else None,
-            "restore": "/restore?" + _query(repo=repo, snapshot=s.id),
-        })
+        rows.append(
+            {
+                "snap": s,
+                "browse": url(repo, s.id, "browse"),
+                "diff": url(repo, s.id, "diff", **{"from": previous.id}) if previous else None,
+                "restore": "/restore?" + _query(repo=repo, snapshot=s.id),
+            }
+        )
     device = _devices(mine)[0]
-    return _render(request, "snapshots.html", {
-        "repo": repo, "base": base_url(repo), "device": device, "rows": rows, "page": page, "pages": pages,
-        "total": len(mine), "page_url": lambda n: f"{base_url(repo)}/devices/{udid}?page={n}",
-    })
+    return _render(
+        request,
+        "snapshots.html",
+        {
+            "repo": repo,
+            "base": base_url(repo),
+            "device": device,
+            "rows": rows,
+            "page": page,
+            "pages": pages,
+            "total": len(mine),
+            "page_url": lambda n: f"{base_url(repo)}/devices/{udid}?page={n}",
+        },
+    )
 
 
 def _query(**params: str) -> str:
@@ -211,8 +226,10 @@ def _compute_diff(ctx: Any, repo_name_: str, a: Snapshot, b: Snapshot, keyring: 
             d = per[c.domain] = DomainDiff(c.domain, title, group)
         setattr(d, c.kind, getattr(d, c.kind) + 1)
         setattr(d, f"{c.kind}_bytes", getattr(d, f"{c.kind}_bytes") + c.size)
-    domains = sorted(per.values(), key=lambda d: (GROUPS.index(d.group) if d.group in GROUPS else len(GROUPS),
-                                                  d.title.casefold(), d.name))
+    domains = sorted(
+        per.values(),
+        key=lambda d: (GROUPS.index(d.group) if d.group in GROUPS else len(GROUPS), d.title.casefold(), d.name),
+    )
     return DiffResult(domains, changes, len(bad))
 
 
@@ -246,8 +263,19 @@ async def diff(request: Request) -> Response:
         snaps = await run_in_threadpool(_list_snapshots, request, repo)
         a = _previous_of(snaps, b)
         if a is None:
-            return _render(request, "diff.html", {"repo": repo, "base": base_url(repo), "a": None, "b": b,
-                                                  "result": None, "domain": "", "link": _linker(repo)})
+            return _render(
+                request,
+                "diff.html",
+                {
+                    "repo": repo,
+                    "base": base_url(repo),
+                    "a": None,
+                    "b": b,
+                    "result": None,
+                    "domain": "",
+                    "link": _linker(repo),
+                },
+            )
     keyring = None
     digest = ""
     for s in (b, a):
@@ -273,12 +301,25 @@ async def diff(request: Request) -> Response:
     for d in result.domains:
         for k in ("added", "added_bytes", "removed", "removed_bytes", "changed", "changed_bytes"):
             setattr(totals, k, getattr(totals, k) + getattr(d, k))
-    return _render(request, "diff.html", {
-        "repo": repo, "base": base_url(repo), "a": a, "b": b, "result": result, "groups": groups, "totals": totals,
-        "files": shown, "more": len(files) - len(shown), "domain": domain, "link": _linker(repo),
-        "domain_url": lambda name: url(repo, b.id, "diff", **{"from": a.id, "domain": name}),
-        "all_url": url(repo, b.id, "diff", **{"from": a.id}),
-    })
+    return _render(
+        request,
+        "diff.html",
+        {
+            "repo": repo,
+            "base": base_url(repo),
+            "a": a,
+            "b": b,
+            "result": result,
+            "groups": groups,
+            "totals": totals,
+            "files": shown,
+            "more": len(files) - len(shown),
+            "domain": domain,
+            "link": _linker(repo),
+            "domain_url": lambda name: url(repo, b.id, "diff", **{"from": a.id, "domain": name}),
+            "all_url": url(repo, b.id, "diff", **{"from": a.id}),
+        },
+    )
 
 
 def _linker(repo: str):
@@ -293,8 +334,13 @@ def _linker(repo: str):
 
 def _safe_next(target: str | None, fallback: str) -> str:
     """Where to go after the form: a path on this site only (never another origin)."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target or any(
-            ord(ch) < 32 for ch in target):
+    if (
+        not target
+        or not target.startswith("/")
+        or target.startswith("//")
+        or "\\" in target
+        or any(ord(ch) < 32 for ch in target)
+    ):
         return fallback
     return target
 
@@ -313,24 +359,40 @@ async def unlock(request: Request) -> Response:
         target = _safe_next(request.query_params.get("next"), fallback)
         if not snap.ios_encrypted:
             return RedirectResponse(target, status_code=303)
-        return _render(request, "snapshots_unlock.html",
-                       {"repo": repo, "base": base_url(repo), "snap": snap, "next": target, "message": None})
+        return _render(
+            request,
+            "snapshots_unlock.html",
+            {"repo": repo, "base": base_url(repo), "snap": snap, "next": target, "message": None},
+        )
     form = await request.form()
     target = _safe_next(str(form.get("next") or ""), fallback)
     password = form.get("password")
     if not snap.ios_encrypted:
         return RedirectResponse(target, status_code=303)
     if not isinstance(password, str) or not password:
-        return _render(request, "snapshots_unlock.html", {"repo": repo, "base": base_url(repo), "snap": snap,
-                                                          "next": target, "message": "Type the password."}, 400)
+        return _render(
+            request,
+            "snapshots_unlock.html",
+            {"repo": repo, "base": base_url(repo), "snap": snap, "next": target, "message": "Type the password."},
+            400,
+        )
     key = password_key(snap)
     session.set_backup_password(key, password)
     try:
         reached = await run_in_threadpool(reach_view, ctx, state, session, repo, sid)
     except WrongBackupPassword:
-        return _render(request, "snapshots_unlock.html", {
-            "repo": repo, "base": base_url(repo), "snap": snap, "next": target,
-            "message": "Wrong iOS backup password: this is not the password of this backup."}, 403)
+        return _render(
+            request,
+            "snapshots_unlock.html",
+            {
+                "repo": repo,
+                "base": base_url(repo),
+                "snap": snap,
+                "next": target,
+                "message": "Wrong iOS backup password: this is not the password of this backup.",
+            },
+            403,
+        )
     except NeedPassword:  # pragma: no cover - set just above
         return RedirectResponse(unlock_url(request, repo, sid), status_code=303)
     reached.lease.release()

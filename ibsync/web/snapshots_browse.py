@@ -80,9 +80,21 @@ async def _reach(request: Request, wait: float | None = None) -> tuple[str, str,
     except (NeedPassword, WrongBackupPassword):  # none yet, or one that stopped working: ask
         return repo, sid, RedirectResponse(unlock_url(request, repo, sid), status_code=303)
     except StillOpening as e:
-        return repo, sid, _render(request, "browse_opening.html", {
-            "repo": repo, "base": base_url(repo), "done": e.done, "total": e.total,
-            "percent": int(100 * e.done / e.total) if e.total else None})
+        return (
+            repo,
+            sid,
+            _render(
+                request,
+                "browse_opening.html",
+                {
+                    "repo": repo,
+                    "base": base_url(repo),
+                    "done": e.done,
+                    "total": e.total,
+                    "percent": int(100 * e.done / e.total) if e.total else None,
+                },
+            ),
+        )
 
 
 class _Links:
@@ -120,16 +132,26 @@ def _browse_data(view: SnapshotView, path: str, query: str, offset: int) -> dict
     if path == "":
         domains = view.domains()
         groups = [(g, list(ds)) for g, ds in groupby(domains, key=lambda d: d.group)]
-        return {"mode": "top", "groups": groups, "files": sum(d.files for d in domains),
-                "bytes": sum(d.bytes for d in domains)}
+        return {
+            "mode": "top",
+            "groups": groups,
+            "files": sum(d.files for d in domains),
+            "bytes": sum(d.bytes for d in domains),
+        }
     item = stat_or_404(view, path)
     if item.kind != "dir":
         return {"mode": "file", "item": item}
     total = view.count(path)
     items = view.list(path, offset=offset, limit=PAGE)
-    return {"mode": "folder", "item": item, "items": items, "total": total, "offset": offset,
-            "images": any(i.kind == "file" and is_image_name(i.name) for i in items),
-            "crumbs": _crumbs(view, path)}
+    return {
+        "mode": "folder",
+        "item": item,
+        "items": items,
+        "total": total,
+        "offset": offset,
+        "images": any(i.kind == "file" and is_image_name(i.name) for i in items),
+        "crumbs": _crumbs(view, path),
+    }
 
 
 async def browse(request: Request) -> Response:
@@ -148,11 +170,22 @@ async def browse(request: Request) -> Response:
     links = _Links(repo, sid)
     if data["mode"] == "file":
         return RedirectResponse(links("preview", path=path), status_code=303)
-    return _render(request, "browse.html", {
-        "repo": repo, "base": base_url(repo), "snap": got.snap, "path": path, "q": query, "link": links,
-        "page_size": PAGE, "is_image": is_image_name, "device_url": f"{base_url(repo)}/devices/{got.snap.device.udid}",
-        **data,
-    })
+    return _render(
+        request,
+        "browse.html",
+        {
+            "repo": repo,
+            "base": base_url(repo),
+            "snap": got.snap,
+            "path": path,
+            "q": query,
+            "link": links,
+            "page_size": PAGE,
+            "is_image": is_image_name,
+            "device_url": f"{base_url(repo)}/devices/{got.snap.device.udid}",
+            **data,
+        },
+    )
 
 
 # ---- one file -----------------------------------------------------------------------------------
@@ -220,9 +253,15 @@ async def download(request: Request) -> Response:
     except BaseException:
         got.lease.release()
         raise
-    return StreamingResponse(_Releasing(chunks, got.lease), media_type="application/octet-stream", headers={
-        "Content-Disposition": content_disposition(item.name), "X-Content-Type-Options": "nosniff",
-        "Cache-Control": "private, no-store"})
+    return StreamingResponse(
+        _Releasing(chunks, got.lease),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": content_disposition(item.name),
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "private, no-store",
+        },
+    )
 
 
 def _read_capped(view: SnapshotView, item: Item, limit: int) -> tuple[bytes, bool]:
@@ -311,10 +350,20 @@ async def preview(request: Request) -> Response:
         got.lease.release()
     if data["kind"] == "dir":
         return RedirectResponse(_Links(repo, sid).browse(path), status_code=303)
-    return _render(request, "browse_preview.html", {
-        "repo": repo, "base": base_url(repo), "snap": got.snap, "path": path, "link": _Links(repo, sid),
-        "crumbs": crumbs, "device_url": f"{base_url(repo)}/devices/{got.snap.device.udid}", **data,
-    })
+    return _render(
+        request,
+        "browse_preview.html",
+        {
+            "repo": repo,
+            "base": base_url(repo),
+            "snap": got.snap,
+            "path": path,
+            "link": _Links(repo, sid),
+            "crumbs": crumbs,
+            "device_url": f"{base_url(repo)}/devices/{got.snap.device.udid}",
+            **data,
+        },
+    )
 
 
 def _content_key(view: SnapshotView, item: Item) -> tuple:
@@ -365,8 +414,11 @@ async def _image(request: Request, side: int, cached: bool) -> Response:
         jpeg = await run_in_threadpool(_jpeg, got.view, path, side, cache)
     finally:
         got.lease.release()
-    return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600",
-                                                            "X-Content-Type-Options": "nosniff"})
+    return Response(
+        jpeg,
+        media_type="image/jpeg",
+        headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 async def thumb(request: Request) -> Response:
@@ -436,9 +488,15 @@ async def download_zip(request: Request) -> Response:
         got.lease.release()
         raise
     body = stream_zip(_members(got.view, tops))
-    return StreamingResponse(_Releasing(body, got.lease), media_type="application/zip", headers={
-        "Content-Disposition": content_disposition(_zip_name(got.snap.short_id, tops)),
-        "X-Content-Type-Options": "nosniff", "Cache-Control": "private, no-store"})
+    return StreamingResponse(
+        _Releasing(body, got.lease),
+        media_type="application/zip",
+        headers={
+            "Content-Disposition": content_disposition(_zip_name(got.snap.short_id, tops)),
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "private, no-store",
+        },
+    )
 
 
 ROUTES = [

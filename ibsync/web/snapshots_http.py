@@ -100,8 +100,9 @@ def base_url(repo: str, sid: str | None = None) -> str:
 
 
 def url(repo: str, sid: str, page: str, **params: Any) -> str:
-    query = urlencode([(k, as_bytes(v) if isinstance(v, str) else v) for k, v in params.items()
-                       if v not in (None, "")], doseq=True)
+    query = urlencode(
+        [(k, as_bytes(v) if isinstance(v, str) else v) for k, v in params.items() if v not in (None, "")], doseq=True
+    )
     return f"{base_url(repo, sid)}/{page}" + (f"?{query}" if query else "")
 
 

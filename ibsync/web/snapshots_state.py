@@ -78,8 +78,12 @@ class ViewCache:
     for a view being opened wait for it rather than open it twice. A view evicted while in use
     is closed by its last user."""
 
-    def __init__(self, max_open: int = MAX_OPEN_VIEWS, idle_seconds: float = VIEW_IDLE_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_open: int = MAX_OPEN_VIEWS,
+        idle_seconds: float = VIEW_IDLE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_open = max_open
         self.idle_seconds = idle_seconds
         self._clock = clock

@@ -17,10 +17,33 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 #: Files that are compressed already: stored as they are (deflating them costs CPU for nothing).
-STORED_SUFFIXES = frozenset({
-    ".jpg", ".jpeg", ".heic", ".heif", ".png", ".gif", ".webp", ".mov", ".mp4", ".m4v", ".m4a", ".mp3",
-    ".aac", ".caf", ".amr", ".3gp", ".zip", ".gz", ".bz2", ".xz", ".zst", ".ipa", ".pdf",
-})
+STORED_SUFFIXES = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".heic",
+        ".heif",
+        ".png",
+        ".gif",
+        ".webp",
+        ".mov",
+        ".mp4",
+        ".m4v",
+        ".m4a",
+        ".mp3",
+        ".aac",
+        ".caf",
+        ".amr",
+        ".3gp",
+        ".zip",
+        ".gz",
+        ".bz2",
+        ".xz",
+        ".zst",
+        ".ipa",
+        ".pdf",
+    }
+)
 YIELD_AT = 256 << 10  # bytes gathered before they are handed on
 _DOS_EPOCH = 315532800  # 1980-01-01: the earliest time a ZIP header can hold
 _DOS_END = 4354819199  # 2107-12-31

@@ -49,8 +49,9 @@ def serve(folder: Path, *, size_mib: int, seed: int, name: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m ibsync.testing.device",
-                                     description="A simulated iPhone behind a simulated usbmuxd.")
+    parser = argparse.ArgumentParser(
+        prog="python -m ibsync.testing.device", description="A simulated iPhone behind a simulated usbmuxd."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("serve", help="run one generated phone until SIGTERM (SIGHUP: the next day)")
     run.add_argument("folder", type=Path)

@@ -65,9 +65,14 @@ class AfcServer:
         self.files: dict[int, _OpenFile] = {}
         self.mtime_ns = time.time_ns()
         self._ops = {
-            OP_FILE_OPEN: self._open, OP_FILE_CLOSE: self._close, OP_FILE_LOCK: self._lock,
-            OP_GET_FILE_INFO: self._info, OP_READ: self._read, OP_WRITE: self._write,
-            OP_MAKE_DIR: self._make_dir, OP_READ_DIR: self._read_dir,
+            OP_FILE_OPEN: self._open,
+            OP_FILE_CLOSE: self._close,
+            OP_FILE_LOCK: self._lock,
+            OP_GET_FILE_INFO: self._info,
+            OP_READ: self._read,
+            OP_WRITE: self._write,
+            OP_MAKE_DIR: self._make_dir,
+            OP_READ_DIR: self._read_dir,
         }
 
     def serve(self) -> None:
@@ -161,8 +166,14 @@ class AfcServer:
                 size, kind, links = 64, "S_IFDIR", 2
             else:
                 return self._status(OBJECT_NOT_FOUND)
-        info = {"st_size": size, "st_blocks": (size + 511) // 512, "st_nlink": links, "st_ifmt": kind,
-                "st_mtime": self.mtime_ns, "st_birthtime": self.mtime_ns}
+        info = {
+            "st_size": size,
+            "st_blocks": (size + 511) // 512,
+            "st_nlink": links,
+            "st_ifmt": kind,
+            "st_mtime": self.mtime_ns,
+            "st_birthtime": self.mtime_ns,
+        }
         return OP_DATA, b"".join(f"{k}\0{v}\0".encode() for k, v in info.items())
 
     def _read(self, body: bytes) -> tuple[int, bytes]:
@@ -172,7 +183,7 @@ class AfcServer:
             return self._status(INVALID_ARG)
         if f.mode in (MODE_WRONLY, MODE_APPEND):
             return self._status(PERM_DENIED)
-        data = self.media.get(f.path, b"")[f.pos:f.pos + size]
+        data = self.media.get(f.path, b"")[f.pos : f.pos + size]
         f.pos += len(data)
         return OP_DATA, data
 
@@ -186,7 +197,7 @@ class AfcServer:
         data = body[8:]
         with self.runtime.afc_lock_guard:
             old = self.media.get(f.path, b"")
-            self.media[f.path] = old[:f.pos].ljust(f.pos, b"\0") + data + old[f.pos + len(data):]
+            self.media[f.path] = old[: f.pos].ljust(f.pos, b"\0") + data + old[f.pos + len(data) :]
         f.pos += len(data)
         return self._status(SUCCESS)
 
@@ -206,8 +217,11 @@ class AfcServer:
             if not self._is_dir(path):
                 return self._status(OBJECT_NOT_FOUND)
             prefix = "/" if path == "/" else path + "/"
-            names = {p[len(prefix):].split("/", 1)[0] for p in [*self.media, *self.runtime.afc_dirs]
-                     if p.startswith(prefix) and p != prefix}
+            names = {
+                p[len(prefix) :].split("/", 1)[0]
+                for p in [*self.media, *self.runtime.afc_dirs]
+                if p.startswith(prefix) and p != prefix
+            }
         return OP_DATA, b"".join(n.encode() + b"\0" for n in [".", "..", *sorted(names)])
 
 

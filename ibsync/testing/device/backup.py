@@ -65,8 +65,9 @@ def wants_full_backup(status: bytes | None) -> bool:
     return st is None or st.get("SnapshotState") != "finished" or bool(st.get("IsFullBackup", True))
 
 
-def previous_rows(device: SimDevice, keys: DeviceKeys, manifest: bytes | None,
-                  database: bytes | None) -> dict[str, ManifestRow] | None:
+def previous_rows(
+    device: SimDevice, keys: DeviceKeys, manifest: bytes | None, database: bytes | None
+) -> dict[str, ManifestRow] | None:
     """The rows of the host's previous backup, to build an incremental one on; ``None``: back up in full.
 
     A Manifest.plist that is missing, empty or unreadable ends the request with ErrorCode 205, as
@@ -92,10 +93,14 @@ def plan_backup(files: dict[str, BackupFile], previous: dict[str, ManifestRow] |
     rows = sorted(files.values(), key=lambda f: (f.domain, f.relative_path))
     if previous is None:
         return BackupPlan(True, [f for f in rows if f.flags == FLAG_FILE], [], rows)
-    uploads = [f for f in rows if f.flags == FLAG_FILE
-               and (f.file_id not in previous or not previous[f.file_id].describes(f))]
-    removals = sorted(fid for fid, row in previous.items()
-                      if row.flags == FLAG_FILE and (fid not in files or files[fid].flags != FLAG_FILE))
+    uploads = [
+        f for f in rows if f.flags == FLAG_FILE and (f.file_id not in previous or not previous[f.file_id].describes(f))
+    ]
+    removals = sorted(
+        fid
+        for fid, row in previous.items()
+        if row.flags == FLAG_FILE and (fid not in files or files[fid].flags != FLAG_FILE)
+    )
     return BackupPlan(False, uploads, removals, rows)
 
 
@@ -161,10 +166,17 @@ class BackupOperation:
         self._ensure_free_space(sum(f.size for f in plan.uploads) + len(database))
         self._check(self.link.create_directory(f"{self.root}/Snapshot"), "create the Snapshot folder")
         self._upload_payloads(plan)
-        meta = {"Manifest.plist": manifest_plist(self.device, self.keys, date), "Manifest.db": database,
-                "Status.plist": status_plist(date=date, snapshot_id=str(uuid.uuid4()).upper())}
-        self._check(self.link.upload_files([Upload(name, f"{self.root}/Snapshot/{name}", data)
-                                            for name, data in meta.items()], 100.0), "receive the metadata")
+        meta = {
+            "Manifest.plist": manifest_plist(self.device, self.keys, date),
+            "Manifest.db": database,
+            "Status.plist": status_plist(date=date, snapshot_id=str(uuid.uuid4()).upper()),
+        }
+        self._check(
+            self.link.upload_files(
+                [Upload(name, f"{self.root}/Snapshot/{name}", data) for name, data in meta.items()], 100.0
+            ),
+            "receive the metadata",
+        )
         self._finalize(plan, listing)
 
     def _previous_backup(self) -> dict[str, ManifestRow] | None:
@@ -187,8 +199,10 @@ class BackupOperation:
             free = int(self._check(self.link.free_disk_space(), "report its free space").value)
             if free > required:
                 return
-        raise Refusal(errors.NOT_ENOUGH_SPACE,
-                      f"Not enough free disk space on the target ({required} bytes required, {free} available)")
+        raise Refusal(
+            errors.NOT_ENOUGH_SPACE,
+            f"Not enough free disk space on the target ({required} bytes required, {free} available)",
+        )
 
     def _batches(self, files: list[BackupFile]) -> Iterator[list[BackupFile]]:
         t = self.device.transfer
@@ -249,8 +263,10 @@ class BackupOperation:
             gone += self._stale_payloads(listing)
         if gone:
             self._check(self.link.remove_items(gone, 100.0, remove), "remove deleted files")
-        staged = {f"{self.root}/Snapshot/{name}": f"{self.root}/{name}"
-                  for name in ("Manifest.db", "Manifest.plist", "Status.plist")}
+        staged = {
+            f"{self.root}/Snapshot/{name}": f"{self.root}/{name}"
+            for name in ("Manifest.db", "Manifest.plist", "Status.plist")
+        }
         self._check(self.link.move_items(staged, 100.0, move), "move the metadata into place")
         self._check(self.link.remove_items([f"{self.root}/Snapshot"], 100.0, remove), "remove the Snapshot folder")
 

@@ -98,18 +98,31 @@ class DeviceKeys:
     def _build_keybag(self) -> bytes:
         s = self._secret
         salt, dpsl = _derive(s, "salt")[:20], _derive(s, "dpsl")[:20]
-        out = [_tlv(b"VERS", 4), _tlv(b"TYPE", 1), _tlv(b"UUID", _derive(s, "uuid")[:16]),
-               _tlv(b"HMCK", _derive(s, "hmck") + _derive(s, "hmck2")[:8]), _tlv(b"WRAP", 0),
-               _tlv(b"SALT", salt), _tlv(b"ITER", KEYBAG_ITER), _tlv(b"DPWT", 1), _tlv(b"DPIC", self.rounds),
-               _tlv(b"DPSL", dpsl)]
+        out = [
+            _tlv(b"VERS", 4),
+            _tlv(b"TYPE", 1),
+            _tlv(b"UUID", _derive(s, "uuid")[:16]),
+            _tlv(b"HMCK", _derive(s, "hmck") + _derive(s, "hmck2")[:8]),
+            _tlv(b"WRAP", 0),
+            _tlv(b"SALT", salt),
+            _tlv(b"ITER", KEYBAG_ITER),
+            _tlv(b"DPWT", 1),
+            _tlv(b"DPIC", self.rounds),
+            _tlv(b"DPSL", dpsl),
+        ]
         kek = None
         if self.password is not None:
             stage1 = hashlib.pbkdf2_hmac("sha256", self.password.encode(), dpsl, self.rounds, 32)
             kek = hashlib.pbkdf2_hmac("sha1", stage1, salt, KEYBAG_ITER, 32)
         for c in KEYBAG_CLASSES:
             wpky = aes_key_wrap(kek, self.class_keys[c]) if kek else (_derive(s, "wpky", c) + _derive(s, "x", c))[:40]
-            out += [_tlv(b"UUID", _derive(s, "class-uuid", c)[:16]), _tlv(b"CLAS", c),
-                    _tlv(b"WRAP", 3 if c < 5 else 2), _tlv(b"KTYP", 0), _tlv(b"WPKY", wpky)]
+            out += [
+                _tlv(b"UUID", _derive(s, "class-uuid", c)[:16]),
+                _tlv(b"CLAS", c),
+                _tlv(b"WRAP", 3 if c < 5 else 2),
+                _tlv(b"KTYP", 0),
+                _tlv(b"WPKY", wpky),
+            ]
         return b"".join(out)
 
     @property

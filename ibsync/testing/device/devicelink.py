@@ -171,7 +171,7 @@ class DeviceLinkEndpoint:
             data = memoryview(u.data)
             cut = len(data) // 2 if u.drop_midway else len(data)
             for off in range(0, cut, self.frame_size):
-                out += _frame(CODE_FILE_DATA, data[off:min(off + self.frame_size, cut)])
+                out += _frame(CODE_FILE_DATA, data[off : min(off + self.frame_size, cut)])
                 if len(out) >= _SEND_BUFFER:
                     flush()
             if u.drop_midway:

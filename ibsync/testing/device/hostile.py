@@ -65,7 +65,9 @@ def _huge_frame(link: DeviceLinkEndpoint, announced: int, sent: int) -> None:
     name = b"HomeDomain-Library/huge"
     target = b"hostile/Snapshot/huge"
     # the frame's length field counts the code byte too: ``announced - 1`` bytes of data
-    link.wire.send(_U32.pack(len(name)) + name + _U32.pack(len(target)) + target + _HEAD.pack(announced, CODE_FILE_DATA))
+    link.wire.send(
+        _U32.pack(len(name)) + name + _U32.pack(len(target)) + target + _HEAD.pack(announced, CODE_FILE_DATA)
+    )
     left = min(sent, announced - 1)
     view = memoryview(_FILLER)
     try:

@@ -33,8 +33,13 @@ def app_info(bundle_id: str) -> dict:
         "CFBundleShortVersionString": "1.0",
         "CFBundleVersion": "1",
         "ApplicationSINF": b"sinf" + h * 4,
-        "iTunesMetadata": plistlib.dumps({"itemId": int.from_bytes(h[:4], "big"), "itemName": name.capitalize(),
-                                          "softwareVersionBundleId": bundle_id}),
+        "iTunesMetadata": plistlib.dumps(
+            {
+                "itemId": int.from_bytes(h[:4], "big"),
+                "itemName": name.capitalize(),
+                "softwareVersionBundleId": bundle_id,
+            }
+        ),
     }
 
 
@@ -51,7 +56,14 @@ def serve_installation_proxy(wire: Wire, runtime: DeviceRuntime) -> None:
         if wanted:
             apps = [{k: v for k, v in app.items() if k in wanted} for app in apps]
         for start in range(0, len(apps), BROWSE_PAGE):
-            page = apps[start:start + BROWSE_PAGE]
-            wire.send_plist({"Status": "BrowsingApplications", "CurrentList": page, "CurrentIndex": start,
-                             "CurrentAmount": len(page), "Total": len(apps)})
+            page = apps[start : start + BROWSE_PAGE]
+            wire.send_plist(
+                {
+                    "Status": "BrowsingApplications",
+                    "CurrentList": page,
+                    "CurrentIndex": start,
+                    "CurrentAmount": len(page),
+                    "Total": len(apps),
+                }
+            )
         wire.send_plist({"Status": "Complete"})

@@ -57,10 +57,22 @@ PLAIN_SERVICES = frozenset({"com.apple.mobile.insecure_notification_proxy"})
 #: devices). pymobiledevice3 needs ProductVersion (else it assumes 1.0: ValidatePair and TLSv1 only),
 #: UniqueDeviceID, DeviceClass, DevicePublicKey and WiFiAddress (pairing puts it into the record; a missing
 #: one makes plistlib fail on None) before it pairs.
-PUBLIC_KEYS = frozenset({
-    "BuildVersion", "DeviceClass", "DeviceName", "DevicePublicKey", "HardwareModel", "ProductName",
-    "ProductType", "ProductVersion", "ProtocolVersion", "UniqueChipID", "UniqueDeviceID", "WiFiAddress",
-})
+PUBLIC_KEYS = frozenset(
+    {
+        "BuildVersion",
+        "DeviceClass",
+        "DeviceName",
+        "DevicePublicKey",
+        "HardwareModel",
+        "ProductName",
+        "ProductType",
+        "ProductVersion",
+        "ProtocolVersion",
+        "UniqueChipID",
+        "UniqueDeviceID",
+        "WiFiAddress",
+    }
+)
 HANDSHAKE_TIMEOUT = 10.0
 _U32 = struct.Struct(">I")
 
@@ -107,7 +119,9 @@ def make_pair_record(device: SimDevice, *, system_buid: str, host_id: str | None
     EscrowBag included). Costs two RSA keys and three certificates (60-140 ms): cache it per test session.
 
     ``host_id`` defaults to pymobiledevice3's own (uuid3 of the host name), as a real pairing would use."""
-    host_cert, host_key, device_cert, root_cert, root_key = generate_pairing_cert_chain(device_public_key_pem(device.udid))
+    host_cert, host_key, device_cert, root_cert, root_key = generate_pairing_cert_chain(
+        device_public_key_pem(device.udid)
+    )
     host_id = host_id or generate_host_id()
     return {
         "DeviceCertificate": device_cert,
@@ -134,8 +148,12 @@ class PairedHost:
 
     @classmethod
     def from_record(cls, udid: str, record: dict[str, Any]) -> PairedHost:
-        return cls(record["HostID"], record["HostCertificate"], record.get("DeviceCertificate"),
-                   record.get("EscrowBag") or escrow_bag(udid, record["HostID"]))
+        return cls(
+            record["HostID"],
+            record["HostCertificate"],
+            record.get("DeviceCertificate"),
+            record.get("EscrowBag") or escrow_bag(udid, record["HostID"]),
+        )
 
     def server_context(self, device: SimDevice) -> ssl.SSLContext:
         """The device's TLS side for this host (session and services): the device's key, a client
@@ -147,10 +165,16 @@ class PairedHost:
 
 def _self_signed(key: rsa.RSAPrivateKey) -> bytes:
     now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(x509.Name([]))
-            .public_key(key.public_key()).serial_number(1)
-            .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(days=3650))
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(x509.Name([]))
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=3650))
+        .sign(key, hashes.SHA256())
+    )
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -172,8 +196,11 @@ def _server_context(device: SimDevice, host_certificate: bytes, device_certifica
     # the host holds HostPrivateKey; a host with another record fails the handshake.
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=host_certificate.decode())
-    pem = cert + b"\n" + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption())
+    pem = (
+        cert
+        + b"\n"
+        + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     fd, path = tempfile.mkstemp(prefix="simlockdownd-", suffix=".pem")  # load_cert_chain reads files only
     try:
         os.write(fd, pem)

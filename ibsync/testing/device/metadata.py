@@ -41,22 +41,40 @@ class ManifestRow:
     encryption_key: bytes | None = None  # u32le class || wrapped key (encrypted backups, files only)
 
     def to_backup_file(self, data: bytes | None) -> BackupFile:
-        return BackupFile(self.domain, self.relative_path, self.flags, self.mtime, self.mode, self.size,
-                          data if self.flags == FLAG_FILE else None, self.target)
+        return BackupFile(
+            self.domain,
+            self.relative_path,
+            self.flags,
+            self.mtime,
+            self.mode,
+            self.size,
+            data if self.flags == FLAG_FILE else None,
+            self.target,
+        )
 
     def describes(self, f: BackupFile) -> bool:
         """Whether this row still describes ``f``: the device's test for "unchanged since the last
         backup" (inferred: it compares what the row records, it does not read the host's payload)."""
-        return (self.flags, self.mtime, self.mode, self.size, self.target) == (f.flags, f.mtime, f.mode, f.size,
-                                                                              f.target)
+        return (self.flags, self.mtime, self.mode, self.size, self.target) == (
+            f.flags,
+            f.mtime,
+            f.mode,
+            f.size,
+            f.target,
+        )
 
 
 def _decode_mbfile(blob: bytes) -> tuple[int, int, int, str | None, bytes | None]:
     """(LastModified, Mode, Size, Target, EncryptionKey) of an MBFile NSKeyedArchiver blob."""
     mb = mbfile_fields(blob)
     target = mb.get("Target")
-    return (int(mb["LastModified"]), int(mb["Mode"]), int(mb["Size"]),
-            target if isinstance(target, str) else None, mb["EncryptionKey"])
+    return (
+        int(mb["LastModified"]),
+        int(mb["Mode"]),
+        int(mb["Size"]),
+        target if isinstance(target, str) else None,
+        mb["EncryptionKey"],
+    )
 
 
 def read_manifest_db(image: bytes) -> list[ManifestRow]:
@@ -80,8 +98,10 @@ def manifest_db(files: Iterable[BackupFile], keys: DeviceKeys) -> bytes:
     try:
         con.deserialize(image)
         con.execute("BEGIN")
-        con.executemany("UPDATE Files SET file = ? WHERE fileID = ?",
-                        [(keys.mbfile_blob(f), f.file_id) for f in rows if f.flags == FLAG_FILE])
+        con.executemany(
+            "UPDATE Files SET file = ? WHERE fileID = ?",
+            [(keys.mbfile_blob(f), f.file_id) for f in rows if f.flags == FLAG_FILE],
+        )
         con.execute("COMMIT")
         return con.serialize()
     finally:
@@ -95,16 +115,24 @@ def _naive_utc(d: datetime) -> datetime:
 
 def _app_path(udid: str, bundle: str) -> str:
     h = hashlib.sha1(f"simdevice-app:{udid}:{bundle}".encode()).hexdigest().upper()
-    return (f"/private/var/containers/Bundle/Application/{h[:8]}-{h[8:12]}-4{h[13:16]}-A{h[17:20]}-{h[20:32]}/"
-            f"{bundle.rsplit('.', 1)[-1]}.app")
+    return (
+        f"/private/var/containers/Bundle/Application/{h[:8]}-{h[8:12]}-4{h[13:16]}-A{h[17:20]}-{h[20:32]}/"
+        f"{bundle.rsplit('.', 1)[-1]}.app"
+    )
 
 
 def manifest_plist(device: SimDevice, keys: DeviceKeys, date: datetime) -> bytes:
     """Manifest.plist as a device uploads it (binary)."""
     plist = {
-        "Applications": {b: {"CFBundleIdentifier": b, "CFBundleVersion": "1.0",
-                             "ContainerContentClass": "Data/Application", "Path": _app_path(device.udid, b)}
-                         for b in device.installed_apps()},
+        "Applications": {
+            b: {
+                "CFBundleIdentifier": b,
+                "CFBundleVersion": "1.0",
+                "ContainerContentClass": "Data/Application",
+                "Path": _app_path(device.udid, b),
+            }
+            for b in device.installed_apps()
+        },
         "BackupKeyBag": keys.keybag,
         "Date": _naive_utc(date),
         "IsEncrypted": keys.encrypts,
@@ -130,6 +158,14 @@ def status_plist(*, date: datetime, snapshot_id: str) -> bytes:
     idevicebackup2 before a restore) check. ``IsFullBackup`` is false in the folders devices leave, full
     backup or not (the generator's model of real folders; inferred): a host that writes ``true`` asks
     for the next backup to be full."""
-    return plistlib.dumps({"BackupState": "new", "Date": _naive_utc(date), "IsFullBackup": False,
-                           "SnapshotState": "finished", "UUID": snapshot_id, "Version": "3.3"},
-                          fmt=plistlib.FMT_BINARY)
+    return plistlib.dumps(
+        {
+            "BackupState": "new",
+            "Date": _naive_utc(date),
+            "IsFullBackup": False,
+            "SnapshotState": "finished",
+            "UUID": snapshot_id,
+            "Version": "3.3",
+        },
+        fmt=plistlib.FMT_BINARY,
+    )

@@ -200,7 +200,7 @@ class GeneratedPayloads:
         half = n // 2
         head = random.Random(int.from_bytes(key, "big")).randbytes(half)
         start = int.from_bytes(key[:2], "big") % (len(_TEXT) // 2)
-        tail = _TEXT[start:start + n - half]
+        tail = _TEXT[start : start + n - half]
         while len(tail) < n - half:  # only for payloads larger than about 128 KiB
             tail += _TEXT[: n - half - len(tail)]
         return head + tail
@@ -258,9 +258,14 @@ class SimDevice:
         missing = [f.relative_path for f in content.files if f.flags == FLAG_FILE and f.data is None]
         if missing:
             raise ValueError(f"{len(missing)} files of the content have no payload (e.g. {missing[0]})")
-        identity = dict(udid=content.udid, name=content.device_name, product_type=content.product_type,
-                        product_version=content.product_version, build_version=content.build_version,
-                        serial_number=content.serial_number)
+        identity = dict(
+            udid=content.udid,
+            name=content.device_name,
+            product_type=content.product_type,
+            product_version=content.product_version,
+            build_version=content.build_version,
+            serial_number=content.serial_number,
+        )
         return cls(files={f.file_id: f for f in content.files}, **{**identity, **kwargs})  # kwargs override
 
     @classmethod
@@ -286,10 +291,14 @@ class SimDevice:
                     data = unlocked.decrypt_file(data, row.encryption_key, row.size)
             files[row.file_id] = row.to_backup_file(data)
         lock = manifest.get("Lockdown", {})
-        identity = {"udid": lock.get("UniqueDeviceID", device_dir.name), "name": lock.get("DeviceName", "iPhone"),
-                    "product_type": lock.get("ProductType", "iPhone15,2"),
-                    "product_version": lock.get("ProductVersion", "17.5.1"),
-                    "build_version": lock.get("BuildVersion", ""), "serial_number": lock.get("SerialNumber", "")}
+        identity = {
+            "udid": lock.get("UniqueDeviceID", device_dir.name),
+            "name": lock.get("DeviceName", "iPhone"),
+            "product_type": lock.get("ProductType", "iPhone15,2"),
+            "product_version": lock.get("ProductVersion", "17.5.1"),
+            "build_version": lock.get("BuildVersion", ""),
+            "serial_number": lock.get("SerialNumber", ""),
+        }
         if unlocked is not None:
             identity.update(encrypted=True, password=password)
         identity.update(kwargs)
@@ -315,12 +324,21 @@ class SimDevice:
         """``row`` holding ``data`` as this device stores it: without bytes when ``generated``
         makes exactly these (a restore of generated files holds nothing)."""
         if self.generated is not None and row.flags == FLAG_FILE and len(data) == row.size:
-            plain = BackupFile(row.domain, row.relative_path, row.flags, row.mtime, row.mode, row.size, None,
-                               row.target)
+            plain = BackupFile(
+                row.domain, row.relative_path, row.flags, row.mtime, row.mode, row.size, None, row.target
+            )
             if self.generated(plain) == data:
                 return plain
-        return BackupFile(row.domain, row.relative_path, row.flags, row.mtime, row.mode, row.size,
-                          data if row.flags == FLAG_FILE else None, row.target)
+        return BackupFile(
+            row.domain,
+            row.relative_path,
+            row.flags,
+            row.mtime,
+            row.mode,
+            row.size,
+            data if row.flags == FLAG_FILE else None,
+            row.target,
+        )
 
     def signature(self) -> str:
         """A digest of every row's metadata (not the payloads): equal signatures, equal Manifest.db rows."""
@@ -328,7 +346,7 @@ class SimDevice:
 
     def installed_apps(self) -> list[str]:
         """Bundle ids of the user apps: those with an ``AppDomain-<bundle id>`` domain."""
-        return sorted({f.domain[len("AppDomain-"):] for f in self.files.values() if f.domain.startswith("AppDomain-")})
+        return sorted({f.domain[len("AppDomain-") :] for f in self.files.values() if f.domain.startswith("AppDomain-")})
 
     def lockdown_values(self) -> dict:
         """lockdownd's GetValue without a domain: what pymobiledevice3 keeps as ``all_values``."""
@@ -349,15 +367,22 @@ class SimDevice:
     def to_content(self, backup_date: datetime | None = None) -> DeviceContent:
         """The generator's view of this device (to write a folder directly, or to mutate it)."""
         files = sorted(self.files.values(), key=lambda f: (f.domain, f.relative_path))
-        return DeviceContent(udid=self.udid, device_name=self.name, product_type=self.product_type,
-                             product_version=self.product_version, build_version=self.build_version,
-                             serial_number=self.serial_number, files=files,
-                             backup_date=backup_date or datetime.now(UTC))
+        return DeviceContent(
+            udid=self.udid,
+            device_name=self.name,
+            product_type=self.product_type,
+            product_version=self.product_version,
+            build_version=self.build_version,
+            serial_number=self.serial_number,
+            files=files,
+            backup_date=backup_date or datetime.now(UTC),
+        )
 
     # ---- changing ---------------------------------------------------------------------------------------------
 
-    def write_file(self, domain: str, relative_path: str, data: bytes, *, mtime: int | None = None,
-                   mode: int = MODE_FILE) -> BackupFile:
+    def write_file(
+        self, domain: str, relative_path: str, data: bytes, *, mtime: int | None = None, mode: int = MODE_FILE
+    ) -> BackupFile:
         """Create or change a regular file, with a row for each missing parent directory.
 
         A changed file's mtime moves forward by at least a second: the device (like a real one, as far
@@ -375,16 +400,28 @@ class SimDevice:
     def delete(self, domain: str, relative_path: str) -> list[BackupFile]:
         """Remove a file, symlink or directory (with everything below it); returns the rows removed."""
         prefix = relative_path + "/" if relative_path else ""
-        gone = [f for f in self.files.values() if f.domain == domain
-                and (f.relative_path == relative_path or f.relative_path.startswith(prefix))]
+        gone = [
+            f
+            for f in self.files.values()
+            if f.domain == domain and (f.relative_path == relative_path or f.relative_path.startswith(prefix))
+        ]
         if not gone:
             raise KeyError(f"{domain}-{relative_path}: no such file on the device")
         for f in gone:
             del self.files[f.file_id]
         return gone
 
-    def add_generated_files(self, count: int, *, seed: int, min_size: int = 4 * KIB, max_size: int = 16 * KIB,
-                            apps: int = 50, per_folder: int = 200, mtime: int = 1_700_000_000) -> list[BackupFile]:
+    def add_generated_files(
+        self,
+        count: int,
+        *,
+        seed: int,
+        min_size: int = 4 * KIB,
+        max_size: int = 16 * KIB,
+        apps: int = 50,
+        per_folder: int = 200,
+        mtime: int = 1_700_000_000,
+    ) -> list[BackupFile]:
         """Add ``count`` regular files whose payloads ``generated`` makes (none is held), laid
         out as app caches: ``AppDomain-com.example.appNNN/Library/Caches/cNNNN/fNNNNNNN.dat``,
         ``per_folder`` files a folder, spread over ``apps`` app domains; sizes uniform in
@@ -396,8 +433,14 @@ class SimDevice:
         for i in range(count):
             folder = i // per_folder
             domain = f"AppDomain-com.example.app{folder % apps:03d}"
-            row = BackupFile(domain, f"Library/Caches/c{folder:05d}/f{i:07d}.dat", FLAG_FILE, mtime + i % 86_400,
-                             MODE_FILE, rnd.randint(min_size, max_size))
+            row = BackupFile(
+                domain,
+                f"Library/Caches/c{folder:05d}/f{i:07d}.dat",
+                FLAG_FILE,
+                mtime + i % 86_400,
+                MODE_FILE,
+                rnd.randint(min_size, max_size),
+            )
             self.files[row.file_id] = row
             if i % per_folder == 0:
                 self._add_parents(row)
@@ -424,8 +467,14 @@ class SimDevice:
             counts["changed"] += 1
             if k % 10 == 8:
                 parent = f.relative_path.rsplit("/", 1)[0]
-                new = BackupFile(f.domain, f"{parent}/new-day{day}-{k:06d}.dat", FLAG_FILE, f.mtime + day * 86_400,
-                                 f.mode, rnd.randint(1 * KIB, 16 * KIB))
+                new = BackupFile(
+                    f.domain,
+                    f"{parent}/new-day{day}-{k:06d}.dat",
+                    FLAG_FILE,
+                    f.mtime + day * 86_400,
+                    f.mode,
+                    rnd.randint(1 * KIB, 16 * KIB),
+                )
                 self.files[new.file_id] = new
                 counts["added"] += 1
         return counts
@@ -442,4 +491,3 @@ class SimDevice:
             fid = file_id(row.domain, parent)
             if fid not in self.files:
                 self.files[fid] = BackupFile(row.domain, parent, FLAG_DIR, row.mtime, MODE_DIR, 0)
-

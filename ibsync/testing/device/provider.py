@@ -109,8 +109,9 @@ class SimLockdown(LockdownServiceProvider):
     async def get_service_connection_attributes(self, name: str, include_escrow_bag: bool = False) -> dict[str, Any]:
         raise NotImplementedError("SimLockdown has no lockdownd ports: use start_lockdown_service()")
 
-    async def create_service_connection(self, port: int, ssl_context: SSLContext | None = None,
-                                        strip_ssl: bool = False) -> ServiceConnection:
+    async def create_service_connection(
+        self, port: int, ssl_context: SSLContext | None = None, strip_ssl: bool = False
+    ) -> ServiceConnection:
         raise NotImplementedError("SimLockdown has no lockdownd ports: use start_lockdown_service()")
 
     # ---- the user at the device -----------------------------------------------------------------------------

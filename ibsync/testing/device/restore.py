@@ -68,7 +68,7 @@ class RestoreOperation:
         # device of generated files keeps none of those it could make itself)
         restored: dict[str, BackupFile] = {}
         for i in range(0, len(payload_rows), batch):
-            part = payload_rows[i:i + batch]
+            part = payload_rows[i : i + batch]
             got = self._fetch([f"{root}/{r.file_id[:2]}/{r.file_id}" for r in part], 100.0 * i / len(payload_rows))
             for r in part:
                 raw = got[f"{root}/{r.file_id[:2]}/{r.file_id}"]

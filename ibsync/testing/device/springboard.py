@@ -22,8 +22,12 @@ def icon_png(bundle_id: str) -> bytes:
 
     rgba = hashlib.sha256(bundle_id.encode()).digest()[:3] + b"\xff"
     header = struct.pack(">IIBBBBB", 1, 1, 8, 6, 0, 0, 0)  # 1x1, 8-bit RGBA
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" + rgba))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" + rgba))
+        + chunk(b"IEND", b"")
+    )
 
 
 def serve_springboard(wire: Wire, runtime: DeviceRuntime) -> None:

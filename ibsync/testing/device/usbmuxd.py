@@ -210,11 +210,18 @@ class Attachment:
         self.lockdownd.trust_store.deny()
 
     def properties(self) -> dict[str, Any]:
-        props: dict[str, Any] = {"ConnectionType": self.connection_type, "DeviceID": self.device_id,
-                                 "SerialNumber": self.udid}
+        props: dict[str, Any] = {
+            "ConnectionType": self.connection_type,
+            "DeviceID": self.device_id,
+            "SerialNumber": self.udid,
+        }
         if self.connection_type == "USB":
-            props.update(ConnectionSpeed=_USB_SPEED, LocationID=self.device_id << 16, ProductID=_USB_PRODUCT_ID,
-                         USBSerialNumber=self.udid.replace("-", ""))
+            props.update(
+                ConnectionSpeed=_USB_SPEED,
+                LocationID=self.device_id << 16,
+                ProductID=_USB_PRODUCT_ID,
+                USBSerialNumber=self.udid.replace("-", ""),
+            )
         # A "Network" device's NetworkAddress/EscapedFullServiceName are left out: nothing here reads them.
         return props
 
@@ -244,8 +251,9 @@ class _Listener:
 class SimUsbmuxd:
     """A usbmuxd for simulated devices. Context manager (starts on enter, stops on exit)."""
 
-    def __init__(self, folder: Path | str, devices: Iterable[SimDevice] = (), *, tcp: bool = False,
-                 connection_type: str = "USB") -> None:
+    def __init__(
+        self, folder: Path | str, devices: Iterable[SimDevice] = (), *, tcp: bool = False, connection_type: str = "USB"
+    ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.records = PairRecords(self.folder / RECORDS_DIR)
@@ -291,8 +299,10 @@ class SimUsbmuxd:
         pymobiledevice3's home folder out of the real user's)."""
         # Wi-Fi direct: the phones on the simulated LAN instead of a Bonjour browse (always set, so a
         # test never sends multicast even when it asks ibsync for Wi-Fi devices)
-        out = {ENV_VAR: self.tcp_address if tcp else self.address,
-               WIFI_ENV_VAR: ",".join(w.env_entry() for w in self.wifi)}
+        out = {
+            ENV_VAR: self.tcp_address if tcp else self.address,
+            WIFI_ENV_VAR: ",".join(w.env_entry() for w in self.wifi),
+        }
         if home is not None:
             home = Path(home)
             (home / ".local" / "share").mkdir(parents=True, exist_ok=True)
@@ -323,8 +333,9 @@ class SimUsbmuxd:
         with self._lock:
             if any(a.udid == device.udid and a.connection_type == connection_type for a in self._attached.values()):
                 raise ValueError(f"{device.udid} is already attached over {connection_type}")
-            attachment = Attachment(self._next_id, device, connection_type, self._lockdownd(device),
-                                    DeviceRuntime(device), reach=reach)
+            attachment = Attachment(
+                self._next_id, device, connection_type, self._lockdownd(device), DeviceRuntime(device), reach=reach
+            )
             self._next_id += 1
             self._attached[attachment.device_id] = attachment
             self._broadcast(attachment.attached_event())
@@ -335,8 +346,9 @@ class SimUsbmuxd:
         listeners get ``Detached``, its lockdownd and service connections end. Returns the
         (first) attachment unplugged."""
         with self._lock:
-            gone = [a for a in self._attached.values()
-                    if a.udid == udid and connection_type in (None, a.connection_type)]
+            gone = [
+                a for a in self._attached.values() if a.udid == udid and connection_type in (None, a.connection_type)
+            ]
             if not gone:
                 raise KeyError(f"no attached device {udid}" + (f" over {connection_type}" if connection_type else ""))
             for a in gone:
@@ -399,8 +411,11 @@ class SimUsbmuxd:
 
     def all_errors(self) -> list[str]:
         """usbmuxd/lockdownd crashes plus every attached device's service crashes: expect none."""
-        return (self.errors + [e for a in self.attachments for e in a.log.errors]
-                + [e for w in self.wifi for e in w.all_errors()])
+        return (
+            self.errors
+            + [e for a in self.attachments for e in a.log.errors]
+            + [e for w in self.wifi for e in w.all_errors()]
+        )
 
     # ---- running --------------------------------------------------------------------------------------------
 
@@ -635,8 +650,14 @@ class SimUsbmuxd:
 
 
 @contextlib.contextmanager
-def run_sim_usbmuxd(devices: Iterable[SimDevice], folder: Path | str, *, paired: bool = True, tcp: bool = False,
-                    pair_records: Mapping[str, dict[str, Any]] | None = None) -> Iterator[SimUsbmuxd]:
+def run_sim_usbmuxd(
+    devices: Iterable[SimDevice],
+    folder: Path | str,
+    *,
+    paired: bool = True,
+    tcp: bool = False,
+    pair_records: Mapping[str, dict[str, Any]] | None = None,
+) -> Iterator[SimUsbmuxd]:
     """A running :class:`SimUsbmuxd` for ``devices`` in ``folder``, for tests that drive a CLI in a
     subprocess (pass ``env={**os.environ, **mux.env(home=...)}``).
 

@@ -90,8 +90,13 @@ class SimWifi:
             key = "authTag" if i == 0 else f"authTag#{i}"
             props[key] = base64.b64encode(compute_mobdev2_auth_tag(host_id, identifier)).decode()
         mac = wifi_address(self.udid)
-        return ServiceInstance(instance=f"{mac}@fe80::1._apple-mobdev2._tcp.local.", host="sim-iphone.local",
-                               port=self.port, addresses=[Address(ip="127.0.0.1", iface="lo")], properties=props)
+        return ServiceInstance(
+            instance=f"{mac}@fe80::1._apple-mobdev2._tcp.local.",
+            host="sim-iphone.local",
+            port=self.port,
+            addresses=[Address(ip="127.0.0.1", iface="lo")],
+            properties=props,
+        )
 
     # ---- running --------------------------------------------------------------------------------------------
 
