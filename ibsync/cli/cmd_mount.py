@@ -83,6 +83,9 @@ def mount_cmd(
     Go > Connect to Server, or map it as a network drive in Explorer). Ctrl-C or SIGTERM
     unmounts and ends the command; the repository stays locked (shared) meanwhile.
     """
+    from ..platforms import require_folder_writing
+
+    require_folder_writing("mount")  # a file being read is spilled with pwrite/pread
     if webdav:
         if len(args) > 1:
             raise UserError("with --webdav there is no MOUNTPOINT: ibsync mount --webdav [SNAPSHOT]")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from ..errors import IbsyncError, UserError
+from ..platforms import require_folder_writing
 from .browse import Item, SnapshotView
 from .extractor import Refused, exists_below, open_folder, write_file
 from .paths import BadName, output_parts, translate_glob
@@ -203,6 +204,7 @@ def run_export(
     """Write the plan's files below ``out`` (created if needed) on ``workers`` threads;
     ``advance(n, files=0)`` reports progress. A file that fails leaves nothing behind and is
     named; the others are written."""
+    require_folder_writing("export")
     outcome = Outcome(failed=list(plan.failed))
     if not plan.jobs:
         return outcome

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import IbsyncError, UserError
 from ..model import Snapshot
+from ..platforms import require_folder_writing
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
 from ..ui.text import printable
@@ -61,6 +62,7 @@ def extract(
     """Write the files of ``snap`` matching ``pattern`` below ``out``. Without ``overwrite``,
     nothing is written when a file to write exists (UserError); a pattern matching no row is a
     UserError; every other problem fails only its own file and is listed in ``failed``."""
+    require_folder_writing("extract")
     started = time.monotonic()
     with SnapshotManifest(repo, snap, keyring, cache=cache) as manifest:
         entries = list(manifest.entries(PathPattern(pattern)))

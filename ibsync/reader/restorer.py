@@ -50,6 +50,7 @@ from pathlib import Path
 from ..errors import IbsyncError, RepoError, UserError
 from ..format.pack import PackedBlob
 from ..model import Node, Snapshot, name_problem
+from ..platforms import require_folder_writing
 from ..progress import NULL_PROGRESS, Progress
 from ..repo.repository import Repository
 from .walk import REFUSED, walk
@@ -461,6 +462,7 @@ def restore_folder(
 ) -> RestoreResult:
     """Write the snapshot's device folder to ``target/<folder name>`` (normally the UDID),
     through the partial folder; with failures it stays there (``result.partial``)."""
+    require_folder_writing("restore to a folder")
     name = check_folder_name(snapshot)  # before anything is created
     try:
         repo.load_tree(snapshot.tree)  # the top folder must read, or there is nothing to restore
