@@ -271,11 +271,11 @@ async def mobilebackup2_session(
     try:
         await mb2.connect()
         link = DeviceLinkHost(
-            mb2.service,
+            mb2.service,  # type: ignore[arg-type]  # pymobiledevice3 may hand a lazy connection that behaves the same
             tree,
             store,
             free_space=free_space,
-            progress=progress,  # type: ignore[arg-type]
+            progress=progress,
             count_downloads=count_downloads,
             idle_timeout=timeout,
         )

@@ -49,8 +49,12 @@ class Outcome:
 
     @property
     def well_behaved(self) -> bool:
-        """Exit 0, 1 (failed), 2 (refused) or 3 (locked): never an internal error."""
-        return self.code in (0, 1, 2, 3) and "Traceback" not in self.err and "internal error" not in self.err
+        """A documented exit code (errors.EXIT_CODES: failed, refused, locked, wrong password, not
+        found, storage unreachable, ...), never an internal error."""
+        from ..errors import EXIT_CODES, EXIT_INTERNAL
+
+        clean = self.code in EXIT_CODES and self.code != EXIT_INTERNAL
+        return clean and "Traceback" not in self.err and "internal error" not in self.err
 
     def describe(self) -> str:
         return f"ibsync {' '.join(self.args)} -> {self.code}\n{self.err.strip()[-2000:]}"
