@@ -104,8 +104,8 @@ def test_nothing_readable_in_repository_cache_or_output(seaweedfs_server, folder
     ):
         outputs.append(cli(*args, "--repo", "remote"))
     monkeypatch.setenv("IBSYNC_PASSWORD", "not " + PASSWORD)
-    outputs.append(cli("snapshots", "--repo", "remote", expect=1))
-    outputs.append(cli("snapshots", "--repo", "remote", "--json", expect=1))
+    outputs.append(cli("snapshots", "--repo", "remote", expect=4))  # wrong password
+    outputs.append(cli("snapshots", "--repo", "remote", "--json", expect=4))  # wrong password
     for out, err in outputs:
         assert PASSWORD not in out + err
 

@@ -583,7 +583,7 @@ def test_unreachable_sftp_server_from_the_cli(tmp_path):
         "IBSYNC_RETRY_SECONDS": "1",
     }
     done = run_subprocess(["snapshots"], env, timeout=120)
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 6, done.stderr  # storage unreachable
     # the retry policy's one warning when it starts waiting, then the one-line error
     warning, error = done.stderr.strip().splitlines()
     assert warning.startswith("ibsync: ") and "retrying for up to 1 s" in warning
