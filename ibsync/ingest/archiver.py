@@ -331,7 +331,15 @@ class Archiver:
 
     def _finish_dir(self, d: _Dir) -> None:
         for fut, entries in d.pending:
-            results = fut.result()  # a worker's error is raised here
+            try:
+                results = fut.result()  # a worker's error is raised here
+            except Cancelled:
+                # another worker failed first and stopped this one: its error is the one to tell
+                # (a full disk, not "cancelled"), whichever folder's files are met first here
+                failed = self._failed
+                if failed is not None and failed is not fut:
+                    failed.result()
+                raise
             for entry, ids in zip(entries, results):
                 entry["content"] = [c.hex() for c in ids]
                 d.entries.append(entry)
