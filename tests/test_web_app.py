@@ -24,7 +24,7 @@ from ibsync.testing.generator import generate_content
 
 from conftest import run_subprocess, tree_state
 from test_agent_notify import receiver  # noqa: F401  (pytest fixture)
-from webtools import browser, page, screenshot  # noqa: F401  (pytest fixtures)
+from webtools import browser, page, screenshot, start_ui  # noqa: F401  (pytest fixtures)
 
 RECORD_JOB_TEXTS = """
 window.ibsyncJobTexts = [];
@@ -35,26 +35,6 @@ new MutationObserver(() => {
   });
 }).observe(document, {subtree: true, childList: true, characterData: true});
 """
-
-
-def start_ui(env: dict, *args: str) -> tuple[subprocess.Popen, str]:
-    """`ibsync ui --no-browser --port 0 ...` and the login link it prints first."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ibsync", "ui", "--no-browser", "--port", "0", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(60)
-    if not line or not line[0].strip():
-        proc.kill()
-        raise AssertionError(f"ibsync ui printed no login link; stderr:\n{proc.stderr.read()}")
-    return proc, line[0].strip()
 
 
 def stop_ui(proc: subprocess.Popen) -> str:

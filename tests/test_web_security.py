@@ -9,7 +9,6 @@ import re
 import ssl
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 
@@ -17,7 +16,7 @@ import pytest
 from starlette.routing import Mount, Route
 
 from conftest import run_subprocess
-from webtools import serve_app
+from webtools import serve_app, start_ui
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -193,24 +192,6 @@ def test_a_foreign_host_header_is_refused(app):
         assert request(app.base_url + "/", headers={"Cookie": cookie, "Host": host})[0] == 200
 
 
-def _start_ui(env: dict, *args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ibsync", "ui", "--no-browser", "--port", "0", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(60)
-    if not line or not line[0].strip():
-        proc.kill()
-        raise AssertionError(f"no login link; stderr:\n{proc.stderr.read()}")
-    return proc, line[0].strip()
-
-
 def test_other_addresses_need_a_password_and_get_tls(env, cli, tmp_path):
     import os
 
@@ -224,7 +205,7 @@ def test_other_addresses_need_a_password_and_get_tls(env, cli, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "ui-password" in r.stderr, r.stderr
 
     config.write_text(f'[agent]\nrepository = "{env}"\nui-password = "${{UI_PW}}"\n')
-    proc, login_url = _start_ui({**e, "UI_PW": "correct horse"}, "--address", "0.0.0.0", "--config", str(config))
+    proc, login_url = start_ui({**e, "UI_PW": "correct horse"}, "--address", "0.0.0.0", "--config", str(config))
     try:
         assert login_url.startswith("https://127.0.0.1:"), login_url
         base = login_url.split("/login")[0]

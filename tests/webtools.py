@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -143,3 +145,23 @@ def login(page, login_url: str) -> None:
     """Open the printed login link: the app answers with the dashboard and a session cookie."""
     page.goto(login_url)
     page.wait_for_url(lambda url: "/login" not in url)
+
+
+def start_ui(env: dict, *args: str) -> tuple[subprocess.Popen, str]:
+    """`ibsync ui --no-browser --port 0 ...` and the login link it prints first."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ibsync", "ui", "--no-browser", "--port", "0", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(60)
+    if not line or not line[0].strip():
+        proc.kill()
+        raise AssertionError(f"ibsync ui printed no login link; stderr:\n{proc.stderr.read()}")
+    return proc, line[0].strip()

@@ -35,7 +35,7 @@ from ..repo.repository import Repository
 from .apps import GROUPS, AppInfo, build_apps, describe
 from .files import read_file_bytes
 from .manifest import BadRow, SnapshotManifest, evaluate
-from .manifest_cache import ManifestCache
+from .manifest_cache import ManifestCache, touch, unlink_quietly
 
 __all__ = ["AppInfo", "DomainSummary", "Item", "NotAFolder", "SnapshotView"]
 
@@ -342,16 +342,16 @@ class SnapshotView:
         final = folder / f"{self.manifest.stored.key}.v{INDEX_VERSION}.db"
         index = _Index.load(final, self.manifest) if final.exists() else None
         if index is not None:
-            _touch(final)
+            touch(final)
             return index
         tmp = folder / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         try:
             index = _Index.build(self.manifest, str(tmp), progress)
         except (sqlite3.Error, OSError):  # the cache's disk (full, read-only): a private index instead
-            _unlink(tmp)
+            unlink_quietly(tmp)
             return _Index.build(self.manifest, "", progress)
         except BaseException:
-            _unlink(tmp)
+            unlink_quietly(tmp)
             raise
         try:
             index.db.close()
@@ -365,7 +365,7 @@ class SnapshotView:
         except OSError:
             loaded = None
         if loaded is None:  # the cache cannot be written or read back: build a private one
-            _unlink(tmp)
+            unlink_quietly(tmp)
             return _Index.build(self.manifest, "", progress)
         _evict(folder, keep=final.name)
         return loaded
@@ -562,20 +562,6 @@ class _Discard:
         pass
 
 
-def _touch(path: Path) -> None:
-    try:
-        os.utime(path)
-    except OSError:
-        pass
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 def _evict(folder: Path, keep: str) -> None:
     """Keep the CACHED_INDEXES most recently used indexes; drop temporary files of killed builds."""
     now = time.time()
@@ -591,9 +577,9 @@ def _evict(folder: Path, keep: str) -> None:
             continue
         if e.name.startswith(TEMP_PREFIX):
             if now - st.st_mtime > STALE_TEMP_SECONDS:
-                _unlink(Path(e.path))
+                unlink_quietly(Path(e.path))
         elif e.name.endswith(".db") and e.name != keep:
             found.append((st.st_mtime, Path(e.path)))
     found.sort(reverse=True)
     for _, path in found[CACHED_INDEXES - 1 :]:
-        _unlink(path)
+        unlink_quietly(path)

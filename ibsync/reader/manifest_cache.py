@@ -270,10 +270,10 @@ class ManifestCache:
             bad = bad_blocks(repo, mine, stored)
             if bad == []:
                 self.stats.cache_hits += 1
-                _touch(final)
+                touch(final)
                 return mine
             self.stats.blocks_failed += [f"{final.name}: block {i}" for i in (bad or [])]
-            _unlink(mine)
+            unlink_quietly(mine)
         fd, tmp = self.new_temp()
         try:
             bases = self._bases(stored)
@@ -285,7 +285,7 @@ class ManifestCache:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            _unlink(tmp)
+            unlink_quietly(tmp)
             raise
         os.close(fd)
         mine = self._link(tmp)  # the caller's own name for it, whatever happens to the cache
@@ -308,7 +308,7 @@ class ManifestCache:
             os.replace(ids_tmp, self._ids_path(stored.key))
             final = self.path(stored)
             os.replace(tmp, final)
-            _touch(final)
+            touch(final)
         except OSError:
             return
         self.evict(keep={stored.key})
@@ -316,7 +316,7 @@ class ManifestCache:
     def release(self, path: Path) -> None:
         """Drop the private link ``open`` returned (the open database keeps its data)."""
         if path.name.startswith(TEMP_PREFIX):
-            _unlink(path)
+            unlink_quietly(path)
 
     def _link(self, final: Path) -> Path | None:
         """A private hard link to ``final``: the inode checked is the one opened, whatever
@@ -333,7 +333,7 @@ class ManifestCache:
                 os.chmod(tmp, 0o600)
                 return tmp
             except OSError:
-                _unlink(tmp)
+                unlink_quietly(tmp)
                 return None
 
     def _bases(self, stored: StoredFile, most: int = 2) -> list[tuple[BinaryIO, StoredFile]]:
@@ -369,8 +369,8 @@ class ManifestCache:
             except OSError:
                 continue
             if other is None or other.key != key:
-                _unlink(self._ids_path(key))
-                _unlink(self.folder / f"{key}.db")
+                unlink_quietly(self._ids_path(key))
+                unlink_quietly(self.folder / f"{key}.db")
                 continue
             out.append((key, other))
         return out
@@ -392,7 +392,7 @@ class ManifestCache:
                 continue
             if e.name.startswith(TEMP_PREFIX):
                 if now - st.st_mtime > STALE_TEMP_SECONDS:
-                    _unlink(Path(e.path))
+                    unlink_quietly(Path(e.path))
                 continue
             key, _, ext = e.name.partition(".")
             if ext == "db":
@@ -402,11 +402,11 @@ class ManifestCache:
         for key in ids - dbs.keys():
             try:  # a writer may be between its two renames: only old lists are orphans
                 if now - os.stat(self._ids_path(key)).st_mtime > STALE_TEMP_SECONDS:
-                    _unlink(self._ids_path(key))
+                    unlink_quietly(self._ids_path(key))
             except OSError:
                 pass
         for key in dbs.keys() - ids:
-            _unlink(self.folder / f"{key}.db")
+            unlink_quietly(self.folder / f"{key}.db")
             del dbs[key]
         limit = self.limit if self.limit is not None else 2 * max((st.st_size for st in dbs.values()), default=0)
         total = sum(st.st_size for st in dbs.values())
@@ -415,19 +415,21 @@ class ManifestCache:
                 break
             if key in keep:
                 continue
-            _unlink(self.folder / f"{key}.db")
-            _unlink(self._ids_path(key))
+            unlink_quietly(self.folder / f"{key}.db")
+            unlink_quietly(self._ids_path(key))
             total -= dbs[key].st_size
 
 
-def _touch(path: Path) -> None:
+def touch(path: Path) -> None:
+    """Mark a cached file as just used (its mtime orders eviction); a file gone meanwhile is fine."""
     try:
         os.utime(path)
     except OSError:
         pass
 
 
-def _unlink(path: Path) -> None:
+def unlink_quietly(path: Path) -> None:
+    """Remove a cached or temporary file; one already gone (another process evicted it) is fine."""
     try:
         os.unlink(path)
     except OSError:
